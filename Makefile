@@ -1,0 +1,119 @@
+# One non-recursive GNU Makefile for the whole toolkit.
+#
+#   make                 build every tool into bin/ (CUDA parts when nvcc exists)
+#   make test            build and run every test; ends with "N passed, N failed"
+#   make test SAN=1      the same under AddressSanitizer + UBSan
+#   make demo            the whole job on the small built-in default
+#   make install PREFIX=/usr/local DESTDIR=
+#   make uninstall | clean | lint
+#
+# Missing system packages (libzstd-dev, libyaml-dev, jq, ...) are installed by
+# .ci/deps the first time anything is built.
+
+PREFIX  ?= /usr/local
+DESTDIR ?=
+SHARED  ?= $(abspath ../shared)
+VERSION := 0.1.0
+
+CC      ?= cc
+OPT     ?= -O2
+CFLAGS  ?= $(OPT) -g
+CFLAGS  += -std=c11 -Wall -Wextra -fopenmp -MMD -MP -Ilib -DQLORA_VERSION='"$(VERSION)"'
+LDLIBS  += -lzstd -lyaml -lm -lpthread
+LDFLAGS += -fopenmp
+ifdef SAN
+CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=address,undefined
+BUILD   ?= build-san
+endif
+BUILD   ?= build
+
+TOOLS     := dolly-fmt tok pack nf4-quant lora-train lora-gen lora-merge
+TOOL_SRC  := $(wildcard $(TOOLS:%=tools/%.c))
+TOOL_BIN  := $(TOOL_SRC:tools/%.c=bin/%)
+LIB_SRC   := $(wildcard lib/*.c)
+LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/%.o)
+LIB_A     := $(BUILD)/libqlora.a
+TEST_SRC  := $(wildcard tests/unit/*.c)
+TEST_BIN  := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+MAN_PAGES := $(wildcard man/*.1 man/*.5 man/*.7)
+
+# CUDA: built whenever nvcc is found; only lora-train and lora-gen link it.
+NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CU_SRC  := $(wildcard kernels/*.cu)
+ifneq ($(NVCC),)
+ifneq ($(CU_SRC),)
+CUDA_HOME  ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+NVCCFLAGS  ?= -O3 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+CU_OBJ     := $(CU_SRC:%.cu=$(BUILD)/%.o)
+GPU_LIBS   := -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++
+GPU_CFLAGS := -DQLORA_CUDA=1
+endif
+endif
+
+.PHONY: all test test-gpu demo install uninstall clean lint deps
+all: $(TOOL_BIN)
+
+$(BUILD)/.deps-ok: .ci/deps
+	@sh .ci/deps
+	@mkdir -p $(@D) && touch $@
+
+deps: $(BUILD)/.deps-ok
+
+$(BUILD)/%.o: %.c | $(BUILD)/.deps-ok
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(GPU_CFLAGS) -c -o $@ $<
+
+$(BUILD)/kernels/%.o: kernels/%.cu
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCCFLAGS) -Ilib -MMD -MP -c -o $@ $<
+
+$(LIB_A): $(LIB_OBJ)
+	@rm -f $@
+	$(AR) rcs $@ $^
+
+# The GPU tools get the kernels; the others never link them.
+bin/lora-train bin/lora-gen: GPU_OBJ = $(CU_OBJ)
+bin/lora-train bin/lora-gen: GPU_LINK = $(GPU_LIBS)
+bin/lora-train bin/lora-gen: $(CU_OBJ)
+
+bin/%: $(BUILD)/tools/%.o $(LIB_A)
+	@mkdir -p $(@D)
+	$(CC) $(LDFLAGS) -o $@ $< $(GPU_OBJ) $(LIB_A) $(LDLIBS) $(GPU_LINK)
+
+$(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(LIB_A)
+	@mkdir -p $(@D)
+	$(CC) $(LDFLAGS) -o $@ $< $(LIB_A) $(LDLIBS)
+
+test: all $(TEST_BIN)
+	@BUILD=$(BUILD) SHARED=$(SHARED) sh tests/run.sh
+
+test-gpu: all
+	@BUILD=$(BUILD) SHARED=$(SHARED) GPU=1 sh tests/run.sh
+
+demo: all
+	@sh examples/demo.sh
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 \
+	    $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man7
+	install -m 755 $(TOOL_BIN) $(DESTDIR)$(PREFIX)/bin/
+	for p in $(MAN_PAGES); do \
+	    s=$${p##*.}; install -m 644 $$p $(DESTDIR)$(PREFIX)/share/man/man$$s/; done
+
+uninstall:
+	rm -f $(TOOLS:%=$(DESTDIR)$(PREFIX)/bin/%)
+	for p in $(notdir $(MAN_PAGES)); do \
+	    s=$${p##*.}; rm -f $(DESTDIR)$(PREFIX)/share/man/man$$s/$$p; done
+
+clean:
+	rm -rf build build-san bin
+
+lint:
+	@command -v mandoc >/dev/null && mandoc -Tlint -W warning $(MAN_PAGES) || true
+	@command -v clang-format >/dev/null && clang-format --dry-run --Werror \
+	    lib/*.c lib/*.h tools/*.c tests/unit/*.c 2>&1 | head -50 || true
+	$(CC) $(CFLAGS) -fsyntax-only -Werror $(LIB_SRC) $(TOOL_SRC)
+
+-include $(LIB_OBJ:.o=.d) $(TOOL_SRC:tools/%.c=$(BUILD)/tools/%.d) \
+         $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/unit/%.d) $(CU_OBJ:.o=.d)
