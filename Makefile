@@ -36,6 +36,7 @@ LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/%.o)
 LIB_A     := $(BUILD)/libqlora.a
 TEST_SRC  := $(wildcard tests/unit/*.c)
 TEST_BIN  := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+GPU_TEST_SRC := $(wildcard tests/gpu/*.c)
 MAN_PAGES := $(wildcard man/*.1 man/*.5 man/*.7)
 
 # CUDA: built whenever nvcc is found; only lora-train and lora-gen link it.
@@ -46,8 +47,9 @@ ifneq ($(CU_SRC),)
 CUDA_HOME  ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 NVCCFLAGS  ?= -O3 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 CU_OBJ     := $(CU_SRC:%.cu=$(BUILD)/%.o)
-GPU_LIBS   := -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++
-GPU_CFLAGS := -DQLORA_CUDA=1
+GPU_LIBS   := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++
+GPU_CFLAGS := -DQLORA_CUDA=1 -I$(CUDA_HOME)/include
+GPU_TEST_BIN := $(GPU_TEST_SRC:tests/gpu/%.c=$(BUILD)/tests/gpu_%)
 endif
 endif
 
@@ -85,10 +87,16 @@ $(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(LIB_A)
 	@mkdir -p $(@D)
 	$(CC) $(LDFLAGS) -o $@ $< $(LIB_A) $(LDLIBS)
 
-test: all $(TEST_BIN)
+# Kernel tests: each compares a CUDA kernel with its CPU reference; they run
+# under `make test-gpu` (and exit 77, skipped, where there is no GPU).
+$(BUILD)/tests/gpu_%: $(BUILD)/tests/gpu/%.o $(CU_OBJ) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CC) $(LDFLAGS) -o $@ $< $(CU_OBJ) $(LIB_A) $(LDLIBS) $(GPU_LIBS)
+
+test: all $(TEST_BIN) $(GPU_TEST_BIN)
 	@BUILD=$(BUILD) SHARED=$(SHARED) sh tests/run.sh
 
-test-gpu: all
+test-gpu: all $(TEST_BIN) $(GPU_TEST_BIN)
 	@BUILD=$(BUILD) SHARED=$(SHARED) GPU=1 sh tests/run.sh
 
 demo: all
