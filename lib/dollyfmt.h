@@ -45,6 +45,8 @@ typedef struct {
 
 /* Renders the template for one record into prompt and completion (both
  * reset first). The record key of each field goes through the renaming.
+ * With o->prompt_only the completion is left empty and its fields need not
+ * exist.
  * Returns 0, or -1 with the problem in err ("missing field 'x'"). */
 int dollyfmt_render(const dollyfmt_options *o, const json_value *rec,
                     strbuf *prompt, strbuf *completion, strbuf *err);

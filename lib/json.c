@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "io.h"
+
 #define JSON_MAX_DEPTH 512
 
 typedef struct {
@@ -334,8 +336,14 @@ static json_value *parse_number(parser *ps)
     char *buf = n < sizeof small ? small : xmalloc(n + 1);
     memcpy(buf, s, n);
     buf[n] = '\0';
+    double d = strtod(buf, NULL);
+    if (!isfinite(d)) {
+        if (buf != small)
+            free(buf);
+        return fail_at(ps, s, "number out of range");
+    }
     json_value *v = new_value(JSON_NUMBER);
-    v->u.number.value = strtod(buf, NULL);
+    v->u.number.value = d;
     if (integral) {
         /* Exact int64 when it fits. */
         const char *q = buf;
@@ -344,12 +352,12 @@ static json_value *parse_number(parser *ps)
         uint64_t acc = 0, lim = neg ? (uint64_t)INT64_MAX + 1 : INT64_MAX;
         int fits = 1;
         for (; *q; q++) {
-            unsigned d = (unsigned)(*q - '0');
-            if (acc > (lim - d) / 10) {
+            unsigned dig = (unsigned)(*q - '0');
+            if (acc > (lim - dig) / 10) {
                 fits = 0;
                 break;
             }
-            acc = acc * 10 + d;
+            acc = acc * 10 + dig;
         }
         if (fits) {
             v->u.number.is_integer = 1;
@@ -521,6 +529,10 @@ static json_value *parse_value(parser *ps)
     case '0': case '1': case '2': case '3': case '4':
     case '5': case '6': case '7': case '8': case '9':
         return parse_number(ps);
+    case ']':
+    case '}':
+        return fail(ps, *ps->p == ']' ? "expected a value before ']'"
+                                      : "expected a value before '}'");
     default:
         break;
     }
@@ -571,6 +583,18 @@ int json_parse(const char *text, size_t len, const char *src, long line,
     if (rc)
         msg_error("%s", sb_str(&err));
     sb_free(&err);
+    return rc;
+}
+
+int json_parse_file(const char *path, json_value **out)
+{
+    char *data;
+    size_t len;
+    *out = NULL;
+    if (io_read_file(path, &data, &len))
+        return -1;
+    int rc = json_parse(data, len, path, 1, out);
+    free(data);
     return rc;
 }
 
@@ -724,7 +748,8 @@ void json_append_value(strbuf *sb, const json_value *v)
     case JSON_FALSE: sb_puts(sb, "false"); break;
     case JSON_TRUE: sb_puts(sb, "true"); break;
     case JSON_NUMBER:
-        if (v->u.number.is_integer)
+        if (v->u.number.is_integer &&
+            !(v->u.number.integer == 0 && signbit(v->u.number.value)))
             sb_printf(sb, "%lld", (long long)v->u.number.integer);
         else
             json_append_number(sb, v->u.number.value);

@@ -61,6 +61,9 @@ int json_parse(const char *text, size_t len, const char *src, long line,
 int json_parse_quiet(const char *text, size_t len, const char *src, long line,
                      json_value **out, strbuf *err);
 void json_free(json_value *v);
+/* Reads a whole file (zstd transparently, via io_read_file) and parses it
+ * as one JSON value; messages name the path. 0 and *out, or -1 (printed). */
+int json_parse_file(const char *path, json_value **out);
 
 /* Object member by key (the last one if repeated), or NULL when absent or
  * when obj is not an object. */

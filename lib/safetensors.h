@@ -92,11 +92,21 @@ int st_writer_write(st_writer *w, const void *data, uint64_t nbytes);
 int st_writer_finish(st_writer *w);  /* checks all bytes came; frees w */
 void st_writer_abort(st_writer *w);  /* removes partial files; frees w */
 
-/* Writes one small file in one call: tensors with their data. */
+/* Writes one small file in one call: tensors with their data (nbytes and
+ * offset are ignored; the size comes from dtype and shape), in the order
+ * given. meta_kv holds n_meta key/value pairs: key0, value0, key1, ... */
 int st_write_file(const char *path, const st_tensor *tensors, size_t n,
                   const char *const *meta_kv, size_t n_meta);
 
-/* bf16/f16 conversions (round to nearest even). */
+/* The order the reference serializer (safetensors.torch.save_file, and so
+ * transformers' save_pretrained) puts tensors in: larger dtypes first (by
+ * its Dtype enum, descending), then by name. Declaring tensors in this
+ * order makes st_writer's output byte-identical to it. strcmp-like. */
+int st_serialize_cmp(st_dtype a, const char *name_a, st_dtype b,
+                     const char *name_b);
+
+/* bf16/f16 conversions (round to nearest even; NaN becomes the canonical
+ * quiet NaN, as in torch). */
 float st_bf16_to_f32(uint16_t h);
 uint16_t st_f32_to_bf16(float f);
 float st_f16_to_f32(uint16_t h);

@@ -30,12 +30,13 @@ run_one() {
     [ "$f" -eq 0 ] && echo "$name: $p passed${s:+, $s skipped}" | sed 's/, 0 skipped//'
 }
 for t in "$BUILD"/tests/*; do
-    [ -x "$t" ] || continue
+    [ -f "$t" ] && [ -x "$t" ] || continue
     case "$(basename "$t")" in gpu_*) [ -n "$GPU" ] || continue ;; esac
     run_one "unit/$(basename "$t")" "$t"
 done
 for t in tests/cli/*.sh; do
     [ -f "$t" ] || continue
+    [ "$(basename "$t")" = lib.sh ] && continue
     run_one "cli/$(basename "$t" .sh)" sh "$t"
 done
 rm -f "$log"

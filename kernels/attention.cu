@@ -1,0 +1,571 @@
+/* attention.cu: flash attention, forward and backward, over a flat batch
+ * of packed rows with causal masking restricted to each document.
+ *
+ * Why this shape:
+ *   - Documents are contiguous (start[t] is start[t-1] or t), so a tile of
+ *     64 consecutive queries q0.. needs only the keys start[q0] .. q0+63:
+ *     tiles outside a document are never visited, and memory is linear in
+ *     n (only o, lse and per-row scalars are written).
+ *   - Products run on the tensor cores through mma.sync m16n8k16 (bf16 in,
+ *     fp32 accumulate) with operands fetched by ldmatrix; the fragment
+ *     layouts are documented in common.cuh. The head dimension is padded
+ *     with zeros to HDP in {16, 32, 64, 128} in shared memory, so the tiny
+ *     heads of test models (hd 8) take the same path as hd 64 and 128.
+ *   - Forward (FlashAttention-2): a block of 4 warps owns 64 queries, each
+ *     warp 16; scores S = Q K^T stay in registers, the online softmax
+ *     rescales the O accumulator, and P feeds P V straight from registers.
+ *   - Backward: two kernels instead of one with atomics. dq: per query tile
+ *     (like the forward) recompute P and dP = dO V^T, dS = P (dP - delta),
+ *     dq = dS K. dk/dv: per key tile, each warp 16 keys, looping over the
+ *     query tiles that can see them and over the q heads sharing the kv
+ *     head (GQA): P^T, dV += P^T dO, dS^T, dK += dS^T Q. Every operand
+ *     comes out of registers or plain/transposed ldmatrix: no shared-memory
+ *     transposes, no atomics, deterministic results.
+ * Shared-memory rows are padded by 16 bytes so ldmatrix hits 8 distinct
+ * bank groups. Scores are kept in the log2 domain (exp2f) with the scale
+ * folded in. */
+#include "common.cuh"
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+#define ATT_THREADS 128
+
+/* rows x HDP tile from global rows row0.. (stride elements apart; columns
+ * 0..hd-1 of each), zero-filled past n and past hd. */
+template <int HDP, int ROWS>
+__device__ __forceinline__ void load_tile(bf16 *s, const bf16 *g, int64_t row0,
+                                          int64_t n, int64_t stride, int hd,
+                                          bool vec)
+{
+    constexpr int LD = HDP + 8;
+    constexpr int CH = HDP / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += blockDim.x) {
+        int r = i / CH, c = (i % CH) * 8;
+        int64_t row = row0 + r;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (row < n && c < hd) {
+            const bf16 *src = g + row * stride + c;
+            if (vec) {
+                val = *(const uint4 *)src;
+            } else {
+                bf16 *vb = (bf16 *)&val;
+                for (int j = 0; j < 8 && c + j < hd; j++)
+                    vb[j] = src[j];
+            }
+        }
+        *(uint4 *)(s + r * LD + c) = val;
+    }
+}
+
+/* A fragment (16 rows x 16 columns from column col) of a row-major tile. */
+template <int LD>
+__device__ __forceinline__ void frag_a(uint32_t *a, const bf16 *s, int row,
+                                       int col, int lane)
+{
+    ldmatrix_x4(a, s + (row + (lane & 15)) * LD + col + ((lane >> 4) << 3));
+}
+
+/* B fragments of two adjacent n-tiles, B[k][n] = T[n][k] (T row-major,
+ * rows n0..n0+15, columns k0..k0+15): b[0..1] n-tile n0, b[2..3] n0+8. */
+template <int LD>
+__device__ __forceinline__ void frag_b_nk(uint32_t *b, const bf16 *s, int n0,
+                                          int k0, int lane)
+{
+    int mi = lane >> 3;
+    ldmatrix_x4(b, s + (n0 + (lane & 7) + ((mi >> 1) << 3)) * LD + k0 + ((mi & 1) << 3));
+}
+
+/* B fragments of two adjacent n-tiles, B[k][n] = T[k][n] (T row-major,
+ * rows k0..k0+15, columns n0..n0+15): b[0..1] n-tile n0, b[2..3] n0+8. */
+template <int LD>
+__device__ __forceinline__ void frag_b_kn(uint32_t *b, const bf16 *s, int k0,
+                                          int n0, int lane)
+{
+    int mi = lane >> 3;
+    ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((mi & 1) << 3)) * LD + n0 + ((mi >> 1) << 3));
+}
+
+__device__ __forceinline__ float quad_max(float v)
+{
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v)
+{
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+template <int HDP>
+__global__ void __launch_bounds__(ATT_THREADS)
+attn_fwd_kernel(bf16 *o, float *lse, const bf16 *q, const bf16 *k,
+                const bf16 *v, const int32_t *start, int64_t n, int nh,
+                int nkv, int hd, float scale_log2)
+{
+    constexpr int LD = HDP + 8, KS = HDP / 16, DN = HDP / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *sQ = (bf16 *)smem_raw, *sK = sQ + 64 * LD, *sV = sK + 64 * LD;
+    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int64_t q0 = (int64_t)blockIdx.x * 64;
+    const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
+    const bool vec = (hd & 7) == 0;
+
+    load_tile<HDP, 64>(sQ, q + h * hd, q0, n, qs, hd, vec);
+    __syncthreads();
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++)
+        frag_a<LD>(qf[kk], sQ, warp * 16, kk * 16, lane);
+
+    const int64_t r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const int64_t lim0 = r0 < n ? r0 : -1, lim1 = r1 < n ? r1 : -1;
+    const int64_t st0 = r0 < n ? start[r0] : 0, st1 = r1 < n ? start[r1] : 0;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    float oacc[DN][4];
+#pragma unroll
+    for (int i = 0; i < DN; i++)
+        oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.0f;
+
+    const int64_t kbeg = start[q0], kend = q0 + 64 < n ? q0 + 64 : n;
+    for (int64_t kb = kbeg; kb < kend; kb += 64) {
+        __syncthreads();
+        load_tile<HDP, 64>(sK, k + kh * hd, kb, n, ks, hd, vec);
+        load_tile<HDP, 64>(sV, v + kh * hd, kb, n, ks, hd, vec);
+        __syncthreads();
+        float sc[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint32_t b[4];
+                frag_b_nk<LD>(b, sK, 16 * j, kk * 16, lane);
+                mma_bf16_16816(sc[2 * j], qf[kk], b);
+                mma_bf16_16816(sc[2 * j + 1], qf[kk], b + 2);
+            }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int64_t key = kb + nt * 8 + 2 * t4 + (e & 1);
+                bool ok = e < 2 ? (key <= lim0 && key >= st0) : (key <= lim1 && key >= st1);
+                float s = ok ? sc[nt][e] * scale_log2 : -INFINITY;
+                sc[nt][e] = s;
+                if (e < 2)
+                    mx0 = fmaxf(mx0, s);
+                else
+                    mx1 = fmaxf(mx1, s);
+            }
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float mu0 = mn0 == -INFINITY ? 0.0f : mn0;
+        float mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+        float a0 = exp2f(m0 - mu0), a1 = exp2f(m1 - mu1);
+        m0 = mn0;
+        m1 = mn1;
+        float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            sc[nt][0] = exp2f(sc[nt][0] - mu0);
+            sc[nt][1] = exp2f(sc[nt][1] - mu0);
+            sc[nt][2] = exp2f(sc[nt][2] - mu1);
+            sc[nt][3] = exp2f(sc[nt][3] - mu1);
+            ps0 += sc[nt][0] + sc[nt][1];
+            ps1 += sc[nt][2] + sc[nt][3];
+        }
+        l0 = l0 * a0 + ps0;
+        l1 = l1 * a1 + ps1;
+#pragma unroll
+        for (int i = 0; i < DN; i++) {
+            oacc[i][0] *= a0;
+            oacc[i][1] *= a0;
+            oacc[i][2] *= a1;
+            oacc[i][3] *= a1;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            uint32_t pa[4] = {pack_bf16x2(sc[2 * j][0], sc[2 * j][1]),
+                              pack_bf16x2(sc[2 * j][2], sc[2 * j][3]),
+                              pack_bf16x2(sc[2 * j + 1][0], sc[2 * j + 1][1]),
+                              pack_bf16x2(sc[2 * j + 1][2], sc[2 * j + 1][3])};
+#pragma unroll
+            for (int i = 0; i < DN / 2; i++) {
+                uint32_t b[4];
+                frag_b_kn<LD>(b, sV, 16 * j, 16 * i, lane);
+                mma_bf16_16816(oacc[2 * i], pa, b);
+                mma_bf16_16816(oacc[2 * i + 1], pa, b + 2);
+            }
+        }
+    }
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+#pragma unroll
+    for (int i = 0; i < DN; i++) {
+        int col = i * 8 + 2 * t4;
+        if (col >= hd)
+            continue;
+        if (r0 < n)
+            *(uint32_t *)(o + r0 * qs + h * hd + col) =
+                pack_bf16x2(oacc[i][0] * inv0, oacc[i][1] * inv0);
+        if (r1 < n)
+            *(uint32_t *)(o + r1 * qs + h * hd + col) =
+                pack_bf16x2(oacc[i][2] * inv1, oacc[i][3] * inv1);
+    }
+    if (t4 == 0) {
+        if (r0 < n)
+            lse[(int64_t)h * n + r0] = m0 * LN2 + logf(l0);
+        if (r1 < n)
+            lse[(int64_t)h * n + r1] = m1 * LN2 + logf(l1);
+    }
+}
+
+/* delta[h][t] = sum_i dout[t][h][i] * o[t][h][i]: one warp per (t, h). */
+__global__ void attn_delta_kernel(float *delta, const bf16 *dout, const bf16 *o,
+                                  int64_t n, int nh, int hd)
+{
+    int64_t w = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x & 31;
+    if (w >= n * nh)
+        return;
+    int64_t t = w / nh;
+    int h = (int)(w % nh);
+    const bf16 *a = dout + w * hd, *b = o + w * hd;
+    float s = 0.0f;
+    for (int i = lane; i < hd; i += 32)
+        s += __bfloat162float(a[i]) * __bfloat162float(b[i]);
+    s = warp_sum(s);
+    if (lane == 0)
+        delta[(int64_t)h * n + t] = s;
+}
+
+template <int HDP>
+__global__ void __launch_bounds__(ATT_THREADS)
+attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
+                   const bf16 *v, const float *lse, const float *delta,
+                   const int32_t *start, int64_t n, int nh, int nkv, int hd,
+                   float scale_log2, float scale)
+{
+    constexpr int LD = HDP + 8, KS = HDP / 16, DN = HDP / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *sQ = (bf16 *)smem_raw, *sO = sQ + 64 * LD, *sK = sO + 64 * LD,
+         *sV = sK + 64 * LD;
+    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int64_t q0 = (int64_t)blockIdx.x * 64;
+    const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
+    const bool vec = (hd & 7) == 0;
+
+    load_tile<HDP, 64>(sQ, q + h * hd, q0, n, qs, hd, vec);
+    load_tile<HDP, 64>(sO, dout + h * hd, q0, n, qs, hd, vec);
+    const int64_t r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const int64_t lim0 = r0 < n ? r0 : -1, lim1 = r1 < n ? r1 : -1;
+    const int64_t st0 = r0 < n ? start[r0] : 0, st1 = r1 < n ? start[r1] : 0;
+    const float L0 = r0 < n ? lse[(int64_t)h * n + r0] * LOG2E : 0.0f;
+    const float L1 = r1 < n ? lse[(int64_t)h * n + r1] * LOG2E : 0.0f;
+    const float D0 = r0 < n ? delta[(int64_t)h * n + r0] : 0.0f;
+    const float D1 = r1 < n ? delta[(int64_t)h * n + r1] : 0.0f;
+    float acc[DN][4];
+#pragma unroll
+    for (int i = 0; i < DN; i++)
+        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+    const int64_t kbeg = start[q0], kend = q0 + 64 < n ? q0 + 64 : n;
+    for (int64_t kb = kbeg; kb < kend; kb += 64) {
+        __syncthreads();
+        load_tile<HDP, 64>(sK, k + kh * hd, kb, n, ks, hd, vec);
+        load_tile<HDP, 64>(sV, v + kh * hd, kb, n, ks, hd, vec);
+        __syncthreads();
+        float sc[8][4], dp[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                sc[i][e] = dp[i][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+            uint32_t qa[4], oa[4];
+            frag_a<LD>(qa, sQ, warp * 16, kk * 16, lane);
+            frag_a<LD>(oa, sO, warp * 16, kk * 16, lane);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint32_t b[4];
+                frag_b_nk<LD>(b, sK, 16 * j, kk * 16, lane);
+                mma_bf16_16816(sc[2 * j], qa, b);
+                mma_bf16_16816(sc[2 * j + 1], qa, b + 2);
+                frag_b_nk<LD>(b, sV, 16 * j, kk * 16, lane);
+                mma_bf16_16816(dp[2 * j], oa, b);
+                mma_bf16_16816(dp[2 * j + 1], oa, b + 2);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int64_t key = kb + nt * 8 + 2 * t4 + (e & 1);
+                bool ok = e < 2 ? (key <= lim0 && key >= st0) : (key <= lim1 && key >= st1);
+                float p = ok ? exp2f(sc[nt][e] * scale_log2 - (e < 2 ? L0 : L1)) : 0.0f;
+                sc[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
+            }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            uint32_t pa[4] = {pack_bf16x2(sc[2 * j][0], sc[2 * j][1]),
+                              pack_bf16x2(sc[2 * j][2], sc[2 * j][3]),
+                              pack_bf16x2(sc[2 * j + 1][0], sc[2 * j + 1][1]),
+                              pack_bf16x2(sc[2 * j + 1][2], sc[2 * j + 1][3])};
+#pragma unroll
+            for (int i = 0; i < DN / 2; i++) {
+                uint32_t b[4];
+                frag_b_kn<LD>(b, sK, 16 * j, 16 * i, lane);
+                mma_bf16_16816(acc[2 * i], pa, b);
+                mma_bf16_16816(acc[2 * i + 1], pa, b + 2);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < DN; i++) {
+        int col = i * 8 + 2 * t4;
+        if (col >= hd)
+            continue;
+        if (r0 < n)
+            *(uint32_t *)(dq + r0 * qs + h * hd + col) =
+                pack_bf16x2(acc[i][0] * scale, acc[i][1] * scale);
+        if (r1 < n)
+            *(uint32_t *)(dq + r1 * qs + h * hd + col) =
+                pack_bf16x2(acc[i][2] * scale, acc[i][3] * scale);
+    }
+}
+
+#define BQ_KV 32 /* queries per step of the dk/dv kernel */
+
+template <int HDP>
+__global__ void __launch_bounds__(ATT_THREADS)
+attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
+                     const bf16 *k, const bf16 *v, const float *lse,
+                     const float *delta, const int32_t *start, int64_t n,
+                     int nh, int nkv, int hd, float scale_log2, float scale)
+{
+    constexpr int LD = HDP + 8, KS = HDP / 16, DN = HDP / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *sK = (bf16 *)smem_raw, *sV = sK + 64 * LD, *sQ = sV + 64 * LD,
+         *sO = sQ + BQ_KV * LD;
+    float *sL = (float *)(sO + BQ_KV * LD), *sD = sL + BQ_KV;
+    int64_t *sS = (int64_t *)(sD + BQ_KV);
+    const int kh = blockIdx.y, grp = nh / nkv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int64_t k0 = (int64_t)blockIdx.x * 64;
+    const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
+    const bool vec = (hd & 7) == 0;
+    const int64_t klast = k0 + 63 < n ? k0 + 63 : n - 1;
+
+    load_tile<HDP, 64>(sK, k + kh * hd, k0, n, ks, hd, vec);
+    load_tile<HDP, 64>(sV, v + kh * hd, k0, n, ks, hd, vec);
+    const int64_t kr0 = k0 + warp * 16 + g, kr1 = kr0 + 8;
+    float adk[DN][4], adv[DN][4];
+#pragma unroll
+    for (int i = 0; i < DN; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            adk[i][e] = adv[i][e] = 0.0f;
+
+    for (int hq = 0; hq < grp; hq++) {
+        const int h = kh * grp + hq;
+        for (int64_t qb = k0; qb < n && start[qb] <= klast; qb += BQ_KV) {
+            __syncthreads();
+            load_tile<HDP, BQ_KV>(sQ, q + h * hd, qb, n, qs, hd, vec);
+            load_tile<HDP, BQ_KV>(sO, dout + h * hd, qb, n, qs, hd, vec);
+            if (threadIdx.x < BQ_KV) {
+                int64_t qi = qb + threadIdx.x;
+                bool in = qi < n;
+                sL[threadIdx.x] = in ? lse[(int64_t)h * n + qi] * LOG2E : 0.0f;
+                sD[threadIdx.x] = in ? delta[(int64_t)h * n + qi] : 0.0f;
+                sS[threadIdx.x] = in ? (int64_t)start[qi] : INT64_MAX;
+            }
+            __syncthreads();
+            float st[4][4], dpt[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    st[i][e] = dpt[i][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                uint32_t ka[4], va[4];
+                frag_a<LD>(ka, sK, warp * 16, kk * 16, lane);
+                frag_a<LD>(va, sV, warp * 16, kk * 16, lane);
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    uint32_t b[4];
+                    frag_b_nk<LD>(b, sQ, 16 * j, kk * 16, lane);
+                    mma_bf16_16816(st[2 * j], ka, b);
+                    mma_bf16_16816(st[2 * j + 1], ka, b + 2);
+                    frag_b_nk<LD>(b, sO, 16 * j, kk * 16, lane);
+                    mma_bf16_16816(dpt[2 * j], va, b);
+                    mma_bf16_16816(dpt[2 * j + 1], va, b + 2);
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int qi = nt * 8 + 2 * t4 + (e & 1);
+                    int64_t query = qb + qi;
+                    int64_t key = e < 2 ? kr0 : kr1;
+                    bool ok = key <= query && key >= sS[qi];
+                    float p = ok ? exp2f(st[nt][e] * scale_log2 - sL[qi]) : 0.0f;
+                    st[nt][e] = p;
+                    dpt[nt][e] = p * (dpt[nt][e] - sD[qi]);
+                }
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                uint32_t pa[4] = {pack_bf16x2(st[2 * j][0], st[2 * j][1]),
+                                  pack_bf16x2(st[2 * j][2], st[2 * j][3]),
+                                  pack_bf16x2(st[2 * j + 1][0], st[2 * j + 1][1]),
+                                  pack_bf16x2(st[2 * j + 1][2], st[2 * j + 1][3])};
+                uint32_t da[4] = {pack_bf16x2(dpt[2 * j][0], dpt[2 * j][1]),
+                                  pack_bf16x2(dpt[2 * j][2], dpt[2 * j][3]),
+                                  pack_bf16x2(dpt[2 * j + 1][0], dpt[2 * j + 1][1]),
+                                  pack_bf16x2(dpt[2 * j + 1][2], dpt[2 * j + 1][3])};
+#pragma unroll
+                for (int i = 0; i < DN / 2; i++) {
+                    uint32_t b[4];
+                    frag_b_kn<LD>(b, sO, 16 * j, 16 * i, lane);
+                    mma_bf16_16816(adv[2 * i], pa, b);
+                    mma_bf16_16816(adv[2 * i + 1], pa, b + 2);
+                    frag_b_kn<LD>(b, sQ, 16 * j, 16 * i, lane);
+                    mma_bf16_16816(adk[2 * i], da, b);
+                    mma_bf16_16816(adk[2 * i + 1], da, b + 2);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < DN; i++) {
+        int col = i * 8 + 2 * t4;
+        if (col >= hd)
+            continue;
+        if (kr0 < n) {
+            *(uint32_t *)(dk + kr0 * ks + kh * hd + col) =
+                pack_bf16x2(adk[i][0] * scale, adk[i][1] * scale);
+            *(uint32_t *)(dv + kr0 * ks + kh * hd + col) =
+                pack_bf16x2(adv[i][0], adv[i][1]);
+        }
+        if (kr1 < n) {
+            *(uint32_t *)(dk + kr1 * ks + kh * hd + col) =
+                pack_bf16x2(adk[i][2] * scale, adk[i][3] * scale);
+            *(uint32_t *)(dv + kr1 * ks + kh * hd + col) =
+                pack_bf16x2(adv[i][2], adv[i][3]);
+        }
+    }
+}
+
+static size_t fwd_smem(int hdp) { return (size_t)3 * 64 * (hdp + 8) * sizeof(bf16); }
+static size_t dq_smem(int hdp) { return (size_t)4 * 64 * (hdp + 8) * sizeof(bf16); }
+static size_t dkdv_smem(int hdp)
+{
+    return (size_t)(2 * 64 + 2 * BQ_KV) * (hdp + 8) * sizeof(bf16) +
+           BQ_KV * (2 * sizeof(float) + sizeof(int64_t));
+}
+
+static int pad_hd(int hd) { return hd <= 16 ? 16 : hd <= 32 ? 32 : hd <= 64 ? 64 : 128; }
+
+static void check_shapes(int64_t n, int nh, int nkv, int hd)
+{
+    KN_REQUIRE(n > 0 && n < ((int64_t)1 << 31) / 64 * 64);
+    KN_REQUIRE(nh > 0 && nkv > 0 && nh % nkv == 0 && nh <= 65535);
+    KN_REQUIRE(hd > 0 && hd <= 128 && hd % 2 == 0);
+}
+
+template <int HDP>
+static void fwd_launch(kn_bf16 *o, float *lse, const kn_bf16 *q,
+                       const kn_bf16 *k, const kn_bf16 *v, const int32_t *start,
+                       int64_t n, int nh, int nkv, int hd, cudaStream_t s)
+{
+    static int attr_set;
+    size_t sm = fwd_smem(HDP);
+    KN_REQUIRE(sm <= kn_smem_optin());
+    if (!attr_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(attn_fwd_kernel<HDP>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm));
+        attr_set = 1;
+    }
+    dim3 grid(kn_cdiv(n, 64), nh);
+    float sl = LOG2E / sqrtf((float)hd);
+    attn_fwd_kernel<HDP><<<grid, ATT_THREADS, sm, s>>>(
+        (bf16 *)o, lse, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v,
+        start, n, nh, nkv, hd, sl);
+    KN_CHECK_LAUNCH("attn_fwd");
+}
+
+template <int HDP>
+static void bwd_launch(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, const float *delta,
+                       const kn_bf16 *dout, const kn_bf16 *q, const kn_bf16 *k,
+                       const kn_bf16 *v, const float *lse, const int32_t *start,
+                       int64_t n, int nh, int nkv, int hd, cudaStream_t s)
+{
+    static int attr_set;
+    size_t sm1 = dq_smem(HDP), sm2 = dkdv_smem(HDP);
+    KN_REQUIRE(sm1 <= kn_smem_optin() && sm2 <= kn_smem_optin());
+    if (!attr_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(attn_bwd_dq_kernel<HDP>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
+        CUDA_CHECK(cudaFuncSetAttribute(attn_bwd_dkdv_kernel<HDP>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
+        attr_set = 1;
+    }
+    float scale = 1.0f / sqrtf((float)hd), sl = LOG2E * scale;
+    dim3 g1(kn_cdiv(n, 64), nh);
+    attn_bwd_dq_kernel<HDP><<<g1, ATT_THREADS, sm1, s>>>(
+        (bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
+        (const bf16 *)v, lse, delta, start, n, nh, nkv, hd, sl, scale);
+    KN_CHECK_LAUNCH("attn_bwd_dq");
+    dim3 g2(kn_cdiv(n, 64), nkv);
+    attn_bwd_dkdv_kernel<HDP><<<g2, ATT_THREADS, sm2, s>>>(
+        (bf16 *)dk, (bf16 *)dv, (const bf16 *)dout, (const bf16 *)q,
+        (const bf16 *)k, (const bf16 *)v, lse, delta, start, n, nh, nkv, hd,
+        sl, scale);
+    KN_CHECK_LAUNCH("attn_bwd_dkdv");
+}
+
+extern "C" void kn_attention_forward(kn_bf16 *o, float *lse, const kn_bf16 *q,
+                                     const kn_bf16 *k, const kn_bf16 *v,
+                                     const int32_t *start, int64_t n, int nh,
+                                     int nkv, int hd, cudaStream_t s)
+{
+    check_shapes(n, nh, nkv, hd);
+    switch (pad_hd(hd)) {
+    case 16: fwd_launch<16>(o, lse, q, k, v, start, n, nh, nkv, hd, s); break;
+    case 32: fwd_launch<32>(o, lse, q, k, v, start, n, nh, nkv, hd, s); break;
+    case 64: fwd_launch<64>(o, lse, q, k, v, start, n, nh, nkv, hd, s); break;
+    default: fwd_launch<128>(o, lse, q, k, v, start, n, nh, nkv, hd, s); break;
+    }
+}
+
+extern "C" void kn_attention_backward(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,
+                                      float *delta, const kn_bf16 *dout,
+                                      const kn_bf16 *q, const kn_bf16 *k,
+                                      const kn_bf16 *v, const kn_bf16 *o,
+                                      const float *lse, const int32_t *start,
+                                      int64_t n, int nh, int nkv, int hd,
+                                      cudaStream_t s)
+{
+    check_shapes(n, nh, nkv, hd);
+    attn_delta_kernel<<<kn_cdiv(n * nh, 8), 256, 0, s>>>(
+        delta, (const bf16 *)dout, (const bf16 *)o, n, nh, hd);
+    KN_CHECK_LAUNCH("attn_delta");
+    switch (pad_hd(hd)) {
+    case 16: bwd_launch<16>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, s); break;
+    case 32: bwd_launch<32>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, s); break;
+    case 64: bwd_launch<64>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, s); break;
+    default: bwd_launch<128>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, s); break;
+    }
+}

@@ -1,0 +1,819 @@
+/* nf4.c: NF4 quantization and dequantization, bit-exact with bitsandbytes.
+ *
+ * Every floating-point step is the one bitsandbytes' CUDA kernels and torch
+ * perform, in the same precision and order, because the goal is byte
+ * identity, not just closeness:
+ *   - block absmax: max |x| in fp32 (NaN ignored, as fmaxf);
+ *   - the scale is the fp32 reciprocal 1/absmax, and each value is x * scale;
+ *   - NF4 code = number of thresholds (midpoints of the code book, as fp32
+ *     literals) strictly below the value: the same answer as bitsandbytes'
+ *     comparison tree, but branch-free, so the compiler vectorizes it;
+ *   - the double-quantization offset is torch's CUDA mean (its summation
+ *     tree reproduced in nf4_torch_mean), the 8-bit absmax codes come from
+ *     bitsandbytes' own binary search over the dynamic map (not "nearest":
+ *     its search has quirks at the ends that we must share);
+ *   - the dynamic map is built as torch builds it on the GPU (linspace with
+ *     fused multiply-adds).
+ * The file is compiled without floating-point contraction (no FMA) so that
+ * a * b + c stays two roundings wherever bitsandbytes does two.
+ */
+#include "nf4.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "json.h"
+#include "msg.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#pragma GCC optimize("fp-contract=off")
+
+const float nf4_code[16] = {
+    -1.0f,
+    -0.6961928009986877f,
+    -0.5250730514526367f,
+    -0.39491748809814453f,
+    -0.28444138169288635f,
+    -0.18477343022823334f,
+    -0.09105003625154495f,
+    0.0f,
+    0.07958029955625534f,
+    0.16093020141124725f,
+    0.24611230194568634f,
+    0.33791524171829224f,
+    0.44070982933044434f,
+    0.5626170039176941f,
+    0.7229568362236023f,
+    1.0f,
+};
+
+/* Midpoints between consecutive codes, as bitsandbytes' kernel spells them
+ * (fp32 literals). code(x) = #{k : x > nf4_threshold[k]}. */
+static const float nf4_threshold[15] = {
+    -0.8480964004993439f,  -0.6106329262256622f,  -0.4599952697753906f,
+    -0.33967943489551544f, -0.23460740596055984f, -0.13791173323988914f,
+    -0.045525018125772476f, 0.03979014977812767f,  0.1202552504837513f,
+    0.2035212516784668f,   0.2920137718319893f,   0.3893125355243683f,
+    0.5016634166240692f,   0.6427869200706482f,   0.8614784181118011f,
+};
+
+int nf4_blocksize_ok(int bs)
+{
+    return bs == 32 || bs == 64 || bs == 128 || bs == 256 || bs == 512 ||
+           bs == 1024 || bs == 2048 || bs == 4096;
+}
+
+/* ---- the dynamic map ------------------------------------------------ */
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static float dynamic_map[256];
+static int dynamic_map_ready;
+
+/* create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): for
+ * i = 0..6, the midpoints of linspace(0.1, 1, 2^i + 1) times 10^(i-6), with
+ * both signs; then 0 and 1; sorted. torch's CUDA linspace computes
+ * start + step * i (first half) and end - step * (steps - i - 1) (second
+ * half) with fused multiply-adds, hence fmaf. */
+static void build_dynamic_map(void)
+{
+    static const double scale[7] = {1e-06, 1e-05, 0.0001, 0.001, 0.01, 0.1, 1};
+    double data[256];
+    int n = 0;
+    for (int i = 0; i < 7; i++) {
+        int steps = (1 << i) + 1, half = steps / 2;
+        float start = 0.1f, end = 1.0f, step = (end - start) / (float)(steps - 1);
+        float b[65];
+        for (int k = 0; k < steps; k++)
+            b[k] = k < half ? fmaf(step, (float)k, start)
+                            : fmaf(-step, (float)(steps - k - 1), end);
+        for (int k = 0; k + 1 < steps; k++) {
+            float mean = (b[k] + b[k + 1]) / 2.0f;
+            float v = (float)scale[i] * mean;
+            data[n++] = v;
+            data[n++] = -v;
+        }
+    }
+    data[n++] = 0.0;
+    data[n++] = 1.0;
+    qsort(data, (size_t)n, sizeof *data, cmp_double);
+    for (int k = 0; k < 256; k++)
+        dynamic_map[k] = (float)data[k];
+}
+
+const float *nf4_dynamic_map(void)
+{
+    /* Built once; racing threads would write identical values. */
+    if (!dynamic_map_ready) {
+#pragma omp critical(nf4_dynamic_map)
+        if (!dynamic_map_ready) {
+            build_dynamic_map();
+            dynamic_map_ready = 1;
+        }
+    }
+    return dynamic_map;
+}
+
+/* bitsandbytes' dQuantize<0>: a 7-step binary search from the middle of the
+ * map, then a choice between the final pivot and its neighbour by the
+ * midpoint. Kept literally: its edge behaviour is part of the format. */
+static unsigned char dquantize_dynamic(const float *code, float x)
+{
+    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+    float lower = -1.0f, upper = 1.0f;
+    float val = code[pivot];
+    for (int i = 64; i > 0; i >>= 1) {
+        if (x > val) {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += i;
+        } else {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= i;
+        }
+        val = code[pivot];
+    }
+    if (upper_pivot == 255)
+        upper = code[upper_pivot];
+    if (lower_pivot == 0)
+        lower = code[lower_pivot];
+    if (x > val) {
+        float midpoint = (upper + val) * 0.5f;
+        return (unsigned char)(x > midpoint ? upper_pivot : pivot);
+    }
+    float midpoint = (lower + val) * 0.5f;
+    return (unsigned char)(x < midpoint ? lower_pivot : pivot);
+}
+
+/* ---- loading source values ------------------------------------------ */
+
+/* n elements of src starting at element i0, as fp32. */
+static void load_f32(const void *src, st_dtype dtype, int64_t i0, int n,
+                     float *dst)
+{
+    if (dtype == ST_F32) {
+        memcpy(dst, (const float *)src + i0, (size_t)n * 4);
+    } else if (dtype == ST_BF16) {
+        const uint16_t *s = (const uint16_t *)src + i0;
+        for (int j = 0; j < n; j++) {
+            uint32_t u = (uint32_t)s[j] << 16;
+            memcpy(dst + j, &u, 4);
+        }
+    } else {
+        const uint16_t *s = (const uint16_t *)src + i0;
+        for (int j = 0; j < n; j++)
+            dst[j] = st_f16_to_f32(s[j]);
+    }
+}
+
+/* max |x| as the kernel computes it: fmaxf ignores NaN; a partial block
+ * also sees the zero padding. */
+static float block_absmax(const float *v, int n, int padded)
+{
+    float m = padded ? 0.0f : -FLT_MAX;
+    for (int j = 0; j < n; j++) {
+        float a = fabsf(v[j]);
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+/* The scale: bitsandbytes computes 1.0f / absmax on the GPU. */
+static inline float reciprocal(float x) { return 1.0f / x; }
+
+static int64_t nblocks_of(int64_t n, int bs) { return (n + bs - 1) / bs; }
+
+static int threads_for(int requested)
+{
+#ifdef _OPENMP
+    return requested > 0 ? requested : omp_get_max_threads();
+#else
+    (void)requested;
+    return 1;
+#endif
+}
+
+void nf4_block_absmax(const void *src, st_dtype dtype, int64_t n,
+                      int blocksize, float *absmax, int nthreads)
+{
+    int64_t nb = nblocks_of(n, blocksize);
+#pragma omp parallel num_threads(threads_for(nthreads))
+    {
+        float *buf = xmalloc((size_t)blocksize * sizeof *buf);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t i0 = b * blocksize;
+            int len = (int)(n - i0 < blocksize ? n - i0 : blocksize);
+            load_f32(src, dtype, i0, len, buf);
+            absmax[b] = block_absmax(buf, len, len < blocksize);
+        }
+        free(buf);
+    }
+}
+
+/* ---- torch's CUDA mean ---------------------------------------------- */
+
+static int last_pow2(int64_t n)
+{
+    int64_t p = 1;
+    while (p * 2 <= n)
+        p *= 2;
+    return (int)p;
+}
+
+/* What lane 0 holds after the block_x_reduce of torch's Reduce.cuh over
+ * v[0..width): a shared-memory halving down to 32 lanes, then warp shuffles
+ * down by 16, 8, 4, 2, 1 (each a halving too). v is clobbered. */
+static float block_x_reduce(float *v, int width)
+{
+    int dim = width;
+    if (dim > 32) {
+        for (int off = dim / 2; off >= 32; off >>= 1)
+            for (int t = 0; t < off; t++)
+                v[t] += v[t + off];
+        dim = 32;
+    }
+    for (int off = dim / 2; off > 0; off >>= 1)
+        for (int t = 0; t < off; t++)
+            v[t] += v[t + off];
+    return v[0];
+}
+
+/* torch.mean of a contiguous float32 CUDA tensor (Reduce.cuh, MeanOps):
+ * n <= 128: one block of last_pow2(n) threads, each with 4 accumulators
+ * over a stride of the block width; larger: vectorized loads of 4 (one
+ * accumulator per vector lane), a block of min(last_pow2(n / 4), 512)
+ * threads, and, once a thread would see 256 values or more, several
+ * blocks (ceil(values per thread / 16), as on any GPU with at least that
+ * many block slots) combined by the last one. Then sum * (1.0f / n). */
+float nf4_torch_mean(const float *x, int64_t n)
+{
+    if (n <= 0)
+        return NAN;
+    float sum;
+    if (n <= 128) {
+        int bw = last_pow2(n);
+        float *lane = xcalloc((size_t)bw, sizeof *lane);
+        for (int t = 0; t < bw; t++) {
+            float acc[4] = {0, 0, 0, 0};
+            int64_t idx = t;
+            while (idx + 3 * (int64_t)bw < n) {
+                for (int i = 0; i < 4; i++)
+                    acc[i] += x[idx + i * bw];
+                idx += 4 * bw;
+            }
+            for (int i = 0; i < 4 && idx < n; i++, idx += bw)
+                acc[i] += x[idx];
+            lane[t] = ((acc[0] + acc[1]) + acc[2]) + acc[3];
+        }
+        sum = block_x_reduce(lane, bw);
+        free(lane);
+    } else {
+        int bw = last_pow2(n / 4);
+        if (bw > 512)
+            bw = 512;
+        int64_t vpt = (n + bw - 1) / bw;
+        int64_t ctas = 1;
+        if (vpt >= 256) {
+            int64_t c2 = (vpt + 15) / 16, c3 = (vpt + 255) / 256;
+            ctas = c2 > c3 ? c2 : c3;
+        }
+        int64_t stride = (int64_t)bw * ctas;
+        int64_t tail_start = n - n % 4;
+        float *lane = xmalloc((size_t)bw * sizeof *lane);
+        float *cta = xmalloc((size_t)ctas * sizeof *cta);
+        for (int64_t c = 0; c < ctas; c++) {
+            for (int t = 0; t < bw; t++) {
+                float acc[4] = {0, 0, 0, 0};
+                for (int64_t idx = t + c * bw; idx * 4 + 3 < n; idx += stride)
+                    for (int i = 0; i < 4; i++)
+                        acc[i] += x[idx * 4 + i];
+                if (c == 0 && tail_start + t < n)
+                    acc[0] += x[tail_start + t];
+                lane[t] = ((acc[0] + acc[1]) + acc[2]) + acc[3];
+            }
+            cta[c] = block_x_reduce(lane, bw);
+        }
+        if (ctas == 1) {
+            sum = cta[0];
+        } else {
+            for (int t = 0; t < bw; t++) {
+                float acc = 0.0f;
+                for (int64_t c = t; c < ctas; c += bw)
+                    acc += cta[c];
+                lane[t] = acc;
+            }
+            sum = block_x_reduce(lane, bw);
+        }
+        free(lane);
+        free(cta);
+    }
+    float factor = 1.0f / (float)n;
+    return sum * factor;
+}
+
+/* ---- quantization --------------------------------------------------- */
+
+/* NF4 codes of v[0..n) scaled by inv, packed two per byte (first element
+ * high). An odd n gets the code of a zero pad in the last low nibble, as
+ * the kernel quantizes its zero-filled padding. */
+static void quantize_block(const float *v, int n, float inv, uint8_t *out)
+{
+    uint8_t c[4096 + 1];
+    for (int j = 0; j < n; j++) {
+        float u = v[j] * inv;
+        int k = 0;
+        for (int t = 0; t < 15; t++)
+            k += u > nf4_threshold[t];
+        c[j] = (uint8_t)k;
+    }
+    if (n & 1) {
+        float u = 0.0f * inv;
+        int k = 0;
+        for (int t = 0; t < 15; t++)
+            k += u > nf4_threshold[t];
+        c[n] = (uint8_t)k;
+    }
+    for (int j = 0; j < (n + 1) / 2; j++)
+        out[j] = (uint8_t)(c[2 * j] << 4 | c[2 * j + 1]);
+}
+
+/* Double quantization of absmax[0..nb): offset, 8-bit codes, nested absmax. */
+static void double_quant(const float *absmax, int64_t nb, float *offset,
+                         uint8_t *codes, float *nested_absmax)
+{
+    const float *map = nf4_dynamic_map();
+    float off = nf4_torch_mean(absmax, nb);
+    *offset = off;
+    float x[NF4_NESTED_BLOCKSIZE];
+    for (int64_t b0 = 0; b0 < nb; b0 += NF4_NESTED_BLOCKSIZE) {
+        int len = (int)(nb - b0 < NF4_NESTED_BLOCKSIZE ? nb - b0
+                                                        : NF4_NESTED_BLOCKSIZE);
+        for (int j = 0; j < len; j++)
+            x[j] = absmax[b0 + j] - off;
+        float m = block_absmax(x, len, len < NF4_NESTED_BLOCKSIZE);
+        float inv = reciprocal(m);
+        nested_absmax[b0 / NF4_NESTED_BLOCKSIZE] = m;
+        for (int j = 0; j < len; j++)
+            codes[b0 + j] = dquantize_dynamic(map, x[j] * inv);
+    }
+}
+
+static int check_dtype(st_dtype dtype)
+{
+    if (dtype != ST_F32 && dtype != ST_F16 && dtype != ST_BF16)
+        return msg_error("cannot quantize dtype %s (F32, F16 or BF16 only)",
+                         st_dtype_name(dtype));
+    return 0;
+}
+
+int nf4_quantize(const void *src, st_dtype dtype, int ndim,
+                 const int64_t *shape, int blocksize, int nested, int nthreads,
+                 nf4_weight *out)
+{
+    memset(out, 0, sizeof *out);
+    if (check_dtype(dtype) != 0)
+        return -1;
+    if (!nf4_blocksize_ok(blocksize))
+        return msg_error("invalid NF4 block size %d", blocksize);
+    if (ndim < 0 || ndim > ST_MAX_DIMS)
+        return msg_error("invalid rank %d", ndim);
+    int64_t n = 1;
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] < 0)
+            return msg_error("invalid shape");
+        out->shape[d] = shape[d];
+        n *= shape[d];
+    }
+    out->ndim = ndim;
+    out->numel = n;
+    out->dtype = dtype;
+    out->blocksize = blocksize;
+    out->nblocks = nblocks_of(n, blocksize);
+    out->nested_blocksize = NF4_NESTED_BLOCKSIZE;
+    memcpy(out->quant_map, nf4_code, sizeof out->quant_map);
+    memcpy(out->nested_map, nf4_dynamic_map(), sizeof out->nested_map);
+
+    int64_t nb = out->nblocks;
+    uint8_t *packed = xmalloc((size_t)((n + 1) / 2) + 1);
+    float *absmax = xmalloc((size_t)(nb ? nb : 1) * sizeof *absmax);
+    /* Chunks of blocks per thread: enough work to amortize the loop,
+     * fine enough to balance 2 threads on small tensors. */
+    const int64_t chunk = 64;
+#pragma omp parallel num_threads(threads_for(nthreads))
+    {
+        float *buf = xmalloc((size_t)blocksize * sizeof *buf);
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t c0 = 0; c0 < nb; c0 += chunk) {
+            int64_t c1 = c0 + chunk < nb ? c0 + chunk : nb;
+            for (int64_t b = c0; b < c1; b++) {
+                int64_t i0 = b * blocksize;
+                int len = (int)(n - i0 < blocksize ? n - i0 : blocksize);
+                load_f32(src, dtype, i0, len, buf);
+                float m = block_absmax(buf, len, len < blocksize);
+                absmax[b] = m;
+                quantize_block(buf, len, reciprocal(m), packed + i0 / 2);
+            }
+        }
+        free(buf);
+    }
+    out->packed = packed;
+    out->owned_[0] = packed;
+    if (nested) {
+        int64_t nnb = nblocks_of(nb, NF4_NESTED_BLOCKSIZE);
+        uint8_t *codes = xmalloc((size_t)(nb ? nb : 1));
+        float *na = xmalloc((size_t)(nnb ? nnb : 1) * sizeof *na);
+        double_quant(absmax, nb, &out->nested_offset, codes, na);
+        free(absmax);
+        out->nested = 1;
+        out->absmax_code = codes;
+        out->nested_absmax = na;
+        out->nested_nblocks = nnb;
+        out->owned_[1] = codes;
+        out->owned_[2] = na;
+    } else {
+        out->absmax = absmax;
+        out->owned_[1] = absmax;
+    }
+    return 0;
+}
+
+void nf4_weight_free(nf4_weight *w)
+{
+    if (!w)
+        return;
+    for (int i = 0; i < 4; i++)
+        free(w->owned_[i]);
+    memset(w, 0, sizeof *w);
+}
+
+/* ---- dequantization ------------------------------------------------- */
+
+float nf4_absmax_of(const nf4_weight *w, int64_t b)
+{
+    if (!w->nested)
+        return w->absmax[b];
+    /* two roundings, as bitsandbytes: the 8-bit dequantization kernel, then
+     * torch's "absmax += offset" */
+    float a = w->nested_map[w->absmax_code[b]] *
+              w->nested_absmax[b / w->nested_blocksize];
+    return a + w->nested_offset;
+}
+
+int nf4_dequantize(const nf4_weight *w, int64_t first, int64_t n, float *dst)
+{
+    if (first < 0 || n < 0 || first > w->numel || n > w->numel - first)
+        return msg_error("NF4 dequantization range %lld+%lld outside %lld "
+                         "elements",
+                         (long long)first, (long long)n, (long long)w->numel);
+    int64_t i = first, end = first + n;
+    while (i < end) {
+        int64_t b = i / w->blocksize;
+        int64_t bend = (b + 1) * w->blocksize;
+        if (bend > end)
+            bend = end;
+        float a = nf4_absmax_of(w, b);
+        for (; i < bend; i++) {
+            uint8_t byte = w->packed[i >> 1];
+            int code = (i & 1) ? (byte & 15) : (byte >> 4);
+            *dst++ = w->quant_map[code] * a;
+        }
+    }
+    return 0;
+}
+
+int nf4_dequantize_rows(const nf4_weight *w, int64_t row0, int64_t nrows,
+                        float *dst)
+{
+    if (w->ndim != 2)
+        return msg_error("NF4 weight is not 2-D");
+    return nf4_dequantize(w, row0 * w->shape[1], nrows * w->shape[1], dst);
+}
+
+/* ---- quant_state JSON ----------------------------------------------- */
+
+void nf4_append_py_float(strbuf *sb, double v)
+{
+    if (isnan(v)) {
+        sb_puts(sb, "NaN");
+        return;
+    }
+    if (isinf(v)) {
+        sb_puts(sb, v < 0 ? "-Infinity" : "Infinity");
+        return;
+    }
+    if (v == 0) {
+        sb_puts(sb, signbit(v) ? "-0.0" : "0.0");
+        return;
+    }
+    /* shortest round-tripping digits, as repr() (David Gay's mode 0) */
+    char buf[40];
+    int p;
+    for (p = 1; p <= 17; p++) {
+        snprintf(buf, sizeof buf, "%.*e", p - 1, v);
+        if (strtod(buf, NULL) == v)
+            break;
+    }
+    /* buf is [-]d[.ddd]e[+-]XX: split into digits and exponent */
+    const char *s = buf;
+    int neg = *s == '-';
+    if (neg)
+        s++;
+    char digits[20];
+    int nd = 0;
+    for (; *s && *s != 'e'; s++)
+        if (*s != '.')
+            digits[nd++] = *s;
+    while (nd > 1 && digits[nd - 1] == '0')
+        nd--;
+    int e10 = atoi(s + 1); /* value = d.ddd * 10^e10 */
+    int decpt = e10 + 1;   /* value = 0.dddd * 10^decpt */
+    if (neg)
+        sb_putc(sb, '-');
+    if (decpt <= -4 || decpt > 16) {
+        sb_putc(sb, digits[0]);
+        if (nd > 1) {
+            sb_putc(sb, '.');
+            sb_append(sb, digits + 1, (size_t)nd - 1);
+        }
+        sb_printf(sb, "e%c%02d", e10 < 0 ? '-' : '+', e10 < 0 ? -e10 : e10);
+    } else if (decpt <= 0) {
+        sb_puts(sb, "0.");
+        for (int k = 0; k < -decpt; k++)
+            sb_putc(sb, '0');
+        sb_append(sb, digits, (size_t)nd);
+    } else if (decpt >= nd) {
+        sb_append(sb, digits, (size_t)nd);
+        for (int k = nd; k < decpt; k++)
+            sb_putc(sb, '0');
+        sb_puts(sb, ".0");
+    } else {
+        sb_append(sb, digits, (size_t)decpt);
+        sb_putc(sb, '.');
+        sb_append(sb, digits + decpt, (size_t)(nd - decpt));
+    }
+}
+
+static const char *torch_dtype_name(st_dtype t)
+{
+    switch (t) {
+    case ST_F32: return "float32";
+    case ST_F16: return "float16";
+    case ST_BF16: return "bfloat16";
+    default: return "?";
+    }
+}
+
+static void quant_state_json(strbuf *sb, int ndim, const int64_t *shape,
+                             st_dtype dtype, int blocksize, int nested,
+                             float offset)
+{
+    sb_printf(sb, "{\"quant_type\": \"nf4\", \"blocksize\": %d, \"dtype\": "
+                  "\"%s\", \"shape\": [",
+              blocksize, torch_dtype_name(dtype));
+    for (int d = 0; d < ndim; d++)
+        sb_printf(sb, "%s%lld", d ? ", " : "", (long long)shape[d]);
+    sb_putc(sb, ']');
+    if (nested) {
+        sb_printf(sb, ", \"nested_blocksize\": %d, \"nested_dtype\": "
+                      "\"float32\", \"nested_offset\": ",
+                  NF4_NESTED_BLOCKSIZE);
+        nf4_append_py_float(sb, (double)offset);
+    }
+    sb_putc(sb, '}');
+}
+
+void nf4_quant_state_json(const nf4_weight *w, strbuf *sb)
+{
+    quant_state_json(sb, w->ndim, w->shape, w->dtype, w->blocksize, w->nested,
+                     w->nested_offset);
+}
+
+size_t nf4_quant_state_len(int ndim, const int64_t *shape, st_dtype dtype,
+                           int blocksize, int nested, float offset)
+{
+    strbuf sb = STRBUF_INIT;
+    quant_state_json(&sb, ndim, shape, dtype, blocksize, nested, offset);
+    size_t n = sb.len;
+    sb_free(&sb);
+    return n;
+}
+
+/* ---- loading from a checkpoint -------------------------------------- */
+
+static char *suffixed(const char *name, const char *suffix)
+{
+    size_t a = strlen(name), b = strlen(suffix);
+    char *s = xmalloc(a + b + 1);
+    memcpy(s, name, a);
+    memcpy(s + a, suffix, b + 1);
+    return s;
+}
+
+int nf4_weight_present(const st_model *m, const char *name)
+{
+    char *qs = suffixed(name, NF4_SUFFIX_QUANT_STATE);
+    int found = st_model_find(m, qs) != NULL;
+    free(qs);
+    return found;
+}
+
+/* The tensor name+suffix, which must have the given dtype and element
+ * count (count < 0: any). NULL with a message otherwise. */
+static const st_tensor *need(const st_model *m, const char *name,
+                             const char *suffix, st_dtype dtype, int64_t count)
+{
+    char *full = suffixed(name, suffix);
+    const st_tensor *t = st_model_find(m, full);
+    if (!t)
+        msg_error("%s: NF4 tensor '%s' is missing", m->dir, full);
+    else if (t->dtype != dtype)
+        msg_error("%s: NF4 tensor '%s' is %s, expected %s", m->dir, full,
+                  st_dtype_name(t->dtype), st_dtype_name(dtype));
+    else if (count >= 0 && t->numel != count)
+        msg_error("%s: NF4 tensor '%s' has %lld elements, expected %lld",
+                  m->dir, full, (long long)t->numel, (long long)count);
+    else {
+        free(full);
+        return t;
+    }
+    free(full);
+    return NULL;
+}
+
+static float *copy_f32(const st_tensor *t)
+{
+    float *p = xmalloc((size_t)(t->numel ? t->numel : 1) * sizeof *p);
+    memcpy(p, t->data, (size_t)t->numel * sizeof *p);
+    return p;
+}
+
+int nf4_weight_load(const st_model *m, const char *name, nf4_weight *out)
+{
+    memset(out, 0, sizeof *out);
+    const st_tensor *qs = need(m, name, NF4_SUFFIX_QUANT_STATE, ST_U8, -1);
+    if (!qs)
+        return -1;
+    char *src = suffixed(name, NF4_SUFFIX_QUANT_STATE);
+    json_value *j = NULL;
+    int rc = json_parse((const char *)qs->data, (size_t)qs->nbytes, src, 1, &j);
+    free(src);
+    if (rc != 0)
+        return -1;
+    rc = -1;
+    const char *qt = json_get_string(j, "quant_type", NULL);
+    const char *dt = json_get_string(j, "dtype", NULL);
+    const json_value *shape = json_get(j, "shape");
+    int64_t bs = json_get_int(j, "blocksize", -1);
+    if (!qt || strcmp(qt, "nf4") != 0) {
+        msg_error("%s: weight '%s' is not NF4 (quant_type '%s')", m->dir, name,
+                  qt ? qt : "?");
+        goto done;
+    }
+    if (!dt || !shape || shape->type != JSON_ARRAY || !nf4_blocksize_ok((int)bs) ||
+        shape->u.array.n > ST_MAX_DIMS) {
+        msg_error("%s: bad quant_state of NF4 weight '%s'", m->dir, name);
+        goto done;
+    }
+    if (strcmp(dt, "float32") == 0)
+        out->dtype = ST_F32;
+    else if (strcmp(dt, "bfloat16") == 0)
+        out->dtype = ST_BF16;
+    else if (strcmp(dt, "float16") == 0)
+        out->dtype = ST_F16;
+    else {
+        msg_error("%s: NF4 weight '%s' has unsupported dtype '%s'", m->dir,
+                  name, dt);
+        goto done;
+    }
+    out->ndim = (int)shape->u.array.n;
+    out->numel = 1;
+    for (int d = 0; d < out->ndim; d++) {
+        const json_value *v = shape->u.array.items[d];
+        if (v->type != JSON_NUMBER || !v->u.number.is_integer ||
+            v->u.number.integer < 0 || v->u.number.integer > (1LL << 40)) {
+            msg_error("%s: bad shape in quant_state of '%s'", m->dir, name);
+            goto done;
+        }
+        out->shape[d] = v->u.number.integer;
+        out->numel *= out->shape[d];
+    }
+    out->blocksize = (int)bs;
+    out->nblocks = nblocks_of(out->numel, out->blocksize);
+    out->nested_blocksize = NF4_NESTED_BLOCKSIZE;
+    const st_tensor *packed = need(m, name, "", ST_U8, (out->numel + 1) / 2);
+    const st_tensor *qmap = need(m, name, NF4_SUFFIX_QUANT_MAP, ST_F32, 16);
+    if (!packed || !qmap)
+        goto done;
+    out->packed = packed->data;
+    memcpy(out->quant_map, qmap->data, sizeof out->quant_map);
+    out->nested = json_get(j, "nested_offset") != NULL;
+    if (out->nested) {
+        int64_t nbs = json_get_int(j, "nested_blocksize", -1);
+        const char *ndt = json_get_string(j, "nested_dtype", NULL);
+        const json_value *off = json_get(j, "nested_offset");
+        if (nbs != NF4_NESTED_BLOCKSIZE || !ndt || strcmp(ndt, "float32") ||
+            off->type != JSON_NUMBER) {
+            msg_error("%s: unsupported nested quantization of '%s'", m->dir,
+                      name);
+            goto done;
+        }
+        out->nested_offset = (float)off->u.number.value;
+        out->nested_nblocks = nblocks_of(out->nblocks, NF4_NESTED_BLOCKSIZE);
+        const st_tensor *codes = need(m, name, NF4_SUFFIX_ABSMAX, ST_U8,
+                                      out->nblocks);
+        const st_tensor *na = need(m, name, NF4_SUFFIX_NESTED_ABSMAX, ST_F32,
+                                   out->nested_nblocks);
+        const st_tensor *nmap = need(m, name, NF4_SUFFIX_NESTED_QUANT_MAP,
+                                     ST_F32, 256);
+        if (!codes || !na || !nmap)
+            goto done;
+        out->absmax_code = codes->data;
+        float *p = copy_f32(na);
+        out->nested_absmax = p;
+        out->owned_[0] = p;
+        memcpy(out->nested_map, nmap->data, sizeof out->nested_map);
+    } else {
+        const st_tensor *am = need(m, name, NF4_SUFFIX_ABSMAX, ST_F32,
+                                   out->nblocks);
+        if (!am)
+            goto done;
+        float *p = copy_f32(am);
+        out->absmax = p;
+        out->owned_[0] = p;
+    }
+    rc = 0;
+done:
+    json_free(j);
+    if (rc != 0)
+        nf4_weight_free(out);
+    return rc;
+}
+
+/* ---- statistics ----------------------------------------------------- */
+
+int nf4_error_stats(const void *src, st_dtype dtype, const nf4_weight *w,
+                    int nthreads, nf4_stats *st)
+{
+    memset(st, 0, sizeof *st);
+    if (check_dtype(dtype) != 0)
+        return -1;
+    int64_t n = w->numel, nb = w->nblocks;
+    double ss = 0, es = 0, emax = 0;
+    float amin = INFINITY, amax = -INFINITY;
+#pragma omp parallel num_threads(threads_for(nthreads))
+    {
+        float *x = xmalloc((size_t)w->blocksize * sizeof *x);
+        float *y = xmalloc((size_t)w->blocksize * sizeof *y);
+        double lss = 0, les = 0, lmax = 0;
+        float lmin_a = INFINITY, lmax_a = -INFINITY;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t i0 = b * w->blocksize;
+            int len = (int)(n - i0 < w->blocksize ? n - i0 : w->blocksize);
+            load_f32(src, dtype, i0, len, x);
+            nf4_dequantize(w, i0, len, y);
+            float a = block_absmax(x, len, len < w->blocksize);
+            lmin_a = a < lmin_a ? a : lmin_a;
+            lmax_a = a > lmax_a ? a : lmax_a;
+            for (int k = 0; k < len; k++) {
+                double e = (double)y[k] - (double)x[k];
+                lss += (double)x[k] * x[k];
+                les += e * e;
+                if (fabs(e) > lmax)
+                    lmax = fabs(e);
+            }
+        }
+#pragma omp critical(nf4_stats)
+        {
+            ss += lss;
+            es += les;
+            if (lmax > emax)
+                emax = lmax;
+            if (lmin_a < amin)
+                amin = lmin_a;
+            if (lmax_a > amax)
+                amax = lmax_a;
+        }
+        free(x);
+        free(y);
+    }
+    st->absmax_min = nb ? amin : 0;
+    st->absmax_max = nb ? amax : 0;
+    st->rms = n ? sqrt(ss / (double)n) : 0;
+    st->err_rms = n ? sqrt(es / (double)n) : 0;
+    st->rel_err = st->rms > 0 ? st->err_rms / st->rms : 0;
+    st->max_abs_err = emax;
+    return 0;
+}

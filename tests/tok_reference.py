@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""tok_reference.py: what SentencePiece itself says, for tests/cli/tok.sh and
+bench/tok. Needs the sentencepiece Python package (pip install sentencepiece).
+
+  tok_reference.py encode MODEL [FILE]   JSON Lines records -> the lines
+      `tok --dump` prints for `tok -m MODEL` ({"ids", "completion_start"}):
+      ids from SentencePiece's encode of prompt+completion (or text), BOS
+      first, EOS last except for prompt-only records; completion_start is
+      computed from SentencePiece's normalizer offsets with the rule of
+      tok(1): the first token produced (even in part) from a character of
+      the completion.
+  tok_reference.py decode MODEL [FILE]   `tok --dump` lines -> the lines
+      `tok -d` prints, from SentencePiece's decode.
+  tok_reference.py seed [FILE]           Dolly records -> the seed template's
+      {"prompt", "completion"} (REFERENCE.md section 1), for when dolly-fmt
+      is not built.
+  tok_reference.py same A B              compare two JSON Lines files value by
+      value; exit 1 and show the first difference when they differ.
+
+FILE defaults to stdin; zstd-compressed input is not handled here.
+"""
+import json
+import sys
+
+import_error = None
+try:
+    import sentencepiece as spm
+except ImportError as e:  # the caller decides to skip
+    import_error = e
+
+SEED = ("### Instruction:\nUse the Input below to create an instruction, which "
+        "could have been used to generate the input using an LLM. \n\n"
+        "### Input:\n{response}\n\n### Response:\n")
+
+
+def lines(path):
+    f = open(path, encoding="utf-8") if path and path != "-" else sys.stdin
+    for line in f:
+        if line.strip():
+            yield line
+
+
+def completion_start(sp, text, boundary, pieces, first):
+    """Index (counted from `first`) of the first token whose last normalized
+    character comes from an input character at or after `boundary` (in
+    characters), or len(pieces) when none does."""
+    norm, offs = sp.normalize(text, with_offsets=True)
+    pos = 0          # normalized character of the next token
+    pending = b""    # bytes of a byte-fallback character seen so far
+    for i, (piece, pid) in enumerate(pieces):
+        if sp.is_byte(pid):
+            pending += bytes([int(piece[3:5], 16)])
+            last = pos
+            try:
+                pending.decode("utf-8")
+                pos += 1
+                pending = b""
+            except UnicodeDecodeError:
+                pass
+        else:
+            last = pos + len(piece) - 1
+            pos += len(piece)
+        if offs[last] >= boundary:
+            return first + i
+    return first + len(pieces)
+
+
+def encode(model, path):
+    sp = spm.SentencePieceProcessor(model_file=model)
+    bos, eos = sp.bos_id(), sp.eos_id()
+    out = sys.stdout
+    for line in lines(path):
+        r = json.loads(line)
+        if "text" in r:
+            text, boundary, kind = r["text"], None, "text"
+        elif "completion" in r:
+            text, boundary, kind = r["prompt"] + r["completion"], len(r["prompt"]), "pc"
+        else:
+            text, boundary, kind = r["prompt"], None, "prompt"
+        ids = sp.encode(text)
+        head = [bos] if bos >= 0 else []
+        cs = None
+        if kind == "pc":
+            pieces = list(zip(sp.id_to_piece(ids), ids))
+            cs = completion_start(sp, text, boundary, pieces, len(head))
+        tail = [eos] if eos >= 0 and kind != "prompt" else []
+        out.write(json.dumps({"ids": head + ids + tail, "completion_start": cs},
+                             separators=(",", ":")) + "\n")
+
+
+def decode(model, path):
+    sp = spm.SentencePieceProcessor(model_file=model)
+    for line in lines(path):
+        r = json.loads(line)
+        ids, cs = r["ids"], r["completion_start"]
+        if cs is None:
+            rec = {"text": sp.decode(ids)}
+        else:
+            rec = {"prompt": sp.decode(ids[:cs]), "completion": sp.decode(ids[cs:])}
+        sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def seed(path):
+    for line in lines(path):
+        r = json.loads(line)
+        rec = {"prompt": SEED.format(response=r["response"]),
+               "completion": r["instruction"] + "\n"}
+        sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def same(a, b):
+    with open(a, encoding="utf-8") as fa, open(b, encoding="utf-8") as fb:
+        la, lb = fa.readlines(), fb.readlines()
+    for i, (x, y) in enumerate(zip(la, lb)):
+        if json.loads(x) != json.loads(y):
+            print(f"line {i + 1} differs:\n  {a}: {x.strip()[:300]}\n  {b}: {y.strip()[:300]}")
+            return 1
+    if len(la) != len(lb):
+        print(f"{a} has {len(la)} lines, {b} has {len(lb)}")
+        return 1
+    return 0
+
+
+def main(argv):
+    if len(argv) < 2:
+        sys.exit(__doc__)
+    cmd, args = argv[1], argv[2:]
+    if cmd == "same":
+        return same(*args)
+    if cmd == "seed":
+        return seed(args[0] if args else None)
+    if import_error:
+        sys.exit(f"tok_reference.py: {import_error}")
+    path = args[1] if len(args) > 1 else None
+    if cmd == "encode":
+        encode(args[0], path)
+    elif cmd == "decode":
+        decode(args[0], path)
+    else:
+        sys.exit(__doc__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
