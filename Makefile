@@ -54,6 +54,8 @@ endif
 endif
 
 .PHONY: all test test-gpu demo install uninstall clean lint deps
+# Keep object files of tests and kernels between runs.
+.SECONDARY:
 all: $(TOOL_BIN)
 
 $(BUILD)/.deps-ok: .ci/deps

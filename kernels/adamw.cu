@@ -24,27 +24,30 @@ extern "C" void kn_sumsq(float *out, const float *x, int64_t n, cudaStream_t s)
     KN_CHECK_LAUNCH("sumsq");
 }
 
+/* The per-element arithmetic of lib/adamw.c (fp32, same order); the bias
+ * corrections in double on the host, as there. */
+typedef struct adamw_coef {
+    float decay, w1, b2, w2, step_size, bc2_sqrt, eps, max_norm;
+    int decay_on;
+} adamw_coef;
+
 __global__ void adamw_kernel(float *p, bf16 *pb, float *m, float *v,
-                             const float *g, int64_t n, kn_adamw h,
+                             const float *g, int64_t n, adamw_coef c,
                              const float *norm_sq)
 {
     float clip = 1.0f;
-    if (h.max_grad_norm > 0.0f && norm_sq) {
-        float c = h.max_grad_norm / (sqrtf(*norm_sq) + 1e-6f);
-        clip = c < 1.0f ? c : 1.0f;
+    if (c.max_norm > 0.0f) {
+        float coef = c.max_norm / (sqrtf(*norm_sq) + 1e-6f);
+        clip = coef < 1.0f ? coef : 1.0f;
     }
-    float bc1 = 1.0f - powf(h.beta1, (float)h.step);
-    float bc2 = 1.0f - powf(h.beta2, (float)h.step);
-    float step_size = h.lr / bc1;
-    float bc2_sqrt = sqrtf(bc2);
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
-        float gi = g[i] * clip;
-        float pi = p[i] * (1.0f - h.lr * h.weight_decay);
-        float mi = m[i] + (1.0f - h.beta1) * (gi - m[i]);
-        float vi = h.beta2 * v[i] + (1.0f - h.beta2) * gi * gi;
-        float denom = sqrtf(vi) / bc2_sqrt + h.eps;
-        pi -= step_size * mi / denom;
+        float gi = clip < 1.0f ? g[i] * clip : g[i];
+        float pi = c.decay_on ? p[i] * c.decay : p[i];
+        float mi = m[i] + c.w1 * (gi - m[i]);
+        float vi = v[i] * c.b2 + c.w2 * gi * gi;
+        float denom = sqrtf(vi) / c.bc2_sqrt + c.eps;
+        pi -= c.step_size * (mi / denom);
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;
@@ -58,9 +61,21 @@ extern "C" void kn_adamw_step(float *p, kn_bf16 *p_bf16, float *m, float *v,
                               const float *norm_sq, cudaStream_t s)
 {
     KN_REQUIRE(n >= 0 && h && h->step >= 1 && p && m && v && g);
-    KN_REQUIRE(h->max_grad_norm <= 0.0f || norm_sq);
+    KN_REQUIRE(h->max_grad_norm <= 0.0 || norm_sq);
     if (!n)
         return;
-    adamw_kernel<<<kn_grid_1d(n, 256), 256, 0, s>>>(p, (bf16 *)p_bf16, m, v, g, n, *h, norm_sq);
+    double bc1 = 1.0 - pow(h->beta1, (double)h->step);
+    double bc2 = 1.0 - pow(h->beta2, (double)h->step);
+    adamw_coef c;
+    c.decay = (float)(1.0 - h->lr * h->weight_decay);
+    c.decay_on = h->weight_decay != 0.0;
+    c.w1 = (float)(1.0 - h->beta1);
+    c.b2 = (float)h->beta2;
+    c.w2 = (float)(1.0 - h->beta2);
+    c.step_size = (float)(h->lr / bc1);
+    c.bc2_sqrt = (float)sqrt(bc2);
+    c.eps = (float)h->eps;
+    c.max_norm = (float)h->max_grad_norm;
+    adamw_kernel<<<kn_grid_1d(n, 256), 256, 0, s>>>(p, (bf16 *)p_bf16, m, v, g, n, c, norm_sq);
     KN_CHECK_LAUNCH("adamw");
 }

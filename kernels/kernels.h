@@ -55,6 +55,7 @@ void kn_mem_reset_peak(void);
 /* Bytes the device has in use by anyone (cudaMemGetInfo), and its total. */
 void kn_mem_device(size_t *used, size_t *total);
 void kn_memcpy_h2d(void *dst, const void *src, size_t bytes, cudaStream_t s);
+/* Waits for the copy (and so for everything queued before it on s). */
 void kn_memcpy_d2h(void *dst, const void *src, size_t bytes, cudaStream_t s);
 void kn_memset(void *p, int byte, size_t bytes, cudaStream_t s);
 void kn_stream_sync(cudaStream_t s);
@@ -201,12 +202,13 @@ void kn_dropout_backward_add(float *dx, const kn_bf16 *g, int64_t numel,
 void kn_sumsq(float *out, const float *x, int64_t n, cudaStream_t s);
 
 typedef struct kn_adamw {
-    float lr, beta1, beta2, eps, weight_decay;
+    double lr, beta1, beta2, eps, weight_decay;
     int64_t step;           /* 1 at the first update (bias correction) */
-    float max_grad_norm;    /* > 0: clip by the global norm; 0: no clipping */
+    double max_grad_norm;   /* > 0: clip by the global norm; 0: no clipping */
 } kn_adamw;
 
-/* One AdamW update as torch.optim.AdamW does it, of n fp32 parameters p
+/* One AdamW update as lib/adamw.c (torch.optim.AdamW) does it, of n fp32
+ * parameters p
  * with their fp32 moments m, v, from gradient g scaled by the clipping
  * factor min(1, max_norm / (sqrt(*norm_sq) + 1e-6)) (norm_sq: device fp32,
  * the sum of squares of every gradient in the global norm; ignored when

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "io.h"
 #include "json.h"
 #include "msg.h"
 
@@ -816,4 +817,690 @@ int nf4_error_stats(const void *src, st_dtype dtype, const nf4_weight *w,
     st->rel_err = st->rms > 0 ? st->err_rms / st->rms : 0;
     st->max_abs_err = emax;
     return 0;
+}
+
+/* ---- whole checkpoints ---------------------------------------------- */
+
+int nf4_is_block_linear(const char *name, int ndim)
+{
+    static const char pre[] = "model.layers.", suf[] = "_proj.weight";
+    size_t n = strlen(name), ls = sizeof suf - 1;
+    if (ndim != 2 || strncmp(name, pre, sizeof pre - 1) != 0 || n < ls ||
+        strcmp(name + n - ls, suf) != 0)
+        return 0;
+    const char *p = name + sizeof pre - 1;
+    if (*p < '0' || *p > '9')
+        return 0;
+    while (*p >= '0' && *p <= '9')
+        p++;
+    return strncmp(p, ".self_attn.", 11) == 0 || strncmp(p, ".mlp.", 5) == 0;
+}
+
+/* Reads and checks config.json: a Llama causal LM, not yet quantized
+ * (want_quantized 0) or quantized (1). */
+static int read_config(const char *dir, int want_quantized, json_value **out)
+{
+    char *path = io_path_join(dir, "config.json");
+    char *text = NULL;
+    size_t len;
+    int rc = -1;
+    *out = NULL;
+    if (io_read_file(path, &text, &len) != 0 ||
+        json_parse(text, len, path, 1, out) != 0)
+        goto done;
+    if ((*out)->type != JSON_OBJECT) {
+        msg_error("%s: not a JSON object", path);
+        goto done;
+    }
+    const char *mt = json_get_string(*out, "model_type", NULL);
+    const json_value *arch = json_get(*out, "architectures");
+    int llama = mt && strcmp(mt, "llama") == 0;
+    if (!mt && arch && arch->type == JSON_ARRAY)
+        for (size_t i = 0; i < arch->u.array.n; i++)
+            if (arch->u.array.items[i]->type == JSON_STRING &&
+                strcmp(arch->u.array.items[i]->u.string.s,
+                       "LlamaForCausalLM") == 0)
+                llama = 1;
+    if (!llama) {
+        msg_error("%s: unsupported architecture '%s' (Llama only)", path,
+                  mt ? mt : "unknown");
+        goto done;
+    }
+    int quantized = json_get(*out, "quantization_config") != NULL;
+    if (quantized != want_quantized) {
+        msg_error(quantized ? "%s: the checkpoint is already quantized"
+                            : "%s: the checkpoint is not quantized (no "
+                              "quantization_config)",
+                  path);
+        goto done;
+    }
+    rc = 0;
+done:
+    if (rc != 0) {
+        json_free(*out);
+        *out = NULL;
+    }
+    free(text);
+    free(path);
+    return rc;
+}
+
+static void indent(strbuf *sb, int depth)
+{
+    sb_putc(sb, '\n');
+    for (int i = 0; i < depth; i++)
+        sb_puts(sb, "  ");
+}
+
+static int cmp_cstr(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* JSON as Python's json.dumps(indent=2, sort_keys=True) writes it. */
+static void pretty_value(strbuf *sb, const json_value *v, int depth)
+{
+    switch (v->type) {
+    case JSON_NULL: sb_puts(sb, "null"); break;
+    case JSON_TRUE: sb_puts(sb, "true"); break;
+    case JSON_FALSE: sb_puts(sb, "false"); break;
+    case JSON_NUMBER:
+        if (v->u.number.is_integer)
+            sb_printf(sb, "%lld", (long long)v->u.number.integer);
+        else
+            nf4_append_py_float(sb, v->u.number.value);
+        break;
+    case JSON_STRING:
+        json_append_string(sb, v->u.string.s, v->u.string.len);
+        break;
+    case JSON_ARRAY:
+        if (v->u.array.n == 0) {
+            sb_puts(sb, "[]");
+            break;
+        }
+        sb_putc(sb, '[');
+        for (size_t i = 0; i < v->u.array.n; i++) {
+            indent(sb, depth + 1);
+            pretty_value(sb, v->u.array.items[i], depth + 1);
+            if (i + 1 < v->u.array.n)
+                sb_putc(sb, ',');
+        }
+        indent(sb, depth);
+        sb_putc(sb, ']');
+        break;
+    case JSON_OBJECT: {
+        if (v->u.object.n == 0) {
+            sb_puts(sb, "{}");
+            break;
+        }
+        const char **keys = xmalloc(v->u.object.n * sizeof *keys);
+        for (size_t i = 0; i < v->u.object.n; i++)
+            keys[i] = v->u.object.keys[i];
+        qsort(keys, v->u.object.n, sizeof *keys, cmp_cstr);
+        sb_putc(sb, '{');
+        for (size_t i = 0; i < v->u.object.n; i++) {
+            if (i && strcmp(keys[i], keys[i - 1]) == 0)
+                continue; /* duplicate key: json_get gives the last */
+            if (i)
+                sb_putc(sb, ',');
+            indent(sb, depth + 1);
+            json_append_string(sb, keys[i], strlen(keys[i]));
+            sb_puts(sb, ": ");
+            pretty_value(sb, json_get(v, keys[i]), depth + 1);
+        }
+        free(keys);
+        indent(sb, depth);
+        sb_putc(sb, '}');
+        break;
+    }
+    }
+}
+
+/* Writes config.json: the input's keys sorted, "torch_dtype"/"dtype" set
+ * to dtype_name, quantization_config replaced by qconfig (NULL: dropped). */
+static int write_config(const char *dir, const json_value *cfg,
+                        const char *dtype_name, const char *qconfig)
+{
+    size_t n = cfg->u.object.n;
+    const char **keys = xmalloc((n + 2) * sizeof *keys);
+    size_t k = 0;
+    int has_dtype = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *key = cfg->u.object.keys[i];
+        if (strcmp(key, "quantization_config") == 0)
+            continue;
+        if (strcmp(key, "torch_dtype") == 0 || strcmp(key, "dtype") == 0)
+            has_dtype = 1;
+        keys[k++] = key;
+    }
+    if (!has_dtype && dtype_name)
+        keys[k++] = "torch_dtype";
+    if (qconfig)
+        keys[k++] = "quantization_config";
+    qsort(keys, k, sizeof *keys, cmp_cstr);
+    strbuf sb = STRBUF_INIT;
+    sb_putc(&sb, '{');
+    int first = 1;
+    for (size_t i = 0; i < k; i++) {
+        if (i && strcmp(keys[i], keys[i - 1]) == 0)
+            continue;
+        if (!first)
+            sb_putc(&sb, ',');
+        first = 0;
+        indent(&sb, 1);
+        json_append_string(&sb, keys[i], strlen(keys[i]));
+        sb_puts(&sb, ": ");
+        if (strcmp(keys[i], "quantization_config") == 0)
+            sb_puts(&sb, qconfig);
+        else if (dtype_name && (strcmp(keys[i], "torch_dtype") == 0 ||
+                                strcmp(keys[i], "dtype") == 0))
+            sb_printf(&sb, "\"%s\"", dtype_name);
+        else
+            pretty_value(&sb, json_get(cfg, keys[i]), 1);
+    }
+    sb_puts(&sb, "\n}\n");
+    free(keys);
+    char *path = io_path_join(dir, "config.json");
+    io_writer *w = io_writer_open(path, IO_TEXT);
+    free(path);
+    int rc = -1;
+    if (w) {
+        io_write(w, sb.buf, sb.len);
+        rc = io_writer_commit(w);
+    }
+    sb_free(&sb);
+    return rc;
+}
+
+/* Tokenizer and generation files travel with the weights. */
+static int copy_side_files(const char *from, const char *to)
+{
+    static const char *const files[] = {
+        "tokenizer.model",       "tokenizer.json",     "tokenizer_config.json",
+        "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+    };
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        char *a = io_path_join(from, files[i]);
+        char *b = io_path_join(to, files[i]);
+        int rc = io_exists(a) ? io_copy_file(a, b) : 0;
+        free(a);
+        free(b);
+        if (rc != 0)
+            return -1;
+    }
+    return 0;
+}
+
+enum {
+    E_KEEP,      /* a tensor copied as it is */
+    E_PACKED,    /* X.weight: packed codes */
+    E_ABSMAX_U8, /* X.weight.absmax, nested */
+    E_ABSMAX_F32,/* X.weight.absmax, not nested */
+    E_QMAP,      /* X.weight.quant_map */
+    E_NABSMAX,   /* X.weight.nested_absmax */
+    E_NMAP,      /* X.weight.nested_quant_map */
+    E_QSTATE,    /* X.weight.quant_state.bitsandbytes__nf4 */
+    E_DEQ,       /* a dequantized weight */
+};
+
+typedef struct entry {
+    char *name;
+    st_dtype dtype;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    int kind;
+    const st_tensor *src; /* E_KEEP */
+    size_t w;             /* weight index for the others */
+} entry;
+
+typedef struct qweight {
+    const st_tensor *t;
+    float offset;         /* nested: from the first pass */
+    float *nested_absmax;
+    int64_t nnb;
+    size_t json_len;
+} qweight;
+
+static int cmp_entry(const void *a, const void *b)
+{
+    const entry *x = a, *y = b;
+    return st_serialize_cmp(x->dtype, x->name, y->dtype, y->name);
+}
+
+static void add_entry(entry **v, size_t *n, size_t *cap, const char *name,
+                      const char *suffix, st_dtype dtype, int ndim,
+                      const int64_t *shape, int kind, const st_tensor *src,
+                      size_t w)
+{
+    if (*n == *cap) {
+        *cap = *cap ? 2 * *cap : 64;
+        *v = xrealloc(*v, *cap * sizeof **v);
+    }
+    entry *e = &(*v)[(*n)++];
+    memset(e, 0, sizeof *e);
+    e->name = suffixed(name, suffix);
+    e->dtype = dtype;
+    e->ndim = ndim;
+    for (int d = 0; d < ndim; d++)
+        e->shape[d] = shape[d];
+    e->kind = kind;
+    e->src = src;
+    e->w = w;
+}
+
+static const char *kept_dtype_name(const st_model *m, int (*skip)(const st_tensor *))
+{
+    const char *name = NULL;
+    for (size_t i = 0; i < m->n; i++) {
+        const st_tensor *t = m->tensors[i];
+        if (skip && skip(t))
+            continue;
+        const char *d = torch_dtype_name(t->dtype);
+        if (strcmp(d, "?") == 0)
+            continue;
+        if (name && strcmp(name, d) != 0)
+            return NULL; /* mixed: leave the config's own */
+        name = d;
+    }
+    return name;
+}
+
+static int is_quantized_source(const st_tensor *t)
+{
+    return nf4_is_block_linear(t->name, t->ndim);
+}
+
+static int is_rotary_buffer(const char *name)
+{
+    const char *s = strstr(name, "rotary_emb.inv_freq");
+    return s && s[strlen("rotary_emb.inv_freq")] == '\0';
+}
+
+int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
+{
+    st_model *m = NULL;
+    json_value *cfg = NULL;
+    entry *ents = NULL;
+    size_t ne = 0, cap = 0;
+    qweight *ws = NULL;
+    size_t nw = 0;
+    char *tmp = NULL;
+    st_writer *sw = NULL;
+    nf4_weight cur;
+    size_t cur_w = SIZE_MAX;
+    int rc = -1;
+    memset(&cur, 0, sizeof cur);
+
+    if (!nf4_blocksize_ok(o->blocksize))
+        return msg_error("invalid block size %d (32, 64, ..., 4096)",
+                         o->blocksize);
+    if (read_config(o->in_dir, 0, &cfg) != 0 || st_model_open(o->in_dir, &m) != 0)
+        goto done;
+
+    /* Plan: which tensors become what. */
+    ws = xcalloc(m->n ? m->n : 1, sizeof *ws);
+    for (size_t i = 0; i < m->n; i++) {
+        const st_tensor *t = m->tensors[i];
+        if (is_rotary_buffer(t->name))
+            continue;
+        if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16) {
+            msg_error("%s: tensor '%s' has unsupported dtype %s (F32, F16 or "
+                      "BF16)", o->in_dir, t->name, st_dtype_name(t->dtype));
+            goto done;
+        }
+        if (!nf4_is_block_linear(t->name, t->ndim)) {
+            add_entry(&ents, &ne, &cap, t->name, "", t->dtype, t->ndim,
+                      t->shape, E_KEEP, t, 0);
+            continue;
+        }
+        qweight *q = &ws[nw];
+        q->t = t;
+        int64_t nb = nblocks_of(t->numel, o->blocksize);
+        int64_t one = 1, packed[2] = {(t->numel + 1) / 2, 1}, n16 = 16,
+                n256 = 256;
+        add_entry(&ents, &ne, &cap, t->name, "", ST_U8, 2, packed, E_PACKED,
+                  NULL, nw);
+        add_entry(&ents, &ne, &cap, t->name, NF4_SUFFIX_QUANT_MAP, ST_F32, 1,
+                  &n16, E_QMAP, NULL, nw);
+        if (o->nested) {
+            q->nnb = nblocks_of(nb, NF4_NESTED_BLOCKSIZE);
+            add_entry(&ents, &ne, &cap, t->name, NF4_SUFFIX_ABSMAX, ST_U8, 1,
+                      &nb, E_ABSMAX_U8, NULL, nw);
+            add_entry(&ents, &ne, &cap, t->name, NF4_SUFFIX_NESTED_ABSMAX,
+                      ST_F32, 1, &q->nnb, E_NABSMAX, NULL, nw);
+            add_entry(&ents, &ne, &cap, t->name, NF4_SUFFIX_NESTED_QUANT_MAP,
+                      ST_F32, 1, &n256, E_NMAP, NULL, nw);
+        } else {
+            add_entry(&ents, &ne, &cap, t->name, NF4_SUFFIX_ABSMAX, ST_F32, 1,
+                      &nb, E_ABSMAX_F32, NULL, nw);
+        }
+        (void)one;
+        nw++;
+    }
+    if (nw == 0) {
+        msg_error("%s: no decoder-block linear weights to quantize", o->in_dir);
+        goto done;
+    }
+
+    /* Pass 1 (nested): the offsets, which the JSON sizes depend on, and the
+     * small nested absmax arrays, which come early in the file. */
+    for (size_t i = 0; i < nw; i++) {
+        qweight *q = &ws[i];
+        if (o->nested) {
+            int64_t nb = nblocks_of(q->t->numel, o->blocksize);
+            float *a = xmalloc((size_t)nb * sizeof *a);
+            uint8_t *codes = xmalloc((size_t)nb);
+            q->nested_absmax = xmalloc((size_t)q->nnb * sizeof(float));
+            nf4_block_absmax(q->t->data, q->t->dtype, q->t->numel, o->blocksize,
+                             a, o->nthreads);
+            double_quant(a, nb, &q->offset, codes, q->nested_absmax);
+            free(a);
+            free(codes);
+        }
+        q->json_len = nf4_quant_state_len(q->t->ndim, q->t->shape, q->t->dtype,
+                                          o->blocksize, o->nested, q->offset);
+        add_entry(&ents, &ne, &cap, q->t->name, NF4_SUFFIX_QUANT_STATE, ST_U8,
+                  1, (int64_t[]){(int64_t)q->json_len}, E_QSTATE, NULL, i);
+    }
+
+    if (!o->out_dir) {
+        /* statistics only */
+        for (size_t i = 0; i < nw; i++) {
+            nf4_weight w;
+            nf4_stats st;
+            const st_tensor *t = ws[i].t;
+            if (nf4_quantize(t->data, t->dtype, t->ndim, t->shape, o->blocksize,
+                             o->nested, o->nthreads, &w) != 0)
+                goto done;
+            nf4_error_stats(t->data, t->dtype, &w, o->nthreads, &st);
+            if (o->on_stats)
+                o->on_stats(o->ctx, t->name, &w, &st);
+            nf4_weight_free(&w);
+        }
+        rc = 0;
+        goto done;
+    }
+
+    tmp = io_dir_begin(o->out_dir);
+    if (!tmp)
+        goto done;
+    strbuf qc = STRBUF_INIT;
+    sb_printf(&qc, "{\n    \"_load_in_4bit\": true,\n    \"_load_in_8bit\": "
+                   "false,\n    \"bnb_4bit_compute_dtype\": \"%s\",\n    "
+                   "\"bnb_4bit_quant_storage\": \"uint8\",\n    "
+                   "\"bnb_4bit_quant_type\": \"nf4\",\n    "
+                   "\"bnb_4bit_use_double_quant\": %s,\n    "
+                   "\"llm_int8_enable_fp32_cpu_offload\": false,\n    "
+                   "\"llm_int8_has_fp16_weight\": false,\n    "
+                   "\"llm_int8_skip_modules\": null,\n    "
+                   "\"llm_int8_threshold\": 6.0,\n    \"load_in_4bit\": "
+                   "true,\n    \"load_in_8bit\": false,\n    \"quant_method\": "
+                   "\"bitsandbytes\"\n  }",
+              o->compute_dtype ? o->compute_dtype : "bfloat16",
+              o->nested ? "true" : "false");
+    int crc = write_config(tmp, cfg, kept_dtype_name(m, is_quantized_source),
+                           sb_str(&qc));
+    sb_free(&qc);
+    if (crc != 0 || copy_side_files(o->in_dir, tmp) != 0)
+        goto done;
+
+    qsort(ents, ne, sizeof *ents, cmp_entry);
+    sw = st_writer_new(tmp, "model", o->shard_bytes);
+    for (size_t i = 0; i < ne; i++)
+        st_writer_declare(sw, ents[i].name, ents[i].dtype, ents[i].ndim,
+                          ents[i].shape);
+    st_writer_metadata(sw, "format", "pt");
+    if (st_writer_begin(sw) != 0)
+        goto done;
+    const float *dmap = nf4_dynamic_map();
+    for (size_t i = 0; i < ne; i++) {
+        const entry *e = &ents[i];
+        const qweight *q = &ws[e->w];
+        int wr = 0;
+        if (e->kind != E_KEEP && e->kind != E_QMAP && e->kind != E_NMAP &&
+            e->kind != E_NABSMAX && e->kind != E_ABSMAX_F32 && cur_w != e->w) {
+            nf4_weight_free(&cur);
+            cur_w = SIZE_MAX;
+            const st_tensor *t = q->t;
+            if (nf4_quantize(t->data, t->dtype, t->ndim, t->shape, o->blocksize,
+                             o->nested, o->nthreads, &cur) != 0)
+                goto done;
+            cur_w = e->w;
+            if (o->nested && (cur.nested_offset != q->offset ||
+                              memcmp(cur.nested_absmax, q->nested_absmax,
+                                     (size_t)q->nnb * sizeof(float)) != 0)) {
+                msg_error("internal error: passes disagree on '%s'", t->name);
+                goto done;
+            }
+            if (o->on_stats) {
+                nf4_stats st;
+                nf4_error_stats(t->data, t->dtype, &cur, o->nthreads, &st);
+                o->on_stats(o->ctx, t->name, &cur, &st);
+            }
+        }
+        switch (e->kind) {
+        case E_KEEP:
+            wr = st_writer_write(sw, e->src->data, e->src->nbytes);
+            break;
+        case E_PACKED:
+            wr = st_writer_write(sw, cur.packed, (uint64_t)(cur.numel + 1) / 2);
+            break;
+        case E_ABSMAX_U8:
+            wr = st_writer_write(sw, cur.absmax_code, (uint64_t)cur.nblocks);
+            break;
+        case E_QSTATE: {
+            strbuf js = STRBUF_INIT;
+            nf4_quant_state_json(&cur, &js);
+            wr = js.len == q->json_len ? st_writer_write(sw, js.buf, js.len)
+                                       : msg_error("internal error: quant_state "
+                                                   "size of '%s'", q->t->name);
+            sb_free(&js);
+            break;
+        }
+        case E_QMAP:
+            wr = st_writer_write(sw, nf4_code, sizeof nf4_code);
+            break;
+        case E_NMAP:
+            wr = st_writer_write(sw, dmap, 256 * sizeof(float));
+            break;
+        case E_NABSMAX:
+            wr = st_writer_write(sw, q->nested_absmax,
+                                 (uint64_t)q->nnb * sizeof(float));
+            break;
+        case E_ABSMAX_F32: {
+            int64_t nb = nblocks_of(q->t->numel, o->blocksize);
+            float *a = xmalloc((size_t)nb * sizeof *a);
+            nf4_block_absmax(q->t->data, q->t->dtype, q->t->numel, o->blocksize,
+                             a, o->nthreads);
+            wr = st_writer_write(sw, a, (uint64_t)nb * sizeof *a);
+            free(a);
+            break;
+        }
+        }
+        if (wr != 0)
+            goto done;
+    }
+    int frc = st_writer_finish(sw);
+    sw = NULL;
+    if (frc != 0)
+        goto done;
+    if (io_dir_commit(tmp, o->out_dir) != 0) {
+        free(tmp);
+        tmp = NULL;
+        goto done;
+    }
+    free(tmp);
+    tmp = NULL;
+    rc = 0;
+done:
+    if (sw)
+        st_writer_abort(sw);
+    if (tmp) {
+        io_dir_abort(tmp);
+        free(tmp);
+    }
+    nf4_weight_free(&cur);
+    for (size_t i = 0; i < ne; i++)
+        free(ents[i].name);
+    free(ents);
+    for (size_t i = 0; i < nw; i++)
+        free(ws[i].nested_absmax);
+    free(ws);
+    json_free(cfg);
+    st_model_close(m);
+    return rc;
+}
+
+static const char *const nf4_aux_suffix[] = {
+    NF4_SUFFIX_ABSMAX, NF4_SUFFIX_QUANT_MAP, NF4_SUFFIX_NESTED_ABSMAX,
+    NF4_SUFFIX_NESTED_QUANT_MAP, NF4_SUFFIX_QUANT_STATE,
+};
+
+/* 1 when name is one of the auxiliary tensors of an NF4 weight in m. */
+static int is_nf4_aux(const st_model *m, const char *name)
+{
+    size_t n = strlen(name);
+    for (size_t i = 0; i < sizeof nf4_aux_suffix / sizeof *nf4_aux_suffix; i++) {
+        size_t k = strlen(nf4_aux_suffix[i]);
+        if (n > k && strcmp(name + n - k, nf4_aux_suffix[i]) == 0) {
+            char *base = xstrndup(name, n - k);
+            int yes = nf4_weight_present(m, base);
+            free(base);
+            if (yes)
+                return 1;
+        }
+    }
+    return 0;
+}
+
+int nf4_dequantize_checkpoint(const char *in_dir, const char *out_dir,
+                              st_dtype out_dtype, int nthreads,
+                              uint64_t shard_bytes)
+{
+    st_model *m = NULL;
+    json_value *cfg = NULL;
+    entry *ents = NULL;
+    size_t ne = 0, cap = 0;
+    nf4_weight *ws = NULL;
+    size_t nw = 0;
+    char *tmp = NULL;
+    st_writer *sw = NULL;
+    float *fbuf = NULL;
+    void *obuf = NULL;
+    int rc = -1;
+
+    if (out_dtype != ST_NDTYPES && out_dtype != ST_F32 && out_dtype != ST_BF16 &&
+        out_dtype != ST_F16)
+        return msg_error("cannot dequantize to %s", st_dtype_name(out_dtype));
+    if (read_config(in_dir, 1, &cfg) != 0 || st_model_open(in_dir, &m) != 0)
+        goto done;
+    ws = xcalloc(m->n ? m->n : 1, sizeof *ws);
+    const char *kept = NULL;
+    int mixed = 0;
+    for (size_t i = 0; i < m->n; i++) {
+        const st_tensor *t = m->tensors[i];
+        if (is_nf4_aux(m, t->name))
+            continue;
+        if (nf4_weight_present(m, t->name)) {
+            nf4_weight *w = &ws[nw];
+            if (nf4_weight_load(m, t->name, w) != 0)
+                goto done;
+            st_dtype d = out_dtype == ST_NDTYPES ? w->dtype : out_dtype;
+            add_entry(&ents, &ne, &cap, t->name, "", d, w->ndim, w->shape,
+                      E_DEQ, NULL, nw);
+            nw++;
+            continue;
+        }
+        add_entry(&ents, &ne, &cap, t->name, "", t->dtype, t->ndim, t->shape,
+                  E_KEEP, t, 0);
+        const char *d = torch_dtype_name(t->dtype);
+        if (strcmp(d, "?") != 0) {
+            if (kept && strcmp(kept, d) != 0)
+                mixed = 1;
+            kept = d;
+        }
+    }
+    if (nw == 0) {
+        msg_error("%s: no NF4 weights found", in_dir);
+        goto done;
+    }
+    if (mixed)
+        kept = NULL;
+    if (!kept) /* no plain float tensors: name the weights' dtype */
+        kept = torch_dtype_name(ents[0].kind == E_DEQ ? ents[0].dtype : ST_F32);
+
+    tmp = io_dir_begin(out_dir);
+    if (!tmp)
+        goto done;
+    if (write_config(tmp, cfg, kept, NULL) != 0 ||
+        copy_side_files(in_dir, tmp) != 0)
+        goto done;
+    qsort(ents, ne, sizeof *ents, cmp_entry);
+    sw = st_writer_new(tmp, "model", shard_bytes);
+    for (size_t i = 0; i < ne; i++)
+        st_writer_declare(sw, ents[i].name, ents[i].dtype, ents[i].ndim,
+                          ents[i].shape);
+    st_writer_metadata(sw, "format", "pt");
+    if (st_writer_begin(sw) != 0)
+        goto done;
+    const int64_t chunk = 1 << 20;
+    fbuf = xmalloc((size_t)chunk * sizeof *fbuf);
+    obuf = xmalloc((size_t)chunk * sizeof(float));
+    for (size_t i = 0; i < ne; i++) {
+        const entry *e = &ents[i];
+        if (e->kind == E_KEEP) {
+            if (st_writer_write(sw, e->src->data, e->src->nbytes) != 0)
+                goto done;
+            continue;
+        }
+        const nf4_weight *w = &ws[e->w];
+        for (int64_t i0 = 0; i0 < w->numel; i0 += chunk) {
+            int64_t len = w->numel - i0 < chunk ? w->numel - i0 : chunk;
+            /* blocks in parallel: chunk is a multiple of every block size */
+#pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
+            for (int64_t b = 0; b < (len + 4095) / 4096; b++) {
+                int64_t s = b * 4096, l = len - s < 4096 ? len - s : 4096;
+                nf4_dequantize(w, i0 + s, l, fbuf + s);
+            }
+            size_t esz = st_dtype_size(e->dtype);
+            if (e->dtype == ST_F32) {
+                memcpy(obuf, fbuf, (size_t)len * 4);
+            } else {
+                uint16_t *h = obuf;
+                for (int64_t k = 0; k < len; k++)
+                    h[k] = e->dtype == ST_BF16 ? st_f32_to_bf16(fbuf[k])
+                                               : st_f32_to_f16(fbuf[k]);
+            }
+            if (st_writer_write(sw, obuf, (uint64_t)len * esz) != 0)
+                goto done;
+        }
+    }
+    int frc = st_writer_finish(sw);
+    sw = NULL;
+    if (frc != 0)
+        goto done;
+    int crc = io_dir_commit(tmp, out_dir);
+    free(tmp);
+    tmp = NULL;
+    if (crc != 0)
+        goto done;
+    rc = 0;
+done:
+    if (sw)
+        st_writer_abort(sw);
+    if (tmp) {
+        io_dir_abort(tmp);
+        free(tmp);
+    }
+    free(fbuf);
+    free(obuf);
+    for (size_t i = 0; i < nw; i++)
+        nf4_weight_free(&ws[i]);
+    free(ws);
+    for (size_t i = 0; i < ne; i++)
+        free(ents[i].name);
+    free(ents);
+    json_free(cfg);
+    st_model_close(m);
+    return rc;
 }

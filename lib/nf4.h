@@ -139,4 +139,45 @@ int nf4_error_stats(const void *src, st_dtype dtype, const nf4_weight *w,
  * "1.0"). Appended to sb. */
 void nf4_append_py_float(strbuf *sb, double v);
 
+/* ---- whole checkpoints ---------------------------------------------- */
+
+/* Options of nf4_quantize_checkpoint. */
+typedef struct nf4_ckpt_opts {
+    const char *in_dir;         /* Hugging Face Llama checkpoint */
+    const char *out_dir;        /* written via io_dir_begin/commit; NULL:
+                                   nothing written (statistics only) */
+    int blocksize;              /* 64 */
+    int nested;                 /* double quantization (1) */
+    int nthreads;               /* <= 0: all */
+    const char *compute_dtype;  /* for quantization_config: "bfloat16" ... */
+    uint64_t shard_bytes;       /* 0: one file */
+    /* Called for each quantized weight when non-NULL, in name order, with
+     * its error statistics (computed only then). */
+    void (*on_stats)(void *ctx, const char *name, const nf4_weight *w,
+                     const nf4_stats *st);
+    void *ctx;
+} nf4_ckpt_opts;
+
+/* 1 when a tensor of a Llama checkpoint is a decoder-block linear weight
+ * (model.layers.N.<self_attn|mlp>.<x>_proj.weight, 2-D): what NF4 quantizes
+ * and what transformers replaces by a 4-bit linear layer. */
+int nf4_is_block_linear(const char *name, int ndim);
+
+/* Quantizes a checkpoint directory into out_dir: every decoder-block
+ * linear weight as NF4 (bitsandbytes' tensor set), every other tensor kept
+ * as it is (same dtype, same bytes), tensors in the order save_pretrained
+ * writes them, config.json with a quantization_config, tokenizer and
+ * generation files copied. Streams weight by weight (two passes when
+ * nested: the offsets first, since the header must hold the JSON sizes).
+ * 0 ok; -1 with one message and no out_dir left behind. */
+int nf4_quantize_checkpoint(const nf4_ckpt_opts *o);
+
+/* The inverse: an NF4 checkpoint to plain tensors, each weight dequantized
+ * as bitsandbytes does and rounded to out_dtype (ST_NDTYPES: the weight's
+ * own dtype from its quant_state), other tensors copied, the
+ * quantization_config dropped from config.json. */
+int nf4_dequantize_checkpoint(const char *in_dir, const char *out_dir,
+                              st_dtype out_dtype, int nthreads,
+                              uint64_t shard_bytes);
+
 #endif

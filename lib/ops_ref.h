@@ -70,5 +70,4 @@ void ops_embedding(float *out, const float *table, const int32_t *ids,
 
 /* Sum of squares of x (n), in double. */
 double ops_sumsq(const float *x, int64_t n);
-
 #endif

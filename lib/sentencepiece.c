@@ -887,7 +887,7 @@ typedef struct {
     uint32_t val_n;
 } cache_slot;
 
-#define CACHE_SLOTS (1u << 16)
+#define CACHE_SLOTS (1u << 18)
 #define CACHE_MAX_USED (CACHE_SLOTS / 2)
 #define CACHE_MAX_KEY 128
 

@@ -16,6 +16,13 @@ bench/tok. Needs the sentencepiece Python package (pip install sentencepiece).
       is not built.
   tok_reference.py same A B              compare two JSON Lines files value by
       value; exit 1 and show the first difference when they differ.
+  tok_reference.py mkmodel KIND OUT       write a small hand-made BPE model
+      exercising what the Llama models do not: KIND "ud" has user-defined
+      and unused pieces, tied scores, characters that are no piece but occur
+      inside pieces, no byte fallback and remove_extra_whitespaces; KIND
+      "raw" has byte fallback, no dummy prefix and unescaped whitespace.
+  tok_reference.py fuzz SEED N           N random records over the alphabet
+      those models care about ({"text"} and {"prompt", "completion"}).
 
 FILE defaults to stdin; zstd-compressed input is not handled here.
 """
@@ -81,7 +88,9 @@ def encode(model, path):
         head = [bos] if bos >= 0 else []
         cs = None
         if kind == "pc":
-            pieces = list(zip(sp.id_to_piece(ids), ids))
+            # out_type=str gives the normalized text of each token (a run of
+            # unknown characters is one token), or <0xNN> for byte pieces
+            pieces = list(zip(sp.encode(text, out_type=str), ids))
             cs = completion_start(sp, text, boundary, pieces, len(head))
         tail = [eos] if eos >= 0 and kind != "prompt" else []
         out.write(json.dumps({"ids": head + ids + tail, "completion_start": cs},
@@ -121,6 +130,79 @@ def same(a, b):
     return 0
 
 
+def varint(n):
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def field(num, wire, payload):
+    key = varint(num << 3 | wire)
+    if wire == 0:
+        return key + varint(payload)
+    if wire == 5:
+        import struct
+        return key + struct.pack("<f", payload)
+    return key + varint(len(payload)) + payload
+
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def mkmodel(kind, out):
+    pieces = [("<unk>", 0.0, UNKNOWN), ("<s>", 0.0, CONTROL), ("</s>", 0.0, CONTROL)]
+    ws = "\u2581" if kind == "ud" else " "
+    if kind == "raw":
+        pieces += [("<0x%02X>" % b, 0.0, BYTE) for b in range(256)]
+    else:
+        pieces += [("<sep>", 0.0, USER_DEFINED), ("ab", 0.0, USER_DEFINED)]
+    merges = [(ws + "a", -1), ("bc", -1), ("cd", -2), ("dd", -2), ("ddd", -2),
+              ("dddd", -2), ("ce", -0.5), ("cee", -0.6), ("bcd", -3),
+              (ws + ws, -5), ("xa", -1.5), (ws + "x", -1), ("ea", -1),
+              ("eab", -0.7), ("bb", -4), ("bbb", -4)]
+    for text, score in merges:
+        unused = kind == "ud" and text in ("ce", "bb")
+        pieces.append((text, float(score), UNUSED if unused else NORMAL))
+    for i, ch in enumerate([ws, "a", "b", "c", "d", "e"]):
+        pieces.append((ch, -100.0 - i, NORMAL))
+    body = b""
+    for text, score, typ in pieces:
+        p = field(1, 2, text.encode()) + field(2, 5, score)
+        if typ != NORMAL:
+            p += field(3, 0, typ)
+        body += field(1, 2, p)
+    trainer = field(3, 0, 2) + field(4, 0, len(pieces))
+    if kind == "raw":
+        trainer += field(35, 0, 1)
+    if kind == "ud":
+        norm = field(1, 2, b"identity") + field(3, 0, 1) + field(4, 0, 1)
+    else:
+        norm = field(1, 2, b"identity") + field(3, 0, 0) + field(4, 0, 0) + field(5, 0, 0)
+    body += field(2, 2, trainer) + field(3, 2, norm)
+    with open(out, "wb") as f:
+        f.write(body)
+
+
+def fuzz(seed, n):
+    import random
+    rng = random.Random(int(seed))
+    alphabet = ["a", "b", "c", "d", "e", " ", " ", "x", "\u00e9", "<sep>", "ab",
+                "\t", "\u2581", "\U0001F600", "dd", "<s>"]
+    def text():
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 24)))
+    for i in range(int(n)):
+        if i % 2:
+            rec = {"text": text()}
+        else:
+            rec = {"prompt": text(), "completion": text()}
+        sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
 def main(argv):
     if len(argv) < 2:
         sys.exit(__doc__)
@@ -129,6 +211,10 @@ def main(argv):
         return same(*args)
     if cmd == "seed":
         return seed(args[0] if args else None)
+    if cmd == "mkmodel":
+        return mkmodel(*args)
+    if cmd == "fuzz":
+        return fuzz(*args)
     if import_error:
         sys.exit(f"tok_reference.py: {import_error}")
     path = args[1] if len(args) > 1 else None

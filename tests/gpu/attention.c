@@ -1,0 +1,141 @@
+/* attention.c: flash attention forward and backward against
+ * ops_attention_* (double precision on the same bf16 inputs): multi-head
+ * and grouped-query, head sizes 8 (stories260K), 30 (not a multiple of 8),
+ * 64, 96 (padded) and 128, ragged documents, a single token, and lengths
+ * that are not multiples of the 64-token tile. */
+#include "gpu_test.h"
+
+#define TOL_LSE 1e-4  /* fp32 softmax statistics of exact bf16 inputs */
+
+typedef struct {
+    kn_bf16 *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    float *lse, *delta;
+    int32_t *start;
+    int64_t n;
+    int nh, nkv, hd;
+} att_ctx;
+
+static void run_fwd(void *p)
+{
+    att_ctx *c = p;
+    kn_attention_forward(c->o, c->lse, c->q, c->k, c->v, c->start, c->n, c->nh, c->nkv, c->hd, 0);
+}
+static void run_bwd(void *p)
+{
+    att_ctx *c = p;
+    kn_attention_backward(c->dq, c->dk, c->dv, c->delta, c->dout, c->q, c->k, c->v, c->o,
+                          c->lse, c->start, c->n, c->nh, c->nkv, c->hd, 0);
+}
+
+static void setup(att_ctx *c, float **hq, float **hk, float **hv, float **hdo,
+                  int32_t **hstart, int64_t n, int nh, int nkv, int hd, int maxdoc)
+{
+    int64_t nq = n * nh * hd, nk = n * nkv * hd;
+    *hq = gt_rand(nq, 1.0f);
+    *hk = gt_rand(nk, 1.0f);
+    *hv = gt_rand(nk, 1.0f);
+    *hdo = gt_rand(nq, 1.0f);
+    gt_round_bf16(*hq, nq);
+    gt_round_bf16(*hk, nk);
+    gt_round_bf16(*hv, nk);
+    gt_round_bf16(*hdo, nq);
+    *hstart = malloc((size_t)n * 4);
+    gt_docs(*hstart, NULL, n, maxdoc);
+    c->n = n; c->nh = nh; c->nkv = nkv; c->hd = hd;
+    c->q = gt_up_bf16(*hq, nq);
+    c->k = gt_up_bf16(*hk, nk);
+    c->v = gt_up_bf16(*hv, nk);
+    c->dout = gt_up_bf16(*hdo, nq);
+    c->start = gt_up(*hstart, (size_t)n * 4);
+    c->o = gt_dev((size_t)nq * 2);
+    c->dq = gt_dev((size_t)nq * 2);
+    c->dk = gt_dev((size_t)nk * 2);
+    c->dv = gt_dev((size_t)nk * 2);
+    c->lse = gt_dev((size_t)(n * nh) * 4);
+    c->delta = gt_dev((size_t)(n * nh) * 4);
+}
+
+static void teardown(att_ctx *c)
+{
+    kn_free(c->q); kn_free(c->k); kn_free(c->v); kn_free(c->dout);
+    kn_free(c->start); kn_free(c->o); kn_free(c->dq); kn_free(c->dk);
+    kn_free(c->dv); kn_free(c->lse); kn_free(c->delta);
+}
+
+static void one(int64_t n, int nh, int nkv, int hd, int maxdoc)
+{
+    att_ctx c;
+    float *q, *k, *v, *dout;
+    int32_t *start;
+    setup(&c, &q, &k, &v, &dout, &start, n, nh, nkv, hd, maxdoc);
+    int64_t nq = n * nh * hd, nk = n * nkv * hd;
+    float *o = malloc((size_t)nq * 4), *lse = malloc((size_t)(n * nh) * 4);
+    ops_attention_forward(o, lse, q, k, v, start, n, nh, nkv, hd);
+    run_fwd(&c);
+    float *go = gt_down_bf16(c.o, nq), *glse = gt_down_f32(c.lse, n * nh);
+    char what[128], tag[80];
+    snprintf(tag, sizeof tag, "n=%lld nh=%d nkv=%d hd=%d docs<=%d", (long long)n, nh, nkv, hd, maxdoc);
+    snprintf(what, sizeof what, "attention forward o %s", tag);
+    gt_compare(what, go, o, nq, TOL_BF16_CHAIN, "TOL_BF16_CHAIN");
+    snprintf(what, sizeof what, "attention forward lse %s", tag);
+    gt_compare(what, glse, lse, n * nh, TOL_LSE, "TOL_LSE");
+
+    float *dq = malloc((size_t)nq * 4), *dk = malloc((size_t)nk * 4), *dv = malloc((size_t)nk * 4);
+    ops_attention_backward(dq, dk, dv, dout, q, k, v, start, n, nh, nkv, hd);
+    run_bwd(&c);
+    float *gdq = gt_down_bf16(c.dq, nq), *gdk = gt_down_bf16(c.dk, nk), *gdv = gt_down_bf16(c.dv, nk);
+    snprintf(what, sizeof what, "attention backward dq %s", tag);
+    gt_compare(what, gdq, dq, nq, TOL_BF16_CHAIN, "TOL_BF16_CHAIN");
+    snprintf(what, sizeof what, "attention backward dk %s", tag);
+    gt_compare(what, gdk, dk, nk, TOL_BF16_CHAIN, "TOL_BF16_CHAIN");
+    snprintf(what, sizeof what, "attention backward dv %s", tag);
+    gt_compare(what, gdv, dv, nk, TOL_BF16_CHAIN, "TOL_BF16_CHAIN");
+
+    free(o); free(lse); free(go); free(glse); free(dq); free(dk); free(dv);
+    free(gdq); free(gdk); free(gdv);
+    free(q); free(k); free(v); free(dout); free(start);
+    teardown(&c);
+}
+
+/* Timing only: rows of `row` tokens, each one document (the seed's
+ * packing), causal FLOP count. */
+static void bench(int rows, int row, int nh, int nkv, int hd)
+{
+    att_ctx c;
+    float *q, *k, *v, *dout;
+    int32_t *start;
+    int64_t n = (int64_t)rows * row;
+    setup(&c, &q, &k, &v, &dout, &start, n, nh, nkv, hd, 1);
+    for (int64_t t = 0; t < n; t++)
+        start[t] = (int32_t)(t / row * row);
+    kn_memcpy_h2d(c.start, start, (size_t)n * 4, 0);
+    double pairs = (double)rows * row * (row + 1) / 2.0;
+    double flops = 4.0 * pairs * hd * nh;
+    char what[96];
+    snprintf(what, sizeof what, "attention forward %dx%d nh=%d hd=%d", rows, row, nh, hd);
+    gt_time(what, run_fwd, &c, flops, 0);
+    run_fwd(&c);
+    snprintf(what, sizeof what, "attention backward %dx%d nh=%d hd=%d", rows, row, nh, hd);
+    gt_time(what, run_bwd, &c, 2.5 * flops, 0);
+    free(q); free(k); free(v); free(dout); free(start);
+    teardown(&c);
+}
+
+int main(int argc, char **argv)
+{
+    gt_init("attention", argc, argv);
+    gt_seed(6);
+    one(1, 1, 1, 8, 1);
+    one(100, 8, 4, 8, 30);      /* stories260K: GQA, hd 8 */
+    one(256, 8, 4, 8, 256);     /* one causal document per row of 256 */
+    one(300, 4, 4, 64, 200);
+    one(130, 2, 1, 96, 70);
+    one(257, 4, 2, 128, 257);
+    one(77, 3, 1, 30, 20);
+    one(500, 2, 2, 64, 3);      /* many tiny documents */
+    if (gt_bench) {
+        bench(6, 2048, 32, 32, 128);   /* Llama 2 7B, micro-batch 6 */
+        bench(4, 2048, 8, 8, 64);
+    }
+    return gt_done();
+}

@@ -1,0 +1,70 @@
+/* rmsnorm.c: RMSNorm forward against llama_rmsnorm (lib/llama_cpu.c) and
+ * backward against ops_rmsnorm_backward, on bf16-valued inputs. */
+#include "gpu_test.h"
+#include "llama.h"
+
+typedef struct { kn_bf16 *y, *x; float *rstd, *w, *dx, *dy; int64_t n; int d; } bench_ctx;
+static void bench_fwd(void *p)
+{
+    bench_ctx *c = p;
+    kn_rmsnorm_forward(c->y, c->rstd, c->x, c->w, c->n, c->d, 1e-5f, 0);
+}
+static void bench_bwd(void *p)
+{
+    bench_ctx *c = p;
+    kn_rmsnorm_backward(c->dx, c->dy, c->x, c->w, c->rstd, c->n, c->d, 1, 0);
+}
+
+static void one(int64_t n, int d)
+{
+    float eps = 1e-5f;
+    float *x = gt_rand(n * d, 2.0f), *w = gt_rand(d, 0.5f);
+    for (int i = 0; i < d; i++)
+        w[i] += 1.0f;
+    gt_round_bf16(x, n * d);
+    float *y = malloc((size_t)(n * d) * 4), *rstd = malloc((size_t)n * 4);
+    llama_rmsnorm(y, rstd, x, w, n, d, eps);
+    kn_bf16 *dx_in = gt_up_bf16(x, n * d), *dy_out = gt_dev((size_t)(n * d) * 2);
+    float *dw = gt_up_f32(w, d), *drstd = gt_dev((size_t)n * 4);
+    kn_rmsnorm_forward(dy_out, drstd, dx_in, dw, n, d, eps, 0);
+    float *gy = gt_down_bf16(dy_out, n * d), *gr = gt_down_f32(drstd, n);
+    char what[96];
+    snprintf(what, sizeof what, "rmsnorm forward n=%lld d=%d", (long long)n, d);
+    gt_compare(what, gy, y, n * d, TOL_BF16_OUT, "TOL_BF16_OUT");
+    snprintf(what, sizeof what, "rmsnorm rstd n=%lld d=%d", (long long)n, d);
+    gt_compare(what, gr, rstd, n, TOL_F32, "TOL_F32");
+
+    float *gdy = gt_rand(n * d, 1.0f), *dx0 = gt_rand(n * d, 1.0f);
+    float *ref = malloc((size_t)(n * d) * 4);
+    ops_rmsnorm_backward(ref, gdy, x, w, rstd, n, d);
+    for (int64_t i = 0; i < n * d; i++)
+        ref[i] += dx0[i];
+    float *ddy = gt_up_f32(gdy, n * d), *ddx = gt_up_f32(dx0, n * d);
+    kn_rmsnorm_backward(ddx, ddy, dx_in, dw, drstd, n, d, 1, 0);
+    float *gdx = gt_down_f32(ddx, n * d);
+    snprintf(what, sizeof what, "rmsnorm backward (accumulate) n=%lld d=%d", (long long)n, d);
+    gt_compare(what, gdx, ref, n * d, TOL_F32, "TOL_F32");
+    if (gt_bench && n * d >= 1 << 24) {
+        bench_ctx c = {dy_out, dx_in, drstd, dw, ddx, ddy, n, d};
+        gt_time("rmsnorm forward", bench_fwd, &c, (double)n * d * 4, 1);
+        gt_time("rmsnorm backward", bench_bwd, &c, (double)n * d * 14, 1);
+    }
+    free(x); free(w); free(y); free(rstd); free(gy); free(gr);
+    free(gdy); free(dx0); free(ref); free(gdx);
+    kn_free(dx_in); kn_free(dy_out); kn_free(dw); kn_free(drstd);
+    kn_free(ddy); kn_free(ddx);
+}
+
+int main(int argc, char **argv)
+{
+    gt_init("rmsnorm", argc, argv);
+    gt_seed(3);
+    one(1, 64);
+    one(37, 64);
+    one(5, 100);     /* d not a multiple of 8: scalar path */
+    one(129, 4096);
+    one(3, 8192);
+    if (gt_bench)
+        one(12288, 4096);
+    return gt_done();
+}
