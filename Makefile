@@ -95,6 +95,16 @@ $(BUILD)/tests/gpu_%: $(BUILD)/tests/gpu/%.o $(CU_OBJ) $(LIB_A)
 	@mkdir -p $(@D)
 	$(CC) $(LDFLAGS) -o $@ $< $(CU_OBJ) $(LIB_A) $(LDLIBS) $(GPU_LIBS)
 
+# --- test fixtures (issue 10, e2e) --------------------------------------
+# $(BUILD)/mkfixture builds the tokenizer and tiny random Llama checkpoint
+# that the tests and `make demo` use when nothing can be downloaded.
+FIXTURE_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(wildcard tests/fixtures/*.c))
+$(BUILD)/mkfixture: $(FIXTURE_OBJ) $(LIB_A)
+	$(CC) $(LDFLAGS) -o $@ $(FIXTURE_OBJ) $(LIB_A) $(LDLIBS)
+test test-gpu demo: $(BUILD)/mkfixture
+-include $(FIXTURE_OBJ:.o=.d)
+# --- end of test fixtures ---------------------------------------------------
+
 test: all $(TEST_BIN) $(GPU_TEST_BIN)
 	@BUILD=$(BUILD) SHARED=$(SHARED) sh tests/run.sh
 
@@ -123,7 +133,7 @@ lint:
 	@command -v mandoc >/dev/null && mandoc -Tlint -W warning $(MAN_PAGES) || true
 	@command -v clang-format >/dev/null && clang-format --dry-run --Werror \
 	    lib/*.c lib/*.h tools/*.c tests/unit/*.c 2>&1 | head -50 || true
-	$(CC) $(CFLAGS) -fsyntax-only -Werror $(LIB_SRC) $(TOOL_SRC)
+	$(CC) $(filter-out -MMD -MP,$(CFLAGS)) $(GPU_CFLAGS) -fsyntax-only -Werror $(LIB_SRC) $(TOOL_SRC)
 
 -include $(LIB_OBJ:.o=.d) $(TOOL_SRC:tools/%.c=$(BUILD)/tools/%.d) \
          $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/unit/%.d) $(CU_OBJ:.o=.d)

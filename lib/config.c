@@ -25,7 +25,10 @@
 #include "json.h"
 #include "msg.h"
 
-static void *member(void *obj, const cfg_field *f) { return (char *)obj + f->offset; }
+static void *member(void *obj, const cfg_field *f)
+{
+    return (char *)obj + f->offset;
+}
 static const void *cmember(const void *obj, const cfg_field *f)
 {
     return (const char *)obj + f->offset;
@@ -49,11 +52,16 @@ static void strlist_push(cfg_strlist *l, const char *s, size_t n)
 static const char *type_name(cfg_type t)
 {
     switch (t) {
-    case CFG_INT: return "an integer";
-    case CFG_FLOAT: return "a number";
-    case CFG_BOOL: return "true or false";
-    case CFG_STRING: return "a string";
-    case CFG_STRLIST: return "a list of strings";
+    case CFG_INT:
+        return "an integer";
+    case CFG_FLOAT:
+        return "a number";
+    case CFG_BOOL:
+        return "true or false";
+    case CFG_STRING:
+        return "a string";
+    case CFG_STRLIST:
+        return "a list of strings";
     }
     return "?";
 }
@@ -73,8 +81,8 @@ static void trim(const char *s, const char **b, const char **e)
 /* Parses text into the field. is_null: the value was YAML null (~, null or
  * nothing). where: "file:line" or the command line's source. On error writes
  * the message into err and returns -1. */
-static int set_value(const cfg_field *f, void *obj, const char *text, int is_null,
-                     strbuf *err)
+static int set_value(const cfg_field *f, void *obj, const char *text,
+                     int is_null, strbuf *err)
 {
     const char *b, *e;
     trim(text, &b, &e);
@@ -157,8 +165,9 @@ static int set_value(const cfg_field *f, void *obj, const char *text, int is_nul
     }
     }
     if (rc < 0)
-        sb_printf(err, "'%s': expected %s, got %s%s%s", f->key, type_name(f->type),
-                  is_null ? "" : "'", is_null ? "null" : t, is_null ? "" : "'");
+        sb_printf(err, "'%s': expected %s, got %s%s%s", f->key,
+                  type_name(f->type), is_null ? "" : "'", is_null ? "null" : t,
+                  is_null ? "" : "'");
     free(t);
     return rc;
 }
@@ -168,11 +177,22 @@ int cfg_defaults(const cfg_field *f, size_t n, void *obj)
     for (size_t i = 0; i < n; i++) {
         void *m = member(obj, &f[i]);
         switch (f[i].type) {
-        case CFG_INT: *(int64_t *)m = 0; break;
-        case CFG_FLOAT: *(double *)m = 0; break;
-        case CFG_BOOL: *(int *)m = 0; break;
-        case CFG_STRING: *(char **)m = NULL; break;
-        case CFG_STRLIST: ((cfg_strlist *)m)->items = NULL; ((cfg_strlist *)m)->n = 0; break;
+        case CFG_INT:
+            *(int64_t *)m = 0;
+            break;
+        case CFG_FLOAT:
+            *(double *)m = 0;
+            break;
+        case CFG_BOOL:
+            *(int *)m = 0;
+            break;
+        case CFG_STRING:
+            *(char **)m = NULL;
+            break;
+        case CFG_STRLIST:
+            ((cfg_strlist *)m)->items = NULL;
+            ((cfg_strlist *)m)->n = 0;
+            break;
         }
         if (!f[i].def)
             continue;
@@ -260,7 +280,7 @@ typedef struct yload {
     const cfg_field *f;
     size_t n;
     void *obj;
-    unsigned char *seen;  /* per field: already set by this file */
+    unsigned char *seen; /* per field: already set by this file */
 } yload;
 
 static int next_event(yload *y, yaml_event_t *ev)
@@ -272,16 +292,21 @@ static int next_event(yload *y, yaml_event_t *ev)
         return msg_error("%s:%zu:%zu: bad YAML: %s %s", y->path, m->line + 1,
                          m->column + 1, y->p.problem, y->p.context);
     return msg_error("%s:%zu:%zu: bad YAML: %s", y->path, m->line + 1,
-                     m->column + 1, y->p.problem ? y->p.problem : "parse error");
+                     m->column + 1,
+                     y->p.problem ? y->p.problem : "parse error");
 }
 
 static const char *event_what(const yaml_event_t *ev)
 {
     switch (ev->type) {
-    case YAML_SEQUENCE_START_EVENT: return "a list";
-    case YAML_MAPPING_START_EVENT: return "a mapping";
-    case YAML_ALIAS_EVENT: return "an alias";
-    default: return "something else";
+    case YAML_SEQUENCE_START_EVENT:
+        return "a list";
+    case YAML_MAPPING_START_EVENT:
+        return "a mapping";
+    case YAML_ALIAS_EVENT:
+        return "an alias";
+    default:
+        return "something else";
     }
 }
 
@@ -305,7 +330,8 @@ static int load_value(yload *y, const cfg_field *fd, size_t line)
     if (ev.type == YAML_SCALAR_EVENT) {
         rc = set_value(fd, y->obj, (const char *)ev.data.scalar.value,
                        scalar_is_null(&ev), &err);
-    } else if (ev.type == YAML_SEQUENCE_START_EVENT && fd->type == CFG_STRLIST) {
+    } else if (ev.type == YAML_SEQUENCE_START_EVENT &&
+               fd->type == CFG_STRLIST) {
         cfg_strlist *l = member(y->obj, fd);
         strlist_clear(l);
         for (;;) {
@@ -319,19 +345,23 @@ static int load_value(yload *y, const cfg_field *fd, size_t line)
                 break;
             }
             if (it.type != YAML_SCALAR_EVENT || scalar_is_null(&it)) {
-                sb_printf(&err, "'%s': expected a list of strings, got %s in the list",
-                          fd->key, it.type == YAML_SCALAR_EVENT ? "null" : event_what(&it));
+                sb_printf(
+                    &err,
+                    "'%s': expected a list of strings, got %s in the list",
+                    fd->key,
+                    it.type == YAML_SCALAR_EVENT ? "null" : event_what(&it));
                 line = it.start_mark.line + 1;
                 yaml_event_delete(&it);
                 rc = -1;
                 break;
             }
-            strlist_push(l, (const char *)it.data.scalar.value, it.data.scalar.length);
+            strlist_push(l, (const char *)it.data.scalar.value,
+                         it.data.scalar.length);
             yaml_event_delete(&it);
         }
     } else {
-        sb_printf(&err, "'%s': expected %s, got %s", fd->key, type_name(fd->type),
-                  event_what(&ev));
+        sb_printf(&err, "'%s': expected %s, got %s", fd->key,
+                  type_name(fd->type), event_what(&ev));
         rc = -1;
     }
     yaml_event_delete(&ev);
@@ -353,7 +383,8 @@ static int load_mapping(yload *y)
         }
         size_t line = ev.start_mark.line + 1;
         if (ev.type != YAML_SCALAR_EVENT) {
-            msg_error("%s:%zu: expected a key, got %s", y->path, line, event_what(&ev));
+            msg_error("%s:%zu: expected a key, got %s", y->path, line,
+                      event_what(&ev));
             yaml_event_delete(&ev);
             return -1;
         }
@@ -397,14 +428,15 @@ static int load_stream(yload *y)
             return 0;
         case YAML_DOCUMENT_START_EVENT:
             if (++docs > 1)
-                return msg_error("%s:%zu: more than one YAML document", y->path, line);
+                return msg_error("%s:%zu: more than one YAML document", y->path,
+                                 line);
             break;
         case YAML_MAPPING_START_EVENT:
             if (load_mapping(y) < 0)
                 return -1;
             break;
         case YAML_SCALAR_EVENT:
-            if (is_null)  /* an empty document: nothing set */
+            if (is_null) /* an empty document: nothing set */
                 break;
             /* fall through */
         default:
@@ -441,9 +473,15 @@ void cfg_to_json(const cfg_field *f, size_t n, const void *obj, strbuf *sb)
         json_append_string(sb, f[i].key, strlen(f[i].key));
         sb_putc(sb, ':');
         switch (f[i].type) {
-        case CFG_INT: sb_printf(sb, "%" PRId64, *(const int64_t *)m); break;
-        case CFG_FLOAT: json_append_number(sb, *(const double *)m); break;
-        case CFG_BOOL: sb_puts(sb, *(const int *)m ? "true" : "false"); break;
+        case CFG_INT:
+            sb_printf(sb, "%" PRId64, *(const int64_t *)m);
+            break;
+        case CFG_FLOAT:
+            json_append_number(sb, *(const double *)m);
+            break;
+        case CFG_BOOL:
+            sb_puts(sb, *(const int *)m ? "true" : "false");
+            break;
         case CFG_STRING: {
             const char *s = *(char *const *)m;
             if (s)

@@ -36,8 +36,14 @@
 #define FNV_OFFSET 0xcbf29ce484222325ull
 #define FNV_PRIME 0x100000001b3ull
 
-const char *pack_mode_name(pack_mode m) { return m == PACK_MODE_CONCAT ? "concat" : "bfd"; }
-const char *pack_loss_name(pack_loss l) { return l == PACK_LOSS_ALL ? "all" : "completion"; }
+const char *pack_mode_name(pack_mode m)
+{
+    return m == PACK_MODE_CONCAT ? "concat" : "bfd";
+}
+const char *pack_loss_name(pack_loss l)
+{
+    return l == PACK_LOSS_ALL ? "all" : "completion";
+}
 const char *pack_overlong_name(pack_overlong o)
 {
     return o == PACK_OVERLONG_SPLIT ? "split" : "truncate";
@@ -65,24 +71,30 @@ void pack_header_json(const pack_header *h, strbuf *sb)
 {
     sb_printf(sb,
               "{\"format\":\"%s\",\"version\":%d,\"seq_len\":%" PRIu32
-              ",\"vocab_size\":%" PRIu32 ",\"bos_id\":%" PRId32 ",\"eos_id\":%" PRId32
-              ",\"tokenizer\":",
-              PACK_FORMAT, h->version, h->seq_len, h->vocab_size, h->bos_id, h->eos_id);
-    json_append_string(sb, h->tokenizer, strnlen(h->tokenizer, sizeof h->tokenizer));
-    sb_printf(sb,
-              ",\"mode\":\"%s\",\"loss\":\"%s\",\"overlong\":\"%s\",\"seed\":%" PRIu64
-              ",\"shuffled\":%s,\"split\":\"%s\",\"eval_fraction\":",
-              pack_mode_name(h->mode), pack_loss_name(h->loss),
-              pack_overlong_name(h->overlong), h->seed, h->shuffled ? "true" : "false",
-              h->is_eval ? "eval" : "train");
+              ",\"vocab_size\":%" PRIu32 ",\"bos_id\":%" PRId32
+              ",\"eos_id\":%" PRId32 ",\"tokenizer\":",
+              PACK_FORMAT, h->version, h->seq_len, h->vocab_size, h->bos_id,
+              h->eos_id);
+    json_append_string(sb, h->tokenizer,
+                       strnlen(h->tokenizer, sizeof h->tokenizer));
+    sb_printf(
+        sb,
+        ",\"mode\":\"%s\",\"loss\":\"%s\",\"overlong\":\"%s\",\"seed\":%" PRIu64
+        ",\"shuffled\":%s,\"split\":\"%s\",\"eval_fraction\":",
+        pack_mode_name(h->mode), pack_loss_name(h->loss),
+        pack_overlong_name(h->overlong), h->seed,
+        h->shuffled ? "true" : "false", h->is_eval ? "eval" : "train");
     json_append_number(sb, h->eval_fraction);
     sb_printf(sb,
-              ",\"rows\":%" PRIu64 ",\"spans\":%" PRIu64 ",\"documents\":%" PRIu64
-              ",\"tokens\":%" PRIu64 ",\"loss_tokens\":%" PRIu64 ",\"truncated\":%" PRIu64
-              ",\"split_records\":%" PRIu64 ",\"dropped_tokens\":%" PRIu64 ",\"producer\":",
+              ",\"rows\":%" PRIu64 ",\"spans\":%" PRIu64
+              ",\"documents\":%" PRIu64 ",\"tokens\":%" PRIu64
+              ",\"loss_tokens\":%" PRIu64 ",\"truncated\":%" PRIu64
+              ",\"split_records\":%" PRIu64 ",\"dropped_tokens\":%" PRIu64
+              ",\"producer\":",
               h->n_rows, h->n_spans, h->n_docs, h->n_tokens, h->n_loss_tokens,
               h->n_truncated, h->n_split, h->n_dropped);
-    json_append_string(sb, h->producer, strnlen(h->producer, sizeof h->producer));
+    json_append_string(sb, h->producer,
+                       strnlen(h->producer, sizeof h->producer));
     sb_putc(sb, '}');
 }
 
@@ -90,21 +102,22 @@ void pack_stats_json(const pack_header *h, strbuf *sb)
 {
     uint64_t slots = h->n_rows * h->seq_len;
     uint64_t pad = slots - h->n_tokens;
-    sb_printf(sb,
-              "{\"split\":\"%s\",\"mode\":\"%s\",\"loss\":\"%s\",\"seq_len\":%" PRIu32
-              ",\"rows\":%" PRIu64 ",\"tokens\":%" PRIu64 ",\"padding\":%" PRIu64
-              ",\"padding_share\":",
-              h->is_eval ? "eval" : "train", pack_mode_name(h->mode),
-              pack_loss_name(h->loss), h->seq_len, h->n_rows, h->n_tokens, pad);
+    sb_printf(
+        sb,
+        "{\"split\":\"%s\",\"mode\":\"%s\",\"loss\":\"%s\",\"seq_len\":%" PRIu32
+        ",\"rows\":%" PRIu64 ",\"tokens\":%" PRIu64 ",\"padding\":%" PRIu64
+        ",\"padding_share\":",
+        h->is_eval ? "eval" : "train", pack_mode_name(h->mode),
+        pack_loss_name(h->loss), h->seq_len, h->n_rows, h->n_tokens, pad);
     json_append_number(sb, slots ? (double)pad / (double)slots : 0.0);
     sb_puts(sb, ",\"efficiency\":");
     json_append_number(sb, slots ? (double)h->n_tokens / (double)slots : 0.0);
     sb_printf(sb,
-              ",\"documents\":%" PRIu64 ",\"spans\":%" PRIu64 ",\"loss_tokens\":%" PRIu64
-              ",\"truncated\":%" PRIu64 ",\"split_records\":%" PRIu64
-              ",\"dropped_tokens\":%" PRIu64 "}",
-              h->n_docs, h->n_spans, h->n_loss_tokens, h->n_truncated, h->n_split,
-              h->n_dropped);
+              ",\"documents\":%" PRIu64 ",\"spans\":%" PRIu64
+              ",\"loss_tokens\":%" PRIu64 ",\"truncated\":%" PRIu64
+              ",\"split_records\":%" PRIu64 ",\"dropped_tokens\":%" PRIu64 "}",
+              h->n_docs, h->n_spans, h->n_loss_tokens, h->n_truncated,
+              h->n_split, h->n_dropped);
 }
 
 static void append_u32(strbuf *sb, uint32_t v)
@@ -144,7 +157,8 @@ void pack_dump_row(const pack_data *d, uint64_t r, strbuf *sb)
     sb->buf[sb->len] = '\0';
     sb_puts(sb, "],\"spans\":[");
     for (uint32_t i = 0; i < ns; i++)
-        sb_printf(sb, "%s[%" PRIu32 ",%" PRIu32 "]", i ? "," : "", sp[i].start, sp[i].len);
+        sb_printf(sb, "%s[%" PRIu32 ",%" PRIu32 "]", i ? "," : "", sp[i].start,
+                  sp[i].len);
     sb_puts(sb, "]}");
 }
 
@@ -172,7 +186,8 @@ void pack_write(io_writer *w, const pack_data *d)
     write_hashed(w, &hash, d->weights, n);
     static const uint8_t zeros[8];
     write_hashed(w, &hash, zeros, weights_bytes(h) - n);
-    write_hashed(w, &hash, d->row_spans, (h->n_rows + 1) * sizeof *d->row_spans);
+    write_hashed(w, &hash, d->row_spans,
+                 (h->n_rows + 1) * sizeof *d->row_spans);
     write_hashed(w, &hash, d->spans, h->n_spans * sizeof *d->spans);
     uint32_t mark[2] = {PACK_TRAILER_MARK, PACK_TRAILER_MAGIC};
     uint64_t tail[3] = {h->n_rows, h->n_spans, hash};
@@ -191,7 +206,10 @@ void pack_data_free(pack_data *d)
 
 /* --- reading ------------------------------------------------------------- */
 
-static void hint_regen(void) { msg_hint("regenerate it with pack"); }
+static void hint_regen(void)
+{
+    msg_hint("regenerate it with pack");
+}
 
 static int read_header_line(io_reader *r, strbuf *sb)
 {
@@ -208,7 +226,8 @@ static int read_header_line(io_reader *r, strbuf *sb)
             cmp = (size_t)got;
         if (memcmp(chunk, PACK_MAGIC_PREFIX + have, cmp) != 0) {
             if (have >= 16) /* {"format":"qlora- matched: a sibling format */
-                msg_error("not a packed file '%s' (another qlora format)", name);
+                msg_error("not a packed file '%s' (another qlora format)",
+                          name);
             else
                 msg_error("not a packed file '%s' (bad magic)", name);
             msg_hint("packed files are written by pack");
@@ -217,10 +236,12 @@ static int read_header_line(io_reader *r, strbuf *sb)
         if (got == 0 && have == 0)
             return msg_error("empty packed file '%s'", name);
         if ((size_t)got < sizeof chunk)
-            return msg_error("truncated packed file '%s' (in the header)", name);
+            return msg_error("truncated packed file '%s' (in the header)",
+                             name);
         char *nl = memchr(chunk, '\n', sizeof chunk);
         if (nl && nl != chunk + 7)
-            return msg_error("bad packed file header in '%s': not padded to 8 bytes", name);
+            return msg_error(
+                "bad packed file header in '%s': not padded to 8 bytes", name);
         sb_append(sb, chunk, nl ? 7 : 8);
         if (nl)
             return 0;
@@ -229,39 +250,44 @@ static int read_header_line(io_reader *r, strbuf *sb)
     }
 }
 
-static int hdr_uint(const json_value *v, const char *key, uint64_t hi, uint64_t *out,
-                    int required, const char *name)
+static int hdr_uint(const json_value *v, const char *key, uint64_t hi,
+                    uint64_t *out, int required, const char *name)
 {
     const json_value *m = json_get(v, key);
     if (!m) {
         if (required)
-            return msg_error("bad packed file header in '%s': '%s' missing", name, key);
+            return msg_error("bad packed file header in '%s': '%s' missing",
+                             name, key);
         *out = 0;
         return 0;
     }
-    if (m->type != JSON_NUMBER || !m->u.number.is_integer || m->u.number.integer < 0 ||
-        (uint64_t)m->u.number.integer > hi)
-        return msg_error("bad packed file header in '%s': '%s' out of range", name, key);
+    if (m->type != JSON_NUMBER || !m->u.number.is_integer ||
+        m->u.number.integer < 0 || (uint64_t)m->u.number.integer > hi)
+        return msg_error("bad packed file header in '%s': '%s' out of range",
+                         name, key);
     *out = (uint64_t)m->u.number.integer;
     return 0;
 }
 
-static int hdr_enum(const json_value *v, const char *key, const char *a, const char *b,
-                    int *out, const char *name)
+static int hdr_enum(const json_value *v, const char *key, const char *a,
+                    const char *b, int *out, const char *name)
 {
     const char *s = json_get_string(v, key, NULL);
     if (!s)
-        return msg_error("bad packed file header in '%s': '%s' missing", name, key);
+        return msg_error("bad packed file header in '%s': '%s' missing", name,
+                         key);
     if (strcmp(s, a) == 0)
         *out = 0;
     else if (strcmp(s, b) == 0)
         *out = 1;
     else
-        return msg_error("bad packed file header in '%s': unknown %s '%s'", name, key, s);
+        return msg_error("bad packed file header in '%s': unknown %s '%s'",
+                         name, key, s);
     return 0;
 }
 
-static int parse_header(const char *text, size_t len, const char *name, pack_header *h)
+static int parse_header(const char *text, size_t len, const char *name,
+                        pack_header *h)
 {
     json_value *v = NULL;
     strbuf err = STRBUF_INIT;
@@ -280,8 +306,10 @@ static int parse_header(const char *text, size_t len, const char *name, pack_hea
     if (hdr_uint(v, "version", INT32_MAX, &version, 1, name) < 0)
         goto bad;
     if (version != PACK_VERSION) {
-        msg_error("unsupported packed file version %" PRIu64 " in '%s' (this program "
-                  "reads version %d)", version, name, PACK_VERSION);
+        msg_error("unsupported packed file version %" PRIu64
+                  " in '%s' (this program "
+                  "reads version %d)",
+                  version, name, PACK_VERSION);
         hint_regen();
         goto out;
     }
@@ -292,13 +320,16 @@ static int parse_header(const char *text, size_t len, const char *name, pack_hea
         hdr_uint(v, "spans", UINT64_MAX >> 8, &spans, 1, name) < 0)
         goto bad;
     if (seq < 1 || vocab < 1) {
-        msg_error("bad packed file header in '%s': seq_len and vocab_size must be "
-                  "positive", name);
+        msg_error(
+            "bad packed file header in '%s': seq_len and vocab_size must be "
+            "positive",
+            name);
         goto bad;
     }
     /* Keep every size computation below 2^62 bytes. */
     if (rows > (UINT64_MAX >> 8) / seq) {
-        msg_error("bad packed file header in '%s': %" PRIu64 " rows is implausible",
+        msg_error("bad packed file header in '%s': %" PRIu64
+                  " rows is implausible",
                   name, rows);
         goto bad;
     }
@@ -349,7 +380,8 @@ static int parse_header(const char *text, size_t len, const char *name, pack_hea
     h->n_dropped = x;
     s = json_get_string(v, "producer", &slen);
     if (s) {
-        size_t k = slen < sizeof h->producer - 1 ? slen : sizeof h->producer - 1;
+        size_t k =
+            slen < sizeof h->producer - 1 ? slen : sizeof h->producer - 1;
         memcpy(h->producer, s, strnlen(s, k));
     }
     rc = 0;
@@ -363,7 +395,8 @@ out:
 
 /* Reads n bytes into a buffer grown as the data arrives (so a lying header
  * cannot make us allocate what the file does not hold). */
-static void *read_section(io_reader *r, uint64_t n, uint64_t *hash, const char *what)
+static void *read_section(io_reader *r, uint64_t n, uint64_t *hash,
+                          const char *what)
 {
     size_t cap = 0, have = 0;
     unsigned char *buf = NULL;
@@ -385,7 +418,8 @@ static void *read_section(io_reader *r, uint64_t n, uint64_t *hash, const char *
             return NULL;
         }
         if ((size_t)got < want) {
-            msg_error("truncated packed file '%s' (in the %s)", io_reader_name(r), what);
+            msg_error("truncated packed file '%s' (in the %s)",
+                      io_reader_name(r), what);
             free(buf);
             return NULL;
         }
@@ -403,14 +437,17 @@ static int check_data(const pack_data *d, const char *name)
     const pack_header *h = &d->h;
     uint32_t L = h->seq_len;
     if (d->row_spans[0] != 0 || d->row_spans[h->n_rows] != h->n_spans)
-        return msg_error("corrupt packed file '%s': span index does not cover the "
-                         "%" PRIu64 " spans", name, h->n_spans);
+        return msg_error(
+            "corrupt packed file '%s': span index does not cover the "
+            "%" PRIu64 " spans",
+            name, h->n_spans);
     uint64_t tokens = 0, loss = 0;
     uint8_t *inside = xmalloc(L);
     int rc = 0;
     for (uint64_t r = 0; r < h->n_rows && rc == 0; r++) {
         if (d->row_spans[r + 1] < d->row_spans[r]) {
-            rc = msg_error("corrupt packed file '%s': span index decreases at row %" PRIu64,
+            rc = msg_error("corrupt packed file '%s': span index decreases at "
+                           "row %" PRIu64,
                            name, r);
             break;
         }
@@ -423,9 +460,11 @@ static int check_data(const pack_data *d, const char *name)
         for (uint32_t i = 0; i < ns; i++) {
             if (sp[i].len == 0 || sp[i].start < end ||
                 (uint64_t)sp[i].start + sp[i].len > L) {
-                rc = msg_error("corrupt packed file '%s': row %" PRIu64 " span %" PRIu32
-                               " [%" PRIu32 ",+%" PRIu32 ") is out of order or out of "
-                               "the row", name, r, i, sp[i].start, sp[i].len);
+                rc = msg_error("corrupt packed file '%s': row %" PRIu64
+                               " span %" PRIu32 " [%" PRIu32 ",+%" PRIu32
+                               ") is out of order or out of "
+                               "the row",
+                               name, r, i, sp[i].start, sp[i].len);
                 break;
             }
             end = (uint64_t)sp[i].start + sp[i].len;
@@ -435,20 +474,25 @@ static int check_data(const pack_data *d, const char *name)
         }
         for (uint32_t t = 0; t < L && rc == 0; t++) {
             if (ids[t] >= h->vocab_size)
-                rc = msg_error("corrupt packed file '%s': row %" PRIu64 " position %" PRIu32
-                               " holds id %" PRIu32 ", not below vocab_size %" PRIu32,
+                rc = msg_error("corrupt packed file '%s': row %" PRIu64
+                               " position %" PRIu32 " holds id %" PRIu32
+                               ", not below vocab_size %" PRIu32,
                                name, r, t, ids[t], h->vocab_size);
             else if (w[t] > 1 || (w[t] && inside[t] != 1))
-                rc = msg_error("corrupt packed file '%s': row %" PRIu64 " position %" PRIu32
-                               " has weight %u (weights are 0 or 1, and 0 at span starts "
-                               "and on padding)", name, r, t, w[t]);
+                rc = msg_error(
+                    "corrupt packed file '%s': row %" PRIu64
+                    " position %" PRIu32
+                    " has weight %u (weights are 0 or 1, and 0 at span starts "
+                    "and on padding)",
+                    name, r, t, w[t]);
             loss += w[t];
         }
     }
     free(inside);
     if (rc == 0 && (tokens != h->n_tokens || loss != h->n_loss_tokens))
-        rc = msg_error("corrupt packed file '%s': header says %" PRIu64 " tokens, %" PRIu64
-                       " with loss; rows hold %" PRIu64 ", %" PRIu64,
+        rc = msg_error("corrupt packed file '%s': header says %" PRIu64
+                       " tokens, %" PRIu64 " with loss; rows hold %" PRIu64
+                       ", %" PRIu64,
                        name, h->n_tokens, h->n_loss_tokens, tokens, loss);
     return rc;
 }
@@ -462,18 +506,22 @@ int pack_read(const char *path, pack_data *d)
     const char *name = io_reader_name(r);
     strbuf sb = STRBUF_INIT;
     int rc = -1;
-    if (read_header_line(r, &sb) < 0 || parse_header(sb_str(&sb), sb.len, name, &d->h) < 0)
+    if (read_header_line(r, &sb) < 0 ||
+        parse_header(sb_str(&sb), sb.len, name, &d->h) < 0)
         goto out;
     pack_header *h = &d->h;
     uint64_t n = h->n_rows * h->seq_len, hash = FNV_OFFSET;
     if (!(d->ids = read_section(r, n * 4, &hash, "ids")) ||
         !(d->weights = read_section(r, weights_bytes(h), &hash, "weights")) ||
-        !(d->row_spans = read_section(r, (h->n_rows + 1) * 8, &hash, "span index")) ||
+        !(d->row_spans =
+              read_section(r, (h->n_rows + 1) * 8, &hash, "span index")) ||
         !(d->spans = read_section(r, h->n_spans * 8, &hash, "spans")))
         goto out;
     for (uint64_t i = n; i < weights_bytes(h); i++)
         if (d->weights[i]) {
-            msg_error("corrupt packed file '%s': nonzero padding after the weights", name);
+            msg_error(
+                "corrupt packed file '%s': nonzero padding after the weights",
+                name);
             goto out;
         }
     uint32_t mark[2];
@@ -498,8 +546,8 @@ int pack_read(const char *path, pack_data *d)
         goto out;
     }
     if (tail[0] != h->n_rows || tail[1] != h->n_spans) {
-        msg_error("corrupt packed file '%s': trailer says %" PRIu64 " rows, %" PRIu64
-                  " spans; header says %" PRIu64 ", %" PRIu64,
+        msg_error("corrupt packed file '%s': trailer says %" PRIu64
+                  " rows, %" PRIu64 " spans; header says %" PRIu64 ", %" PRIu64,
                   name, tail[0], tail[1], h->n_rows, h->n_spans);
         goto out;
     }
@@ -541,15 +589,18 @@ int pack_input_read(pack_input *in, const char *path, uint32_t want_vocab)
     int first = in->h.vocab_size == 0;
     if (want_vocab && h.vocab_size != want_vocab) {
         msg_error("token stream '%s' has vocab_size %" PRIu32 ", not %" PRIu32
-                  " (--vocab)", name, h.vocab_size, want_vocab);
+                  " (--vocab)",
+                  name, h.vocab_size, want_vocab);
         goto out;
     }
     if (!first && (h.vocab_size != in->h.vocab_size ||
                    (h.tokenizer[0] && in->h.tokenizer[0] &&
                     strcmp(h.tokenizer, in->h.tokenizer) != 0))) {
-        msg_error("token stream '%s' has another vocabulary than the first input "
-                  "(vocab_size %" PRIu32 ", tokenizer '%s'; first: %" PRIu32 ", '%s')",
-                  name, h.vocab_size, h.tokenizer, in->h.vocab_size, in->h.tokenizer);
+        msg_error(
+            "token stream '%s' has another vocabulary than the first input "
+            "(vocab_size %" PRIu32 ", tokenizer '%s'; first: %" PRIu32
+            ", '%s')",
+            name, h.vocab_size, h.tokenizer, in->h.vocab_size, in->h.tokenizer);
         goto out;
     }
     if (first) {
@@ -569,11 +620,14 @@ int pack_input_read(pack_input *in, const char *path, uint32_t want_vocab)
         }
         if (in->n_records + 1 > in->cap_records) {
             uint64_t cap = in->cap_records ? in->cap_records * 2 : 1024;
-            in->offsets = xrealloc(in->offsets, (cap + 1) * sizeof *in->offsets);
-            in->completion = xrealloc(in->completion, cap * sizeof *in->completion);
+            in->offsets =
+                xrealloc(in->offsets, (cap + 1) * sizeof *in->offsets);
+            in->completion =
+                xrealloc(in->completion, cap * sizeof *in->completion);
             in->cap_records = cap;
         }
-        memcpy(in->ids + in->n_tokens, rec.ids, (size_t)rec.n * sizeof *rec.ids);
+        memcpy(in->ids + in->n_tokens, rec.ids,
+               (size_t)rec.n * sizeof *rec.ids);
         in->n_tokens += rec.n;
         in->completion[in->n_records] = rec.completion_start;
         in->offsets[++in->n_records] = in->n_tokens;
@@ -653,7 +707,8 @@ static uint64_t rb_new_row(rows_builder *b)
     return b->n_rows++;
 }
 
-static void rb_add_span(rows_builder *b, uint64_t row, uint32_t start, uint32_t len)
+static void rb_add_span(rows_builder *b, uint64_t row, uint32_t start,
+                        uint32_t len)
 {
     if (b->n_spans == b->cap_spans) {
         b->cap_spans = b->cap_spans ? b->cap_spans * 2 : 256;
@@ -664,9 +719,11 @@ static void rb_add_span(rows_builder *b, uint64_t row, uint32_t start, uint32_t 
     b->span_row[b->n_spans++] = row;
 }
 
-/* Copies tokens [from, from + len) of record i to row/pos with their weights. */
-static void place(rows_builder *b, const pack_input *in, const pack_opts *o, uint64_t i,
-                  uint32_t from, uint32_t len, uint64_t row, uint32_t pos)
+/* Copies tokens [from, from + len) of record i to row/pos with their weights.
+ */
+static void place(rows_builder *b, const pack_input *in, const pack_opts *o,
+                  uint64_t i, uint32_t from, uint32_t len, uint64_t row,
+                  uint32_t pos)
 {
     const uint32_t *src = in->ids + in->offsets[i] + from;
     uint32_t cs = in->completion[i];
@@ -675,14 +732,16 @@ static void place(rows_builder *b, const pack_input *in, const pack_opts *o, uin
     memcpy(dst, src, (size_t)len * sizeof *dst);
     for (uint32_t t = 0; t < len; t++) {
         uint32_t j = from + t;
-        w[t] = o->loss == PACK_LOSS_ALL || (cs != TOKS_NO_COMPLETION && j >= cs);
+        w[t] =
+            o->loss == PACK_LOSS_ALL || (cs != TOKS_NO_COMPLETION && j >= cs);
     }
 }
 
 /* Turns the builder into d: spans grouped by row (stable, so in placement
  * order, which is increasing start), span starts and padding weighted 0,
  * rows optionally shuffled. */
-static void rb_finish(rows_builder *b, const pack_opts *o, uint64_t seed, pack_data *d)
+static void rb_finish(rows_builder *b, const pack_opts *o, uint64_t seed,
+                      pack_data *d)
 {
     pack_header *h = &d->h;
     uint64_t R = b->n_rows, L = b->L;
@@ -740,8 +799,9 @@ static uint32_t rec_len(const pack_input *in, uint64_t i)
     return (uint32_t)(in->offsets[i + 1] - in->offsets[i]);
 }
 
-static void pack_concat(const pack_input *in, const pack_opts *o, const uint64_t *recs,
-                        uint64_t n, rows_builder *b, pack_header *h)
+static void pack_concat(const pack_input *in, const pack_opts *o,
+                        const uint64_t *recs, uint64_t n, rows_builder *b,
+                        pack_header *h)
 {
     uint64_t total = 0;
     for (uint64_t k = 0; k < n; k++)
@@ -778,11 +838,11 @@ static void pack_concat(const pack_input *in, const pack_opts *o, const uint64_t
  * buckets: find the smallest free space >= need in a few word scans. */
 typedef struct free_index {
     uint32_t L;
-    int64_t *head;      /* (L + 1): first row with this much room, or -1 */
-    int64_t *next;      /* per row */
+    int64_t *head; /* (L + 1): first row with this much room, or -1 */
+    int64_t *next; /* per row */
     uint64_t cap_rows;
-    uint64_t *bits;     /* (L / 64 + 1) */
-    uint64_t *summary;  /* (L / 4096 + 1) */
+    uint64_t *bits;    /* (L / 64 + 1) */
+    uint64_t *summary; /* (L / 4096 + 1) */
     size_t nwords;
 } free_index;
 
@@ -832,7 +892,8 @@ static int64_t fi_find(const free_index *f, uint32_t need)
     size_t nsum = (f->nwords + 63) >> 6;
     if (sw >= nsum)
         return -1;
-    uint64_t sm = (w + 1) & 63 ? f->summary[sw] & (~0ull << ((w + 1) & 63)) : f->summary[sw];
+    uint64_t sm = (w + 1) & 63 ? f->summary[sw] & (~0ull << ((w + 1) & 63))
+                               : f->summary[sw];
     while (!sm) {
         if (++sw >= nsum)
             return -1;
@@ -857,8 +918,9 @@ static int piece_cmp(const void *a, const void *b)
     return x->from < y->from ? -1 : x->from > y->from;
 }
 
-static void pack_bfd(const pack_input *in, const pack_opts *o, const uint64_t *recs,
-                     uint64_t n, rows_builder *b, pack_header *h)
+static void pack_bfd(const pack_input *in, const pack_opts *o,
+                     const uint64_t *recs, uint64_t n, rows_builder *b,
+                     pack_header *h)
 {
     uint32_t L = b->L;
     uint64_t np = 0, cap = n ? n : 1;
@@ -917,8 +979,9 @@ static void pack_bfd(const pack_input *in, const pack_opts *o, const uint64_t *r
     free(pc);
 }
 
-static void build_one(const pack_input *in, const pack_opts *o, const uint64_t *recs,
-                      uint64_t n, int is_eval, pack_data *d)
+static void build_one(const pack_input *in, const pack_opts *o,
+                      const uint64_t *recs, uint64_t n, int is_eval,
+                      pack_data *d)
 {
     memset(d, 0, sizeof *d);
     pack_header *h = &d->h;
@@ -942,16 +1005,20 @@ static void build_one(const pack_input *in, const pack_opts *o, const uint64_t *
     else
         pack_bfd(in, o, recs, n, &b, h);
     /* Distinct streams for the eval choice and each file's row order. */
-    rb_finish(&b, o, o->seed ^ (is_eval ? 0x6576616c5f726f77ull : 0x747261696e726f77ull), d);
+    rb_finish(
+        &b, o,
+        o->seed ^ (is_eval ? 0x6576616c5f726f77ull : 0x747261696e726f77ull), d);
 }
 
-int pack_build(const pack_input *in, const pack_opts *o, pack_data *train, pack_data *eval)
+int pack_build(const pack_input *in, const pack_opts *o, pack_data *train,
+               pack_data *eval)
 {
     if (o->seq_len < 2 || o->seq_len > PACK_MAX_SEQ_LEN)
-        return msg_error("sequence length %" PRIu32 " out of range (2 to %u)", o->seq_len,
-                         PACK_MAX_SEQ_LEN);
+        return msg_error("sequence length %" PRIu32 " out of range (2 to %u)",
+                         o->seq_len, PACK_MAX_SEQ_LEN);
     if (!(o->eval_fraction >= 0 && o->eval_fraction < 1))
-        return msg_error("eval fraction %g out of range [0, 1)", o->eval_fraction);
+        return msg_error("eval fraction %g out of range [0, 1)",
+                         o->eval_fraction);
     if (o->eval_fraction > 0 && !eval)
         return msg_error("eval fraction given without an eval output");
     uint64_t n = in->n_records;
@@ -969,7 +1036,8 @@ int pack_build(const pack_input *in, const pack_opts *o, pack_data *train, pack_
             is_eval[perm[i]] = 1;
         free(perm);
     }
-    uint64_t *tr = xmalloc((n ? n : 1) * sizeof *tr), *ev = xmalloc((n ? n : 1) * sizeof *ev);
+    uint64_t *tr = xmalloc((n ? n : 1) * sizeof *tr),
+             *ev = xmalloc((n ? n : 1) * sizeof *ev);
     uint64_t nt = 0, ne = 0;
     for (uint64_t i = 0; i < n; i++) {
         if (is_eval[i])

@@ -42,58 +42,59 @@
 #ifndef PACKFILE_H
 #define PACKFILE_H
 
-#include <stddef.h>
-#include <stdint.h>
 #include "io.h"
 #include "strbuf.h"
 #include "tokstream.h"
+#include <stddef.h>
+#include <stdint.h>
 
 #define PACK_FORMAT "qlora-packed"
 #define PACK_VERSION 1
-#define PACK_MAX_SEQ_LEN (1u << 20)  /* the largest seq_len the format allows */
+/* The largest seq_len the format allows. */
+#define PACK_MAX_SEQ_LEN (1u << 20)
 #define PACK_TRAILER_MARK 0xffffffffu
-#define PACK_TRAILER_MAGIC 0x444e4550u  /* "PEND" */
+#define PACK_TRAILER_MAGIC 0x444e4550u /* "PEND" */
 
 typedef enum {
-    PACK_MODE_BFD,     /* best-fit-decreasing; rows list their documents */
-    PACK_MODE_CONCAT,  /* the seed's: concatenate, cut, drop the last partial */
+    PACK_MODE_BFD,    /* best-fit-decreasing; rows list their documents */
+    PACK_MODE_CONCAT, /* the seed's: concatenate, cut, drop the last partial */
 } pack_mode;
 
 typedef enum {
-    PACK_LOSS_COMPLETION,  /* completion tokens (and the final EOS) only */
-    PACK_LOSS_ALL,         /* every token (the seed) */
+    PACK_LOSS_COMPLETION, /* completion tokens (and the final EOS) only */
+    PACK_LOSS_ALL,        /* every token (the seed) */
 } pack_loss;
 
 typedef enum {
-    PACK_OVERLONG_TRUNCATE,  /* keep the first seq_len tokens of a record */
-    PACK_OVERLONG_SPLIT,     /* cut it into pieces of seq_len, each a span */
+    PACK_OVERLONG_TRUNCATE, /* keep the first seq_len tokens of a record */
+    PACK_OVERLONG_SPLIT,    /* cut it into pieces of seq_len, each a span */
 } pack_overlong;
 
 /* The header, as JSON members (name: meaning). */
 typedef struct pack_header {
-    int version;              /* version: 1 */
-    uint32_t seq_len;         /* seq_len: tokens per row, 1..PACK_MAX_SEQ_LEN */
-    uint32_t vocab_size;      /* vocab_size: every id is below it */
-    int32_t bos_id;           /* bos_id, eos_id: from the token stream, -1 none */
+    int version;         /* version: 1 */
+    uint32_t seq_len;    /* seq_len: tokens per row, 1..PACK_MAX_SEQ_LEN */
+    uint32_t vocab_size; /* vocab_size: every id is below it */
+    int32_t bos_id;      /* bos_id, eos_id: from the token stream, -1 none */
     int32_t eos_id;
-    char tokenizer[32];       /* tokenizer: fingerprint from the token stream */
-    pack_mode mode;           /* mode: "bfd" | "concat" */
-    pack_loss loss;           /* loss: "completion" | "all" */
-    pack_overlong overlong;   /* overlong: "truncate" | "split" */
-    uint64_t seed;            /* seed: of the row shuffle and the eval split */
-    int shuffled;             /* shuffled: true when rows were shuffled */
-    int is_eval;              /* split: "train" | "eval" */
-    double eval_fraction;     /* eval_fraction: share of records held out */
-    uint64_t n_rows;          /* rows */
-    uint64_t n_spans;         /* spans */
-    uint64_t n_docs;          /* documents: input records placed in rows */
-    uint64_t n_tokens;        /* tokens: non-padding tokens in rows */
-    uint64_t n_loss_tokens;   /* loss_tokens: tokens with weight 1 */
-    uint64_t n_truncated;     /* truncated: records longer than seq_len, cut */
-    uint64_t n_split;         /* split_records: records split into pieces */
-    uint64_t n_dropped;       /* dropped_tokens: input tokens not in any row
-                                 (truncation, concat's last partial row) */
-    char producer[64];        /* producer: "pack 0.1.0" */
+    char tokenizer[32];     /* tokenizer: fingerprint from the token stream */
+    pack_mode mode;         /* mode: "bfd" | "concat" */
+    pack_loss loss;         /* loss: "completion" | "all" */
+    pack_overlong overlong; /* overlong: "truncate" | "split" */
+    uint64_t seed;          /* seed: of the row shuffle and the eval split */
+    int shuffled;           /* shuffled: true when rows were shuffled */
+    int is_eval;            /* split: "train" | "eval" */
+    double eval_fraction;   /* eval_fraction: share of records held out */
+    uint64_t n_rows;        /* rows */
+    uint64_t n_spans;       /* spans */
+    uint64_t n_docs;        /* documents: input records placed in rows */
+    uint64_t n_tokens;      /* tokens: non-padding tokens in rows */
+    uint64_t n_loss_tokens; /* loss_tokens: tokens with weight 1 */
+    uint64_t n_truncated;   /* truncated: records longer than seq_len, cut */
+    uint64_t n_split;       /* split_records: records split into pieces */
+    uint64_t n_dropped;     /* dropped_tokens: input tokens not in any row
+                               (truncation, concat's last partial row) */
+    char producer[64];      /* producer: "pack 0.1.0" */
 } pack_header;
 
 typedef struct pack_span {
@@ -104,10 +105,10 @@ typedef struct pack_span {
 /* A whole packed file in memory. */
 typedef struct pack_data {
     pack_header h;
-    uint32_t *ids;        /* (n_rows, seq_len) */
-    uint8_t *weights;     /* (n_rows, seq_len), 0 or 1 */
-    uint64_t *row_spans;  /* (n_rows + 1) */
-    pack_span *spans;     /* (n_spans) */
+    uint32_t *ids;       /* (n_rows, seq_len) */
+    uint8_t *weights;    /* (n_rows, seq_len), 0 or 1 */
+    uint64_t *row_spans; /* (n_rows + 1) */
+    pack_span *spans;    /* (n_spans) */
 } pack_data;
 
 static inline const uint32_t *pack_row_ids(const pack_data *d, uint64_t r)
@@ -155,10 +156,11 @@ const char *pack_overlong_name(pack_overlong o);
 
 /* All records of one or more token streams, concatenated in input order. */
 typedef struct pack_input {
-    toks_header h;          /* of the first stream; the others must agree */
-    uint32_t *ids;          /* (n_tokens) */
-    uint64_t *offsets;      /* (n_records + 1): record i is ids[off[i]..off[i+1]) */
-    uint32_t *completion;   /* (n_records): completion_start or TOKS_NO_COMPLETION */
+    toks_header h;     /* of the first stream; the others must agree */
+    uint32_t *ids;     /* (n_tokens) */
+    uint64_t *offsets; /* (n_records + 1): record i is ids[off[i]..off[i+1]) */
+    uint32_t
+        *completion; /* (n_records): completion_start or TOKS_NO_COMPLETION */
     uint64_t n_records;
     uint64_t n_tokens;
     uint64_t cap_tokens, cap_records;
@@ -177,8 +179,8 @@ typedef struct pack_opts {
     pack_loss loss;
     pack_overlong overlong;
     uint64_t seed;
-    int shuffle;            /* shuffle rows with seed (1) or keep packing order */
-    double eval_fraction;   /* 0 <= f < 1: records held out into *eval */
+    int shuffle;          /* shuffle rows with seed (1) or keep packing order */
+    double eval_fraction; /* 0 <= f < 1: records held out into *eval */
 } pack_opts;
 
 /* Packs in into train (and eval, when eval_fraction > 0; eval may then not
@@ -193,7 +195,7 @@ typedef struct pack_opts {
  *     row when none does); a record is never split across rows except by
  *     PACK_OVERLONG_SPLIT; within a row documents keep placement order.
  *   - Finally, when shuffle is set, the rows are shuffled with seed.
- * 0 ok, -1 error (message printed: bad options, nothing to pack). */
+ * 0 ok (possibly with no rows), -1 error: bad options (message printed). */
 int pack_build(const pack_input *in, const pack_opts *o, pack_data *train,
                pack_data *eval);
 

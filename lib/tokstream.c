@@ -36,13 +36,15 @@ struct toks_writer {
 toks_writer *toks_writer_new(io_writer *w, const toks_header *h)
 {
     strbuf sb = STRBUF_INIT;
-    sb_printf(&sb, "{\"format\":\"%s\",\"version\":%d,\"vocab_size\":%" PRIu32
-                   ",\"bos_id\":%" PRId32 ",\"eos_id\":%" PRId32
-                   ",\"tokenizer\":",
+    sb_printf(&sb,
+              "{\"format\":\"%s\",\"version\":%d,\"vocab_size\":%" PRIu32
+              ",\"bos_id\":%" PRId32 ",\"eos_id\":%" PRId32 ",\"tokenizer\":",
               TOKS_FORMAT, TOKS_VERSION, h->vocab_size, h->bos_id, h->eos_id);
-    json_append_string(&sb, h->tokenizer, strnlen(h->tokenizer, sizeof h->tokenizer));
+    json_append_string(&sb, h->tokenizer,
+                       strnlen(h->tokenizer, sizeof h->tokenizer));
     sb_puts(&sb, ",\"producer\":");
-    json_append_string(&sb, h->producer, strnlen(h->producer, sizeof h->producer));
+    json_append_string(&sb, h->producer,
+                       strnlen(h->producer, sizeof h->producer));
     sb_putc(&sb, '}');
     while ((sb.len + 1) % 8 != 0)
         sb_putc(&sb, ' ');
@@ -113,7 +115,8 @@ static int read_header_line(io_reader *r, strbuf *sb)
         if (got == 0 && have == 0)
             return msg_error("empty token stream '%s'", name);
         if ((size_t)got < sizeof chunk)
-            return msg_error("truncated token stream '%s' (in the header)", name);
+            return msg_error("truncated token stream '%s' (in the header)",
+                             name);
         char *nl = memchr(chunk, '\n', sizeof chunk);
         if (nl && nl != chunk + 7)
             return header_error(name, "header line not padded to 8 bytes");
@@ -163,7 +166,8 @@ static int parse_header(const char *text, size_t len, const char *name,
         goto out;
     if (version != TOKS_VERSION) {
         msg_error("unsupported token stream version %" PRId64 " in '%s' "
-                  "(this program reads version %d)", version, name, TOKS_VERSION);
+                  "(this program reads version %d)",
+                  version, name, TOKS_VERSION);
         msg_hint("regenerate with tok");
         goto out;
     }
@@ -187,8 +191,8 @@ static int parse_header(const char *text, size_t len, const char *name,
     s = json_get_string(v, "producer", &slen);
     if (s) {
         /* Informational only: keep what fits. */
-        size_t k = strnlen(s, slen < sizeof h->producer - 1 ? slen
-                                                            : sizeof h->producer - 1);
+        size_t k = strnlen(
+            s, slen < sizeof h->producer - 1 ? slen : sizeof h->producer - 1);
         memcpy(h->producer, s, k);
     }
     rc = 0;
@@ -240,7 +244,8 @@ static int read_trailer(toks_reader *tr, uint32_t magic)
     uint64_t counts[2];
     if (magic != TOKS_TRAILER_MAGIC)
         return msg_error("corrupt token stream '%s': bad trailer mark after "
-                         "record %" PRIu64, name, tr->n_records);
+                         "record %" PRIu64,
+                         name, tr->n_records);
     ptrdiff_t got = io_read(tr->r, counts, sizeof counts);
     if (got < 0)
         return -1;
@@ -250,13 +255,15 @@ static int read_trailer(toks_reader *tr, uint32_t magic)
         return msg_error("corrupt token stream '%s': trailer says %" PRIu64
                          " records, %" PRIu64 " tokens; read %" PRIu64
                          " records, %" PRIu64 " tokens",
-                         name, counts[0], counts[1], tr->n_records, tr->n_tokens);
+                         name, counts[0], counts[1], tr->n_records,
+                         tr->n_tokens);
     char extra;
     got = io_read(tr->r, &extra, 1);
     if (got < 0)
         return -1;
     if (got > 0)
-        return msg_error("corrupt token stream '%s': data after the trailer", name);
+        return msg_error("corrupt token stream '%s': data after the trailer",
+                         name);
     tr->done = 1;
     return 0;
 }
@@ -272,10 +279,12 @@ int toks_read_record(toks_reader *tr, toks_record *rec)
         return -1;
     if (got == 0)
         return msg_error("truncated token stream '%s' (no trailer after "
-                         "record %" PRIu64 ")", name, tr->n_records);
+                         "record %" PRIu64 ")",
+                         name, tr->n_records);
     if ((size_t)got < sizeof head) {
         if ((size_t)got >= sizeof head[0] && head[0] == TOKS_TRAILER_MARK)
-            return msg_error("truncated token stream '%s' (in the trailer)", name);
+            return msg_error("truncated token stream '%s' (in the trailer)",
+                             name);
         return truncated(tr, "in the length");
     }
     if (head[0] == TOKS_TRAILER_MARK)
@@ -283,10 +292,12 @@ int toks_read_record(toks_reader *tr, toks_record *rec)
     uint32_t n = head[0], cs = head[1];
     if (n > TOKS_MAX_RECORD)
         return msg_error("corrupt token stream '%s': record %" PRIu64
-                         " claims %" PRIu32 " tokens", name, tr->n_records + 1, n);
+                         " claims %" PRIu32 " tokens",
+                         name, tr->n_records + 1, n);
     if (cs != TOKS_NO_COMPLETION && cs > n)
         return msg_error("corrupt token stream '%s': record %" PRIu64
-                         " has completion_start %" PRIu32 " > %" PRIu32 " tokens",
+                         " has completion_start %" PRIu32 " > %" PRIu32
+                         " tokens",
                          name, tr->n_records + 1, cs, n);
     if (n > rec->cap) {
         uint32_t cap = rec->cap ? rec->cap : 256;
@@ -311,9 +322,15 @@ int toks_read_record(toks_reader *tr, toks_record *rec)
     return 1;
 }
 
-uint64_t toks_reader_records(const toks_reader *tr) { return tr->n_records; }
+uint64_t toks_reader_records(const toks_reader *tr)
+{
+    return tr->n_records;
+}
 
-void toks_reader_free(toks_reader *tr) { free(tr); }
+void toks_reader_free(toks_reader *tr)
+{
+    free(tr);
+}
 
 void toks_record_free(toks_record *rec)
 {

@@ -24,9 +24,14 @@ bench/tok. Needs the sentencepiece Python package (pip install sentencepiece).
   tok_reference.py fuzz SEED N           N random records over the alphabet
       those models care about ({"text"} and {"prompt", "completion"}).
 
-FILE defaults to stdin; zstd-compressed input is not handled here.
+FILE defaults to stdin; zstd-compressed input is not handled here. With
+TOK_REF_CACHE=DIR, encode keeps its output in DIR under a hash of the model,
+the input, this script and the sentencepiece version, and reuses it.
 """
+import hashlib
 import json
+import os
+import shutil
 import sys
 
 import_error = None
@@ -72,10 +77,35 @@ def completion_start(sp, text, boundary, pieces, first):
     return first + len(pieces)
 
 
+def cached(what, model, path, fn):
+    """fn(model, path, out), through TOK_REF_CACHE when set."""
+    cache = os.environ.get("TOK_REF_CACHE")
+    if not cache or not path:
+        fn(model, path, sys.stdout)
+        return
+    h = hashlib.sha256(what.encode())
+    for name in (model, path, __file__):
+        with open(name, "rb") as f:
+            h.update(f.read())
+    h.update(spm.__version__.encode())
+    kept = os.path.join(cache, h.hexdigest()[:32] + ".jsonl")
+    if not os.path.exists(kept):
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{kept}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as out:
+            fn(model, path, out)
+        os.replace(tmp, kept)
+    with open(kept, encoding="utf-8") as f:
+        shutil.copyfileobj(f, sys.stdout)
+
+
 def encode(model, path):
+    cached("encode", model, path, encode_to)
+
+
+def encode_to(model, path, out):
     sp = spm.SentencePieceProcessor(model_file=model)
     bos, eos = sp.bos_id(), sp.eos_id()
-    out = sys.stdout
     for line in lines(path):
         r = json.loads(line)
         if "text" in r:
@@ -98,6 +128,10 @@ def encode(model, path):
 
 
 def decode(model, path):
+    cached("decode", model, path, decode_to)
+
+
+def decode_to(model, path, out):
     sp = spm.SentencePieceProcessor(model_file=model)
     for line in lines(path):
         r = json.loads(line)
@@ -106,7 +140,7 @@ def decode(model, path):
             rec = {"text": sp.decode(ids)}
         else:
             rec = {"prompt": sp.decode(ids[:cs]), "completion": sp.decode(ids[cs:])}
-        sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def seed(path):

@@ -22,7 +22,10 @@ static const char usage_text[] =
     "[--vocab size] [file ...]\n"
     "       pack --dump | --stats [-o file] [file ...]\n";
 
-static void usage(FILE *f) { fputs(usage_text, f); }
+static void usage(FILE *f)
+{
+    fputs(usage_text, f);
+}
 
 static void help(void)
 {
@@ -32,26 +35,36 @@ static void help(void)
           "length for lora-train: one epoch, rows shuffled by the seed.\n"
           "\n"
           "  -h, --help               this help\n"
-          "  -l, --loss scope         completion (default: completion tokens and\n"
-          "                           the final EOS) or all (every token, the seed)\n"
-          "  -m, --mode mode          bfd (default: best-fit-decreasing, records\n"
-          "                           kept whole, attention per document) or concat\n"
-          "                           (the seed: concatenate, cut, drop the rest)\n"
+          "  -l, --loss scope         completion (default: completion tokens "
+          "and\n"
+          "                           the final EOS) or all (every token, the "
+          "seed)\n"
+          "  -m, --mode mode          bfd (default: best-fit-decreasing, "
+          "records\n"
+          "                           kept whole, attention per document) or "
+          "concat\n"
+          "                           (the seed: concatenate, cut, drop the "
+          "rest)\n"
           "  -n, --seq-len length     tokens per row (default 2048)\n"
-          "  -o, --output file        write to file (atomically) instead of stdout\n"
+          "  -o, --output file        write to file (atomically) instead of "
+          "stdout\n"
           "  -q, --quiet              no warnings\n"
-          "  -s, --seed seed          seed of the row shuffle and the eval split\n"
+          "  -s, --seed seed          seed of the row shuffle and the eval "
+          "split\n"
           "                           (default 0)\n"
           "  -V, --version            print the version\n"
           "  -v, --verbose            print a summary on stderr\n"
-          "      --dump               print packed files as JSON Lines, a row a line\n"
-          "      --eval-fraction f    hold out this share of the records (0 <= f < 1)\n"
+          "      --dump               print packed files as JSON Lines, a row "
+          "a line\n"
+          "      --eval-fraction f    hold out this share of the records (0 <= "
+          "f < 1)\n"
           "      --eval-out file      where the held-out rows go\n"
           "      --no-shuffle         keep rows in packing order\n"
           "      --overlong how       bfd records longer than a row: truncate\n"
           "                           (default) or split\n"
           "      --stats              print a JSON summary of packed files\n"
-          "      --vocab size         refuse streams of another vocabulary size\n",
+          "      --vocab size         refuse streams of another vocabulary "
+          "size\n",
           stdout);
 }
 
@@ -70,7 +83,8 @@ static uint64_t parse_uint(const char *s, uint64_t max, const char *opt)
     char *end;
     errno = 0;
     unsigned long long v = strtoull(s, &end, 10);
-    if (!*s || *end || s[0] == '-' || s[0] == '+' || errno == ERANGE || v > max) {
+    if (!*s || *end || s[0] == '-' || s[0] == '+' || errno == ERANGE ||
+        v > max) {
         fprintf(stderr, "%s: bad %s '%s'\n", msg_prog(), opt, s);
         usage(stderr);
         exit(2);
@@ -115,8 +129,8 @@ static void summary(const char *what, const pack_header *h)
 {
     uint64_t slots = h->n_rows * h->seq_len;
     msg_info("%s: %" PRIu64 " documents in %" PRIu64 " rows of %" PRIu32
-             ", %.2f%% tokens (%" PRIu64 " padding), %" PRIu64 " truncated, %" PRIu64
-             " split, %" PRIu64 " tokens dropped",
+             ", %.2f%% tokens (%" PRIu64 " padding), %" PRIu64
+             " truncated, %" PRIu64 " split, %" PRIu64 " tokens dropped",
              what, h->n_docs, h->n_rows, h->seq_len,
              slots ? 100.0 * (double)h->n_tokens / (double)slots : 0.0,
              slots - h->n_tokens, h->n_truncated, h->n_split, h->n_dropped);
@@ -149,10 +163,12 @@ static int run_pack(const pack_opts *o, uint32_t want_vocab, const char *output,
         return 2;
     }
     if (train.h.n_rows == 0)
-        msg_warn("no rows: %" PRIu64 " records of %" PRIu64 " tokens fill no row of %" PRIu32,
+        msg_warn("no rows: %" PRIu64 " records of %" PRIu64
+                 " tokens fill no row of %" PRIu32,
                  in.n_records, in.n_tokens, o->seq_len);
     else if (train.h.n_loss_tokens == 0)
-        msg_warn("no token carries loss (no record has a completion); see --loss all");
+        msg_warn("no token carries loss (no record has a completion); see "
+                 "--loss all");
     if (we && eval.h.n_docs == 0)
         msg_warn("the eval split is empty");
     summary("train", &train.h);
@@ -222,7 +238,8 @@ int main(int argc, char **argv)
     };
     opterr = 0;
     int c;
-    while ((c = getopt_long(argc, argv, ":hl:m:n:o:qs:Vv", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":hl:m:n:o:qs:Vv", longopts, NULL)) !=
+           -1) {
         switch (c) {
         case 'h':
             help();
@@ -294,14 +311,16 @@ int main(int argc, char **argv)
             else if (strcmp(optarg, "split") == 0)
                 o.overlong = PACK_OVERLONG_SPLIT;
             else
-                bad_usage("bad overlong policy '%s' (truncate or split)", optarg);
+                bad_usage("bad overlong policy '%s' (truncate or split)",
+                          optarg);
             break;
         case OPT_STATS:
             stats = 1;
             break;
         case OPT_VOCAB:
             packing_opts = 1;
-            want_vocab = (uint32_t)parse_uint(optarg, UINT32_MAX - 1, "vocabulary size");
+            want_vocab =
+                (uint32_t)parse_uint(optarg, UINT32_MAX - 1, "vocabulary size");
             if (!want_vocab)
                 bad_usage("bad vocabulary size '%s'", optarg);
             break;
@@ -331,7 +350,8 @@ int main(int argc, char **argv)
     if (seq_len < 2)
         msg_die("sequence length %" PRIu64 " too short (at least 2)", seq_len);
     if (seq_len > PACK_MAX_SEQ_LEN)
-        msg_die("sequence length %" PRIu64 " over the packed format's maximum %u",
+        msg_die("sequence length %" PRIu64
+                " over the packed format's maximum %u",
                 seq_len, PACK_MAX_SEQ_LEN);
     o.seq_len = (uint32_t)seq_len;
     return run_pack(&o, want_vocab, output, eval_out, files, nfiles);

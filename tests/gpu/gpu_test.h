@@ -24,7 +24,7 @@
 #define TOL_EXACT 0.0         /* bit-identical */
 #define TOL_F32 1e-5          /* fp32 arithmetic, different order */
 #define TOL_BF16_OUT 8e-3     /* one rounding to bf16 of an fp32 result */
-#define TOL_BF16_CHAIN 2e-2   /* bf16 operands through a product chain */
+#define TOL_BF16_CHAIN 1e-2   /* bf16 operands through a product chain */
 
 static int gt_failures;
 static int gt_bench;

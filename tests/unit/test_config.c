@@ -33,8 +33,8 @@ static const cfg_field fields[] = {
      "true", "recompute activations"},
     {"model", CFG_STRING, offsetof(conf, model), NULL, "model directory"},
     {"note", CFG_STRING, offsetof(conf, note), "hello", "free text"},
-    {"target_modules", CFG_STRLIST, offsetof(conf, target_modules), "q_proj,v_proj",
-     "modules"},
+    {"target_modules", CFG_STRLIST, offsetof(conf, target_modules),
+     "q_proj,v_proj", "modules"},
 };
 #define NF (sizeof fields / sizeof fields[0])
 
@@ -101,10 +101,12 @@ static void test_defaults_and_json(void)
           "defaults fill every type");
     strbuf sb = STRBUF_INIT;
     cfg_to_json(fields, NF, &c, &sb);
-    const char *want = "{\"r\":64,\"lora_alpha\":16,\"learning_rate\":0.0002,"
-                       "\"gradient_checkpointing\":true,\"model\":null,"
-                       "\"note\":\"hello\",\"target_modules\":[\"q_proj\",\"v_proj\"]}";
-    CHECK(strcmp(sb_str(&sb), want) == 0, "JSON of the defaults: %s", sb_str(&sb));
+    const char *want =
+        "{\"r\":64,\"lora_alpha\":16,\"learning_rate\":0.0002,"
+        "\"gradient_checkpointing\":true,\"model\":null,"
+        "\"note\":\"hello\",\"target_modules\":[\"q_proj\",\"v_proj\"]}";
+    CHECK(strcmp(sb_str(&sb), want) == 0, "JSON of the defaults: %s",
+          sb_str(&sb));
     sb_free(&sb);
     cfg_free(fields, NF, &c);
     CHECK(c.note == NULL && c.target_modules.n == 0, "cfg_free clears");
@@ -117,7 +119,8 @@ static void test_defaults_and_json(void)
     capture_begin();
     int rc = cfg_defaults(bad, 1, &x);
     capture_end();
-    CHECK(rc < 0 && strstr(errbuf, "'x'"), "a default that does not parse is an error");
+    CHECK(rc < 0 && strstr(errbuf, "'x'"),
+          "a default that does not parse is an error");
 }
 
 static void test_good_file(void)
@@ -136,8 +139,9 @@ static void test_good_file(void)
                   "  - k_proj\n");
     CHECK(rc == 0 && errbuf[0] == '\0', "good file loads quietly");
     CHECK(c.r == 16 && c.lora_alpha == 32 && c.lr == 1e-5 &&
-              c.gradient_checkpointing == 0 && strcmp(c.model, "../models/llama 2") == 0 &&
-              c.note == NULL && list_is(&c.target_modules, 2, "q_proj", "k_proj"),
+              c.gradient_checkpointing == 0 &&
+              strcmp(c.model, "../models/llama 2") == 0 && c.note == NULL &&
+              list_is(&c.target_modules, 2, "q_proj", "k_proj"),
           "good file sets every type");
     strbuf sb = STRBUF_INIT;
     cfg_to_json(fields, NF, &c, &sb);
@@ -154,10 +158,12 @@ static void test_good_file(void)
     CHECK(rc == 0 && c.gradient_checkpointing == 1, "YAML 1.1 booleans (On)");
     cfg_free(fields, NF, &c);
     rc = load(&c, "null.yaml", "model: ~\nnote: null\n");
-    CHECK(rc == 0 && c.model == NULL && c.note == NULL, "null strings are NULL");
+    CHECK(rc == 0 && c.model == NULL && c.note == NULL,
+          "null strings are NULL");
     cfg_free(fields, NF, &c);
     rc = load(&c, "nulltext.yaml", "note: 'null'\n");
-    CHECK(rc == 0 && c.note && strcmp(c.note, "null") == 0, "a quoted 'null' is text");
+    CHECK(rc == 0 && c.note && strcmp(c.note, "null") == 0,
+          "a quoted 'null' is text");
     cfg_free(fields, NF, &c);
 }
 
@@ -165,25 +171,31 @@ static void test_lists(void)
 {
     conf c;
     int rc = load(&c, "flow.yaml", "target_modules: [q_proj, o_proj]\n");
-    CHECK(rc == 0 && list_is(&c.target_modules, 2, "q_proj", "o_proj"), "flow sequence");
+    CHECK(rc == 0 && list_is(&c.target_modules, 2, "q_proj", "o_proj"),
+          "flow sequence");
     cfg_free(fields, NF, &c);
     rc = load(&c, "comma.yaml", "target_modules: q_proj , up_proj\n");
     CHECK(rc == 0 && list_is(&c.target_modules, 2, "q_proj", "up_proj"),
           "comma-separated string");
     cfg_free(fields, NF, &c);
     rc = load(&c, "one.yaml", "target_modules: down_proj\n");
-    CHECK(rc == 0 && list_is(&c.target_modules, 1, "down_proj", NULL), "single string");
+    CHECK(rc == 0 && list_is(&c.target_modules, 1, "down_proj", NULL),
+          "single string");
     cfg_free(fields, NF, &c);
     rc = load(&c, "none.yaml", "target_modules: []\n");
     CHECK(rc == 0 && c.target_modules.n == 0, "empty flow sequence");
     cfg_free(fields, NF, &c);
     rc = load(&c, "nested.yaml", "target_modules:\n  - [a, b]\n");
-    CHECK(rc < 0 && strstr(errbuf, "nested.yaml:2: 'target_modules': expected a list of "
-                                   "strings, got a list in the list"),
-          "a list inside the list is refused: %.*s", (int)strcspn(errbuf, "\n"), errbuf);
+    CHECK(rc < 0 &&
+              strstr(errbuf,
+                     "nested.yaml:2: 'target_modules': expected a list of "
+                     "strings, got a list in the list"),
+          "a list inside the list is refused: %.*s", (int)strcspn(errbuf, "\n"),
+          errbuf);
     cfg_free(fields, NF, &c);
     rc = load(&c, "emptyitem.yaml", "target_modules: a,,b\n");
-    CHECK(rc < 0 && strstr(errbuf, "empty item"), "an empty comma item is refused");
+    CHECK(rc < 0 && strstr(errbuf, "empty item"),
+          "an empty comma item is refused");
     cfg_free(fields, NF, &c);
 }
 
@@ -191,7 +203,8 @@ static void test_errors(void)
 {
     conf c;
     int rc = load(&c, "unknown.yaml", "r: 8\n\nlora_alpah: 3\n");
-    CHECK(rc < 0 && strstr(errbuf, "unknown.yaml:3: unknown key 'lora_alpah'\n") &&
+    CHECK(rc < 0 &&
+              strstr(errbuf, "unknown.yaml:3: unknown key 'lora_alpah'\n") &&
               strstr(errbuf, "hint: did you mean 'lora_alpha'?"),
           "unknown key names file:line and key, with a hint: %.*s",
           (int)strcspn(errbuf, "\n"), errbuf);
@@ -200,13 +213,17 @@ static void test_errors(void)
     rc = load(&c, "type.yaml", "r: 8\nlora_alpha: abc\n");
     char want[512];
     snprintf(want, sizeof want,
-             "test_config: %s/type.yaml:2: 'lora_alpha': expected a number, got 'abc'\n",
+             "test_config: %s/type.yaml:2: 'lora_alpha': expected a number, "
+             "got 'abc'\n",
              dir);
-    CHECK(rc < 0 && strcmp(errbuf, want) == 0, "wrong type, exact message: %.*s", (int)strcspn(errbuf, "\n"), errbuf);
+    CHECK(rc < 0 && strcmp(errbuf, want) == 0,
+          "wrong type, exact message: %.*s", (int)strcspn(errbuf, "\n"),
+          errbuf);
     cfg_free(fields, NF, &c);
 
     rc = load(&c, "int.yaml", "r: 1.5\n");
-    CHECK(rc < 0 && strstr(errbuf, "int.yaml:1: 'r': expected an integer, got '1.5'"),
+    CHECK(rc < 0 &&
+              strstr(errbuf, "int.yaml:1: 'r': expected an integer, got '1.5'"),
           "a fraction for an integer");
     cfg_free(fields, NF, &c);
     rc = load(&c, "big.yaml", "r: 99999999999999999999\n");
@@ -216,14 +233,17 @@ static void test_errors(void)
     CHECK(rc < 0 && strstr(errbuf, "expected a number"), "nan is not a number");
     cfg_free(fields, NF, &c);
     rc = load(&c, "bool.yaml", "gradient_checkpointing: maybe\n");
-    CHECK(rc < 0 && strstr(errbuf, "expected true or false, got 'maybe'"), "bad boolean");
+    CHECK(rc < 0 && strstr(errbuf, "expected true or false, got 'maybe'"),
+          "bad boolean");
     cfg_free(fields, NF, &c);
     rc = load(&c, "nullint.yaml", "r:\n");
-    CHECK(rc < 0 && strstr(errbuf, "'r': expected an integer, got null"), "null integer");
+    CHECK(rc < 0 && strstr(errbuf, "'r': expected an integer, got null"),
+          "null integer");
     cfg_free(fields, NF, &c);
     rc = load(&c, "map.yaml", "r: 8\nlora_alpha:\n  a: 1\n");
-    CHECK(rc < 0 && strstr(errbuf, "map.yaml:2: 'lora_alpha': expected a number, got a "
-                                   "mapping"),
+    CHECK(rc < 0 && strstr(errbuf,
+                           "map.yaml:2: 'lora_alpha': expected a number, got a "
+                           "mapping"),
           "a mapping value is refused");
     cfg_free(fields, NF, &c);
     rc = load(&c, "listnum.yaml", "r: [1, 2]\n");
@@ -231,23 +251,29 @@ static void test_errors(void)
           "a list for a scalar is refused");
     cfg_free(fields, NF, &c);
     rc = load(&c, "dup.yaml", "r: 8\nr: 9\n");
-    CHECK(rc < 0 && strstr(errbuf, "dup.yaml:2: duplicate key 'r'"), "duplicate key");
+    CHECK(rc < 0 && strstr(errbuf, "dup.yaml:2: duplicate key 'r'"),
+          "duplicate key");
     cfg_free(fields, NF, &c);
     rc = load(&c, "top.yaml", "- r\n- 8\n");
-    CHECK(rc < 0 && strstr(errbuf, "top.yaml:1: the top level must be a mapping"),
+    CHECK(rc < 0 &&
+              strstr(errbuf, "top.yaml:1: the top level must be a mapping"),
           "a top-level list is refused");
     cfg_free(fields, NF, &c);
     rc = load(&c, "docs.yaml", "r: 8\n---\nr: 9\n");
     CHECK(rc < 0 && strstr(errbuf, "docs.yaml:2: more than one YAML document"),
-          "several documents are refused: %.*s", (int)strcspn(errbuf, "\n"), errbuf);
+          "several documents are refused: %.*s", (int)strcspn(errbuf, "\n"),
+          errbuf);
     cfg_free(fields, NF, &c);
     rc = load(&c, "syntax.yaml", "r: 8\ntarget_modules: [a, b\nmodel: x\n");
-    CHECK(rc < 0 && strstr(errbuf, "syntax.yaml:") && strstr(errbuf, "bad YAML") &&
+    CHECK(rc < 0 && strstr(errbuf, "syntax.yaml:") &&
+              strstr(errbuf, "bad YAML") &&
               strchr(errbuf, '\n') == errbuf + strlen(errbuf) - 1,
-          "bad YAML syntax is one line: %.*s", (int)strcspn(errbuf, "\n"), errbuf);
+          "bad YAML syntax is one line: %.*s", (int)strcspn(errbuf, "\n"),
+          errbuf);
     cfg_free(fields, NF, &c);
     rc = load(&c, "syntax2.yaml", "r: 8\nnote: x: y\n");
-    CHECK(rc < 0 && strstr(errbuf, "syntax2.yaml:2:") && strstr(errbuf, "bad YAML"),
+    CHECK(rc < 0 && strstr(errbuf, "syntax2.yaml:2:") &&
+              strstr(errbuf, "bad YAML"),
           "a colon inside a plain value names line 2: %.*s",
           (int)strcspn(errbuf, "\n"), errbuf);
     cfg_free(fields, NF, &c);
@@ -256,7 +282,8 @@ static void test_errors(void)
     capture_begin();
     rc = cfg_load_yaml("/nonexistent/x.yaml", fields, NF, &c);
     capture_end();
-    CHECK(rc < 0 && strstr(errbuf, "cannot open '/nonexistent/x.yaml'"), "missing file");
+    CHECK(rc < 0 && strstr(errbuf, "cannot open '/nonexistent/x.yaml'"),
+          "missing file");
     cfg_free(fields, NF, &c);
 }
 
@@ -264,22 +291,30 @@ static void test_set(void)
 {
     conf c;
     cfg_defaults(fields, NF, &c);
-    CHECK(cfg_set(fields, NF, &c, "learning_rate", "3e-4", "--set") == 0 && c.lr == 3e-4,
+    CHECK(cfg_set(fields, NF, &c, "learning_rate", "3e-4", "--set") == 0 &&
+              c.lr == 3e-4,
           "cfg_set a float");
-    CHECK(cfg_set(fields, NF, &c, "target_modules", "q_proj,k_proj,v_proj", "--set") == 0 &&
-              c.target_modules.n == 3 && strcmp(c.target_modules.items[2], "v_proj") == 0,
+    CHECK(cfg_set(fields, NF, &c, "target_modules", "q_proj,k_proj,v_proj",
+                  "--set") == 0 &&
+              c.target_modules.n == 3 &&
+              strcmp(c.target_modules.items[2], "v_proj") == 0,
           "cfg_set a list");
     CHECK(cfg_set(fields, NF, &c, "note", "two words", "--set") == 0 &&
               strcmp(c.note, "two words") == 0,
           "cfg_set a string");
-    CHECK(cfg_set(fields, NF, &c, "gradient_checkpointing", "false", "--set") == 0 &&
+    CHECK(cfg_set(fields, NF, &c, "gradient_checkpointing", "false", "--set") ==
+                  0 &&
               c.gradient_checkpointing == 0,
           "cfg_set a boolean");
     capture_begin();
     int rc = cfg_set(fields, NF, &c, "r", "x", "--set");
     capture_end();
-    CHECK(rc < 0 && strcmp(errbuf, "test_config: --set: 'r': expected an integer, got 'x'\n") == 0,
-          "cfg_set wrong type: %.*s", (int)strcspn(errbuf, "\n"), errbuf);
+    CHECK(
+        rc < 0 &&
+            strcmp(errbuf,
+                   "test_config: --set: 'r': expected an integer, got 'x'\n") ==
+                0,
+        "cfg_set wrong type: %.*s", (int)strcspn(errbuf, "\n"), errbuf);
     capture_begin();
     rc = cfg_set(fields, NF, &c, "learning-rate", "1", "--set");
     capture_end();

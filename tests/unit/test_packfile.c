@@ -39,8 +39,10 @@ static int make_stream(int argc, char **argv)
 {
     if (argc < 3)
         return 2;
-    toks_header h = {.version = 1, .vocab_size = (uint32_t)strtoul(argv[2], NULL, 10),
-                     .bos_id = 1, .eos_id = 2};
+    toks_header h = {.version = 1,
+                     .vocab_size = (uint32_t)strtoul(argv[2], NULL, 10),
+                     .bos_id = 1,
+                     .eos_id = 2};
     snprintf(h.tokenizer, sizeof h.tokenizer, "%s", argc > 3 ? argv[3] : "");
     snprintf(h.producer, sizeof h.producer, "test_packfile");
     io_reader *r = io_reader_open(NULL);
@@ -117,11 +119,13 @@ static uint32_t rnd(uint32_t n)
 #define VOCAB 5000u
 
 /* n records with lengths in [2, maxlen]; record k is 1, 3 + k, ..., 2. */
-static void make_input(pack_input *in, uint64_t n, uint32_t maxlen, uint64_t seed)
+static void make_input(pack_input *in, uint64_t n, uint32_t maxlen,
+                       uint64_t seed)
 {
     memset(in, 0, sizeof *in);
     lcg = seed;
-    in->h = (toks_header){.version = 1, .vocab_size = VOCAB, .bos_id = 1, .eos_id = 2};
+    in->h = (toks_header){
+        .version = 1, .vocab_size = VOCAB, .bos_id = 1, .eos_id = 2};
     in->offsets = xmalloc((n + 1) * sizeof *in->offsets);
     in->completion = xmalloc((n ? n : 1) * sizeof *in->completion);
     in->ids = xmalloc((n * maxlen + 1) * sizeof *in->ids);
@@ -191,11 +195,13 @@ static int check_spans(const pack_input *in, const pack_data *d, unsigned *seen,
             uint32_t n = rlen(in, k);
             uint32_t want = n - from < L ? n - from : L;
             bad += sp[i].len != want;
-            bad += memcmp(in->ids + in->offsets[k] + from, s, (size_t)sp[i].len * 4) != 0;
+            bad += memcmp(in->ids + in->offsets[k] + from, s,
+                          (size_t)sp[i].len * 4) != 0;
             uint32_t cs = in->completion[k];
             for (uint32_t t = 0; t < sp[i].len; t++) {
-                int wt = t > 0 && (d->h.loss == PACK_LOSS_ALL ||
-                                   (cs != TOKS_NO_COMPLETION && from + t >= cs));
+                int wt =
+                    t > 0 && (d->h.loss == PACK_LOSS_ALL ||
+                              (cs != TOKS_NO_COMPLETION && from + t >= cs));
                 bad += w[sp[i].start + t] != wt;
             }
             seen[k]++;
@@ -215,7 +221,8 @@ static int cmp_u32(const void *a, const void *b)
 }
 
 /* Naive best-fit-decreasing on lengths: the sorted fill levels of the rows. */
-static uint32_t *naive_bfd(uint32_t *lens, uint64_t n, uint32_t L, uint64_t *rows)
+static uint32_t *naive_bfd(uint32_t *lens, uint64_t n, uint32_t L,
+                           uint64_t *rows)
 {
     qsort(lens, n, sizeof *lens, cmp_u32);
     uint32_t *fill = xmalloc((n ? n : 1) * sizeof *fill);
@@ -251,19 +258,25 @@ static void test_bfd(uint32_t L, uint64_t n, uint32_t maxlen, pack_loss loss)
 {
     pack_input in;
     make_input(&in, n, maxlen, 7 + L);
-    pack_opts o = {.seq_len = L, .mode = PACK_MODE_BFD, .loss = loss,
-                   .overlong = PACK_OVERLONG_TRUNCATE, .seed = 3, .shuffle = 1};
+    pack_opts o = {.seq_len = L,
+                   .mode = PACK_MODE_BFD,
+                   .loss = loss,
+                   .overlong = PACK_OVERLONG_TRUNCATE,
+                   .seed = 3,
+                   .shuffle = 1};
     pack_data d;
-    CHECK(pack_build(&in, &o, &d, NULL) == 0, "bfd L=%u n=%lu builds", L, (unsigned long)n);
+    CHECK(pack_build(&in, &o, &d, NULL) == 0, "bfd L=%u n=%lu builds", L,
+          (unsigned long)n);
     unsigned *seen = xcalloc(n, sizeof *seen);
     int bad = check_spans(&in, &d, seen, "bfd");
     uint64_t once = 0;
     for (uint64_t k = 0; k < n; k++)
         once += seen[k] == 1;
-    CHECK(bad == 0 && once == n && d.h.n_docs == n && d.h.n_tokens == in.n_tokens &&
-              d.h.n_spans == n,
-          "bfd L=%u %s: every record whole, exactly once, weights by loss scope", L,
-          pack_loss_name(loss));
+    CHECK(
+        bad == 0 && once == n && d.h.n_docs == n &&
+            d.h.n_tokens == in.n_tokens && d.h.n_spans == n,
+        "bfd L=%u %s: every record whole, exactly once, weights by loss scope",
+        L, pack_loss_name(loss));
     uint32_t *lens = xmalloc(n * sizeof *lens);
     for (uint64_t k = 0; k < n; k++)
         lens[k] = rlen(&in, k);
@@ -271,8 +284,9 @@ static void test_bfd(uint32_t L, uint64_t n, uint32_t maxlen, pack_loss loss)
     uint32_t *want = naive_bfd(lens, n, L, &nr);
     uint32_t *got = row_fills(&d);
     CHECK(nr == d.h.n_rows && memcmp(want, got, nr * sizeof *want) == 0,
-          "bfd L=%u: same rows and fill levels as a naive best-fit-decreasing (%lu rows)", L,
-          (unsigned long)nr);
+          "bfd L=%u: same rows and fill levels as a naive best-fit-decreasing "
+          "(%lu rows)",
+          L, (unsigned long)nr);
     free(want);
     free(got);
     free(lens);
@@ -291,14 +305,19 @@ static void test_overlong(void)
             over++;
             extra += rlen(&in, k) - 16;
         }
-    pack_opts o = {.seq_len = 16, .mode = PACK_MODE_BFD, .loss = PACK_LOSS_ALL,
-                   .overlong = PACK_OVERLONG_TRUNCATE, .seed = 1, .shuffle = 1};
+    pack_opts o = {.seq_len = 16,
+                   .mode = PACK_MODE_BFD,
+                   .loss = PACK_LOSS_ALL,
+                   .overlong = PACK_OVERLONG_TRUNCATE,
+                   .seed = 1,
+                   .shuffle = 1};
     pack_data d;
     pack_build(&in, &o, &d, NULL);
     unsigned *seen = xcalloc(in.n_records, sizeof *seen);
     int bad = check_spans(&in, &d, seen, "truncate");
-    CHECK(bad == 0 && over > 0 && d.h.n_truncated == over && d.h.n_dropped == extra &&
-              d.h.n_tokens == in.n_tokens - extra && d.h.n_spans == in.n_records,
+    CHECK(bad == 0 && over > 0 && d.h.n_truncated == over &&
+              d.h.n_dropped == extra && d.h.n_tokens == in.n_tokens - extra &&
+              d.h.n_spans == in.n_records,
           "truncate: %lu over-long records cut to the row, counted",
           (unsigned long)over);
     pack_data_free(&d);
@@ -322,8 +341,11 @@ static void test_concat(void)
     pack_input in;
     make_input(&in, 200, 40, 5);
     uint32_t L = 64;
-    pack_opts o = {.seq_len = L, .mode = PACK_MODE_CONCAT, .loss = PACK_LOSS_COMPLETION,
-                   .seed = 9, .shuffle = 0};
+    pack_opts o = {.seq_len = L,
+                   .mode = PACK_MODE_CONCAT,
+                   .loss = PACK_LOSS_COMPLETION,
+                   .seed = 9,
+                   .shuffle = 0};
     pack_data d;
     pack_build(&in, &o, &d, NULL);
     uint64_t R = in.n_tokens / L;
@@ -331,15 +353,18 @@ static void test_concat(void)
     uint8_t *w = xmalloc(in.n_tokens);
     for (uint64_t k = 0; k < in.n_records; k++)
         for (uint32_t t = 0; t < rlen(&in, k); t++)
-            w[in.offsets[k] + t] = in.completion[k] != TOKS_NO_COMPLETION &&
-                                   t >= in.completion[k];
+            w[in.offsets[k] + t] =
+                in.completion[k] != TOKS_NO_COMPLETION && t >= in.completion[k];
     for (uint64_t r = 0; r < R; r++)
         w[r * L] = 0;
     int same = d.h.n_rows == R && d.h.n_spans == R &&
-               memcmp(d.ids, in.ids, R * L * 4) == 0 && memcmp(d.weights, w, R * L) == 0;
+               memcmp(d.ids, in.ids, R * L * 4) == 0 &&
+               memcmp(d.weights, w, R * L) == 0;
     for (uint64_t r = 0; r < R && same; r++)
-        same = d.row_spans[r] == r && d.spans[r].start == 0 && d.spans[r].len == L;
-    CHECK(same, "concat: rows are the chunking of the concatenation, one span each");
+        same =
+            d.row_spans[r] == r && d.spans[r].start == 0 && d.spans[r].len == L;
+    CHECK(same,
+          "concat: rows are the chunking of the concatenation, one span each");
     CHECK(d.h.n_dropped == in.n_tokens % L && d.h.n_tokens == R * L,
           "concat: the last partial row (%lu tokens) is dropped",
           (unsigned long)(in.n_tokens % L));
@@ -352,8 +377,10 @@ static void test_concat(void)
     for (uint64_t r = 0; r < R && perm; r++) {
         uint64_t q;
         for (q = 0; q < R; q++)
-            if (!used[q] && memcmp(pack_row_ids(&s, r), pack_row_ids(&d, q), L * 4) == 0 &&
-                memcmp(pack_row_weights(&s, r), pack_row_weights(&d, q), L) == 0)
+            if (!used[q] &&
+                memcmp(pack_row_ids(&s, r), pack_row_ids(&d, q), L * 4) == 0 &&
+                memcmp(pack_row_weights(&s, r), pack_row_weights(&d, q), L) ==
+                    0)
                 break;
         perm = q < R;
         if (perm) {
@@ -373,22 +400,28 @@ static void test_eval_split(void)
 {
     pack_input in;
     make_input(&in, 300, 30, 11);
-    pack_opts o = {.seq_len = 32, .mode = PACK_MODE_BFD, .loss = PACK_LOSS_ALL,
-                   .seed = 4, .shuffle = 1, .eval_fraction = 0.1};
+    pack_opts o = {.seq_len = 32,
+                   .mode = PACK_MODE_BFD,
+                   .loss = PACK_LOSS_ALL,
+                   .seed = 4,
+                   .shuffle = 1,
+                   .eval_fraction = 0.1};
     pack_data t, e;
     CHECK(pack_build(&in, &o, &t, &e) == 0, "eval split builds");
     unsigned *seen = xcalloc(in.n_records, sizeof *seen);
-    int bad = check_spans(&in, &t, seen, "train") + check_spans(&in, &e, seen, "eval");
+    int bad = check_spans(&in, &t, seen, "train") +
+              check_spans(&in, &e, seen, "eval");
     uint64_t once = 0;
     for (uint64_t k = 0; k < in.n_records; k++)
         once += seen[k] == 1;
-    CHECK(bad == 0 && once == in.n_records && e.h.n_docs == 30 && t.h.n_docs == 270 &&
-              e.h.is_eval && !t.h.is_eval,
+    CHECK(bad == 0 && once == in.n_records && e.h.n_docs == 30 &&
+              t.h.n_docs == 270 && e.h.is_eval && !t.h.is_eval,
           "eval split: 30 of 300 records held out, every record exactly once");
     pack_data t2, e2;
     o.seed = 5;
     pack_build(&in, &o, &t2, &e2);
-    CHECK(e2.h.n_rows != e.h.n_rows || memcmp(e2.ids, e.ids, e.h.n_rows * 32 * 4) != 0,
+    CHECK(e2.h.n_rows != e.h.n_rows ||
+              memcmp(e2.ids, e.ids, e.h.n_rows * 32 * 4) != 0,
           "another seed holds out other records");
     free(seen);
     pack_data_free(&t);
@@ -442,8 +475,11 @@ static int read_quiet(const char *path, pack_data *d)
 static void small_pack(pack_data *d, pack_input *in)
 {
     make_input(in, 9, 7, 21);
-    pack_opts o = {.seq_len = 8, .mode = PACK_MODE_BFD, .loss = PACK_LOSS_COMPLETION,
-                   .seed = 2, .shuffle = 1};
+    pack_opts o = {.seq_len = 8,
+                   .mode = PACK_MODE_BFD,
+                   .loss = PACK_LOSS_COMPLETION,
+                   .seed = 2,
+                   .shuffle = 1};
     pack_build(in, &o, d, NULL);
 }
 
@@ -453,7 +489,8 @@ static void test_file_round_trip(void)
     pack_data d, r;
     small_pack(&d, &in);
     char *p = tmp_path("a.pack"), *q = tmp_path("b.pack");
-    CHECK(write_pack(p, &d) == 0 && read_quiet(p, &r) == 0, "write and read back");
+    CHECK(write_pack(p, &d) == 0 && read_quiet(p, &r) == 0,
+          "write and read back");
     int same = memcmp(&r.h, &d.h, offsetof(pack_header, producer)) == 0 &&
                strcmp(r.h.producer, d.h.producer) == 0 &&
                memcmp(r.ids, d.ids, d.h.n_rows * 8 * 4) == 0 &&
@@ -473,13 +510,15 @@ static void test_file_round_trip(void)
     io_read_file(q, &b, &nb);
     CHECK(na == nb && memcmp(a, b, na) == 0, "same input and seed: same bytes");
     char *nl = memchr(a, '\n', na);
-    CHECK(nl && (nl - a + 1) % 8 == 0 && strncmp(a, "{\"format\":\"qlora-packed\",", 25) == 0,
+    CHECK(nl && (nl - a + 1) % 8 == 0 &&
+              strncmp(a, "{\"format\":\"qlora-packed\",", 25) == 0,
           "header line begins with the magic and is padded to 8");
     strbuf sb = STRBUF_INIT;
     pack_dump_row(&r, 0, &sb);
     json_value *v = NULL;
     CHECK(json_parse(sb.buf, sb.len, "dump", 1, &v) == 0 &&
-              json_get(v, "ids")->u.array.n == 8 && json_get(v, "weights")->u.array.n == 8,
+              json_get(v, "ids")->u.array.n == 8 &&
+              json_get(v, "weights")->u.array.n == 8,
           "a dumped row is JSON with 8 ids and 8 weights");
     json_free(v);
     sb_reset(&sb);
@@ -505,8 +544,8 @@ static void test_file_round_trip(void)
     CHECK(accepted == 0, "every proper prefix (%zu) is refused", na);
     write_bytes(cut, a, na - 5);
     read_quiet(cut, &d2);
-    CHECK(strstr(errbuf, "truncated packed file") != NULL, "truncation is named: %.*s",
-          (int)strcspn(errbuf, "\n"), errbuf);
+    CHECK(strstr(errbuf, "truncated packed file") != NULL,
+          "truncation is named: %.*s", (int)strcspn(errbuf, "\n"), errbuf);
     /* trailing data, a flipped weight, trailer counts */
     char *m = malloc(na + 1);
     memcpy(m, a, na);
@@ -534,11 +573,15 @@ static void test_file_round_trip(void)
     CHECK(read_quiet(cut, &d2) < 0 && strstr(errbuf, "version 2") &&
               strstr(errbuf, "hint: regenerate it with pack"),
           "a future version is refused with a hint");
-    const char *tk = "{\"format\":\"qlora-tokens\",\"version\":1,\"vocab_size\":9}     \n";
+    const char *tk =
+        "{\"format\":\"qlora-tokens\",\"version\":1,\"vocab_size\":9}     \n";
     write_bytes(cut, tk, strlen(tk));
     CHECK(read_quiet(cut, &d2) < 0 && strstr(errbuf, "another qlora format"),
           "a token stream is not a packed file");
-    write_bytes(cut, "\x7f" "ELF\2\1\1\0\0\0\0\0\0\0\0\0", 16);
+    write_bytes(cut,
+                "\x7f"
+                "ELF\2\1\1\0\0\0\0\0\0\0\0\0",
+                16);
     CHECK(read_quiet(cut, &d2) < 0 && strstr(errbuf, "bad magic"), "bad magic");
 
     /* invariant violations with a valid checksum */
@@ -584,7 +627,10 @@ static void test_input_vocab(void)
     char *p1 = tmp_path("v1.toks"), *p2 = tmp_path("v2.toks");
     const uint32_t ids[] = {1, 5, 2};
     for (int i = 0; i < 2; i++) {
-        toks_header h = {.version = 1, .vocab_size = i ? 600 : 500, .bos_id = 1, .eos_id = 2};
+        toks_header h = {.version = 1,
+                         .vocab_size = i ? 600 : 500,
+                         .bos_id = 1,
+                         .eos_id = 2};
         io_writer *w = io_writer_open(i ? p2 : p1, IO_BINARY);
         toks_writer *tw = toks_writer_new(w, &h);
         toks_write_record(tw, ids, 3, 1);
@@ -592,9 +638,11 @@ static void test_input_vocab(void)
         io_writer_commit(w);
     }
     pack_input in = {0};
-    CHECK(pack_input_read(&in, p1, 0) == 0 && in.n_records == 1 && in.n_tokens == 3,
+    CHECK(pack_input_read(&in, p1, 0) == 0 && in.n_records == 1 &&
+              in.n_tokens == 3,
           "pack_input_read reads a stream");
-    CHECK(pack_input_read(&in, p1, 0) == 0 && in.n_records == 2 && in.offsets[2] == 6,
+    CHECK(pack_input_read(&in, p1, 0) == 0 && in.n_records == 2 &&
+              in.offsets[2] == 6,
           "a second stream of the same vocabulary appends");
     fflush(stderr);
     int saved = dup(2);
@@ -612,7 +660,8 @@ static void test_input_vocab(void)
     fclose(cap);
     CHECK(rc1 < 0 && strstr(errbuf, "another vocabulary"),
           "a stream of another vocabulary is refused");
-    CHECK(rc2 < 0 && strstr(errbuf, "not 32000 (--vocab)"), "--vocab mismatch is refused");
+    CHECK(rc2 < 0 && strstr(errbuf, "not 32000 (--vocab)"),
+          "--vocab mismatch is refused");
     pack_input_free(&in);
     pack_input_free(&in2);
     free(p1);
@@ -633,7 +682,8 @@ int main(int argc, char **argv)
     snprintf(errpath, sizeof errpath, "%s/stderr", dir);
     test_bfd(64, 500, 60, PACK_LOSS_COMPLETION);
     test_bfd(64, 500, 64, PACK_LOSS_ALL);
-    test_bfd(5000, 400, 3000, PACK_LOSS_COMPLETION); /* crosses a summary word */
+    test_bfd(5000, 400, 3000,
+             PACK_LOSS_COMPLETION); /* crosses a summary word */
     test_bfd(2048, 3000, 700, PACK_LOSS_ALL);
     test_overlong();
     test_concat();

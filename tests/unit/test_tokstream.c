@@ -107,7 +107,8 @@ static void test_round_trip(void)
     char *data = read_bytes(p, &n);
     char *nl = memchr(data, '\n', n);
     size_t hlen = nl ? (size_t)(nl - data) + 1 : 0;
-    CHECK(hlen > 0 && hlen % 8 == 0, "header line is a multiple of 8 bytes (%zu)", hlen);
+    CHECK(hlen > 0 && hlen % 8 == 0,
+          "header line is a multiple of 8 bytes (%zu)", hlen);
     CHECK(strncmp(data, "{\"format\":\"qlora-tokens\",\"version\":1,", 37) == 0,
           "header begins with the magic");
     CHECK(n == hlen + (8 + 20) + (8 + 8) + 8 + (8 + 24) + 24,
@@ -126,15 +127,15 @@ static void test_round_trip(void)
     CHECK(tr != NULL, "reader accepts the header");
     if (!tr)
         return;
-    CHECK(h.version == 1 && h.vocab_size == 100 && h.bos_id == 1 && h.eos_id == 2 &&
-              strcmp(h.tokenizer, "0123456789abcdef") == 0 &&
+    CHECK(h.version == 1 && h.vocab_size == 100 && h.bos_id == 1 &&
+              h.eos_id == 2 && strcmp(h.tokenizer, "0123456789abcdef") == 0 &&
               strcmp(h.producer, "test 1") == 0,
           "header fields round-trip");
     toks_record rec = {0};
     int ok = 1;
     const uint32_t *want[] = {rec0, rec1, NULL, rec2};
-    const uint32_t wn[] = {5, 2, 0, 6}, wc[] = {3, TOKS_NO_COMPLETION,
-                                                 TOKS_NO_COMPLETION, 6};
+    const uint32_t wn[] = {5, 2, 0, 6},
+                   wc[] = {3, TOKS_NO_COMPLETION, TOKS_NO_COMPLETION, 6};
     for (int i = 0; i < 4; i++) {
         if (toks_read_record(tr, &rec) != 1 || rec.n != wn[i] ||
             rec.completion_start != wc[i] ||
@@ -142,9 +143,11 @@ static void test_round_trip(void)
             ok = 0;
     }
     CHECK(ok, "records round-trip (ids, completion_start, empty record)");
-    CHECK(toks_read_record(tr, &rec) == 0, "trailer read after the last record");
+    CHECK(toks_read_record(tr, &rec) == 0,
+          "trailer read after the last record");
     CHECK(toks_reader_records(tr) == 4, "reader counts 4 records");
-    CHECK(toks_read_record(tr, &rec) == 0, "reading past the trailer stays at 0");
+    CHECK(toks_read_record(tr, &rec) == 0,
+          "reading past the trailer stays at 0");
     toks_record_free(&rec);
     toks_reader_free(tr);
     io_reader_close(r);
@@ -153,7 +156,8 @@ static void test_round_trip(void)
     /* A producer string that needs escaping still gives valid JSON. */
     p = path_in_dir("quote.toks");
     write_sample(p, "a \"quoted\"\\ name");
-    CHECK(read_stream(p, &h) == 4 && strcmp(h.producer, "a \"quoted\"\\ name") == 0,
+    CHECK(read_stream(p, &h) == 4 &&
+              strcmp(h.producer, "a \"quoted\"\\ name") == 0,
           "escaped producer round-trips");
     free(p);
 }
@@ -178,9 +182,10 @@ static void test_truncation(void)
     CHECK(bad_msg == 0, "refusals name truncation (%zu do not)", bad_msg);
     write_bytes(q, data, 100 < n ? 100 : n);
     read_stream(q, NULL);
-    CHECK(strstr(errbuf, "truncated token stream") && strchr(errbuf, '\n') ==
-                                                          errbuf + strlen(errbuf) - 1,
-          "a cut in the records is one line: %.*s", (int)strcspn(errbuf, "\n"), errbuf);
+    CHECK(strstr(errbuf, "truncated token stream") &&
+              strchr(errbuf, '\n') == errbuf + strlen(errbuf) - 1,
+          "a cut in the records is one line: %.*s", (int)strcspn(errbuf, "\n"),
+          errbuf);
     write_bytes(q, data, n);
     CHECK(read_stream(q, NULL) == 4, "the whole stream is accepted");
     /* Trailing garbage is refused too. */
@@ -210,8 +215,9 @@ static void test_bad_headers(void)
 
     /* A well-formed header of version 2. */
     char hdr[64];
-    int k = snprintf(hdr, sizeof hdr,
-                     "{\"format\":\"qlora-tokens\",\"version\":2,\"vocab_size\":10}");
+    int k = snprintf(
+        hdr, sizeof hdr,
+        "{\"format\":\"qlora-tokens\",\"version\":2,\"vocab_size\":10}");
     while ((k + 1) % 8)
         hdr[k++] = ' ';
     hdr[k++] = '\n';
@@ -221,10 +227,12 @@ static void test_bad_headers(void)
           "a future version is refused with a hint: %.*s",
           (int)strcspn(errbuf, "\n"), errbuf);
 
-    const char *unpadded = "{\"format\":\"qlora-tokens\",\"version\":1,\"vocab_size\":10}\n";
+    const char *unpadded =
+        "{\"format\":\"qlora-tokens\",\"version\":1,\"vocab_size\":10}\n";
     write_bytes(q, unpadded, strlen(unpadded));
     CHECK(read_stream(q, NULL) < 0, "an unpadded header is refused");
-    k = snprintf(hdr, sizeof hdr, "{\"format\":\"qlora-tokens\",\"version\":1}");
+    k = snprintf(hdr, sizeof hdr,
+                 "{\"format\":\"qlora-tokens\",\"version\":1}");
     while ((k + 1) % 8)
         hdr[k++] = ' ';
     hdr[k++] = '\n';
@@ -266,8 +274,7 @@ static void test_corrupt_records(void)
                    "id equal to vocab_size");
     patch_and_read(data, n, hlen + 4, 6, "completion_start 6 > 5",
                    "completion_start past the record");
-    patch_and_read(data, n, hlen, 0x7fffffff, "claims",
-                   "absurd record length");
+    patch_and_read(data, n, hlen, 0x7fffffff, "claims", "absurd record length");
     free(data);
     free(p);
 }

@@ -1,0 +1,291 @@
+/* lora-train: trains a LoRA adapter on a packed file; writes a PEFT
+ * adapter directory and prints metrics as JSON Lines.
+ *
+ * Argument parsing and orchestration only: the configuration table, the
+ * loop and checkpoints live in lib/train.c, the model math in
+ * lib/llama_cpu.c. Configuration comes from defaults (Hugging Face's), then
+ * the YAML file (-c), then the command line (-m, -o, -s key=value) in that
+ * order.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "adapter.h"
+#include "config.h"
+#include "io.h"
+#include "json.h"
+#include "llama.h"
+#include "msg.h"
+#include "packfile.h"
+#include "strbuf.h"
+#include "train.h"
+
+static const char usage_text[] =
+    "usage: lora-train [-hqVv] [-c config] [-e file] [-m model] [-o dir] "
+    "[-s key=value] [--device cpu|cuda] [--dump-batches file] [--init-only] "
+    "[--print-config] [--progress] [--resume[=checkpoint]] [file]\n";
+
+static void usage(FILE *f) { fputs(usage_text, f); }
+
+static void help(void)
+{
+    usage(stdout);
+    fputs("\n"
+          "Trains a LoRA adapter of a Llama model on a packed file (from pack)\n"
+          "and writes it as a PEFT adapter directory. Metrics go to stdout as\n"
+          "JSON Lines.\n"
+          "\n"
+          "  -c, --config file        YAML configuration (Hugging Face key names)\n"
+          "  -e, --eval file          packed file to compute eval_loss on\n"
+          "  -h, --help               this help\n"
+          "  -m, --model dir          base model directory (model_name_or_path)\n"
+          "  -o, --output-dir dir     where the adapter and checkpoints go\n"
+          "  -q, --quiet              no warnings\n"
+          "  -s, --set key=value      set a configuration key (repeatable)\n"
+          "  -V, --version            print the version\n"
+          "  -v, --verbose            more messages on stderr\n"
+          "      --device dev         cpu (default) or cuda\n"
+          "      --dump-batches file  write every micro-batch as JSON Lines\n"
+          "      --init-only          write the initial adapter and stop\n"
+          "      --print-config       print the resolved configuration as JSON\n"
+          "      --progress           a progress bar on stderr even when it is\n"
+          "                           not a terminal\n"
+          "      --resume[=dir]       continue from a checkpoint (default: the\n"
+          "                           newest in the output directory)\n"
+          "\n"
+          "Configuration keys (see lora-train(1)):\n",
+          stdout);
+    for (size_t i = 0; i < train_nfields; i++)
+        printf("  %-28s %s\n", train_fields[i].key, train_fields[i].help);
+}
+
+static _Noreturn void bad_usage(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "%s: ", msg_prog());
+    fprintf(stderr, fmt, arg);
+    fputc('\n', stderr);
+    usage(stderr);
+    exit(2);
+}
+
+typedef struct ui {
+    io_writer *metrics;
+    io_writer *batches;
+    int progress;
+    strbuf sb;
+} ui;
+
+static void progress_bar(const train_event *ev)
+{
+    int width = 30, done = (int)(width * ev->step / (ev->total_steps ? ev->total_steps : 1));
+    fprintf(stderr, "\r%s: [", msg_prog());
+    for (int i = 0; i < width; i++)
+        fputc(i < done ? '#' : '.', stderr);
+    fprintf(stderr, "] %lld/%lld loss %.4f", (long long)ev->step,
+            (long long)ev->total_steps, ev->loss);
+    if (ev->step == ev->total_steps)
+        fputc('\n', stderr);
+    fflush(stderr);
+}
+
+static void on_event(const train_event *ev, void *ctx)
+{
+    ui *u = ctx;
+    sb_reset(&u->sb);
+    switch (ev->kind) {
+    case TRAIN_EV_STEP:
+        if (u->progress)
+            progress_bar(ev);
+        break;
+    case TRAIN_EV_LOG:
+    case TRAIN_EV_EVAL:
+        train_event_json(ev, &u->sb);
+        sb_putc(&u->sb, '\n');
+        io_write(u->metrics, u->sb.buf, u->sb.len);
+        break;
+    case TRAIN_EV_SAVE:
+        msg_info("saved '%s'", ev->path);
+        break;
+    case TRAIN_EV_BATCH:
+        if (!u->batches)
+            break;
+        sb_printf(&u->sb, "{\"step\":%lld,\"micro\":%lld,\"learning_rate\":",
+                  (long long)ev->step, (long long)ev->micro);
+        json_append_number(&u->sb, ev->learning_rate);
+        sb_printf(&u->sb, ",\"weight_sum\":");
+        json_append_number(&u->sb, ev->batch->weight_sum);
+        sb_puts(&u->sb, ",\"batch\":");
+        train_batch_json(ev->batch, &u->sb);
+        sb_puts(&u->sb, "}\n");
+        io_write(u->batches, u->sb.buf, u->sb.len);
+        break;
+    }
+}
+
+int main(int argc, char **argv)
+{
+    const char *config = NULL, *eval_path = NULL, *dump_path = NULL;
+    const char *resume = NULL;
+    int print_config = 0, init_only = 0, progress = isatty(2), do_resume = 0;
+    char **sets = xcalloc((size_t)argc + 1, sizeof *sets);
+    size_t nsets = 0;
+
+    msg_init(argv[0]);
+    enum { OPT_DEVICE = 256, OPT_DUMP, OPT_INIT, OPT_PRINT, OPT_PROGRESS, OPT_RESUME };
+    static const struct option longs[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"eval", required_argument, NULL, 'e'},
+        {"help", no_argument, NULL, 'h'},
+        {"model", required_argument, NULL, 'm'},
+        {"output-dir", required_argument, NULL, 'o'},
+        {"quiet", no_argument, NULL, 'q'},
+        {"set", required_argument, NULL, 's'},
+        {"version", no_argument, NULL, 'V'},
+        {"verbose", no_argument, NULL, 'v'},
+        {"device", required_argument, NULL, OPT_DEVICE},
+        {"dump-batches", required_argument, NULL, OPT_DUMP},
+        {"init-only", no_argument, NULL, OPT_INIT},
+        {"print-config", no_argument, NULL, OPT_PRINT},
+        {"progress", no_argument, NULL, OPT_PROGRESS},
+        {"resume", optional_argument, NULL, OPT_RESUME},
+        {NULL, 0, NULL, 0},
+    };
+    /* -m, -o and --device are --set in disguise, applied in order */
+    int c;
+    while ((c = getopt_long(argc, argv, "c:e:hm:o:qs:Vv", longs, NULL)) != -1) {
+        strbuf kv = STRBUF_INIT;
+        switch (c) {
+        case 'c': config = optarg; break;
+        case 'e': eval_path = optarg; break;
+        case 'h': help(); return 0;
+        case 'm': sb_printf(&kv, "model_name_or_path=%s", optarg); break;
+        case 'o': sb_printf(&kv, "output_dir=%s", optarg); break;
+        case 'q': msg_verbosity = 0; break;
+        case 's':
+            if (!strchr(optarg, '='))
+                bad_usage("--set needs key=value, got '%s'", optarg);
+            sets[nsets++] = xstrdup(optarg);
+            break;
+        case 'V': printf("lora-train %s\n", QLORA_VERSION); return 0;
+        case 'v': msg_verbosity++; break;
+        case OPT_DEVICE: sb_printf(&kv, "device=%s", optarg); break;
+        case OPT_DUMP: dump_path = optarg; break;
+        case OPT_INIT: init_only = 1; break;
+        case OPT_PRINT: print_config = 1; break;
+        case OPT_PROGRESS: progress = 1; break;
+        case OPT_RESUME: do_resume = 1; resume = optarg; break;
+        default: usage(stderr); return 2;
+        }
+        if (kv.len)
+            sets[nsets++] = kv.buf;
+    }
+    if (argc - optind > 1)
+        bad_usage("too many operands, starting with '%s'", argv[optind + 1]);
+    const char *train_path = optind < argc ? argv[optind] : NULL;
+
+    train_config cfg;
+    if (cfg_defaults(train_fields, train_nfields, &cfg) != 0)
+        return 2;
+    if (config && cfg_load_yaml(config, train_fields, train_nfields, &cfg) != 0)
+        return 2;
+    for (size_t i = 0; i < nsets; i++) {
+        char *eq = strchr(sets[i], '=');
+        *eq = 0;
+        if (cfg_set(train_fields, train_nfields, &cfg, sets[i], eq + 1,
+                    "command line") != 0)
+            return 2;
+        free(sets[i]);
+    }
+    free(sets);
+    if (train_config_check(&cfg) != 0)
+        return 2;
+    if (print_config) {
+        strbuf sb = STRBUF_INIT;
+        cfg_to_json(train_fields, train_nfields, &cfg, &sb);
+        sb_putc(&sb, '\n');
+        io_writer *w = io_writer_open(NULL, IO_TEXT);
+        io_write(w, sb.buf, sb.len);
+        sb_free(&sb);
+        return io_writer_commit(w) < 0 ? 2 : 0;
+    }
+    if (strcmp(cfg.device, "cuda") == 0)
+        msg_die("device 'cuda': not built with CUDA");
+    if (!cfg.model_name_or_path)
+        bad_usage("no model: give -m dir or model_name_or_path%s", "");
+    if (!init_only && !train_path && isatty(0))
+        bad_usage("no packed file (and stdin is a terminal)%s", "");
+
+    llama_model *model;
+    if (llama_load(cfg.model_name_or_path, &model) != 0)
+        return 2;
+    msg_info("model '%s': %d layers, dim %d, %s weights %.1f MiB",
+             cfg.model_name_or_path, model->cfg.n_layers, model->cfg.dim,
+             model->cfg.quantized ? "NF4" : "f32",
+             (double)llama_weight_bytes(model) / 1048576.0);
+    if (init_only) {
+        lora_config lc;
+        lora_adapter *a;
+        if (train_lora_config(&cfg, &lc) != 0 || lora_new(&model->cfg, &lc, &a) != 0)
+            return 2;
+        lora_init(a, (uint64_t)cfg.seed);
+        int rc = adapter_write(cfg.output_dir, a, cfg.model_name_or_path);
+        lora_free(a);
+        llama_free(model);
+        cfg_free(train_fields, train_nfields, &cfg);
+        return rc ? 2 : 0;
+    }
+    pack_data train, eval;
+    if (pack_read(train_path, &train) != 0)
+        return 2;
+    if (eval_path && pack_read(eval_path, &eval) != 0)
+        return 2;
+    char *ckpt = NULL;
+    if (do_resume) {
+        ckpt = resume ? xstrdup(resume) : train_latest_checkpoint(cfg.output_dir);
+        if (!ckpt)
+            msg_die("no checkpoint to resume from in '%s'", cfg.output_dir);
+        msg_info("resuming from '%s'", ckpt);
+    }
+    ui u = {0};
+    u.progress = progress && msg_verbosity > 0;
+    u.metrics = io_writer_open(NULL, IO_TEXT);
+    if (dump_path && !(u.batches = io_writer_open(dump_path, IO_TEXT)))
+        return 2;
+    train_inputs in = {
+        .cfg = &cfg,
+        .model = model,
+        .train = &train,
+        .eval = eval_path ? &eval : NULL,
+        .resume = ckpt,
+        .cb = on_event,
+        .cb_ctx = &u,
+        .want_batches = dump_path != NULL,
+    };
+    msg_info("%llu rows of %u tokens; activations %.1f MiB per row",
+             (unsigned long long)train.h.n_rows, train.h.seq_len,
+             (double)llama_train_activation_bytes(model, NULL, train.h.seq_len,
+                                                  cfg.gradient_checkpointing) /
+                 1048576.0);
+    int rc = train_run(&in);
+    if (u.batches) {
+        if (rc == 0)
+            rc = io_writer_commit(u.batches);
+        else
+            io_writer_abort(u.batches);
+    }
+    if (io_writer_commit(u.metrics) != 0)
+        rc = -1;
+    sb_free(&u.sb);
+    free(ckpt);
+    pack_data_free(&train);
+    if (eval_path)
+        pack_data_free(&eval);
+    llama_free(model);
+    cfg_free(train_fields, train_nfields, &cfg);
+    return rc ? 2 : 0;
+}
