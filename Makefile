@@ -105,6 +105,29 @@ test test-gpu demo: $(BUILD)/mkfixture
 -include $(FIXTURE_OBJ:.o=.d)
 # --- end of test fixtures ---------------------------------------------------
 
+# --- fuzzing (issue 11, hardening) ----------------------------------------
+# `make fuzz` builds one libFuzzer harness per parser, tests/fuzz/fuzz_X.c ->
+# build/fuzz/fuzz_X, with clang (ASan + UBSan), against its own instrumented
+# copy of lib/ (portable code paths: clang 14 knows no "f16c" CPU feature).
+# tests/fuzz/run.sh makes the seed corpora and runs them.
+FUZZ_CC     ?= clang
+FUZZ_SAN    := address,undefined
+FUZZ_CFLAGS := -g -O1 -std=c11 -Wall -Wextra -fopenmp -Ilib -fno-omit-frame-pointer \
+               -DQLORA_VERSION='"$(VERSION)"' -fno-sanitize-recover=undefined
+FUZZ_SRC    := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_BIN    := $(FUZZ_SRC:tests/fuzz/%.c=build/fuzz/%)
+FUZZ_LIB    := $(LIB_SRC:%.c=build/fuzz/%.o)
+.PHONY: fuzz
+fuzz: $(FUZZ_BIN)
+build/fuzz/lib/%.o: lib/%.c lib/*.h
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link,$(FUZZ_SAN) \
+	    -Wno-pass-failed -Wno-unknown-pragmas -Wno-string-plus-int \
+	    '-D__builtin_cpu_supports(f)=0' -c -o $@ $<
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(FUZZ_LIB)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer,$(FUZZ_SAN) -o $@ $< $(FUZZ_LIB) $(LDLIBS)
+# --- end of fuzzing ----------------------------------------------------------
+
 test: all $(TEST_BIN) $(GPU_TEST_BIN)
 	@BUILD=$(BUILD) SHARED=$(SHARED) sh tests/run.sh
 

@@ -30,8 +30,22 @@
 #define LN2 0.6931471805599453f
 #define ATT_THREADS 128
 
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int bytes)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 /* rows x HDP tile from global rows row0.. (stride elements apart; columns
- * 0..hd-1 of each), zero-filled past n and past hd. */
+ * 0..hd-1 of each), zero-filled past n and past hd. With 16-byte rows
+ * (vec) the copies are asynchronous (cp.async, zero-filling through a
+ * source size of 0): the caller commits and waits; otherwise they are
+ * plain stores, visible after the next barrier. */
 template <int HDP, int ROWS>
 __device__ __forceinline__ void load_tile(bf16 *s, const bf16 *g, int64_t row0,
                                           int64_t n, int64_t stride, int hd,
@@ -42,16 +56,19 @@ __device__ __forceinline__ void load_tile(bf16 *s, const bf16 *g, int64_t row0,
     for (int i = threadIdx.x; i < ROWS * CH; i += blockDim.x) {
         int r = i / CH, c = (i % CH) * 8;
         int64_t row = row0 + r;
+        bool in = row < n && c < hd;
+        if (vec) {
+            cp_async16(s + r * LD + c, in ? g + row * stride + c : g, in ? 16 : 0);
+            continue;
+        }
         uint4 val = make_uint4(0, 0, 0, 0);
-        if (row < n && c < hd) {
+        if (in) {
             const bf16 *src = g + row * stride + c;
-            if (vec) {
-                val = *(const uint4 *)src;
-            } else {
-                bf16 *vb = (bf16 *)&val;
-                for (int j = 0; j < 8 && c + j < hd; j++)
+            bf16 *vb = (bf16 *)&val;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (c + j < hd)
                     vb[j] = src[j];
-            }
         }
         *(uint4 *)(s + r * LD + c) = val;
     }
@@ -85,6 +102,8 @@ __device__ __forceinline__ void frag_b_kn(uint32_t *b, const bf16 *s, int k0,
     ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((mi & 1) << 3)) * LD + n0 + ((mi >> 1) << 3));
 }
 
+__device__ __forceinline__ int kn_cdiv_dev(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+
 __device__ __forceinline__ float quad_max(float v)
 {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -105,20 +124,15 @@ attn_fwd_kernel(bf16 *o, float *lse, const bf16 *q, const bf16 *k,
 {
     constexpr int LD = HDP + 8, KS = HDP / 16, DN = HDP / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16 *sQ = (bf16 *)smem_raw, *sK = sQ + 64 * LD, *sV = sK + 64 * LD;
+    /* sQ, then K buffers 0 and 1, then V buffers 0 and 1 (no arrays of
+     * pointers: a run-time index would put them in local memory) */
+    bf16 *sQ = (bf16 *)smem_raw, *sK0 = sQ + 64 * LD, *sV0 = sQ + 3 * 64 * LD;
     const int h = blockIdx.y, kh = h / (nh / nkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
     const int64_t q0 = (int64_t)blockIdx.x * 64;
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
     const bool vec = (hd & 7) == 0;
-
-    load_tile<HDP, 64>(sQ, q + h * hd, q0, n, qs, hd, vec);
-    __syncthreads();
-    uint32_t qf[KS][4];
-#pragma unroll
-    for (int kk = 0; kk < KS; kk++)
-        frag_a<LD>(qf[kk], sQ, warp * 16, kk * 16, lane);
 
     const int64_t r0 = q0 + warp * 16 + g, r1 = r0 + 8;
     const int64_t lim0 = r0 < n ? r0 : -1, lim1 = r1 < n ? r1 : -1;
@@ -128,13 +142,38 @@ attn_fwd_kernel(bf16 *o, float *lse, const bf16 *q, const bf16 *k,
 #pragma unroll
     for (int i = 0; i < DN; i++)
         oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.0f;
+    uint32_t qf[KS][4];
 
+    /* keys start[q0] .. min(q0 + 63, n - 1); a tile needs no mask when
+     * every key precedes every query and follows every row's start
+     * (starts only grow, so the last row's is the largest) */
     const int64_t kbeg = start[q0], kend = q0 + 64 < n ? q0 + 64 : n;
-    for (int64_t kb = kbeg; kb < kend; kb += 64) {
+    const int64_t smax = start[q0 + 63 < n ? q0 + 63 : n - 1];
+    const int ntiles = kn_cdiv_dev(kend - kbeg, 64);
+    load_tile<HDP, 64>(sQ, q + h * hd, q0, n, qs, hd, vec);
+    load_tile<HDP, 64>(sK0, k + kh * hd, kbeg, n, ks, hd, vec);
+    load_tile<HDP, 64>(sV0, v + kh * hd, kbeg, n, ks, hd, vec);
+    cp_async_commit();
+    for (int it = 0; it < ntiles; it++) {
+        const int64_t kb = kbeg + (int64_t)it * 64;
+        bf16 *sK = sK0 + (it & 1) * 64 * LD, *sV = sV0 + (it & 1) * 64 * LD;
+        if (it + 1 < ntiles) {
+            load_tile<HDP, 64>(sK0 + ((it + 1) & 1) * 64 * LD, k + kh * hd, kb + 64, n, ks,
+                               hd, vec);
+            load_tile<HDP, 64>(sV0 + ((it + 1) & 1) * 64 * LD, v + kh * hd, kb + 64, n, ks,
+                               hd, vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
-        load_tile<HDP, 64>(sK, k + kh * hd, kb, n, ks, hd, vec);
-        load_tile<HDP, 64>(sV, v + kh * hd, kb, n, ks, hd, vec);
-        __syncthreads();
+        if (it == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++)
+                frag_a<LD>(qf[kk], sQ, warp * 16, kk * 16, lane);
+        }
+        const bool full = kb + 63 <= q0 && kb >= smax;
         float sc[8][4];
 #pragma unroll
         for (int i = 0; i < 8; i++)
@@ -153,9 +192,12 @@ attn_fwd_kernel(bf16 *o, float *lse, const bf16 *q, const bf16 *k,
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int64_t key = kb + nt * 8 + 2 * t4 + (e & 1);
-                bool ok = e < 2 ? (key <= lim0 && key >= st0) : (key <= lim1 && key >= st1);
-                float s = ok ? sc[nt][e] * scale_log2 : -INFINITY;
+                float s = sc[nt][e] * scale_log2;
+                if (!full) {
+                    int64_t key = kb + nt * 8 + 2 * t4 + (e & 1);
+                    bool ok = e < 2 ? (key <= lim0 && key >= st0) : (key <= lim1 && key >= st1);
+                    s = ok ? s : -INFINITY;
+                }
                 sc[nt][e] = s;
                 if (e < 2)
                     mx0 = fmaxf(mx0, s);
@@ -203,6 +245,7 @@ attn_fwd_kernel(bf16 *o, float *lse, const bf16 *q, const bf16 *k,
                 mma_bf16_16816(oacc[2 * i + 1], pa, b + 2);
             }
         }
+        __syncthreads();
     }
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
@@ -255,8 +298,8 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
 {
     constexpr int LD = HDP + 8, KS = HDP / 16, DN = HDP / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16 *sQ = (bf16 *)smem_raw, *sO = sQ + 64 * LD, *sK = sO + 64 * LD,
-         *sV = sK + 64 * LD;
+    bf16 *sQ = (bf16 *)smem_raw, *sO = sQ + 64 * LD;
+    bf16 *sK0 = sQ + 2 * 64 * LD, *sV0 = sQ + 4 * 64 * LD;
     const int h = blockIdx.y, kh = h / (nh / nkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -264,8 +307,6 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
     const bool vec = (hd & 7) == 0;
 
-    load_tile<HDP, 64>(sQ, q + h * hd, q0, n, qs, hd, vec);
-    load_tile<HDP, 64>(sO, dout + h * hd, q0, n, qs, hd, vec);
     const int64_t r0 = q0 + warp * 16 + g, r1 = r0 + 8;
     const int64_t lim0 = r0 < n ? r0 : -1, lim1 = r1 < n ? r1 : -1;
     const int64_t st0 = r0 < n ? start[r0] : 0, st1 = r1 < n ? start[r1] : 0;
@@ -279,11 +320,28 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
         acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 
     const int64_t kbeg = start[q0], kend = q0 + 64 < n ? q0 + 64 : n;
-    for (int64_t kb = kbeg; kb < kend; kb += 64) {
+    const int64_t smax = start[q0 + 63 < n ? q0 + 63 : n - 1];
+    const int ntiles = kn_cdiv_dev(kend - kbeg, 64);
+    load_tile<HDP, 64>(sQ, q + h * hd, q0, n, qs, hd, vec);
+    load_tile<HDP, 64>(sO, dout + h * hd, q0, n, qs, hd, vec);
+    load_tile<HDP, 64>(sK0, k + kh * hd, kbeg, n, ks, hd, vec);
+    load_tile<HDP, 64>(sV0, v + kh * hd, kbeg, n, ks, hd, vec);
+    cp_async_commit();
+    for (int it = 0; it < ntiles; it++) {
+        const int64_t kb = kbeg + (int64_t)it * 64;
+        bf16 *sK = sK0 + (it & 1) * 64 * LD, *sV = sV0 + (it & 1) * 64 * LD;
+        if (it + 1 < ntiles) {
+            load_tile<HDP, 64>(sK0 + ((it + 1) & 1) * 64 * LD, k + kh * hd, kb + 64, n, ks,
+                               hd, vec);
+            load_tile<HDP, 64>(sV0 + ((it + 1) & 1) * 64 * LD, v + kh * hd, kb + 64, n, ks,
+                               hd, vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
-        load_tile<HDP, 64>(sK, k + kh * hd, kb, n, ks, hd, vec);
-        load_tile<HDP, 64>(sV, v + kh * hd, kb, n, ks, hd, vec);
-        __syncthreads();
+        const bool full = kb + 63 <= q0 && kb >= smax;
         float sc[8][4], dp[8][4];
 #pragma unroll
         for (int i = 0; i < 8; i++)
@@ -311,7 +369,8 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int64_t key = kb + nt * 8 + 2 * t4 + (e & 1);
-                bool ok = e < 2 ? (key <= lim0 && key >= st0) : (key <= lim1 && key >= st1);
+                bool ok = full || (e < 2 ? (key <= lim0 && key >= st0)
+                                         : (key <= lim1 && key >= st1));
                 float p = ok ? exp2f(sc[nt][e] * scale_log2 - (e < 2 ? L0 : L1)) : 0.0f;
                 sc[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
             }
@@ -329,6 +388,7 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
                 mma_bf16_16816(acc[2 * i + 1], pa, b + 2);
             }
         }
+        __syncthreads();
     }
 #pragma unroll
     for (int i = 0; i < DN; i++) {
@@ -355,10 +415,11 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
 {
     constexpr int LD = HDP + 8, KS = HDP / 16, DN = HDP / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16 *sK = (bf16 *)smem_raw, *sV = sK + 64 * LD, *sQ = sV + 64 * LD,
-         *sO = sQ + BQ_KV * LD;
-    float *sL = (float *)(sO + BQ_KV * LD), *sD = sL + BQ_KV;
-    int64_t *sS = (int64_t *)(sD + BQ_KV);
+    bf16 *sK = (bf16 *)smem_raw, *sV = sK + 64 * LD;
+    bf16 *sQ0 = sV + 64 * LD;  /* buffer b: Q at sQ0 + 2b BQ_KV LD, dO after it */
+    float *sLb = (float *)(sV + 64 * LD + 4 * BQ_KV * LD);  /* (2, BQ_KV) */
+    float *sDb = sLb + 2 * BQ_KV;
+    int64_t *sSb = (int64_t *)(sDb + 2 * BQ_KV);
     const int kh = blockIdx.y, grp = nh / nkv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -367,8 +428,6 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
     const bool vec = (hd & 7) == 0;
     const int64_t klast = k0 + 63 < n ? k0 + 63 : n - 1;
 
-    load_tile<HDP, 64>(sK, k + kh * hd, k0, n, ks, hd, vec);
-    load_tile<HDP, 64>(sV, v + kh * hd, k0, n, ks, hd, vec);
     const int64_t kr0 = k0 + warp * 16 + g, kr1 = kr0 + 8;
     float adk[DN][4], adv[DN][4];
 #pragma unroll
@@ -377,20 +436,48 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
         for (int e = 0; e < 4; e++)
             adk[i][e] = adv[i][e] = 0.0f;
 
-    for (int hq = 0; hq < grp; hq++) {
-        const int h = kh * grp + hq;
-        for (int64_t qb = k0; qb < n && start[qb] <= klast; qb += BQ_KV) {
-            __syncthreads();
-            load_tile<HDP, BQ_KV>(sQ, q + h * hd, qb, n, qs, hd, vec);
-            load_tile<HDP, BQ_KV>(sO, dout + h * hd, qb, n, qs, hd, vec);
+    /* the query tiles that see these keys: from k0 while the tile's first
+     * query's document starts at or before the last key; the same for
+     * every q head of the group. Iteration it: head it / nq, tile it % nq. */
+    int nq = 0;
+    for (int64_t qb = k0; qb < n && start[qb] <= klast; qb += BQ_KV)
+        nq++;
+    const int iters = nq * grp;
+    load_tile<HDP, 64>(sK, k + kh * hd, k0, n, ks, hd, vec);
+    load_tile<HDP, 64>(sV, v + kh * hd, k0, n, ks, hd, vec);
+    for (int it = 0; it <= iters; it++) {
+        /* stage iteration it's query tile (it < iters) while computing
+         * it - 1's */
+        if (it < iters) {
+            const int h = kh * grp + it / nq, buf = it & 1;
+            const int64_t qb = k0 + (int64_t)(it % nq) * BQ_KV;
+            load_tile<HDP, BQ_KV>(sQ0 + 2 * buf * BQ_KV * LD, q + h * hd, qb, n, qs, hd, vec);
+            load_tile<HDP, BQ_KV>(sQ0 + (2 * buf + 1) * BQ_KV * LD, dout + h * hd, qb, n, qs,
+                                  hd, vec);
+            cp_async_commit();
             if (threadIdx.x < BQ_KV) {
                 int64_t qi = qb + threadIdx.x;
                 bool in = qi < n;
-                sL[threadIdx.x] = in ? lse[(int64_t)h * n + qi] * LOG2E : 0.0f;
-                sD[threadIdx.x] = in ? delta[(int64_t)h * n + qi] : 0.0f;
-                sS[threadIdx.x] = in ? (int64_t)start[qi] : INT64_MAX;
+                sLb[buf * BQ_KV + threadIdx.x] = in ? lse[(int64_t)h * n + qi] * LOG2E : 0.0f;
+                sDb[buf * BQ_KV + threadIdx.x] = in ? delta[(int64_t)h * n + qi] : 0.0f;
+                sSb[buf * BQ_KV + threadIdx.x] = in ? (int64_t)start[qi] : INT64_MAX;
             }
-            __syncthreads();
+        }
+        if (it == 0)
+            continue;
+        if (it < iters)
+            cp_async_wait<1>();
+        else
+            cp_async_wait<0>();
+        __syncthreads();
+        {
+            const int buf = (it - 1) & 1;
+            const int64_t qb = k0 + (int64_t)((it - 1) % nq) * BQ_KV;
+            const bf16 *sQ = sQ0 + 2 * buf * BQ_KV * LD, *sO = sQ + BQ_KV * LD;
+            const float *sL = sLb + buf * BQ_KV, *sD = sDb + buf * BQ_KV;
+            const int64_t *sS = sSb + buf * BQ_KV;
+            const bool full = k0 + 63 <= qb && qb + BQ_KV <= n &&
+                              k0 >= start[qb + BQ_KV - 1];
             float st[4][4], dpt[4][4];
 #pragma unroll
             for (int i = 0; i < 4; i++)
@@ -420,7 +507,7 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
                     int qi = nt * 8 + 2 * t4 + (e & 1);
                     int64_t query = qb + qi;
                     int64_t key = e < 2 ? kr0 : kr1;
-                    bool ok = key <= query && key >= sS[qi];
+                    bool ok = full || (key <= query && key >= sS[qi]);
                     float p = ok ? exp2f(st[nt][e] * scale_log2 - sL[qi]) : 0.0f;
                     st[nt][e] = p;
                     dpt[nt][e] = p * (dpt[nt][e] - sD[qi]);
@@ -447,6 +534,7 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
                 }
             }
         }
+        __syncthreads();
     }
 #pragma unroll
     for (int i = 0; i < DN; i++) {
@@ -468,12 +556,13 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
     }
 }
 
-static size_t fwd_smem(int hdp) { return (size_t)3 * 64 * (hdp + 8) * sizeof(bf16); }
-static size_t dq_smem(int hdp) { return (size_t)4 * 64 * (hdp + 8) * sizeof(bf16); }
+/* Shared memory: the fixed tiles plus two buffers of the streamed ones. */
+static size_t fwd_smem(int hdp) { return (size_t)5 * 64 * (hdp + 8) * sizeof(bf16); }
+static size_t dq_smem(int hdp) { return (size_t)6 * 64 * (hdp + 8) * sizeof(bf16); }
 static size_t dkdv_smem(int hdp)
 {
-    return (size_t)(2 * 64 + 2 * BQ_KV) * (hdp + 8) * sizeof(bf16) +
-           BQ_KV * (2 * sizeof(float) + sizeof(int64_t));
+    return (size_t)(2 * 64 + 4 * BQ_KV) * (hdp + 8) * sizeof(bf16) +
+           2 * BQ_KV * (2 * sizeof(float) + sizeof(int64_t));
 }
 
 static int pad_hd(int hd) { return hd <= 16 ? 16 : hd <= 32 ? 32 : hd <= 64 ? 64 : 128; }

@@ -25,13 +25,14 @@ __global__ void dropout_forward_kernel(bf16 *xd, const bf16 *x, int64_t n,
                     : __float2bfloat16(0.0f);
 }
 
-__global__ void dropout_backward_add_kernel(float *dx, const bf16 *g, int64_t n,
+template <typename T>
+__global__ void dropout_backward_add_kernel(T *dx, const bf16 *g, int64_t n,
                                             float p, float inv, uint64_t stream)
 {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
         if (drop_keep(stream, (uint64_t)i, p))
-            dx[i] += __bfloat162float(g[i]) * inv;
+            dx[i] = (T)((float)dx[i] + __bfloat162float(g[i]) * inv);
 }
 
 extern "C" void kn_dropout_forward(kn_bf16 *xd, const kn_bf16 *x,
@@ -46,14 +47,20 @@ extern "C" void kn_dropout_forward(kn_bf16 *xd, const kn_bf16 *x,
     KN_CHECK_LAUNCH("dropout_forward");
 }
 
-extern "C" void kn_dropout_backward_add(float *dx, const kn_bf16 *g,
-                                        int64_t numel, float p, uint64_t key,
-                                        cudaStream_t s)
+extern "C" void kn_dropout_backward_add(void *dx, kn_dtype dt,
+                                        const kn_bf16 *g, int64_t numel,
+                                        float p, uint64_t key, cudaStream_t s)
 {
     KN_REQUIRE(numel >= 0 && p >= 0.0f && p < 1.0f);
     if (!numel)
         return;
-    dropout_backward_add_kernel<<<kn_grid_1d(numel, 256), 256, 0, s>>>(
-        dx, (const bf16 *)g, numel, p, 1.0f / (1.0f - p), key);
+    int grid = kn_grid_1d(numel, 256);
+    float inv = 1.0f / (1.0f - p);
+    if (dt == KN_F32)
+        dropout_backward_add_kernel<float><<<grid, 256, 0, s>>>(
+            (float *)dx, (const bf16 *)g, numel, p, inv, key);
+    else
+        dropout_backward_add_kernel<bf16><<<grid, 256, 0, s>>>(
+            (bf16 *)dx, (const bf16 *)g, numel, p, inv, key);
     KN_CHECK_LAUNCH("dropout_backward_add");
 }

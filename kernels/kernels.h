@@ -192,9 +192,10 @@ void kn_xent_forward_backward(float *loss_sum, float *dx, const kn_bf16 *x,
  * numbers). Element i of x (n, d) is i = t * d + j. */
 void kn_dropout_forward(kn_bf16 *xd, const kn_bf16 *x, int64_t numel,
                         float p, uint64_t key, cudaStream_t s);
-/* dx[i] += keep(i) / (1 - p) * g[i]  (dx fp32) */
-void kn_dropout_backward_add(float *dx, const kn_bf16 *g, int64_t numel,
-                             float p, uint64_t key, cudaStream_t s);
+/* dx[i] += keep(i) / (1 - p) * g[i]; dx fp32 or bf16 (dt). */
+void kn_dropout_backward_add(void *dx, kn_dtype dt, const kn_bf16 *g,
+                             int64_t numel, float p, uint64_t key,
+                             cudaStream_t s);
 
 /* --- optimizer (adamw.cu) ------------------------------------------------ */
 

@@ -44,7 +44,7 @@ void adamw_step(adamw *o, float *p, const float *g, double lr)
     float eps = (float)o->eps;
     float *m = o->m, *v = o->v;
     int64_t n = (int64_t)o->n;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
     for (int64_t i = 0; i < n; i++) {
         float gi = g[i];
         if (o->weight_decay != 0)

@@ -195,7 +195,7 @@ const float *llama_weight_f32(const llama_weight *w, float *scratch)
     const nf4_weight *q = w->nf4;
     int64_t rows = w->rows, cols = w->cols, step = 16;
     st_dtype dt = q->dtype;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols >= (1 << 16))
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
         int64_t nr = rows - r0 < step ? rows - r0 : step;
         float *dst = scratch + r0 * cols;

@@ -28,6 +28,10 @@
 
 /* ---- primitives ---------------------------------------------------------- */
 
+/* Loops smaller than this (in multiply-adds, roughly) run on one thread:
+ * forking costs more than it saves, and much more on a loaded machine. */
+#define PAR_MIN (1 << 18)
+
 /* Dot product with 8 partial sums combined in a fixed order. */
 static float dot(const float *a, const float *b, int64_t n)
 {
@@ -49,7 +53,7 @@ void llama_matmul(float *out, const float *x, const float *w, int64_t n,
                   int64_t o, int64_t i)
 {
     int64_t nt = (n + TILE_T - 1) / TILE_T, no = (o + TILE_O - 1) / TILE_O;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (n * o * i >= PAR_MIN)
     for (int64_t bt = 0; bt < nt; bt++)
         for (int64_t bo = 0; bo < no; bo++) {
             int64_t t1 = bt * TILE_T + TILE_T < n ? bt * TILE_T + TILE_T : n;
@@ -66,7 +70,7 @@ static void matmul_acc_nn(float *dx, const float *dy, const float *w,
 {
     const int64_t CH = 256;
     int64_t nc = (i + CH - 1) / CH;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (n * o * i >= PAR_MIN)
     for (int64_t t = 0; t < n; t++)
         for (int64_t bc = 0; bc < nc; bc++) {
             int64_t c0 = bc * CH, c1 = c0 + CH < i ? c0 + CH : i;
@@ -86,7 +90,7 @@ static void matmul_acc_nn(float *dx, const float *dy, const float *w,
 static void matmul_acc_tn(float *gw, const float *dy, const float *x,
                           int64_t n, int64_t o, int64_t i)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * o * i >= PAR_MIN)
     for (int64_t j = 0; j < o; j++) {
         float *g = gw + j * i;
         for (int64_t t = 0; t < n; t++) {
@@ -103,7 +107,7 @@ static void matmul_acc_tn(float *gw, const float *dy, const float *x,
 void llama_rmsnorm(float *y, float *rstd, const float *x, const float *w,
                    int64_t n, int d, float eps)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d * 4 >= PAR_MIN)
     for (int64_t t = 0; t < n; t++) {
         const float *xr = x + t * d;
         double ss = 0;
@@ -122,7 +126,7 @@ static void rmsnorm_backward(float *dx, const float *dy, const float *x,
                              const float *rstd, const float *w, int64_t n,
                              int d)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d * 4 >= PAR_MIN)
     for (int64_t t = 0; t < n; t++) {
         const float *xr = x + t * d, *g = dy + t * d;
         float r = rstd[t];
@@ -164,7 +168,7 @@ static void dropout_apply(float *xd, const float *x, int64_t n, int64_t in,
 {
     uint64_t stream = lora_dropout_stream(d->key, layer, l);
     float inv = 1.0f / (1.0f - d->p);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * in * 8 >= PAR_MIN)
     for (int64_t t = 0; t < n; t++)
         for (int64_t c = 0; c < in; c++) {
             uint64_t idx = (uint64_t)(t * in + c);
@@ -201,7 +205,7 @@ static void linear_forward(const llama_model *m, const lora_adapter *a,
     llama_matmul(lh, xd, A, n, r, W->cols);
     float scale = a->scale;
     int64_t out = W->rows;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * out * r >= PAR_MIN)
     for (int64_t t = 0; t < n; t++)
         for (int64_t o = 0; o < out; o++)
             y[t * out + o] += dot(lh + t * r, B + o * r, r) * scale;
@@ -228,7 +232,7 @@ static void linear_backward(const llama_model *m, const lora_adapter *a,
     float scale = a->scale;
     /* dlh = scale * dy B; gB += scale * dy^T lh */
     float *dlh = w->dlh;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * r * out >= PAR_MIN)
     for (int64_t t = 0; t < n; t++)
         for (int32_t k = 0; k < r; k++) {
             float acc = 0;
@@ -236,7 +240,7 @@ static void linear_backward(const llama_model *m, const lora_adapter *a,
                 acc += dy[t * out + o] * B[o * r + k];
             dlh[t * r + k] = acc * scale;
         }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (out * r * n >= PAR_MIN)
     for (int64_t o = 0; o < out; o++)
         for (int32_t k = 0; k < r; k++) {
             float acc = 0;
@@ -262,7 +266,7 @@ static void linear_backward(const llama_model *m, const lora_adapter *a,
     matmul_acc_nn(w->dxd, dlh, A, n, r, in);
     uint64_t stream = lora_dropout_stream(d->key, layer, l);
     float inv = 1.0f / (1.0f - d->p);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * in * 8 >= PAR_MIN)
     for (int64_t t = 0; t < n; t++)
         for (int64_t c = 0; c < in; c++)
             if (lora_rand_uniform(stream, (uint64_t)(t * in + c)) >= d->p)
@@ -281,13 +285,14 @@ static void attention_forward(const llama_config *c, int64_t n, const float *q,
     int nh = c->n_heads, hd = c->head_dim, grp = c->n_heads / c->n_kv_heads;
     int64_t qd = (int64_t)nh * hd, kvd = (int64_t)c->n_kv_heads * hd;
     float sc = 1.0f / sqrtf((float)hd);
-    int64_t maxspan = 0;
+    int64_t maxspan = 0, pairs = 0;
     for (int64_t t = 0; t < n; t++) {
         int64_t h1 = (hi ? hi[t] : t + hi_off) - lo[t] + 1;
+        pairs += h1;
         if (h1 > maxspan)
             maxspan = h1;
     }
-#pragma omp parallel
+#pragma omp parallel if (pairs * nh * hd * 4 >= PAR_MIN)
     {
         float *s = xmalloc((size_t)(maxspan > 0 ? maxspan : 1) * sizeof(float));
 #pragma omp for collapse(2) schedule(static)
@@ -335,8 +340,11 @@ static void attention_backward(const llama_config *c, int64_t n,
     int grp = nh / nkv;
     int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd;
     float sc = 1.0f / sqrtf((float)hd);
+    int64_t pairs = 0;
+    for (int64_t t = 0; t < n; t++)
+        pairs += t - start[t] + 1;
     /* pass 1, per query: D = datt . att, dq */
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (pairs * nh * hd * 4 >= PAR_MIN)
     for (int64_t t = 0; t < n; t++)
         for (int h = 0; h < nh; h++) {
             const float *qv = q + t * qd + (int64_t)h * hd;
@@ -358,7 +366,7 @@ static void attention_backward(const llama_config *c, int64_t n,
             }
         }
     /* pass 2, per key: dk, dv summed over the queries that see it */
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (pairs * nh * hd * 4 >= PAR_MIN)
     for (int64_t j = 0; j < n; j++)
         for (int g = 0; g < nkv; g++) {
             float *ok = dk + j * kvd + (int64_t)g * hd;
@@ -463,7 +471,7 @@ static void layer_forward(const llama_model *m, const lora_adapter *a,
     linear_forward(m, a, li, LLAMA_Q, s->q, s->xn1, n, s->lh[LLAMA_Q], d, w);
     linear_forward(m, a, li, LLAMA_K, s->k, s->xn1, n, s->lh[LLAMA_K], d, w);
     linear_forward(m, a, li, LLAMA_V, s->v, s->xn1, n, s->lh[LLAMA_V], d, w);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * (c->n_heads + c->n_kv_heads) * hd * 4 >= PAR_MIN)
     for (int64_t t = 0; t < n; t++) {
         for (int h = 0; h < c->n_heads; h++)
             llama_rope(s->q + t * qd + h * hd, (int)hd, b->pos[t], c->rope_theta, 0);
@@ -486,7 +494,7 @@ static void layer_forward(const llama_model *m, const lora_adapter *a,
     linear_forward(m, a, li, LLAMA_GATE, s->g, s->xn2, n, s->lh[LLAMA_GATE], d, w);
     linear_forward(m, a, li, LLAMA_UP, s->u, s->xn2, n, s->lh[LLAMA_UP], d, w);
     int64_t nh_ = n * c->hidden;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (nh_ * 8 >= PAR_MIN)
     for (int64_t e = 0; e < nh_; e++) {
         float gv = s->g[e];
         s->hm[e] = gv / (1.0f + expf(-gv)) * s->u[e];
@@ -520,7 +528,7 @@ static void layer_backward(const llama_model *m, const lora_adapter *a,
     memset(bw->dhm, 0, (size_t)(n * hid) * sizeof(float));
     linear_backward(m, a, li, LLAMA_DOWN, bw->dhm, dy, s->hm, n,
                     s->lh[LLAMA_DOWN], d, grad, w);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * hid * 8 >= PAR_MIN)
     for (int64_t e = 0; e < n * hid; e++) {
         float gv = s->g[e], sg = 1.0f / (1.0f + expf(-gv));
         float dh = bw->dhm[e];
@@ -540,7 +548,7 @@ static void layer_backward(const llama_model *m, const lora_adapter *a,
                     s->lh[LLAMA_O], d, grad, w);
     attention_backward(c, n, b->start, s->q, s->k, s->v, s->att, s->lse,
                        bw->datt, bw->dq, bw->dk, bw->dv, bw->D);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * (c->n_heads + c->n_kv_heads) * hd * 4 >= PAR_MIN)
     for (int64_t t = 0; t < n; t++) {
         for (int h = 0; h < c->n_heads; h++)
             llama_rope(bw->dq + t * qd + h * hd, (int)hd, b->pos[t], c->rope_theta, 1);
@@ -618,7 +626,7 @@ static void head_loss(const llama_model *m, const llama_batch *b,
         llama_matmul(L, xf + t0 * dim, Wh, cn, V, dim);
         if (!b->targets)
             continue;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (cn * V * 4 >= PAR_MIN)
         for (int64_t r = 0; r < cn; r++) {
             int64_t t = t0 + r;
             int32_t y = b->targets[t];

@@ -180,7 +180,7 @@ void lora_merge_into(const lora_adapter *a, int32_t layer, llama_linear l,
     int32_t r = a->cfg.r;
     int64_t in = s->in, out = s->out;
     float scale = a->scale;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (out * in * r >= (1 << 18))
     for (int64_t o = 0; o < out; o++) {
         float *row = w + o * in;
         for (int64_t c = 0; c < in; c++) {

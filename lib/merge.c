@@ -24,7 +24,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <dirent.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "adapter.h"
@@ -417,6 +419,18 @@ static void advise(const char *base, size_t len, const void *ptr, size_t n,
         madvise((void *)lo, hi - lo, advice);
 }
 
+/* Reads ahead the first chunk of a tensor (the next one, while this one is
+ * merged). */
+static void prefetch_start(const st_model *m, const st_tensor *t)
+{
+    const char *mbase;
+    size_t mlen;
+    map_of(m, t->data, &mbase, &mlen);
+    uint64_t n = (uint64_t)CHUNK_ELEMS * st_dtype_size(t->dtype);
+    advise(mbase, mlen, t->data, (size_t)(t->nbytes < n ? t->nbytes : n),
+           MADV_WILLNEED);
+}
+
 /* Rounds x[0..n) in place as the dtype would store them (NF4 weights are
  * dequantized in fp32 then rounded to their own dtype, as bitsandbytes
  * does). */
@@ -795,6 +809,32 @@ static void requant_settings(const plan *p, const char *base_dir,
     free(path);
 }
 
+/* An existing output is replaced only when it is an empty directory or a
+ * checkpoint (it has a config.json): never a file or someone's home. */
+static int replaceable(const char *dir)
+{
+    struct stat sb;
+    if (lstat(dir, &sb) != 0)
+        return 0;
+    if (!S_ISDIR(sb.st_mode))
+        return msg_error("output '%s' exists and is not a directory", dir);
+    char *cfg = io_path_join(dir, "config.json");
+    int ok = io_exists(cfg);
+    free(cfg);
+    if (!ok) {
+        DIR *d = opendir(dir);
+        struct dirent *e;
+        ok = d != NULL;
+        while (ok && (e = readdir(d)))
+            ok = strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0;
+        if (d)
+            closedir(d);
+    }
+    return ok ? 0 : msg_error("output '%s' exists and is not a checkpoint "
+                              "directory (no config.json); not replacing it",
+                              dir);
+}
+
 static int same_dir(const char *a, const char *b)
 {
     char *ra = realpath(a, NULL), *rb = realpath(b, NULL);
@@ -830,6 +870,8 @@ int merge_checkpoint(const merge_opts *o, merge_stats *stats)
         msg_error("output '%s' would replace an input", o->out_dir);
         goto out;
     }
+    if (replaceable(o->out_dir) != 0)
+        goto out;
     if (llama_config_load(base, &mc) != 0)
         goto out;
     if (mc.quantized && !o->from_nf4) {
@@ -877,6 +919,8 @@ int merge_checkpoint(const merge_opts *o, merge_stats *stats)
         }
         if (o->on_tensor)
             o->on_tensor(o->ctx, i, p.n, p.v[i].name);
+        if (i + 1 < p.n && p.v[i + 1].kind == SRC_FLOAT)
+            prefetch_start(m, p.v[i + 1].t);
         if (write_item(w, m, &p.v[i], a, buf, obuf, nthreads, &st.bytes_in) != 0)
             goto out;
         st.tensors++;

@@ -17,6 +17,7 @@
  * The file is compiled without floating-point contraction (no FMA) so that
  * a * b + c stays two roundings wherever bitsandbytes does two.
  */
+#define _POSIX_C_SOURCE 200809L
 #include "nf4.h"
 
 #include <float.h>
@@ -24,14 +25,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "io.h"
 #include "json.h"
 #include "msg.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <pthread.h>
+#include <stdatomic.h>
+#include <unistd.h>
 
 #pragma GCC optimize("fp-contract=off")
 
@@ -79,7 +81,9 @@ static int cmp_double(const void *a, const void *b)
 }
 
 static float dynamic_map[256];
-static int dynamic_map_ready;
+/* its odd entries, then +inf: the table the vector search walks */
+static float dynamic_odd[128];
+static pthread_once_t dynamic_map_once = PTHREAD_ONCE_INIT;
 
 /* create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): for
  * i = 0..6, the midpoints of linspace(0.1, 1, 2^i + 1) times 10^(i-6), with
@@ -110,18 +114,14 @@ static void build_dynamic_map(void)
     qsort(data, (size_t)n, sizeof *data, cmp_double);
     for (int k = 0; k < 256; k++)
         dynamic_map[k] = (float)data[k];
+    for (int k = 0; k < 127; k++)
+        dynamic_odd[k] = dynamic_map[2 * k + 1];
+    dynamic_odd[127] = INFINITY;
 }
 
 const float *nf4_dynamic_map(void)
 {
-    /* Built once; racing threads would write identical values. */
-    if (!dynamic_map_ready) {
-#pragma omp critical(nf4_dynamic_map)
-        if (!dynamic_map_ready) {
-            build_dynamic_map();
-            dynamic_map_ready = 1;
-        }
-    }
+    pthread_once(&dynamic_map_once, build_dynamic_map);
     return dynamic_map;
 }
 
@@ -130,31 +130,26 @@ const float *nf4_dynamic_map(void)
  * midpoint. Kept literally: its edge behaviour is part of the format. */
 static unsigned char dquantize_dynamic(const float *code, float x)
 {
+    /* written with selects rather than branches: the branches of the
+     * search are unpredictable, and this runs once per block absmax */
     int pivot = 127, upper_pivot = 255, lower_pivot = 0;
     float lower = -1.0f, upper = 1.0f;
     float val = code[pivot];
     for (int i = 64; i > 0; i >>= 1) {
-        if (x > val) {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += i;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= i;
-        }
+        int gt = x > val;
+        lower_pivot = gt ? pivot : lower_pivot;
+        lower = gt ? val : lower;
+        upper_pivot = gt ? upper_pivot : pivot;
+        upper = gt ? upper : val;
+        pivot += gt ? i : -i;
         val = code[pivot];
     }
-    if (upper_pivot == 255)
-        upper = code[upper_pivot];
-    if (lower_pivot == 0)
-        lower = code[lower_pivot];
-    if (x > val) {
-        float midpoint = (upper + val) * 0.5f;
-        return (unsigned char)(x > midpoint ? upper_pivot : pivot);
-    }
-    float midpoint = (lower + val) * 0.5f;
-    return (unsigned char)(x < midpoint ? lower_pivot : pivot);
+    upper = upper_pivot == 255 ? code[255] : upper;
+    lower = lower_pivot == 0 ? code[0] : lower;
+    int gt = x > val;
+    float midpoint = gt ? (upper + val) * 0.5f : (lower + val) * 0.5f;
+    return (unsigned char)(gt ? (x > midpoint ? upper_pivot : pivot)
+                              : (x < midpoint ? lower_pivot : pivot));
 }
 
 /* ---- loading source values ------------------------------------------ */
@@ -197,30 +192,60 @@ static int64_t nblocks_of(int64_t n, int bs) { return (n + bs - 1) / bs; }
 
 static int threads_for(int requested)
 {
-#ifdef _OPENMP
-    return requested > 0 ? requested : omp_get_max_threads();
-#else
-    (void)requested;
-    return 1;
-#endif
+    long n = requested > 0 ? requested : sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > 64 ? 64 : (int)n;
 }
+
+/* Parallel loops on plain threads: fn(ctx, task) for every task in
+ * [0, ntasks), tasks handed out one at a time from a shared counter, the
+ * calling thread working too. Waiting is by pthread_join, never by
+ * spinning, so on a busy machine an idle worker costs nothing (OpenMP's
+ * spin-waits cost more than the parallelism gained on 2 shared cores). */
+typedef void (*task_fn)(void *ctx, int64_t task);
+
+typedef struct par_loop {
+    task_fn fn;
+    void *ctx;
+    int64_t ntasks;
+    atomic_llong next;
+} par_loop;
+
+static void *par_worker(void *arg)
+{
+    par_loop *p = arg;
+    for (;;) {
+        int64_t t = atomic_fetch_add(&p->next, 1);
+        if (t >= p->ntasks)
+            break;
+        p->fn(p->ctx, t);
+    }
+    return NULL;
+}
+
+static void par_for(int64_t ntasks, int nthreads, task_fn fn, void *ctx)
+{
+    par_loop p = {.fn = fn, .ctx = ctx, .ntasks = ntasks};
+    atomic_init(&p.next, 0);
+    int nt = threads_for(nthreads);
+    if (nt > ntasks)
+        nt = ntasks > 0 ? (int)ntasks : 1;
+    pthread_t th[64];
+    int started = 0;
+    while (started < nt - 1 &&
+           pthread_create(&th[started], NULL, par_worker, &p) == 0)
+        started++;
+    par_worker(&p);
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+}
+
+static void run_blocks(const void *src, st_dtype dt, int64_t n, int bs,
+                       uint8_t *packed, float *absmax, int nthreads);
 
 void nf4_block_absmax(const void *src, st_dtype dtype, int64_t n,
                       int blocksize, float *absmax, int nthreads)
 {
-    int64_t nb = nblocks_of(n, blocksize);
-#pragma omp parallel num_threads(threads_for(nthreads))
-    {
-        float *buf = xmalloc((size_t)blocksize * sizeof *buf);
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < nb; b++) {
-            int64_t i0 = b * blocksize;
-            int len = (int)(n - i0 < blocksize ? n - i0 : blocksize);
-            load_f32(src, dtype, i0, len, buf);
-            absmax[b] = block_absmax(buf, len, len < blocksize);
-        }
-        free(buf);
-    }
+    run_blocks(src, dtype, n, blocksize, NULL, absmax, nthreads);
 }
 
 /* ---- torch's CUDA mean ---------------------------------------------- */
@@ -350,25 +375,322 @@ static void quantize_block(const float *v, int n, float inv, uint8_t *out)
         out[j] = (uint8_t)(c[2 * j] << 4 | c[2 * j + 1]);
 }
 
-/* Double quantization of absmax[0..nb): offset, 8-bit codes, nested absmax. */
-static void double_quant(const float *absmax, int64_t nb, float *offset,
-                         uint8_t *codes, float *nested_absmax)
+/* ---- block kernels -------------------------------------------------- */
+
+/* A kernel handles blocks [b0, b1) of an n-element source: the absmax of
+ * each block, and, when packed is non-NULL, its packed NF4 codes. buf has
+ * room for one block of floats. Three versions compute the same bits: the
+ * plain C one (any machine; also every partial last block), SSE2 (4 lanes,
+ * the x86-64 baseline) and AVX2 (8 lanes, chosen at run time). The SIMD
+ * ones rely on max_ps(a, m) being "a > m ? a : m" (NaN ignored, as fmaxf)
+ * and on ordered compares giving false for NaN, as the scalar code does. */
+typedef void (*chunk_fn)(const void *src, st_dtype dt, int64_t n, int bs,
+                         int64_t b0, int64_t b1, uint8_t *packed,
+                         float *absmax, float *buf);
+
+static void chunk_block_scalar(const void *src, st_dtype dt, int64_t n, int bs,
+                               int64_t b, uint8_t *packed, float *absmax,
+                               float *buf)
 {
-    const float *map = nf4_dynamic_map();
-    float off = nf4_torch_mean(absmax, nb);
-    *offset = off;
-    float x[NF4_NESTED_BLOCKSIZE];
-    for (int64_t b0 = 0; b0 < nb; b0 += NF4_NESTED_BLOCKSIZE) {
-        int len = (int)(nb - b0 < NF4_NESTED_BLOCKSIZE ? nb - b0
-                                                        : NF4_NESTED_BLOCKSIZE);
-        for (int j = 0; j < len; j++)
-            x[j] = absmax[b0 + j] - off;
-        float m = block_absmax(x, len, len < NF4_NESTED_BLOCKSIZE);
-        float inv = reciprocal(m);
-        nested_absmax[b0 / NF4_NESTED_BLOCKSIZE] = m;
-        for (int j = 0; j < len; j++)
-            codes[b0 + j] = dquantize_dynamic(map, x[j] * inv);
+    int64_t i0 = b * bs;
+    int len = (int)(n - i0 < bs ? n - i0 : bs);
+    load_f32(src, dt, i0, len, buf);
+    float m = block_absmax(buf, len, len < bs);
+    absmax[b] = m;
+    if (packed)
+        quantize_block(buf, len, reciprocal(m), packed + i0 / 2);
+}
+
+static void chunk_scalar(const void *src, st_dtype dt, int64_t n, int bs,
+                         int64_t b0, int64_t b1, uint8_t *packed, float *absmax,
+                         float *buf)
+{
+    for (int64_t b = b0; b < b1; b++)
+        chunk_block_scalar(src, dt, n, bs, b, packed, absmax, buf);
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define NF4_X86 1
+
+static void chunk_sse2(const void *src, st_dtype dt, int64_t n, int bs,
+                       int64_t b0, int64_t b1, uint8_t *packed, float *absmax,
+                       float *buf)
+{
+    const __m128 sign = _mm_set1_ps(-0.0f);
+    __m128 thr[15];
+    for (int t = 0; t < 15; t++)
+        thr[t] = _mm_set1_ps(nf4_threshold[t]);
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t i0 = b * bs;
+        if (n - i0 < bs || dt == ST_F16) {
+            chunk_block_scalar(src, dt, n, bs, b, packed, absmax, buf);
+            continue;
+        }
+        const float *v = buf;
+        if (dt == ST_F32) {
+            v = (const float *)src + i0;
+        } else {
+            const uint16_t *h = (const uint16_t *)src + i0;
+            const __m128i zero = _mm_setzero_si128();
+            for (int j = 0; j < bs; j += 8) {
+                __m128i x = _mm_loadu_si128((const __m128i *)(h + j));
+                _mm_storeu_si128((__m128i *)(buf + j), _mm_unpacklo_epi16(zero, x));
+                _mm_storeu_si128((__m128i *)(buf + j + 4), _mm_unpackhi_epi16(zero, x));
+            }
+        }
+        __m128 mv = _mm_set1_ps(-FLT_MAX);
+        for (int j = 0; j < bs; j += 4)
+            mv = _mm_max_ps(_mm_andnot_ps(sign, _mm_loadu_ps(v + j)), mv);
+        float lane[4], m = -FLT_MAX;
+        _mm_storeu_ps(lane, mv);
+        for (int k = 0; k < 4; k++)
+            m = lane[k] > m ? lane[k] : m;
+        absmax[b] = m;
+        if (!packed)
+            continue;
+        __m128 inv = _mm_set1_ps(reciprocal(m));
+        uint8_t *out = packed + i0 / 2;
+        for (int j = 0; j < bs; j += 8) {
+            __m128 x0 = _mm_loadu_ps(v + j), x1 = _mm_loadu_ps(v + j + 4);
+            __m128 ue = _mm_mul_ps(_mm_shuffle_ps(x0, x1, 0x88), inv);
+            __m128 uo = _mm_mul_ps(_mm_shuffle_ps(x0, x1, 0xDD), inv);
+            __m128i ce = _mm_setzero_si128(), co = _mm_setzero_si128();
+            for (int t = 0; t < 15; t++) {
+                ce = _mm_sub_epi32(ce, _mm_castps_si128(_mm_cmpgt_ps(ue, thr[t])));
+                co = _mm_sub_epi32(co, _mm_castps_si128(_mm_cmpgt_ps(uo, thr[t])));
+            }
+            __m128i by = _mm_or_si128(_mm_slli_epi32(ce, 4), co);
+            by = _mm_packs_epi32(by, by);
+            by = _mm_packus_epi16(by, by);
+            int32_t w = _mm_cvtsi128_si32(by);
+            memcpy(out + j / 2, &w, 4);
+        }
     }
+}
+
+__attribute__((target("avx2,f16c"))) static void
+chunk_avx2(const void *src, st_dtype dt, int64_t n, int bs, int64_t b0,
+           int64_t b1, uint8_t *packed, float *absmax, float *buf)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+    __m256 thr[15];
+    for (int t = 0; t < 15; t++)
+        thr[t] = _mm256_set1_ps(nf4_threshold[t]);
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t i0 = b * bs;
+        if (n - i0 < bs) {
+            chunk_block_scalar(src, dt, n, bs, b, packed, absmax, buf);
+            continue;
+        }
+        const float *v = buf;
+        if (dt == ST_F32) {
+            v = (const float *)src + i0;
+        } else if (dt == ST_BF16) {
+            const uint16_t *h = (const uint16_t *)src + i0;
+            for (int j = 0; j < bs; j += 8) {
+                __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + j)));
+                _mm256_storeu_si256((__m256i *)(buf + j), _mm256_slli_epi32(x, 16));
+            }
+        } else {
+            const uint16_t *h = (const uint16_t *)src + i0;
+            for (int j = 0; j < bs; j += 8)
+                _mm256_storeu_ps(buf + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+        }
+        __m256 mv = _mm256_set1_ps(-FLT_MAX);
+        for (int j = 0; j < bs; j += 8)
+            mv = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + j)), mv);
+        float lane[8], m = -FLT_MAX;
+        _mm256_storeu_ps(lane, mv);
+        for (int k = 0; k < 8; k++)
+            m = lane[k] > m ? lane[k] : m;
+        absmax[b] = m;
+        if (!packed)
+            continue;
+        __m256 inv = _mm256_set1_ps(reciprocal(m));
+        uint8_t *out = packed + i0 / 2;
+        for (int j = 0; j < bs; j += 16) {
+            __m256 x0 = _mm256_loadu_ps(v + j), x1 = _mm256_loadu_ps(v + j + 8);
+            /* in-lane shuffles: evens [0 2 8 10 | 4 6 12 14], odds alike */
+            __m256 ue = _mm256_mul_ps(_mm256_shuffle_ps(x0, x1, 0x88), inv);
+            __m256 uo = _mm256_mul_ps(_mm256_shuffle_ps(x0, x1, 0xDD), inv);
+            __m256i ce = _mm256_setzero_si256(), co = _mm256_setzero_si256();
+            for (int t = 0; t < 15; t++) {
+                ce = _mm256_sub_epi32(ce, _mm256_castps_si256(_mm256_cmp_ps(ue, thr[t], _CMP_GT_OQ)));
+                co = _mm256_sub_epi32(co, _mm256_castps_si256(_mm256_cmp_ps(uo, thr[t], _CMP_GT_OQ)));
+            }
+            __m256i by = _mm256_or_si256(_mm256_slli_epi32(ce, 4), co);
+            by = _mm256_permutevar8x32_epi32(by, order); /* pairs in order */
+            __m128i lo = _mm256_castsi256_si128(by), hi = _mm256_extracti128_si256(by, 1);
+            __m128i p = _mm_packs_epi32(lo, hi);
+            p = _mm_packus_epi16(p, p);
+            _mm_storel_epi64((__m128i *)(out + j / 2), p);
+        }
+    }
+}
+#endif
+
+static int simd_level = -1; /* -1: not chosen yet */
+
+int nf4_simd_level(int want)
+{
+    int best = 0;
+#ifdef NF4_X86
+    __builtin_cpu_init();
+    best = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 2 : 1;
+#endif
+    if (want >= 0)
+        simd_level = want < best ? want : best;
+    else if (simd_level < 0)
+        simd_level = best;
+    return simd_level;
+}
+
+static chunk_fn pick_kernel(void)
+{
+    int level = simd_level >= 0 ? simd_level : nf4_simd_level(-1);
+#ifdef NF4_X86
+    if (level >= 2)
+        return chunk_avx2;
+    if (level == 1)
+        return chunk_sse2;
+#endif
+    (void)level;
+    return chunk_scalar;
+}
+
+/* Runs the kernel over all blocks, in tasks of 64K elements. */
+typedef struct blocks_job {
+    chunk_fn fn;
+    const void *src;
+    st_dtype dt;
+    int64_t n, nb, per_task;
+    int bs;
+    uint8_t *packed;
+    float *absmax;
+} blocks_job;
+
+static void blocks_task(void *ctx, int64_t t)
+{
+    const blocks_job *j = ctx;
+    float buf[4096];
+    int64_t b0 = t * j->per_task;
+    int64_t b1 = b0 + j->per_task < j->nb ? b0 + j->per_task : j->nb;
+    j->fn(j->src, j->dt, j->n, j->bs, b0, b1, j->packed, j->absmax, buf);
+}
+
+static void run_blocks(const void *src, st_dtype dt, int64_t n, int bs,
+                       uint8_t *packed, float *absmax, int nthreads)
+{
+    blocks_job j = {.fn = pick_kernel(), .src = src, .dt = dt, .n = n,
+                    .nb = nblocks_of(n, bs), .per_task = (1 << 16) / bs,
+                    .bs = bs, .packed = packed, .absmax = absmax};
+    par_for(nblocks_of(j.nb, (int)j.per_task), nthreads, blocks_task, &j);
+}
+
+/* Double quantization of absmax[0..nb): offset, 8-bit codes, nested absmax. */
+/* The 8-bit codes of u[0..n) (already scaled). The AVX2 version is the
+ * same search in closed form, 8 values at a time: the 7 steps over the
+ * 127 odd entries find j = #{odd k : u > map[k]}; the search then stands
+ * at pivot 2j between 2j - 1 (or 0) and 2j + 1, and the final midpoint
+ * test is the scalar one. Checked equal to dquantize_dynamic on every
+ * entry, every midpoint and their neighbours (tests/unit/test_nf4.c). */
+static void dq_codes_scalar(const float *u, int n, uint8_t *out)
+{
+    for (int i = 0; i < n; i++)
+        out[i] = dquantize_dynamic(dynamic_map, u[i]);
+}
+
+#ifdef NF4_X86
+__attribute__((target("avx2"))) static void dq_codes_avx2(const float *u,
+                                                          int n, uint8_t *out)
+{
+    const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+    const __m256 half = _mm256_set1_ps(0.5f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(u + i);
+        __m256i pos = zero;
+        for (int step = 64; step > 0; step >>= 1) {
+            __m256i cand = _mm256_add_epi32(pos, _mm256_set1_epi32(step));
+            __m256 o = _mm256_i32gather_ps(dynamic_odd, _mm256_sub_epi32(cand, one), 4);
+            __m256 gt = _mm256_cmp_ps(v, o, _CMP_GT_OQ);
+            pos = _mm256_blendv_epi8(pos, cand, _mm256_castps_si256(gt));
+        }
+        __m256i p = _mm256_add_epi32(pos, pos);
+        __m256i up = _mm256_add_epi32(p, one);
+        __m256i lp = _mm256_max_epi32(_mm256_sub_epi32(p, one), zero);
+        __m256 val = _mm256_i32gather_ps(dynamic_map, p, 4);
+        __m256 upper = _mm256_i32gather_ps(dynamic_map, up, 4);
+        __m256 lower = _mm256_i32gather_ps(dynamic_map, lp, 4);
+        __m256 midu = _mm256_mul_ps(_mm256_add_ps(upper, val), half);
+        __m256 midl = _mm256_mul_ps(_mm256_add_ps(lower, val), half);
+        __m256i ru = _mm256_blendv_epi8(
+            p, up, _mm256_castps_si256(_mm256_cmp_ps(v, midu, _CMP_GT_OQ)));
+        __m256i rl = _mm256_blendv_epi8(
+            p, lp, _mm256_castps_si256(_mm256_cmp_ps(v, midl, _CMP_LT_OQ)));
+        __m256i r = _mm256_blendv_epi8(
+            rl, ru, _mm256_castps_si256(_mm256_cmp_ps(v, val, _CMP_GT_OQ)));
+        __m128i r16 = _mm_packs_epi32(_mm256_castsi256_si128(r),
+                                      _mm256_extracti128_si256(r, 1));
+        _mm_storel_epi64((__m128i *)(out + i), _mm_packus_epi16(r16, r16));
+    }
+    dq_codes_scalar(u + i, n - i, out + i);
+}
+#endif
+
+typedef struct dq_job {
+    const float *absmax;
+    int64_t nb;
+    float offset;
+    uint8_t *codes; /* NULL: nested absmax only */
+    float *nested_absmax;
+    int level;
+} dq_job;
+
+static void dq_task(void *ctx, int64_t k)
+{
+    const dq_job *j = ctx;
+    float x[NF4_NESTED_BLOCKSIZE];
+    int64_t b0 = k * NF4_NESTED_BLOCKSIZE;
+    int len = (int)(j->nb - b0 < NF4_NESTED_BLOCKSIZE ? j->nb - b0
+                                                       : NF4_NESTED_BLOCKSIZE);
+    for (int i = 0; i < len; i++)
+        x[i] = j->absmax[b0 + i] - j->offset;
+    float m = block_absmax(x, len, len < NF4_NESTED_BLOCKSIZE);
+    j->nested_absmax[k] = m;
+    if (!j->codes)
+        return;
+    float inv = reciprocal(m);
+    for (int i = 0; i < len; i++)
+        x[i] *= inv;
+#ifdef NF4_X86
+    if (j->level >= 2) {
+        dq_codes_avx2(x, len, j->codes + b0);
+        return;
+    }
+#endif
+    dq_codes_scalar(x, len, j->codes + b0);
+}
+
+/* Double quantization of absmax[0..nb): the offset, the nested absmax of
+ * each 256 blocks and (codes non-NULL) the 8-bit codes. */
+static void double_quant(const float *absmax, int64_t nb, float *offset,
+                         uint8_t *codes, float *nested_absmax, int nthreads)
+{
+    nf4_dynamic_map();
+    dq_job j = {.absmax = absmax, .nb = nb, .offset = nf4_torch_mean(absmax, nb),
+                .codes = codes, .nested_absmax = nested_absmax,
+                .level = nf4_simd_level(-1)};
+    *offset = j.offset;
+    int64_t nnb = nblocks_of(nb, NF4_NESTED_BLOCKSIZE);
+    if (nnb < 64 || nthreads == 1) {
+        for (int64_t k = 0; k < nnb; k++)
+            dq_task(&j, k);
+        return;
+    }
+    par_for(nnb, nthreads, dq_task, &j);
 }
 
 static int check_dtype(st_dtype dtype)
@@ -409,33 +731,14 @@ int nf4_quantize(const void *src, st_dtype dtype, int ndim,
     int64_t nb = out->nblocks;
     uint8_t *packed = xmalloc((size_t)((n + 1) / 2) + 1);
     float *absmax = xmalloc((size_t)(nb ? nb : 1) * sizeof *absmax);
-    /* Chunks of blocks per thread: enough work to amortize the loop,
-     * fine enough to balance 2 threads on small tensors. */
-    const int64_t chunk = 64;
-#pragma omp parallel num_threads(threads_for(nthreads))
-    {
-        float *buf = xmalloc((size_t)blocksize * sizeof *buf);
-#pragma omp for schedule(dynamic, 16)
-        for (int64_t c0 = 0; c0 < nb; c0 += chunk) {
-            int64_t c1 = c0 + chunk < nb ? c0 + chunk : nb;
-            for (int64_t b = c0; b < c1; b++) {
-                int64_t i0 = b * blocksize;
-                int len = (int)(n - i0 < blocksize ? n - i0 : blocksize);
-                load_f32(src, dtype, i0, len, buf);
-                float m = block_absmax(buf, len, len < blocksize);
-                absmax[b] = m;
-                quantize_block(buf, len, reciprocal(m), packed + i0 / 2);
-            }
-        }
-        free(buf);
-    }
+    run_blocks(src, dtype, n, blocksize, packed, absmax, nthreads);
     out->packed = packed;
     out->owned_[0] = packed;
     if (nested) {
         int64_t nnb = nblocks_of(nb, NF4_NESTED_BLOCKSIZE);
         uint8_t *codes = xmalloc((size_t)(nb ? nb : 1));
         float *na = xmalloc((size_t)(nnb ? nnb : 1) * sizeof *na);
-        double_quant(absmax, nb, &out->nested_offset, codes, na);
+        double_quant(absmax, nb, &out->nested_offset, codes, na, nthreads);
         free(absmax);
         out->nested = 1;
         out->absmax_code = codes;
@@ -764,54 +1067,73 @@ done:
 
 /* ---- statistics ----------------------------------------------------- */
 
+typedef struct stats_part {
+    double ss, es, emax;
+    float amin, amax;
+} stats_part;
+
+typedef struct stats_job {
+    const void *src;
+    st_dtype dt;
+    const nf4_weight *w;
+    int64_t per_task;
+    stats_part *part;
+} stats_job;
+
+static void stats_task(void *ctx, int64_t t)
+{
+    const stats_job *j = ctx;
+    const nf4_weight *w = j->w;
+    float x[4096], y[4096];
+    stats_part p = {0, 0, 0, INFINITY, -INFINITY};
+    int64_t b1 = (t + 1) * j->per_task;
+    if (b1 > w->nblocks)
+        b1 = w->nblocks;
+    for (int64_t b = t * j->per_task; b < b1; b++) {
+        int64_t i0 = b * w->blocksize;
+        int len = (int)(w->numel - i0 < w->blocksize ? w->numel - i0
+                                                     : w->blocksize);
+        load_f32(j->src, j->dt, i0, len, x);
+        nf4_dequantize(w, i0, len, y);
+        float a = block_absmax(x, len, len < w->blocksize);
+        p.amin = a < p.amin ? a : p.amin;
+        p.amax = a > p.amax ? a : p.amax;
+        for (int k = 0; k < len; k++) {
+            double e = (double)y[k] - (double)x[k];
+            p.ss += (double)x[k] * x[k];
+            p.es += e * e;
+            if (fabs(e) > p.emax)
+                p.emax = fabs(e);
+        }
+    }
+    j->part[t] = p;
+}
+
 int nf4_error_stats(const void *src, st_dtype dtype, const nf4_weight *w,
                     int nthreads, nf4_stats *st)
 {
     memset(st, 0, sizeof *st);
     if (check_dtype(dtype) != 0)
         return -1;
-    int64_t n = w->numel, nb = w->nblocks;
+    stats_job j = {.src = src, .dt = dtype, .w = w,
+                   .per_task = (1 << 16) / w->blocksize};
+    int64_t ntasks = nblocks_of(w->nblocks, (int)j.per_task);
+    j.part = xmalloc((size_t)(ntasks ? ntasks : 1) * sizeof *j.part);
+    par_for(ntasks, nthreads, stats_task, &j);
+    /* summed in task order: the same result for any thread count */
     double ss = 0, es = 0, emax = 0;
     float amin = INFINITY, amax = -INFINITY;
-#pragma omp parallel num_threads(threads_for(nthreads))
-    {
-        float *x = xmalloc((size_t)w->blocksize * sizeof *x);
-        float *y = xmalloc((size_t)w->blocksize * sizeof *y);
-        double lss = 0, les = 0, lmax = 0;
-        float lmin_a = INFINITY, lmax_a = -INFINITY;
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < nb; b++) {
-            int64_t i0 = b * w->blocksize;
-            int len = (int)(n - i0 < w->blocksize ? n - i0 : w->blocksize);
-            load_f32(src, dtype, i0, len, x);
-            nf4_dequantize(w, i0, len, y);
-            float a = block_absmax(x, len, len < w->blocksize);
-            lmin_a = a < lmin_a ? a : lmin_a;
-            lmax_a = a > lmax_a ? a : lmax_a;
-            for (int k = 0; k < len; k++) {
-                double e = (double)y[k] - (double)x[k];
-                lss += (double)x[k] * x[k];
-                les += e * e;
-                if (fabs(e) > lmax)
-                    lmax = fabs(e);
-            }
-        }
-#pragma omp critical(nf4_stats)
-        {
-            ss += lss;
-            es += les;
-            if (lmax > emax)
-                emax = lmax;
-            if (lmin_a < amin)
-                amin = lmin_a;
-            if (lmax_a > amax)
-                amax = lmax_a;
-        }
-        free(x);
-        free(y);
+    for (int64_t t = 0; t < ntasks; t++) {
+        ss += j.part[t].ss;
+        es += j.part[t].es;
+        emax = j.part[t].emax > emax ? j.part[t].emax : emax;
+        amin = j.part[t].amin < amin ? j.part[t].amin : amin;
+        amax = j.part[t].amax > amax ? j.part[t].amax : amax;
     }
-    st->absmax_min = nb ? amin : 0;
-    st->absmax_max = nb ? amax : 0;
+    free(j.part);
+    int64_t n = w->numel;
+    st->absmax_min = w->nblocks ? amin : 0;
+    st->absmax_max = w->nblocks ? amax : 0;
     st->rms = n ? sqrt(ss / (double)n) : 0;
     st->err_rms = n ? sqrt(es / (double)n) : 0;
     st->rel_err = st->rms > 0 ? st->err_rms / st->rms : 0;
@@ -1110,6 +1432,13 @@ static int is_quantized_source(const st_tensor *t)
     return nf4_is_block_linear(t->name, t->ndim);
 }
 
+static double seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static int is_rotary_buffer(const char *name)
 {
     const char *s = strstr(name, "rotary_emb.inv_freq");
@@ -1182,6 +1511,7 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
         goto done;
     }
 
+    double t0 = seconds();
     /* Pass 1 (nested): the offsets, which the JSON sizes depend on, and the
      * small nested absmax arrays, which come early in the file. */
     for (size_t i = 0; i < nw; i++) {
@@ -1189,13 +1519,12 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
         if (o->nested) {
             int64_t nb = nblocks_of(q->t->numel, o->blocksize);
             float *a = xmalloc((size_t)nb * sizeof *a);
-            uint8_t *codes = xmalloc((size_t)nb);
             q->nested_absmax = xmalloc((size_t)q->nnb * sizeof(float));
             nf4_block_absmax(q->t->data, q->t->dtype, q->t->numel, o->blocksize,
                              a, o->nthreads);
-            double_quant(a, nb, &q->offset, codes, q->nested_absmax);
+            double_quant(a, nb, &q->offset, NULL, q->nested_absmax,
+                         o->nthreads);
             free(a);
-            free(codes);
         }
         q->json_len = nf4_quant_state_len(q->t->ndim, q->t->shape, q->t->dtype,
                                           o->blocksize, o->nested, q->offset);
@@ -1221,6 +1550,8 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
         goto done;
     }
 
+    double t1 = seconds();
+    msg_info("first pass (block absmax, offsets): %.2f s", t1 - t0);
     tmp = io_dir_begin(o->out_dir);
     if (!tmp)
         goto done;
@@ -1320,10 +1651,13 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
         if (wr != 0)
             goto done;
     }
+    double t2 = seconds();
     int frc = st_writer_finish(sw);
     sw = NULL;
     if (frc != 0)
         goto done;
+    msg_info("second pass (quantize, write): %.2f s, flush to disk: %.2f s",
+             t2 - t1, seconds() - t2);
     if (io_dir_commit(tmp, o->out_dir) != 0) {
         free(tmp);
         tmp = NULL;
@@ -1371,6 +1705,19 @@ static int is_nf4_aux(const st_model *m, const char *name)
         }
     }
     return 0;
+}
+
+typedef struct deq_job {
+    const nf4_weight *w;
+    int64_t first, len;
+    float *dst;
+} deq_job;
+
+static void deq_task(void *ctx, int64_t t)
+{
+    const deq_job *j = ctx;
+    int64_t s = t * 4096, l = j->len - s < 4096 ? j->len - s : 4096;
+    nf4_dequantize(j->w, j->first + s, l, j->dst + s);
 }
 
 int nf4_dequantize_checkpoint(const char *in_dir, const char *out_dir,
@@ -1456,12 +1803,8 @@ int nf4_dequantize_checkpoint(const char *in_dir, const char *out_dir,
         const nf4_weight *w = &ws[e->w];
         for (int64_t i0 = 0; i0 < w->numel; i0 += chunk) {
             int64_t len = w->numel - i0 < chunk ? w->numel - i0 : chunk;
-            /* blocks in parallel: chunk is a multiple of every block size */
-#pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
-            for (int64_t b = 0; b < (len + 4095) / 4096; b++) {
-                int64_t s = b * 4096, l = len - s < 4096 ? len - s : 4096;
-                nf4_dequantize(w, i0 + s, l, fbuf + s);
-            }
+            deq_job dj = {.w = w, .first = i0, .len = len, .dst = fbuf};
+            par_for((len + 4095) / 4096, nthreads, deq_task, &dj);
             size_t esz = st_dtype_size(e->dtype);
             if (e->dtype == ST_F32) {
                 memcpy(obuf, fbuf, (size_t)len * 4);

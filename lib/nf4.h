@@ -40,6 +40,11 @@ extern const float nf4_code[16];
  * used for the absmax codes of double quantization. */
 const float *nf4_dynamic_map(void);
 
+/* The kernel in use: 0 plain C, 1 SSE2, 2 AVX2 (all give the same bits).
+ * want >= 0 forces a level (capped at what the CPU has; for tests);
+ * want < 0 just reports it. */
+int nf4_simd_level(int want);
+
 /* 1 when bitsandbytes accepts this block size (32, 64, ..., 4096). */
 int nf4_blocksize_ok(int blocksize);
 

@@ -19,6 +19,12 @@
  *    then by position (leftmost first); stale candidates are skipped when
  *    popped. Per record the work is O(n log n) in its characters, with all
  *    scratch memory kept in a per-thread sp_encoder.
+ *  - When no piece holds a U+2581 right after another character (checked at
+ *    load time; true of models trained with split_by_whitespace, such as
+ *    Llama's), no merge can cross the start of a run of U+2581, so BPE over
+ *    the whole text equals BPE over each such segment ("▁▁word"), and the
+ *    segments' results are cached per thread. Most words repeat, so most
+ *    segments cost one hash lookup. Otherwise the whole text is one run.
  *  - The prompt/completion boundary is tracked through normalization as the
  *    first normalized byte produced from a character at or after it, so the
  *    completion's first token falls out of the same pass.
@@ -597,13 +603,6 @@ static void build_pairs(sp_model *m)
     }
 }
 
-static int load_fail(sp_model *m, raw_piece *pieces)
-{
-    free(pieces);
-    sp_model_free(m);
-    return -1;
-}
-
 sp_model *sp_model_parse(const void *data, size_t len, const char *name)
 {
     const uint8_t *file = data;
@@ -620,47 +619,37 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
     while ((rc = pb_next(&r, &f)) > 0) {
         if (f.field >= 1 && f.field <= 5 && f.wire != 2) {
             corrupt(name, &r);
-            load_fail(m, raw);
-            return NULL;
+            goto fail;
         }
         if (f.field == 1) {
             if (n_raw == cap_raw) {
                 cap_raw = cap_raw ? cap_raw * 2 : 1024;
                 raw = xrealloc(raw, cap_raw * sizeof *raw);
             }
-            if (parse_piece(f.data, f.len, file, name, &raw[n_raw]) < 0) {
-                load_fail(m, raw);
-                return NULL;
-            }
+            if (parse_piece(f.data, f.len, file, name, &raw[n_raw]) < 0)
+                goto fail;
             n_raw++;
         } else if (f.field == 2) {
             have_trainer = 1;
-            if (parse_trainer(f.data, f.len, file, name, &spec) < 0) {
-                load_fail(m, raw);
-                return NULL;
-            }
+            if (parse_trainer(f.data, f.len, file, name, &spec) < 0)
+                goto fail;
         } else if (f.field == 3 || f.field == 5) {
-            if (parse_normalizer(f.data, f.len, file, name, &spec, f.field == 5) < 0) {
-                load_fail(m, raw);
-                return NULL;
-            }
+            if (parse_normalizer(f.data, f.len, file, name, &spec, f.field == 5) < 0)
+                goto fail;
         }
     }
     if (rc < 0) {
         corrupt(name, &r);
-        load_fail(m, raw);
-        return NULL;
+        goto fail;
     }
     if (n_raw == 0 || !have_trainer) {
         msg_error("not a SentencePiece model '%s' (no %s)", name,
                   n_raw == 0 ? "pieces" : "trainer_spec");
-        load_fail(m, raw);
-        return NULL;
+        goto fail;
     }
     if (n_raw >= INT32_MAX / 2) {
         msg_error("not a SentencePiece model '%s' (too many pieces)", name);
-        load_fail(m, raw);
-        return NULL;
+        goto fail;
     }
 
     /* What we refuse rather than tokenize differently from SentencePiece. */
@@ -673,20 +662,17 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
     if (unsupported) {
         msg_error("unsupported tokenizer model '%s': %s model (only BPE is supported)",
                   name, unsupported);
-        load_fail(m, raw);
-        return NULL;
+        goto fail;
     }
     if (spec.charsmap_len || spec.denorm_charsmap_len) {
         msg_error("unsupported tokenizer model '%s': non-empty %s precompiled_charsmap "
                   "(only identity normalization is supported)",
                   name, spec.charsmap_len ? "normalizer" : "denormalizer");
-        load_fail(m, raw);
-        return NULL;
+        goto fail;
     }
     if (spec.ws_suffix) {
         msg_error("unsupported tokenizer model '%s': treat_whitespace_as_suffix", name);
-        load_fail(m, raw);
-        return NULL;
+        goto fail;
     }
 
     m->n = (uint32_t)n_raw;
@@ -712,8 +698,7 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
                       : p->len >= SP_MAX_PIECE ? "too long"
                       : p->type < 1 || p->type > 6 ? "of an unknown type"
                                                     : "holding a NUL byte");
-            load_fail(m, raw);
-            return NULL;
+            goto fail;
         }
         int32_t id = add_symbol(m, text, p->len);
         m->score[id] = p->score;
@@ -723,14 +708,12 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
         if (str_map_put(m, normal ? &m->pieces : &m->reserved, id) < 0) {
             msg_error("invalid tokenizer model '%s': piece %zu '%.*s' is defined twice",
                       name, i, (int)p->len, text);
-            load_fail(m, raw);
-            return NULL;
+            goto fail;
         }
         if (p->type == SP_PIECE_UNKNOWN) {
             if (m->unk >= 0) {
                 msg_error("invalid tokenizer model '%s': more than one unknown piece", name);
-                load_fail(m, raw);
-                return NULL;
+                goto fail;
             }
             m->unk = id;
         } else if (p->type == SP_PIECE_BYTE) {
@@ -739,8 +722,7 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
                 msg_error("invalid tokenizer model '%s': byte piece '%.*s' %s", name,
                           (int)p->len, text,
                           b < 0 ? "is malformed" : "without byte_fallback");
-                load_fail(m, raw);
-                return NULL;
+                goto fail;
             }
             if (m->byte_id[b] < 0)
                 n_bytes++;
@@ -757,8 +739,7 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
     if (m->unk < 0 || (spec.byte_fallback && n_bytes != 256)) {
         msg_error("invalid tokenizer model '%s': %s", name,
                   m->unk < 0 ? "no unknown piece" : "byte_fallback without 256 byte pieces");
-        load_fail(m, raw);
-        return NULL;
+        goto fail;
     }
     sort_user_defined(m);
 
@@ -770,16 +751,19 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
         int32_t id = sp_model_piece_to_id(m, nm, nl);
         *ids[k] = id >= 0 && m->type[id] == SP_PIECE_CONTROL ? id : -1;
     }
-    if (spec.has_unk_surface) {
-        m->unk_surface = xstrndup((const char *)spec.unk_surface, spec.unk_surface_len);
-        m->unk_surface_len = spec.unk_surface_len;
-    } else {
-        m->unk_surface = xstrdup(" \xe2\x81\x87 ");
-        m->unk_surface_len = strlen(m->unk_surface);
-    }
+    const char *surface = spec.has_unk_surface ? (const char *)spec.unk_surface
+                                               : " \xe2\x81\x87 ";
+    m->unk_surface_len = spec.has_unk_surface ? spec.unk_surface_len : strlen(surface);
+    m->unk_surface = xmalloc(m->unk_surface_len + 1);
+    memcpy(m->unk_surface, surface, m->unk_surface_len);
     free(raw);
     build_pairs(m);
     return m;
+
+fail:
+    free(raw);
+    sp_model_free(m);
+    return NULL;
 }
 
 sp_model *sp_model_load(const char *path)

@@ -63,7 +63,7 @@ const cfg_field train_fields[] = {
     F("seed", CFG_INT, seed, "42", "seed of the adapter init, data order and dropout"),
     F("gradient_checkpointing", CFG_BOOL, gradient_checkpointing, "false",
       "recompute activations in the backward pass (less memory, same results)"),
-    F("device", CFG_STRING, device, "cpu", "cpu or cuda"),
+    F("device", CFG_STRING, device, "auto", "cpu, cuda, or auto (cuda when a GPU is present)"),
 };
 const size_t train_nfields = sizeof train_fields / sizeof train_fields[0];
 
@@ -134,8 +134,9 @@ int train_config_check(const train_config *c)
     NEED(c->save_steps >= 0 && c->save_total_limit >= 0 && c->eval_steps >= 0,
          "'save_steps', 'save_total_limit' and 'eval_steps' must not be negative");
     NEED(c->output_dir, "'output_dir' must be set");
-    NEED(c->device && (strcmp(c->device, "cpu") == 0 || strcmp(c->device, "cuda") == 0),
-         "'device' must be cpu or cuda");
+    NEED(c->device && (strcmp(c->device, "cpu") == 0 || strcmp(c->device, "cuda") == 0 ||
+                       strcmp(c->device, "auto") == 0),
+         "'device' must be cpu, cuda or auto");
 #undef NEED
     lora_config lc;
     return train_lora_config(c, &lc);
@@ -673,6 +674,9 @@ int train_run(const train_inputs *in)
     }
     if (in->resume && load_checkpoint(in, a, &opt, &st) != 0)
         goto out;
+    const train_backend *be = in->backend;
+    if (be)
+        be->load(be->ctx, a, &opt);
     if (st.step > total) {
         msg_error("the checkpoint is at step %lld, past the last step %lld",
                   (long long)st.step, (long long)total);
@@ -698,7 +702,11 @@ int train_run(const train_inputs *in)
         }
         if (in->want_batches)
             for (size_t k = 0; k < nm; k++) {
+                uint64_t r0 = (uint64_t)(k0 + (int64_t)k) * (uint64_t)bs;
+                uint64_t r1 = r0 + (uint64_t)bs < nrows ? r0 + (uint64_t)bs : nrows;
                 memset(&ev, 0, sizeof ev);
+                ev.rows = perm + r0;
+                ev.n_rows = (size_t)(r1 - r0);
                 ev.kind = TRAIN_EV_BATCH;
                 ev.step = s + 1;
                 ev.total_steps = total;
@@ -708,9 +716,11 @@ int train_run(const train_inputs *in)
                 emit(in, &ev);
             }
         double lr = train_lr(c, s, total), loss, norm;
-        if (train_step(m, a, &opt, grad, micro, nm, lr, c->max_grad_norm,
-                       c->gradient_checkpointing, (uint64_t)c->seed, s, &loss,
-                       &norm) != 0)
+        if (be ? be->step(be->ctx, micro, nm, lr, c->max_grad_norm,
+                          (uint64_t)c->seed, s, &loss, &norm) != 0
+               : train_step(m, a, &opt, grad, micro, nm, lr, c->max_grad_norm,
+                            c->gradient_checkpointing, (uint64_t)c->seed, s,
+                            &loss, &norm) != 0)
             goto out;
         st.step = s + 1;
         st.log_loss += isnan(loss) ? 0 : loss;
@@ -730,6 +740,7 @@ int train_run(const train_inputs *in)
             ev.kind = TRAIN_EV_LOG;
             ev.loss = st.log_loss / (double)st.log_steps;
             ev.tokens_per_s = t > t_log ? (double)st.log_tokens / (t - t_log) : 0;
+            ev.peak_memory = be && be->peak_bytes ? be->peak_bytes(be->ctx) : 0;
             emit(in, &ev);
             st.log_loss = 0;
             st.log_steps = 0;
@@ -744,8 +755,10 @@ int train_run(const train_inputs *in)
             ev.step = st.step;
             ev.total_steps = total;
             ev.epoch = (double)st.step / (double)spe;
-            if (train_eval(m, a, in->eval, c->per_device_eval_batch_size,
-                           &ev.eval_loss) != 0)
+            if ((be ? be->eval(be->ctx, in->eval, c->per_device_eval_batch_size,
+                               &ev.eval_loss)
+                    : train_eval(m, a, in->eval, c->per_device_eval_batch_size,
+                                 &ev.eval_loss)) != 0)
                 goto out;
             emit(in, &ev);
             last_eval_step = st.step;
@@ -753,6 +766,8 @@ int train_run(const train_inputs *in)
         }
         if (c->save_steps > 0 && st.step % c->save_steps == 0 && st.step < total) {
             char *p;
+            if (be)
+                be->store(be->ctx, a, &opt);
             if (save_checkpoint(in, a, &opt, &st, total, spe, &p) != 0)
                 goto out;
             prune_checkpoints(c->output_dir, c->save_total_limit);
@@ -766,6 +781,8 @@ int train_run(const train_inputs *in)
         }
     }
     (void)last_eval_step;
+    if (be)
+        be->store(be->ctx, a, &opt);
     if (adapter_write(c->output_dir, a, m->dir) != 0)
         goto out;
     rc = 0;
@@ -796,6 +813,10 @@ void train_event_json(const train_event *ev, strbuf *sb)
         json_append_number(sb, ev->grad_norm);
         sb_puts(sb, ",\"tokens_per_s\":");
         json_append_number(sb, round(ev->tokens_per_s * 10) / 10);
+        if (ev->peak_memory > 0) {
+            sb_puts(sb, ",\"peak_memory_gib\":");
+            json_append_number(sb, round(ev->peak_memory / 1073741824.0 * 1000) / 1000);
+        }
     }
     sb_putc(sb, '}');
 }

@@ -131,12 +131,33 @@ typedef struct train_event {
     double grad_norm;        /* LOG: of the last step, before clipping */
     double tokens_per_s;     /* LOG: tokens since the last log / seconds */
     double eval_loss;        /* EVAL */
+    double peak_memory;      /* LOG: peak device bytes (GPU backend), else 0 */
     const char *path;        /* SAVE: the checkpoint directory */
     const train_batch *batch; /* BATCH: micro-batch `micro` of step `step` */
     int64_t micro;
+    const uint64_t *rows;    /* BATCH: its rows' indices in the packed file */
+    size_t n_rows;
 } train_event;
 
 typedef void (*train_callback)(const train_event *ev, void *ctx);
+
+/* Where steps and evaluations run when not on the CPU: lora-train's GPU
+ * path (kernels/train_gpu.h) fills one. train_run then calls step and eval
+ * instead of train_step and train_eval, with the same contracts, and keeps
+ * its host adapter and optimizer state current: load after the
+ * initialisation or resume, store before each checkpoint and before the
+ * final adapter. peak_bytes (may be NULL) goes into the LOG metrics. */
+typedef struct train_backend {
+    void *ctx;
+    int (*step)(void *ctx, const train_batch *micro, size_t n, double lr,
+                double max_norm, uint64_t seed, int64_t step, double *loss,
+                double *norm);
+    int (*eval)(void *ctx, const pack_data *d, int64_t batch_rows,
+                double *loss);
+    void (*load)(void *ctx, const lora_adapter *a, const adamw *opt);
+    void (*store)(void *ctx, lora_adapter *a, adamw *opt);
+    double (*peak_bytes)(void *ctx);
+} train_backend;
 
 typedef struct train_inputs {
     const train_config *cfg;
@@ -147,6 +168,7 @@ typedef struct train_inputs {
     train_callback cb;
     void *cb_ctx;
     int want_batches;          /* emit TRAIN_EV_BATCH events */
+    const train_backend *backend; /* NULL: the CPU */
 } train_inputs;
 
 /* Runs the whole training: initial adapter (or the checkpoint's state),

@@ -52,7 +52,7 @@ def lines(path):
             yield line
 
 
-def completion_start(sp, text, boundary, pieces, first):
+def completion_start(sp, text, boundary, pieces, first, byte_ids):
     """Index (counted from `first`) of the first token whose last normalized
     character comes from an input character at or after `boundary` (in
     characters), or len(pieces) when none does."""
@@ -60,7 +60,7 @@ def completion_start(sp, text, boundary, pieces, first):
     pos = 0          # normalized character of the next token
     pending = b""    # bytes of a byte-fallback character seen so far
     for i, (piece, pid) in enumerate(pieces):
-        if sp.is_byte(pid):
+        if pid in byte_ids:
             pending += bytes([int(piece[3:5], 16)])
             last = pos
             try:
@@ -106,22 +106,30 @@ def encode(model, path):
 def encode_to(model, path, out):
     sp = spm.SentencePieceProcessor(model_file=model)
     bos, eos = sp.bos_id(), sp.eos_id()
+    head = [bos] if bos >= 0 else []
+    unk = sp.unk_id()
+    byte_ids = {i for i in range(sp.vocab_size()) if sp.is_byte(i)}
+    recs = []
     for line in lines(path):
         r = json.loads(line)
         if "text" in r:
-            text, boundary, kind = r["text"], None, "text"
+            recs.append((r["text"], None, "text"))
         elif "completion" in r:
-            text, boundary, kind = r["prompt"] + r["completion"], len(r["prompt"]), "pc"
+            recs.append((r["prompt"] + r["completion"], len(r["prompt"]), "pc"))
         else:
-            text, boundary, kind = r["prompt"], None, "prompt"
-        ids = sp.encode(text)
-        head = [bos] if bos >= 0 else []
+            recs.append((r["prompt"], None, "prompt"))
+    all_ids = sp.encode([t for t, _, _ in recs])  # batched, all cores
+    for (text, boundary, kind), ids in zip(recs, all_ids):
         cs = None
         if kind == "pc":
-            # out_type=str gives the normalized text of each token (a run of
-            # unknown characters is one token), or <0xNN> for byte pieces
-            pieces = list(zip(sp.encode(text, out_type=str), ids))
-            cs = completion_start(sp, text, boundary, pieces, len(head))
+            if unk in ids:
+                # out_type=str gives the normalized text of each token (a
+                # run of unknown characters is one token)
+                texts = sp.encode(text, out_type=str)
+            else:
+                texts = sp.id_to_piece(ids)
+            cs = completion_start(sp, text, boundary, list(zip(texts, ids)), len(head),
+                                  byte_ids)
         tail = [eos] if eos >= 0 and kind != "prompt" else []
         out.write(json.dumps({"ids": head + ids + tail, "completion_start": cs},
                              separators=(",", ":")) + "\n")
@@ -133,14 +141,18 @@ def decode(model, path):
 
 def decode_to(model, path, out):
     sp = spm.SentencePieceProcessor(model_file=model)
-    for line in lines(path):
-        r = json.loads(line)
+    recs = [json.loads(line) for line in lines(path)]
+    parts = []  # the id lists to decode, batched
+    for r in recs:
         ids, cs = r["ids"], r["completion_start"]
-        if cs is None:
-            rec = {"text": sp.decode(ids)}
+        parts += [ids] if cs is None else [ids[:cs], ids[cs:]]
+    texts = iter(sp.decode(parts)) if parts else iter(())
+    for r in recs:
+        if r["completion_start"] is None:
+            rec = {"text": next(texts)}
         else:
-            rec = {"prompt": sp.decode(ids[:cs]), "completion": sp.decode(ids[cs:])}
-        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            rec = {"prompt": next(texts), "completion": next(texts)}
+        out.write(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
 def seed(path):
@@ -152,6 +164,9 @@ def seed(path):
 
 
 def same(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        if fa.read() == fb.read():
+            return 0
     with open(a, encoding="utf-8") as fa, open(b, encoding="utf-8") as fb:
         la, lb = fa.readlines(), fb.readlines()
     for i, (x, y) in enumerate(zip(la, lb)):

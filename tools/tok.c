@@ -120,6 +120,20 @@ static int check_vocabulary(const toks_header *h, const sp_model *m,
     return -1;
 }
 
+/* Appends [","]v in decimal (sb_printf is slow for millions of ids). */
+static void put_u32(strbuf *sb, uint32_t v, int comma)
+{
+    char buf[12];
+    int i = sizeof buf;
+    do {
+        buf[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    if (comma)
+        buf[--i] = ',';
+    sb_append(sb, buf + i, sizeof buf - (size_t)i);
+}
+
 /* -d (model != NULL) or --dump: one token stream to JSON Lines. */
 static int read_stream(const char *model_path, const char *output, const char *file)
 {
@@ -147,7 +161,7 @@ static int read_stream(const char *model_path, const char *output, const char *f
             sb_reset(&sb);
             sb_puts(&sb, "{\"ids\":[");
             for (uint32_t i = 0; i < rec.n; i++)
-                sb_printf(&sb, i ? ",%" PRIu32 : "%" PRIu32, rec.ids[i]);
+                put_u32(&sb, rec.ids[i], i > 0);
             if (rec.completion_start == TOKS_NO_COMPLETION)
                 sb_puts(&sb, "],\"completion_start\":null}\n");
             else

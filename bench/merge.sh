@@ -1,0 +1,94 @@
+#!/bin/sh
+# bench/merge.sh: lora-merge on a 7B-shaped checkpoint against the speed of
+# the disk it reads and writes.
+#
+# Makes a seeded random Llama-2-7B-shaped BF16 checkpoint (4096 / 11008 /
+# 32 layers / 32 heads / vocab 32000, 13.5 GB, one file, with bench/nf4-gen.c)
+# and LoRA adapters (r 64, alpha 16; B random so the merge computes) with
+# bench/merge-adapter.c, then times, each with the base dropped from the page
+# cache first (dd iflag=nocache), so reads come from the disk:
+#
+#   dd read      dd iflag=direct of the base: the disk's read speed
+#   dd write     dd of the same size with conv=fdatasync: its write speed
+#   cp           cat base > copy; sync: read + write of the same bytes, the
+#                ceiling for a merge, which moves as much
+#   lora-merge   q,v (the seed's adapter), and all seven linears
+#
+# GB/s counts the bytes read plus the bytes written (1 GB = 1e9 bytes), and
+# "model GB/s" the checkpoint's size over the wall time. Peak RSS from
+# /usr/bin/time. Needs about 2.1x the checkpoint's size free in BENCH_DIR
+# (default /tmp); with less, it uses the most layers that fit and says so.
+#
+#   sh bench/merge.sh [LAYERS]        (from the project root, after make)
+TOP=$(pwd)
+DIR=${BENCH_DIR:-/tmp}
+[ -x "$TOP/bin/lora-merge" ] && [ -f "$TOP/build/libqlora.a" ] ||
+    { echo "bench: build bin/lora-merge first (make)" >&2; exit 2; }
+CC=${CC:-cc}
+tmp=$(mktemp -d "$DIR/bench-merge.XXXXXX") || exit 2
+trap 'rm -rf "$tmp"' EXIT INT TERM
+LIBS="$TOP/build/libqlora.a -fopenmp -lzstd -lyaml -lm -lpthread"
+$CC -O2 -std=c11 -I"$TOP/lib" -o "$tmp/nf4-gen" "$TOP/bench/nf4-gen.c" $LIBS &&
+    $CC -O2 -std=c11 -I"$TOP/lib" -o "$tmp/merge-adapter" \
+        "$TOP/bench/merge-adapter.c" $LIBS || exit 2
+
+H=4096 I=11008 HEADS=32 KV=32 V=32000
+per_layer=$(( (4 * H * H + 3 * H * I + 2 * H) * 2 ))
+fixed=$(( (2 * V * H + H) * 2 ))
+avail=$(( $(df -Pk "$DIR" | awk 'NR==2 {print $4}') * 1024 ))
+WANT=${1:-32}
+L=$WANT
+while [ "$L" -gt 1 ] && [ $(( (fixed + L * per_layer) * 21 / 10 )) -gt "$avail" ]; do
+    L=$((L - 1))
+done
+size=$((fixed + L * per_layer))
+[ "$L" -lt "$WANT" ] && echo "bench: only $((avail / 1000000000)) GB free in" \
+    "$DIR: $L layers instead of $WANT" >&2
+
+now() { date +%s.%N; }
+gbps() { awk -v b="$1" -v s="$2" -v e="$3" 'BEGIN { printf "%.3f", b / (e - s) / 1e9 }'; }
+secs() { awk -v s="$1" -v e="$2" 'BEGIN { printf "%.1f", e - s }'; }
+uncache() { for f in "$@"; do dd if="$f" iflag=nocache count=0 status=none; done; }
+row() { printf '%-34s %8s s %9s %11s %10s\n' "$@"; }
+
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM"
+echo "disk: $(df -P "$DIR" | awk 'NR==2 {print $1}') ($DIR)"
+mkdir "$tmp/base" || exit 2
+s=$(now)
+"$tmp/nf4-gen" "$tmp/base" $H $I "$L" $HEADS $KV $V bf16 1 >/dev/null || exit 2
+e=$(now)
+echo "checkpoint: $L layers, $size bytes, BF16 (generated in $(secs "$s" "$e") s)"
+"$tmp/merge-adapter" "$tmp/base" "$tmp/ad-qv" 64 q_proj,v_proj 1 &&
+    "$tmp/merge-adapter" "$tmp/base" "$tmp/ad-all" 64 all-linear 2 || exit 2
+B="$tmp/base/model.safetensors"
+echo
+row "command" "wall" "GB/s" "model GB/s" "peak RSS"
+
+uncache "$B"; sync
+s=$(now); dd if="$B" of=/dev/null bs=16M iflag=direct status=none; e=$(now)
+row "dd read (iflag=direct)" "$(secs "$s" "$e")" "$(gbps "$size" "$s" "$e")" "" ""
+s=$(now)
+dd if=/dev/zero of="$tmp/dd" bs=16M count=$((size / 16777216)) conv=fdatasync status=none
+e=$(now)
+row "dd write (conv=fdatasync)" "$(secs "$s" "$e")" \
+    "$(gbps $((size / 16777216 * 16777216)) "$s" "$e")" "" ""
+rm -f "$tmp/dd"
+uncache "$B"; sync
+s=$(now); cat "$B" >"$tmp/copy" && sync; e=$(now)
+row "cp (cat > copy; sync)" "$(secs "$s" "$e")" "$(gbps $((2 * size)) "$s" "$e")" \
+    "$(gbps "$size" "$s" "$e")" ""
+rm -f "$tmp/copy"
+
+merge() {
+    name=$1; shift
+    uncache "$B"; sync
+    s=$(now)
+    /usr/bin/time -f %M -o "$tmp/rss" "$TOP/bin/lora-merge" -q "$@" || exit 2
+    e=$(now)
+    out=$(awk '{print $1 * 1024}' "$tmp/rss")
+    row "$name" "$(secs "$s" "$e")" "$(gbps $((2 * size)) "$s" "$e")" \
+        "$(gbps "$size" "$s" "$e")" "$((out / 1048576)) MiB"
+    rm -rf "$tmp/merged"
+}
+merge "lora-merge q,v r64 (BF16, 5GB)" -b "$tmp/base" -o "$tmp/merged" "$tmp/ad-qv"
+merge "lora-merge all-linear r64" -b "$tmp/base" -o "$tmp/merged" "$tmp/ad-all"

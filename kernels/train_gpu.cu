@@ -1,0 +1,727 @@
+/* train_gpu.cu: lora-train's GPU path (see train_gpu.h): the forward and
+ * backward of a Llama model with LoRA adapters, step by step the same
+ * computation as lib/llama_cpu.c's llama_forward_backward, on the kernels
+ * of this directory and the one GEMM wrapper.
+ *
+ * Layout of the work, per micro-batch of n tokens:
+ *   forward   embedding -> per layer: RMSNorm, q/k/v (+LoRA), RoPE, flash
+ *             attention, o (+LoRA) added to the residual by the product
+ *             itself (D = C + A B), RMSNorm, gate/up (+LoRA), SwiGLU, down
+ *             (+LoRA) added to the residual -> final RMSNorm -> chunked
+ *             head + cross-entropy, which also yields the gradient.
+ *   backward  the layers in reverse; the residual gradient is fp32, the
+ *             operands of products bf16. With gradient checkpointing only
+ *             the layer inputs are kept and each layer is recomputed
+ *             (same dropout masks: they are counter-based) just before
+ *             its backward.
+ * Buffers are sized once for the largest micro-batch; activations that are
+ * dead by the time a gradient of the same shape appears are overwritten by
+ * it (dh over h, dgate/dup over gate/up), which the operation order below
+ * makes safe: a LoRA product's gradients are taken before its input
+ * gradient overwrites anything.
+ */
+#define _Noreturn [[noreturn]]
+extern "C" {
+#include "llama.h"
+#include "lora.h"
+#include "msg.h"
+#include "nf4.h"
+#include "ops_ref.h"
+#include "train.h"
+}
+#include "common.cuh"
+#include "train_gpu.h"
+
+#include <math.h>
+#include <string.h>
+
+typedef struct gpu_lin {
+    int64_t out, in;
+    kn_nf4 q;          /* when the checkpoint is NF4 */
+    bf16 *dense;       /* otherwise: (out, in) bf16 */
+} gpu_lin;
+
+typedef struct gpu_layer {
+    float *attn_norm, *ffn_norm;   /* (dim) */
+    gpu_lin lin[LLAMA_NLINEAR];
+} gpu_layer;
+
+/* One layer's activations for n tokens (bf16 unless noted). */
+typedef struct gpu_acts {
+    bf16 *x;                  /* (n, dim) input: points into xin */
+    bf16 *xn1, *q, *k, *v;    /* (n, dim), (n, qd), (n, kvd) x2 */
+    bf16 *att;                /* (n, qd) */
+    bf16 *x2, *xn2;           /* (n, dim) */
+    bf16 *g, *u, *hm;         /* (n, hidden) */
+    float *rstd1, *rstd2;     /* (n) */
+    float *lse;               /* (nh, n) */
+    bf16 *lh[LLAMA_NLINEAR];  /* (n, r) A xd per targeted linear */
+} gpu_acts;
+
+struct gpu_trainer {
+    const llama_model *m;
+    llama_config c;
+    lora_adapter *a;          /* host: the parameter layout (slots) */
+    int32_t r;
+    float scale, p;
+    cudaStream_t s;
+    gpu_layer *L;
+    bf16 *embed, *head;       /* (vocab, dim); head == embed when tied */
+    float *norm;              /* (dim) */
+    /* adapter and optimizer */
+    size_t np;
+    float *params, *grad, *mom1, *mom2;  /* (np) */
+    bf16 *pb;                 /* (np) bf16 copy for the products */
+    double beta1, beta2, eps, wd;
+    int64_t adam_step;
+    /* activations */
+    int64_t cap;
+    int ckpt;
+    bf16 *xin;                /* (n_layers, cap, dim) every layer's input */
+    gpu_acts *sets;           /* n_layers, or 1 with checkpointing */
+    int nsets;
+    bf16 *xl, *xf, *xalt;     /* (cap, dim) final hidden, normed, spare */
+    float *rstdf;             /* (cap) */
+    /* backward and scratch */
+    float *dres, *dxn;        /* (cap, dim) fp32 */
+    float *delta;             /* (nh, cap) */
+    bf16 *dyb, *datt, *dq, *dk, *dv;
+    bf16 *wbuf;               /* the largest linear, dequantized */
+    bf16 *xd, *tmp;           /* (cap, max in) dropout input, LoRA dx */
+    bf16 *dlh;                /* (cap, r) */
+    void *xent_scratch;
+    int chunk;
+    float *stats;             /* [0] loss sum, [1] gradient sum of squares */
+    int32_t *ids, *pos, *start, *tg;
+    float *wt;
+    size_t peak0;
+};
+
+/* ---- setup ---------------------------------------------------------------- */
+
+static void *dalloc(size_t bytes) { return kn_malloc(bytes ? bytes : 16); }
+
+static bf16 *upload_bf16(const float *x, int64_t n, cudaStream_t s)
+{
+    uint16_t *h = (uint16_t *)xmalloc((size_t)n * 2);
+    for (int64_t i = 0; i < n; i++)
+        h[i] = ops_bf16_from_f32(x[i]);
+    bf16 *d = (bf16 *)dalloc((size_t)n * 2);
+    kn_memcpy_h2d(d, h, (size_t)n * 2, s);
+    kn_stream_sync(s);
+    free(h);
+    return d;
+}
+
+static void *upload(const void *x, size_t bytes, cudaStream_t s)
+{
+    void *d = dalloc(bytes);
+    kn_memcpy_h2d(d, x, bytes, s);
+    kn_stream_sync(s);
+    return d;
+}
+
+static void upload_linear(gpu_lin *g, const llama_weight *w, cudaStream_t s)
+{
+    memset(g, 0, sizeof *g);
+    g->out = w->rows;
+    g->in = w->cols;
+    if (w->f32) {
+        g->dense = upload_bf16(w->f32, w->rows * w->cols, s);
+        return;
+    }
+    const nf4_weight *q = w->nf4;
+    g->q.numel = q->numel;
+    g->q.blocksize = q->blocksize;
+    g->q.nested_blocksize = q->nested_blocksize;
+    g->q.codes = (const uint8_t *)upload(q->packed, (size_t)(q->numel + 1) / 2, s);
+    g->q.quant_map = (const float *)upload(q->quant_map, sizeof q->quant_map, s);
+    if (q->nested) {
+        g->q.absmax_q = (const uint8_t *)upload(q->absmax_code, (size_t)q->nblocks, s);
+        g->q.nested_absmax = (const float *)upload(
+            q->nested_absmax, (size_t)q->nested_nblocks * sizeof(float), s);
+        g->q.nested_map = (const float *)upload(q->nested_map, sizeof q->nested_map, s);
+        g->q.offset = q->nested_offset;
+    } else {
+        g->q.absmax = (const float *)upload(q->absmax, (size_t)q->nblocks * sizeof(float), s);
+    }
+}
+
+static void free_linear(gpu_lin *g)
+{
+    kn_free(g->dense);
+    kn_free((void *)g->q.codes);
+    kn_free((void *)g->q.quant_map);
+    kn_free((void *)g->q.absmax_q);
+    kn_free((void *)g->q.nested_absmax);
+    kn_free((void *)g->q.nested_map);
+    kn_free((void *)g->q.absmax);
+}
+
+static void acts_alloc(gpu_trainer *G, gpu_acts *s)
+{
+    const llama_config *c = &G->c;
+    int64_t n = G->cap, dim = c->dim;
+    int64_t qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
+    memset(s, 0, sizeof *s);
+    s->xn1 = (bf16 *)dalloc((size_t)(n * dim) * 2);
+    s->q = (bf16 *)dalloc((size_t)(n * qd) * 2);
+    s->k = (bf16 *)dalloc((size_t)(n * kvd) * 2);
+    s->v = (bf16 *)dalloc((size_t)(n * kvd) * 2);
+    s->att = (bf16 *)dalloc((size_t)(n * qd) * 2);
+    s->x2 = (bf16 *)dalloc((size_t)(n * dim) * 2);
+    s->xn2 = (bf16 *)dalloc((size_t)(n * dim) * 2);
+    s->g = (bf16 *)dalloc((size_t)(n * c->hidden) * 2);
+    s->u = (bf16 *)dalloc((size_t)(n * c->hidden) * 2);
+    s->hm = (bf16 *)dalloc((size_t)(n * c->hidden) * 2);
+    s->rstd1 = (float *)dalloc((size_t)n * 4);
+    s->rstd2 = (float *)dalloc((size_t)n * 4);
+    s->lse = (float *)dalloc((size_t)(n * c->n_heads) * 4);
+    for (int l = 0; l < LLAMA_NLINEAR; l++)
+        if (G->a->cfg.targets & (1u << l))
+            s->lh[l] = (bf16 *)dalloc((size_t)(n * G->r) * 2);
+}
+
+static void acts_free(gpu_acts *s)
+{
+    void *p[] = {s->xn1, s->q, s->k, s->v, s->att, s->x2, s->xn2, s->g, s->u,
+                 s->hm, s->rstd1, s->rstd2, s->lse};
+    for (size_t i = 0; i < sizeof p / sizeof *p; i++)
+        kn_free(p[i]);
+    for (int l = 0; l < LLAMA_NLINEAR; l++)
+        kn_free(s->lh[l]);
+}
+
+extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
+                                        const lora_config *lc,
+                                        int64_t max_tokens, int checkpointing)
+{
+    if (kn_device_count() < 1) {
+        msg_error("no CUDA device");
+        return NULL;
+    }
+    if (kn_init(0) != 0)
+        return NULL;
+    const llama_config *c = &m->cfg;
+    if (c->head_dim > 128 || c->head_dim % 2) {
+        msg_error("head_dim %d: the GPU attention takes even sizes up to 128",
+                  c->head_dim);
+        return NULL;
+    }
+    if (max_tokens < 1)
+        max_tokens = 1;
+    gpu_trainer *G = (gpu_trainer *)xcalloc(1, sizeof *G);
+    G->peak0 = kn_mem_current();
+    kn_mem_reset_peak();
+    G->m = m;
+    G->c = *c;
+    if (lora_new(c, lc, &G->a) != 0) {
+        free(G);
+        return NULL;
+    }
+    G->r = lc->r;
+    G->scale = G->a->scale;
+    G->p = (float)lc->dropout;
+    G->cap = max_tokens;
+    G->ckpt = checkpointing;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&G->s, cudaStreamNonBlocking));
+    cudaStream_t s = G->s;
+
+    /* the frozen model */
+    G->embed = upload_bf16(m->embed, (int64_t)c->vocab * c->dim, s);
+    G->head = m->head.f32 == m->embed
+                  ? G->embed
+                  : upload_bf16(m->head.f32, (int64_t)c->vocab * c->dim, s);
+    G->norm = (float *)upload(m->norm, (size_t)c->dim * 4, s);
+    G->L = (gpu_layer *)xcalloc((size_t)c->n_layers, sizeof *G->L);
+    int64_t maxw = 0, maxin = 0;
+    for (int32_t i = 0; i < c->n_layers; i++) {
+        const llama_layer *L = &m->layers[i];
+        G->L[i].attn_norm = (float *)upload(L->attn_norm, (size_t)c->dim * 4, s);
+        G->L[i].ffn_norm = (float *)upload(L->ffn_norm, (size_t)c->dim * 4, s);
+        for (int l = 0; l < LLAMA_NLINEAR; l++) {
+            upload_linear(&G->L[i].lin[l], &L->lin[l], s);
+            int64_t e = L->lin[l].rows * L->lin[l].cols;
+            maxw = e > maxw ? e : maxw;
+            maxin = L->lin[l].cols > maxin ? L->lin[l].cols : maxin;
+        }
+    }
+    G->wbuf = (bf16 *)dalloc((size_t)maxw * 2);
+
+    /* adapter, gradient, moments */
+    G->np = G->a->n_params;
+    G->params = (float *)dalloc(G->np * 4);
+    G->grad = (float *)dalloc(G->np * 4);
+    G->mom1 = (float *)dalloc(G->np * 4);
+    G->mom2 = (float *)dalloc(G->np * 4);
+    G->pb = (bf16 *)dalloc(G->np * 2);
+
+    /* activations */
+    int64_t n = G->cap, dim = c->dim;
+    int64_t qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
+    G->xin = (bf16 *)dalloc((size_t)(c->n_layers * n * dim) * 2);
+    G->nsets = checkpointing ? 1 : c->n_layers;
+    G->sets = (gpu_acts *)xcalloc((size_t)G->nsets, sizeof *G->sets);
+    for (int i = 0; i < G->nsets; i++)
+        acts_alloc(G, &G->sets[i]);
+    G->xl = (bf16 *)dalloc((size_t)(n * dim) * 2);
+    G->xf = (bf16 *)dalloc((size_t)(n * dim) * 2);
+    G->xalt = (bf16 *)dalloc((size_t)(n * dim) * 2);
+    G->rstdf = (float *)dalloc((size_t)n * 4);
+    G->dres = (float *)dalloc((size_t)(n * dim) * 4);
+    G->dxn = (float *)dalloc((size_t)(n * dim) * 4);
+    G->delta = (float *)dalloc((size_t)(n * c->n_heads) * 4);
+    G->dyb = (bf16 *)dalloc((size_t)(n * dim) * 2);
+    G->datt = (bf16 *)dalloc((size_t)(n * qd) * 2);
+    G->dq = (bf16 *)dalloc((size_t)(n * qd) * 2);
+    G->dk = (bf16 *)dalloc((size_t)(n * kvd) * 2);
+    G->dv = (bf16 *)dalloc((size_t)(n * kvd) * 2);
+    G->xd = G->p > 0 ? (bf16 *)dalloc((size_t)(n * maxin) * 2) : NULL;
+    G->tmp = G->p > 0 ? (bf16 *)dalloc((size_t)(n * maxin) * 2) : NULL;
+    G->dlh = (bf16 *)dalloc((size_t)(n * G->r) * 2);
+    /* head chunks of at most ~256 MiB of logits and their gradient */
+    int64_t chunk = ((int64_t)256 << 20) / ((int64_t)c->vocab * 6);
+    chunk = chunk < 64 ? 64 : chunk;
+    G->chunk = (int)(chunk < n ? chunk : n);
+    G->xent_scratch = dalloc(kn_xent_scratch_bytes(G->chunk, c->vocab));
+    G->stats = (float *)dalloc(2 * sizeof(float));
+    G->ids = (int32_t *)dalloc((size_t)n * 4);
+    G->pos = (int32_t *)dalloc((size_t)n * 4);
+    G->start = (int32_t *)dalloc((size_t)n * 4);
+    G->tg = (int32_t *)dalloc((size_t)n * 4);
+    G->wt = (float *)dalloc((size_t)n * 4);
+    return G;
+}
+
+extern "C" void gpu_trainer_free(gpu_trainer *G)
+{
+    if (!G)
+        return;
+    kn_stream_sync(G->s);
+    for (int32_t i = 0; i < G->c.n_layers; i++) {
+        kn_free(G->L[i].attn_norm);
+        kn_free(G->L[i].ffn_norm);
+        for (int l = 0; l < LLAMA_NLINEAR; l++)
+            free_linear(&G->L[i].lin[l]);
+    }
+    free(G->L);
+    if (G->head != G->embed)
+        kn_free(G->head);
+    kn_free(G->embed);
+    kn_free(G->norm);
+    for (int i = 0; i < G->nsets; i++)
+        acts_free(&G->sets[i]);
+    free(G->sets);
+    void *p[] = {G->wbuf, G->params, G->grad, G->mom1, G->mom2, G->pb, G->xin,
+                 G->xl, G->xf, G->xalt, G->rstdf, G->dres, G->dxn, G->delta,
+                 G->dyb, G->datt, G->dq, G->dk, G->dv, G->xd, G->tmp, G->dlh,
+                 G->xent_scratch, G->stats, G->ids, G->pos, G->start, G->tg,
+                 G->wt};
+    for (size_t i = 0; i < sizeof p / sizeof *p; i++)
+        kn_free(p[i]);
+    CUDA_CHECK(cudaStreamDestroy(G->s));
+    lora_free(G->a);
+    free(G);
+}
+
+extern "C" void gpu_trainer_load(gpu_trainer *G, const lora_adapter *a,
+                                 const adamw *opt)
+{
+    KN_REQUIRE(a->n_params == G->np && opt->n == G->np);
+    kn_memcpy_h2d(G->params, a->params, G->np * 4, G->s);
+    kn_memcpy_h2d(G->mom1, opt->m, G->np * 4, G->s);
+    kn_memcpy_h2d(G->mom2, opt->v, G->np * 4, G->s);
+    kn_cast_f32_bf16((kn_bf16 *)G->pb, G->params, (int64_t)G->np, G->s);
+    G->beta1 = opt->beta1;
+    G->beta2 = opt->beta2;
+    G->eps = opt->eps;
+    G->wd = opt->weight_decay;
+    G->adam_step = opt->step;
+    kn_stream_sync(G->s);
+}
+
+extern "C" void gpu_trainer_store(gpu_trainer *G, lora_adapter *a, adamw *opt)
+{
+    KN_REQUIRE(a->n_params == G->np && opt->n == G->np);
+    kn_memcpy_d2h(a->params, G->params, G->np * 4, G->s);
+    kn_memcpy_d2h(opt->m, G->mom1, G->np * 4, G->s);
+    kn_memcpy_d2h(opt->v, G->mom2, G->np * 4, G->s);
+    opt->step = G->adam_step;
+}
+
+extern "C" size_t gpu_trainer_peak_bytes(const gpu_trainer *G)
+{
+    (void)G;
+    return kn_mem_peak();
+}
+
+/* ---- one linear ----------------------------------------------------------- */
+
+static const bf16 *weight(gpu_trainer *G, const gpu_lin *w)
+{
+    if (w->dense)
+        return w->dense;
+    kn_nf4_dequant((kn_bf16 *)G->wbuf, &w->q, G->s);
+    return G->wbuf;
+}
+
+#define KB(p) ((kn_bf16 *)(p))
+#define CKB(p) ((const kn_bf16 *)(p))
+
+/* y (n, out) = res + x W^T + scale * (A xd)^T B^T, lh = A xd kept for the
+ * backward. y NULL: only lh (a recomputation whose output is not needed).
+ * res may be NULL (no residual). */
+static void lin_fwd(gpu_trainer *G, int32_t layer, int l, bf16 *y,
+                    const bf16 *res, const bf16 *x, int64_t n, bf16 *lh,
+                    int drop, uint64_t key)
+{
+    const gpu_lin *w = &G->L[layer].lin[l];
+    const lora_slot *sl = lora_slot_of(G->a, layer, (llama_linear)l);
+    int in = (int)w->in, out = (int)w->out, r = G->r;
+    if (y)
+        kn_gemm_ex(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(weight(G, w)), in,
+                   res ? 1.0f : 0.0f, res, y, KN_BF16, out, G->s);
+    if (sl->a < 0)
+        return;
+    const bf16 *xd = x;
+    if (drop && G->p > 0) {
+        kn_dropout_forward(KB(G->xd), CKB(x), n * in, G->p,
+                           lora_dropout_stream(key, layer, (llama_linear)l), G->s);
+        xd = G->xd;
+    }
+    kn_gemm(0, 1, (int)n, r, in, 1.0f, CKB(xd), in, CKB(G->pb + sl->a), in, 0.0f,
+            lh, KN_BF16, r, G->s);
+    if (y)
+        kn_gemm(0, 1, (int)n, out, r, G->scale, CKB(lh), r, CKB(G->pb + sl->b), r,
+                1.0f, y, KN_BF16, out, G->s);
+}
+
+/* The backward of lin_fwd: LoRA gradients added to grad, then (dx non-NULL)
+ * dx (n, in) = [dx +] dy W + the LoRA path through the dropout mask. dx may
+ * be x itself: x is read only before dx is written. */
+static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
+                    kn_dtype dxt, int accumulate, const bf16 *dy,
+                    const bf16 *x, int64_t n, const bf16 *lh, int drop,
+                    uint64_t key)
+{
+    const gpu_lin *w = &G->L[layer].lin[l];
+    const lora_slot *sl = lora_slot_of(G->a, layer, (llama_linear)l);
+    int in = (int)w->in, out = (int)w->out, r = G->r, ni = (int)n;
+    int lora = sl->a >= 0, dropping = lora && drop && G->p > 0;
+    uint64_t stream = dropping ? lora_dropout_stream(key, layer, (llama_linear)l) : 0;
+    if (lora) {
+        /* dB (out, r) += scale dy^T lh; dlh (n, r) = scale dy B */
+        kn_gemm(1, 0, out, r, ni, G->scale, CKB(dy), out, CKB(lh), r, 1.0f,
+                G->grad + sl->b, KN_F32, r, G->s);
+        kn_gemm(0, 0, ni, r, out, G->scale, CKB(dy), out, CKB(G->pb + sl->b), r,
+                0.0f, G->dlh, KN_BF16, r, G->s);
+        const bf16 *xd = x;
+        if (dropping) {
+            kn_dropout_forward(KB(G->xd), CKB(x), n * in, G->p, stream, G->s);
+            xd = G->xd;
+        }
+        /* dA (r, in) += dlh^T xd */
+        kn_gemm(1, 0, r, in, ni, 1.0f, CKB(G->dlh), r, CKB(xd), in, 1.0f,
+                G->grad + sl->a, KN_F32, in, G->s);
+    }
+    if (!dx)
+        return;
+    kn_gemm(0, 0, ni, in, out, 1.0f, CKB(dy), out, CKB(weight(G, w)), in,
+            accumulate ? 1.0f : 0.0f, dx, dxt, in, G->s);
+    if (!lora)
+        return;
+    if (!dropping) {
+        kn_gemm(0, 0, ni, in, r, 1.0f, CKB(G->dlh), r, CKB(G->pb + sl->a), in,
+                1.0f, dx, dxt, in, G->s);
+    } else {
+        kn_gemm(0, 0, ni, in, r, 1.0f, CKB(G->dlh), r, CKB(G->pb + sl->a), in,
+                0.0f, G->tmp, KN_BF16, in, G->s);
+        kn_dropout_backward_add(dx, dxt, CKB(G->tmp), n * in, G->p, stream, G->s);
+    }
+}
+
+/* ---- one layer ------------------------------------------------------------ */
+
+/* out NULL: recomputation for the backward (the layer output is not
+ * needed again). */
+static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
+                      int64_t n, int drop, uint64_t key)
+{
+    const llama_config *c = &G->c;
+    const gpu_layer *L = &G->L[i];
+    cudaStream_t st = G->s;
+    int dim = c->dim, hd = c->head_dim;
+    kn_rmsnorm_forward(KB(s->xn1), s->rstd1, CKB(s->x), L->attn_norm, n, dim, c->norm_eps, st);
+    lin_fwd(G, i, LLAMA_Q, s->q, NULL, s->xn1, n, s->lh[LLAMA_Q], drop, key);
+    lin_fwd(G, i, LLAMA_K, s->k, NULL, s->xn1, n, s->lh[LLAMA_K], drop, key);
+    lin_fwd(G, i, LLAMA_V, s->v, NULL, s->xn1, n, s->lh[LLAMA_V], drop, key);
+    kn_rope_forward(KB(s->q), G->pos, n, c->n_heads, hd, c->rope_theta, st);
+    kn_rope_forward(KB(s->k), G->pos, n, c->n_kv_heads, hd, c->rope_theta, st);
+    kn_attention_forward(KB(s->att), s->lse, CKB(s->q), CKB(s->k), CKB(s->v), G->start,
+                         n, c->n_heads, c->n_kv_heads, hd, st);
+    lin_fwd(G, i, LLAMA_O, s->x2, s->x, s->att, n, s->lh[LLAMA_O], drop, key);
+    kn_rmsnorm_forward(KB(s->xn2), s->rstd2, CKB(s->x2), L->ffn_norm, n, dim, c->norm_eps, st);
+    lin_fwd(G, i, LLAMA_GATE, s->g, NULL, s->xn2, n, s->lh[LLAMA_GATE], drop, key);
+    lin_fwd(G, i, LLAMA_UP, s->u, NULL, s->xn2, n, s->lh[LLAMA_UP], drop, key);
+    kn_swiglu_forward(KB(s->hm), CKB(s->g), CKB(s->u), n * c->hidden, st);
+    lin_fwd(G, i, LLAMA_DOWN, out, s->x2, s->hm, n, s->lh[LLAMA_DOWN], drop, key);
+}
+
+/* G->dres holds dL/d(layer output) on entry and dL/d(layer input) on exit
+ * (when need_dx; the first layer's input gradient is not needed). */
+static void layer_bwd(gpu_trainer *G, int32_t i, gpu_acts *s, int64_t n,
+                      int drop, uint64_t key, int need_dx)
+{
+    const llama_config *c = &G->c;
+    const gpu_layer *L = &G->L[i];
+    cudaStream_t st = G->s;
+    int dim = c->dim, hd = c->head_dim;
+    int64_t nd = n * dim;
+    /* MLP: dh over h, then dgate/dup over gate/up */
+    kn_cast_f32_bf16(KB(G->dyb), G->dres, nd, st);
+    lin_bwd(G, i, LLAMA_DOWN, s->hm, KN_BF16, 0, G->dyb, s->hm, n,
+            s->lh[LLAMA_DOWN], drop, key);
+    kn_swiglu_backward(KB(s->g), KB(s->u), CKB(s->hm), CKB(s->g), CKB(s->u),
+                       n * c->hidden, st);
+    lin_bwd(G, i, LLAMA_GATE, G->dxn, KN_F32, 0, s->g, s->xn2, n,
+            s->lh[LLAMA_GATE], drop, key);
+    lin_bwd(G, i, LLAMA_UP, G->dxn, KN_F32, 1, s->u, s->xn2, n,
+            s->lh[LLAMA_UP], drop, key);
+    kn_rmsnorm_backward(G->dres, G->dxn, CKB(s->x2), L->ffn_norm, s->rstd2, n, dim, 1, st);
+    /* attention */
+    kn_cast_f32_bf16(KB(G->dyb), G->dres, nd, st);
+    lin_bwd(G, i, LLAMA_O, G->datt, KN_BF16, 0, G->dyb, s->att, n,
+            s->lh[LLAMA_O], drop, key);
+    kn_attention_backward(KB(G->dq), KB(G->dk), KB(G->dv), G->delta, CKB(G->datt),
+                          CKB(s->q), CKB(s->k), CKB(s->v), CKB(s->att), s->lse,
+                          G->start, n, c->n_heads, c->n_kv_heads, hd, st);
+    kn_rope_backward(KB(G->dq), G->pos, n, c->n_heads, hd, c->rope_theta, st);
+    kn_rope_backward(KB(G->dk), G->pos, n, c->n_kv_heads, hd, c->rope_theta, st);
+    float *dxn = need_dx ? G->dxn : NULL;
+    lin_bwd(G, i, LLAMA_Q, dxn, KN_F32, 0, G->dq, s->xn1, n, s->lh[LLAMA_Q], drop, key);
+    lin_bwd(G, i, LLAMA_K, dxn, KN_F32, 1, G->dk, s->xn1, n, s->lh[LLAMA_K], drop, key);
+    lin_bwd(G, i, LLAMA_V, dxn, KN_F32, 1, G->dv, s->xn1, n, s->lh[LLAMA_V], drop, key);
+    if (need_dx)
+        kn_rmsnorm_backward(G->dres, G->dxn, CKB(s->x), L->attn_norm, s->rstd1, n, dim, 1, st);
+}
+
+/* ---- whole passes --------------------------------------------------------- */
+
+static int upload_batch(gpu_trainer *G, const llama_batch *b)
+{
+    if (b->n > G->cap)
+        return msg_error("a micro-batch of %lld tokens exceeds the %lld the "
+                         "GPU buffers were sized for", (long long)b->n,
+                         (long long)G->cap);
+    if (llama_batch_check(G->m, b) != 0)
+        return -1;
+    size_t n = (size_t)b->n;
+    kn_memcpy_h2d(G->ids, b->ids, n * 4, G->s);
+    kn_memcpy_h2d(G->pos, b->pos, n * 4, G->s);
+    kn_memcpy_h2d(G->start, b->start, n * 4, G->s);
+    if (b->targets) {
+        kn_memcpy_h2d(G->tg, b->targets, n * 4, G->s);
+        if (b->weights) {
+            kn_memcpy_h2d(G->wt, b->weights, n * 4, G->s);
+        } else {
+            float *ones = (float *)xmalloc(n * 4);
+            for (size_t t = 0; t < n; t++)
+                ones[t] = 1.0f;
+            kn_memcpy_h2d(G->wt, ones, n * 4, G->s);
+            kn_stream_sync(G->s);
+            free(ones);
+        }
+    }
+    return 0;
+}
+
+static gpu_acts *acts_of(gpu_trainer *G, int32_t i)
+{
+    gpu_acts *s = &G->sets[G->ckpt ? 0 : i];
+    s->x = G->xin + (int64_t)i * G->cap * G->c.dim;
+    return s;
+}
+
+/* Forward and backward of one micro-batch already uploaded: adds to grad
+ * the gradient of scale * sum w CE and to stats[0] the loss sum. */
+static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scale)
+{
+    const llama_config *c = &G->c;
+    cudaStream_t st = G->s;
+    int32_t nl = c->n_layers;
+    kn_embedding_forward(KB(G->xin), CKB(G->embed), G->ids, n, c->dim, st);
+    for (int32_t i = 0; i < nl; i++) {
+        gpu_acts *s = acts_of(G, i);
+        bf16 *out = i + 1 < nl ? G->xin + (int64_t)(i + 1) * G->cap * c->dim : G->xl;
+        layer_fwd(G, i, s, out, n, 1, key);
+    }
+    kn_rmsnorm_forward(KB(G->xf), G->rstdf, CKB(G->xl), G->norm, n, c->dim, c->norm_eps, st);
+    kn_xent_forward_backward(G->stats, G->dxn, CKB(G->xf), CKB(G->head), G->tg, G->wt, n,
+                             c->dim, c->vocab, scale, G->chunk, G->xent_scratch, st);
+    kn_rmsnorm_backward(G->dres, G->dxn, CKB(G->xl), G->norm, G->rstdf, n, c->dim, 0, st);
+    for (int32_t i = nl - 1; i >= 0; i--) {
+        gpu_acts *s = acts_of(G, i);
+        if (G->ckpt)
+            layer_fwd(G, i, s, NULL, n, 1, key);
+        layer_bwd(G, i, s, n, 1, key, i > 0);
+    }
+}
+
+extern "C" int gpu_trainer_step(gpu_trainer *G, const train_batch *micro,
+                                size_t nm, double lr, double max_norm,
+                                uint64_t seed, int64_t step, double *loss,
+                                double *norm)
+{
+    double wsum = 0;
+    for (size_t k = 0; k < nm; k++)
+        wsum += micro[k].weight_sum;
+    float scale = wsum > 0 ? (float)(1.0 / wsum) : 0.0f;
+    kn_memset(G->grad, 0, G->np * 4, G->s);
+    kn_memset(G->stats, 0, 2 * sizeof(float), G->s);
+    for (size_t k = 0; k < nm; k++) {
+        if (micro[k].b.n == 0)
+            continue;
+        if (!micro[k].b.targets)
+            return msg_error("training batch without targets");
+        if (upload_batch(G, &micro[k].b) != 0)
+            return -1;
+        forward_backward(G, micro[k].b.n, train_dropout_key(seed, step, (int64_t)k), scale);
+    }
+    kn_sumsq(G->stats + 1, G->grad, (int64_t)G->np, G->s);
+    G->adam_step++;
+    kn_adamw h;
+    h.lr = lr;
+    h.beta1 = G->beta1;
+    h.beta2 = G->beta2;
+    h.eps = G->eps;
+    h.weight_decay = G->wd;
+    h.step = G->adam_step;
+    h.max_grad_norm = max_norm;
+    kn_adamw_step(G->params, KB(G->pb), G->mom1, G->mom2, G->grad, (int64_t)G->np,
+                  &h, G->stats + 1, G->s);
+    float st[2];
+    kn_memcpy_d2h(st, G->stats, sizeof st, G->s);
+    *loss = wsum > 0 ? st[0] / wsum : NAN;
+    *norm = sqrt((double)st[1]);
+    return 0;
+}
+
+extern "C" int gpu_trainer_gradient(gpu_trainer *G, const llama_batch *b,
+                                    uint64_t key, float loss_scale,
+                                    float *grad, double *loss_sum)
+{
+    if (!b->targets)
+        return msg_error("training batch without targets");
+    if (upload_batch(G, b) != 0)
+        return -1;
+    kn_memset(G->grad, 0, G->np * 4, G->s);
+    kn_memset(G->stats, 0, 2 * sizeof(float), G->s);
+    forward_backward(G, b->n, key, loss_scale);
+    kn_memcpy_d2h(grad, G->grad, G->np * 4, G->s);
+    float ls;
+    kn_memcpy_d2h(&ls, G->stats, sizeof ls, G->s);
+    *loss_sum = ls;
+    return 0;
+}
+
+extern "C" int gpu_trainer_forward(gpu_trainer *G, const llama_batch *b,
+                                   double *loss_sum, double *weight_sum)
+{
+    const llama_config *c = &G->c;
+    cudaStream_t st = G->s;
+    if (!b->targets)
+        return msg_error("evaluation batch without targets");
+    if (upload_batch(G, b) != 0)
+        return -1;
+    int64_t n = b->n;
+    kn_memset(G->stats, 0, 2 * sizeof(float), st);
+    bf16 *cur = G->xalt, *nxt = G->xl;
+    kn_embedding_forward(KB(cur), CKB(G->embed), G->ids, n, c->dim, st);
+    gpu_acts *s = &G->sets[0];
+    for (int32_t i = 0; i < c->n_layers; i++) {
+        s->x = cur;
+        layer_fwd(G, i, s, nxt, n, 0, 0);
+        bf16 *t = cur;
+        cur = nxt;
+        nxt = t;
+    }
+    kn_rmsnorm_forward(KB(G->xf), G->rstdf, CKB(cur), G->norm, n, c->dim, c->norm_eps, st);
+    kn_xent_forward_backward(G->stats, NULL, CKB(G->xf), CKB(G->head), G->tg, G->wt, n,
+                             c->dim, c->vocab, 0.0f, G->chunk, G->xent_scratch, st);
+    float ls;
+    kn_memcpy_d2h(&ls, G->stats, sizeof ls, st);
+    double ws = 0;
+    for (int64_t t = 0; t < n; t++)
+        if (b->targets[t] >= 0)
+            ws += b->weights ? b->weights[t] : 1.0;
+    *loss_sum = ls;
+    *weight_sum = ws;
+    return 0;
+}
+
+extern "C" int gpu_trainer_eval(gpu_trainer *G, const pack_data *d,
+                                int64_t batch_rows, double *loss)
+{
+    train_batch tb;
+    memset(&tb, 0, sizeof tb);
+    double ls = 0, ws = 0;
+    uint64_t *rows = (uint64_t *)xmalloc((size_t)batch_rows * sizeof(uint64_t));
+    int rc = 0;
+    for (uint64_t r0 = 0; r0 < d->h.n_rows && rc == 0; r0 += (uint64_t)batch_rows) {
+        size_t n = 0;
+        for (uint64_t r = r0; r < d->h.n_rows && n < (size_t)batch_rows; r++)
+            rows[n++] = r;
+        train_batch_build(&tb, d, rows, n);
+        if (tb.b.n == 0)
+            continue;
+        double l = 0, w = 0;
+        rc = gpu_trainer_forward(G, &tb.b, &l, &w);
+        ls += l;
+        ws += w;
+    }
+    free(rows);
+    train_batch_free(&tb);
+    *loss = ws > 0 ? ls / ws : NAN;
+    return rc;
+}
+
+/* ---- train_run's backend --------------------------------------------------- */
+
+static int be_step(void *ctx, const train_batch *micro, size_t n, double lr,
+                   double max_norm, uint64_t seed, int64_t step, double *loss,
+                   double *norm)
+{
+    return gpu_trainer_step((gpu_trainer *)ctx, micro, n, lr, max_norm, seed,
+                            step, loss, norm);
+}
+
+static int be_eval(void *ctx, const pack_data *d, int64_t batch_rows, double *loss)
+{
+    return gpu_trainer_eval((gpu_trainer *)ctx, d, batch_rows, loss);
+}
+
+static void be_load(void *ctx, const lora_adapter *a, const adamw *opt)
+{
+    gpu_trainer_load((gpu_trainer *)ctx, a, opt);
+}
+
+static void be_store(void *ctx, lora_adapter *a, adamw *opt)
+{
+    gpu_trainer_store((gpu_trainer *)ctx, a, opt);
+}
+
+static double be_peak(void *ctx)
+{
+    return (double)gpu_trainer_peak_bytes((const gpu_trainer *)ctx);
+}
+
+extern "C" void gpu_trainer_backend(gpu_trainer *g, train_backend *b)
+{
+    memset(b, 0, sizeof *b);
+    b->ctx = g;
+    b->step = be_step;
+    b->eval = be_eval;
+    b->load = be_load;
+    b->store = be_store;
+    b->peak_bytes = be_peak;
+}

@@ -1,0 +1,89 @@
+/* train_gpu.h: lora-train's GPU path, the same steps as lib/train.c's
+ * train_step and train_eval computed on the device.
+ *
+ * What lives on the device for the whole run: the frozen model (linear
+ * weights stay NF4 when the checkpoint is quantized and are dequantized
+ * one matrix at a time just before their product; unquantized weights are
+ * held in bf16), the adapter (fp32, with a bf16 copy for the products),
+ * its gradient, AdamW's moments, and the activations of one micro-batch.
+ * The host keeps its own lora_adapter and adamw as the authoritative copy
+ * for checkpoints: gpu_trainer_store brings the device state back,
+ * gpu_trainer_load sends it (after initialisation or a resume).
+ *
+ * Numerics: bf16 activations and matrix operands, fp32 accumulation,
+ * fp32 norms, softmax, loss, gradients of the residual stream and of the
+ * adapter, and optimizer; the CPU path (llama_cpu.c, fp32 throughout) is
+ * the reference it is tested against (tests/gpu/train.c).
+ *
+ * Per step the host waits once, for the step's loss and gradient norm (8
+ * bytes), which the metrics need; nothing else is synchronous.
+ */
+#ifndef TRAIN_GPU_H
+#define TRAIN_GPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "adamw.h"
+#include "llama.h"
+#include "lora.h"
+#include "packfile.h"
+#include "train.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct gpu_trainer gpu_trainer;
+
+/* Uploads the model and allocates for micro-batches of up to max_tokens
+ * tokens, with the adapter shape of lc. checkpointing keeps only each
+ * layer's input and recomputes the layer in the backward. Returns NULL
+ * with a message when there is no usable device. */
+gpu_trainer *gpu_trainer_new(const llama_model *m, const lora_config *lc,
+                             int64_t max_tokens, int checkpointing);
+void gpu_trainer_free(gpu_trainer *g);
+
+/* Host -> device: the adapter parameters and the optimizer state (its
+ * moments and step count). a must have the layout of lc. */
+void gpu_trainer_load(gpu_trainer *g, const lora_adapter *a, const adamw *opt);
+/* Device -> host, into a and opt. */
+void gpu_trainer_store(gpu_trainer *g, lora_adapter *a, adamw *opt);
+
+/* train_step's contract (train.h): one optimizer step over n micro-batches
+ * (each at most max_tokens tokens), the loss normalised by the step's total
+ * weight, dropout keys train_dropout_key(seed, step, k), the gradient norm
+ * before clipping to max_norm, AdamW at lr. 0 ok, -1 error. */
+int gpu_trainer_step(gpu_trainer *g, const train_batch *micro, size_t n,
+                     double lr, double max_norm, uint64_t seed, int64_t step,
+                     double *loss, double *norm);
+
+/* Forward only, no dropout: *loss_sum = sum w*CE, *weight_sum = sum w
+ * over the batch (llama_forward's loss part). 0 ok, -1 error. */
+int gpu_trainer_forward(gpu_trainer *g, const llama_batch *b,
+                        double *loss_sum, double *weight_sum);
+
+/* llama_forward_backward's contract for one batch, for tests: the
+ * gradient of loss_scale * sum w*CE with the LoRA dropout masks of `key`,
+ * written (not added) to grad (host, n_params floats in the adapter's
+ * layout), and the unscaled loss sum. 0 ok, -1 error. */
+int gpu_trainer_gradient(gpu_trainer *g, const llama_batch *b, uint64_t key,
+                         float loss_scale, float *grad, double *loss_sum);
+
+/* train_eval's contract: mean loss over a packed file, batch_rows rows at
+ * a time (batch_rows * seq_len must not exceed max_tokens). */
+int gpu_trainer_eval(gpu_trainer *g, const pack_data *d, int64_t batch_rows,
+                     double *loss);
+
+/* Device memory: the most allocated at once through kn_malloc since the
+ * trainer was created (weights, state, activations, scratch). */
+size_t gpu_trainer_peak_bytes(const gpu_trainer *g);
+
+/* Fills b so that train_run (train.h) runs its steps and evaluations on g. */
+void gpu_trainer_backend(gpu_trainer *g, train_backend *b);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,424 @@
+/* train.c: the GPU training path (kernels/train_gpu.cu) against the CPU
+ * reference (lib/llama_cpu.c, lib/train.c) on ../shared's stories260K, in
+ * F32 and in its NF4 form:
+ *   - the adapter gradient of one packed batch (all seven linears, LoRA
+ *     dropout on, B randomised so every gradient is non-zero), with and
+ *     without gradient checkpointing (which must not change a bit);
+ *   - a whole run of optimizer steps from the same initial adapter and the
+ *     same micro-batches: every step's loss within TOL_STEP_LOSS (the
+ *     issue's criterion, bf16 against fp32), the gradient norms, the
+ *     trained adapter;
+ *   - the evaluation loss.
+ * The data are random tokens in random documents with padding, packed as
+ * pack writes them. */
+#include "gpu_test.h"
+
+#include "adamw.h"
+#include "llama.h"
+#include "lora.h"
+#include "packfile.h"
+#include "nf4.h"
+#include "train.h"
+#include "../../kernels/train_gpu.h"
+
+#include <time.h>
+
+#define TOL_STEP_LOSS 1e-2    /* per-step loss, bf16 GPU against fp32 CPU */
+#define TOL_GRAD 3e-2         /* one batch's adapter gradient */
+#define TOL_GRAD_NORM 3e-2    /* per-step gradient norm */
+#define TOL_PARAM_DELTA 1e-1  /* what training changed in the adapter */
+#define TOL_EVAL 1e-2         /* evaluation loss */
+
+#define SEQ 128
+#define ROWS 12
+
+static void make_data(pack_data *d, int vocab)
+{
+    memset(d, 0, sizeof *d);
+    d->h.version = PACK_VERSION;
+    d->h.seq_len = SEQ;
+    d->h.vocab_size = (uint32_t)vocab;
+    d->h.n_rows = ROWS;
+    d->ids = xcalloc((size_t)ROWS * SEQ, sizeof *d->ids);
+    d->weights = xcalloc((size_t)ROWS * SEQ, 1);
+    d->row_spans = xcalloc(ROWS + 1, sizeof *d->row_spans);
+    d->spans = xcalloc((size_t)ROWS * SEQ, sizeof *d->spans);
+    uint64_t ns = 0;
+    for (int r = 0; r < ROWS; r++) {
+        d->row_spans[r] = ns;
+        uint32_t pos = 0;
+        while (pos + 2 <= SEQ - (uint32_t)(r % 3) * 5) {
+            uint32_t len = 2 + (uint32_t)(gt_u64() % 70);
+            uint32_t room = SEQ - (uint32_t)(r % 3) * 5 - pos;
+            len = len > room ? room : len;
+            d->spans[ns].start = pos;
+            d->spans[ns].len = len;
+            ns++;
+            uint32_t prompt = (uint32_t)(gt_u64() % (len / 2 + 1));
+            for (uint32_t p = 0; p < len; p++) {
+                d->ids[(size_t)r * SEQ + pos + p] = 3 + (uint32_t)(gt_u64() % (uint64_t)(vocab - 3));
+                d->weights[(size_t)r * SEQ + pos + p] = p > 0 && (r % 2 == 0 || p >= prompt);
+            }
+            pos += len;
+        }
+    }
+    d->row_spans[ROWS] = ns;
+    d->h.n_spans = ns;
+}
+
+static lora_config lcfg(double dropout)
+{
+    lora_config lc;
+    memset(&lc, 0, sizeof lc);
+    lc.r = 8;
+    lc.alpha = 16;
+    lc.dropout = dropout;
+    lc.targets = LORA_ALL_LINEAR;
+    return lc;
+}
+
+static double rel(double a, double b) { return fabs(a - b) / (fabs(b) > 0 ? fabs(b) : 1); }
+
+static void grad_test(const llama_model *m, const pack_data *d, const char *tag)
+{
+    lora_config lc = lcfg(0.1);
+    lora_adapter *a;
+    if (lora_new(&m->cfg, &lc, &a) != 0) {
+        gt_check(0, "lora_new");
+        return;
+    }
+    lora_init(a, 7);
+    for (int32_t i = 0; i < m->cfg.n_layers; i++)
+        for (int l = 0; l < LLAMA_NLINEAR; l++) {
+            const lora_slot *s = lora_slot_of(a, i, (llama_linear)l);
+            float *B = lora_B(a, i, (llama_linear)l);
+            for (int64_t j = 0; j < s->out * lc.r; j++)
+                B[j] = gt_uniform(0.05f);
+        }
+    uint64_t rows[4] = {0, 5, 2, 7};
+    train_batch tb;
+    memset(&tb, 0, sizeof tb);
+    train_batch_build(&tb, d, rows, 4);
+    float scale = (float)(1.0 / tb.weight_sum);
+    uint64_t key = train_dropout_key(42, 3, 1);
+    float *gc = xcalloc(a->n_params, sizeof *gc);
+    float *gg[2] = {xcalloc(a->n_params, 4), xcalloc(a->n_params, 4)};
+    llama_train_opts o = {0, key};
+    double lc_sum = 0, lg_sum[2] = {0, 0};
+    llama_forward_backward(m, a, &tb.b, &o, scale, gc, &lc_sum);
+    adamw opt;
+    adamw_init(&opt, a->n_params, 0.9, 0.999, 1e-8, 0.0);
+    char what[160];
+    for (int ck = 0; ck < 2; ck++) {
+        gpu_trainer *G = gpu_trainer_new(m, &lc, (int64_t)4 * SEQ, ck);
+        if (!G) {
+            gt_check(0, "gpu_trainer_new");
+            continue;
+        }
+        gpu_trainer_load(G, a, &opt);
+        gt_check(gpu_trainer_gradient(G, &tb.b, key, scale, gg[ck], &lg_sum[ck]) == 0,
+                 "gpu_trainer_gradient");
+        gpu_trainer_free(G);
+        snprintf(what, sizeof what, "%s batch loss sum%s (cpu %.6f gpu %.6f)", tag,
+                 ck ? " checkpointed" : "", lc_sum, lg_sum[ck]);
+        float fg = (float)lg_sum[ck], fc = (float)lc_sum;
+        gt_compare(what, &fg, &fc, 1, TOL_STEP_LOSS, "TOL_STEP_LOSS");
+        snprintf(what, sizeof what, "%s adapter gradient%s (%zu params)", tag,
+                 ck ? " checkpointed" : "", a->n_params);
+        gt_compare(what, gg[ck], gc, (int64_t)a->n_params, TOL_GRAD, "TOL_GRAD");
+    }
+    snprintf(what, sizeof what, "%s gradient checkpointing changes no bit", tag);
+    gt_compare(what, gg[1], gg[0], (int64_t)a->n_params, TOL_EXACT, "TOL_EXACT");
+    free(gc);
+    free(gg[0]);
+    free(gg[1]);
+    adamw_free(&opt);
+    train_batch_free(&tb);
+    lora_free(a);
+}
+
+static void train_test(const llama_model *m, const pack_data *d, const char *tag,
+                       int ckpt, int steps)
+{
+    lora_config lc = lcfg(0.1);
+    lora_adapter *ac, *ag;
+    lora_new(&m->cfg, &lc, &ac);
+    lora_new(&m->cfg, &lc, &ag);
+    lora_init(ac, 42);
+    lora_init(ag, 42);
+    float *p0 = xmalloc(ac->n_params * sizeof *p0);
+    memcpy(p0, ac->params, ac->n_params * sizeof *p0);
+    adamw oc, og;
+    adamw_init(&oc, ac->n_params, 0.9, 0.999, 1e-8, 0.01);
+    adamw_init(&og, ac->n_params, 0.9, 0.999, 1e-8, 0.01);
+    gpu_trainer *G = gpu_trainer_new(m, &lc, (int64_t)2 * SEQ, ckpt);
+    if (!G) {
+        gt_check(0, "gpu_trainer_new");
+        return;
+    }
+    gpu_trainer_load(G, ag, &og);
+    float *grad = xcalloc(ac->n_params, sizeof *grad);
+    train_batch tb[2];
+    memset(tb, 0, sizeof tb);
+    double worst = 0, worst_norm = 0;
+    char what[160];
+    for (int s = 0; s < steps; s++) {
+        for (int k = 0; k < 2; k++) {
+            uint64_t rows[2] = {(uint64_t)(s * 4 + k * 2) % ROWS,
+                                (uint64_t)(s * 4 + k * 2 + 1) % ROWS};
+            train_batch_build(&tb[k], d, rows, 2);
+        }
+        double lr = 2e-3, lcpu, ncpu, lgpu, ngpu;
+        train_step(m, ac, &oc, grad, tb, 2, lr, 1.0, 0, 42, s, &lcpu, &ncpu);
+        if (gpu_trainer_step(G, tb, 2, lr, 1.0, 42, s, &lgpu, &ngpu) != 0) {
+            gt_check(0, "gpu_trainer_step");
+            break;
+        }
+        printf("# %s step %d loss cpu %.6f gpu %.6f (rel %.1e) grad norm cpu %.5f gpu %.5f\n",
+               tag, s + 1, lcpu, lgpu, rel(lgpu, lcpu), ncpu, ngpu);
+        worst = fmax(worst, isfinite(lgpu) ? rel(lgpu, lcpu) : INFINITY);
+        worst_norm = fmax(worst_norm, isfinite(ngpu) ? rel(ngpu, ncpu) : INFINITY);
+    }
+    snprintf(what, sizeof what, "%s%s: %d steps, per-step loss rel err %.2e <= TOL_STEP_LOSS %.0e",
+             tag, ckpt ? " checkpointed" : "", steps, worst, TOL_STEP_LOSS);
+    gt_check(worst <= TOL_STEP_LOSS, what);
+    snprintf(what, sizeof what, "%s%s: per-step gradient norm rel err %.2e <= TOL_GRAD_NORM %.0e",
+             tag, ckpt ? " checkpointed" : "", worst_norm, TOL_GRAD_NORM);
+    gt_check(worst_norm <= TOL_GRAD_NORM, what);
+    gpu_trainer_store(G, ag, &og);
+    for (size_t i = 0; i < ac->n_params; i++) {
+        ac->params[i] -= p0[i];
+        ag->params[i] -= p0[i];
+    }
+    snprintf(what, sizeof what, "%s%s: trained adapter change", tag, ckpt ? " checkpointed" : "");
+    gt_compare(what, ag->params, ac->params, (int64_t)ac->n_params, TOL_PARAM_DELTA,
+               "TOL_PARAM_DELTA");
+    for (size_t i = 0; i < ac->n_params; i++)
+        ac->params[i] += p0[i];
+    gt_check(og.step == oc.step, "optimizer step count comes back from the device");
+    /* evaluation with the CPU's adapter on both */
+    gpu_trainer_load(G, ac, &oc);
+    double ec, eg;
+    train_eval(m, ac, d, 3, &ec);
+    gpu_trainer_eval(G, d, 2, &eg);
+    float fe = (float)eg, fc = (float)ec;
+    snprintf(what, sizeof what, "%s eval loss (cpu %.6f gpu %.6f)", tag, ec, eg);
+    gt_compare(what, &fe, &fc, 1, TOL_EVAL, "TOL_EVAL");
+    printf("# %s peak device memory %.1f MiB\n", tag, gpu_trainer_peak_bytes(G) / 1048576.0);
+    gpu_trainer_free(G);
+    train_batch_free(&tb[0]);
+    train_batch_free(&tb[1]);
+    free(grad);
+    free(p0);
+    adamw_free(&oc);
+    adamw_free(&og);
+    lora_free(ac);
+    lora_free(ag);
+}
+
+
+/* ---- --bench: a Llama 2 7B-shaped model --------------------------------- */
+
+/* Random NF4 weights with double quantization, built in memory: random
+ * 4-bit codes and 8-bit scale codes (a random weight's codes are close to
+ * uniform), one pool shared by every matrix on the host; each matrix gets
+ * its own copy on the device, as a checkpoint's would. Timing does not
+ * depend on the values. */
+static void fake_nf4(nf4_weight *w, int64_t rows, int64_t cols, const uint8_t *codes,
+                     const uint8_t *scodes, const float *nested)
+{
+    memset(w, 0, sizeof *w);
+    w->ndim = 2;
+    w->shape[0] = rows;
+    w->shape[1] = cols;
+    w->numel = rows * cols;
+    w->dtype = ST_BF16;
+    w->blocksize = 64;
+    w->nblocks = w->numel / 64;
+    w->packed = codes;
+    w->nested = 1;
+    w->absmax_code = scodes;
+    w->nested_blocksize = NF4_NESTED_BLOCKSIZE;
+    w->nested_nblocks = (w->nblocks + 255) / 256;
+    w->nested_absmax = nested;
+    w->nested_offset = 0.03f;
+    memcpy(w->quant_map, nf4_code, sizeof w->quant_map);
+    memcpy(w->nested_map, nf4_dynamic_map(), sizeof w->nested_map);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void bench_7b(void)
+{
+    enum { L = 32, DIM = 4096, HID = 11008, VOCAB = 32000, T = 2048, BS = 6, ACC = 2 };
+    llama_model M;
+    memset(&M, 0, sizeof M);
+    llama_config *c = &M.cfg;
+    c->dim = DIM; c->hidden = HID; c->n_layers = L; c->n_heads = 32; c->n_kv_heads = 32;
+    c->head_dim = 128; c->vocab = VOCAB; c->max_pos = 4096; c->norm_eps = 1e-5f;
+    c->rope_theta = 10000.0f; c->tied = 0; c->bos_id = 1; c->eos_id = 2; c->quantized = 1;
+    M.dir = "random-llama2-7b";
+    size_t maxn = (size_t)HID * DIM;
+    uint8_t *codes = malloc(maxn / 2), *scodes = malloc(maxn / 64);
+    for (size_t i = 0; i < maxn / 2; i += 8) {
+        uint64_t r = gt_u64();
+        memcpy(codes + i, &r, 8);
+    }
+    for (size_t i = 0; i < maxn / 64; i++)
+        scodes[i] = (uint8_t)(128 + gt_u64() % 128);  /* positive scales */
+    float *nested = malloc((maxn / 64 / 256 + 1) * sizeof *nested);
+    for (size_t i = 0; i < maxn / 64 / 256 + 1; i++)
+        nested[i] = 0.02f;
+    float *ones = malloc(DIM * sizeof *ones);
+    for (int i = 0; i < DIM; i++)
+        ones[i] = 1.0f;
+    M.embed = gt_rand((int64_t)VOCAB * DIM, 0.02f);
+    M.norm = ones;
+    M.head.rows = VOCAB;
+    M.head.cols = DIM;
+    M.head.f32 = gt_rand((int64_t)VOCAB * DIM, 0.02f);
+    M.layers = calloc(L, sizeof *M.layers);
+    nf4_weight *q = calloc((size_t)L * LLAMA_NLINEAR, sizeof *q);
+    for (int i = 0; i < L; i++) {
+        M.layers[i].attn_norm = ones;
+        M.layers[i].ffn_norm = ones;
+        for (int l = 0; l < LLAMA_NLINEAR; l++) {
+            int64_t o, in;
+            llama_linear_shape(c, (llama_linear)l, &o, &in);
+            fake_nf4(&q[i * LLAMA_NLINEAR + l], o, in, codes, scodes, nested);
+            M.layers[i].lin[l].rows = o;
+            M.layers[i].lin[l].cols = in;
+            M.layers[i].lin[l].nf4 = &q[i * LLAMA_NLINEAR + l];
+        }
+    }
+    M.max_lin_elems = (int64_t)maxn;
+    /* the seed's packing: rows of one span, every token a target */
+    pack_data d;
+    memset(&d, 0, sizeof d);
+    d.h.seq_len = T;
+    d.h.vocab_size = VOCAB;
+    d.h.n_rows = BS * ACC;
+    d.ids = malloc((size_t)BS * ACC * T * 4);
+    d.weights = malloc((size_t)BS * ACC * T);
+    d.row_spans = malloc((BS * ACC + 1) * sizeof *d.row_spans);
+    d.spans = malloc(BS * ACC * sizeof *d.spans);
+    for (int r = 0; r < BS * ACC; r++) {
+        for (int t = 0; t < T; t++) {
+            d.ids[(size_t)r * T + t] = 3 + (uint32_t)(gt_u64() % (VOCAB - 3));
+            d.weights[(size_t)r * T + t] = t > 0;
+        }
+        d.row_spans[r] = (uint64_t)r;
+        d.spans[r].start = 0;
+        d.spans[r].len = T;
+    }
+    d.row_spans[BS * ACC] = BS * ACC;
+    d.h.n_spans = BS * ACC;
+    train_batch tb[ACC];
+    memset(tb, 0, sizeof tb);
+    for (int k = 0; k < ACC; k++) {
+        uint64_t rows[BS];
+        for (int r = 0; r < BS; r++)
+            rows[r] = (uint64_t)(k * BS + r);
+        train_batch_build(&tb[k], &d, rows, BS);
+    }
+    double tokens = (double)BS * ACC * T;
+    /* model FLOPs per token: the frozen linears and the head forward (2N)
+     * and backward to the inputs (2N), attention forward and backward
+     * (3.5 x the causal forward); recomputation not counted */
+    double nlin = (double)L * (4.0 * DIM * DIM + 3.0 * DIM * HID) + (double)VOCAB * DIM;
+    double attn = 3.5 * 4.0 * (T + 1) / 2.0 * DIM * L;
+    const char *names[2] = {"q_proj,v_proj", "all-linear"};
+    uint32_t masks[2] = {LORA_DEFAULT_TARGETS, LORA_ALL_LINEAR};
+    printf("# bench 7B: %s, seq %d, micro-batch %d, accumulation %d, NF4 double quant, "
+           "bf16, LoRA r=64 alpha=16 dropout 0.1, gradient checkpointing\n",
+           kn_device_name(), T, BS, ACC);
+    for (int v = 0; v < 2; v++) {
+        lora_config lc;
+        memset(&lc, 0, sizeof lc);
+        lc.r = 64;
+        lc.alpha = 16;
+        lc.dropout = 0.1;
+        lc.targets = masks[v];
+        lora_adapter *a;
+        lora_new(c, &lc, &a);
+        lora_init(a, 42);
+        adamw opt;
+        adamw_init(&opt, a->n_params, 0.9, 0.999, 1e-8, 0.0);
+        double t0 = now_s();
+        gpu_trainer *G = gpu_trainer_new(&M, &lc, (int64_t)BS * T, 1);
+        gpu_trainer_load(G, a, &opt);
+        double tload = now_s() - t0, loss, norm, best = 1e30, sum = 0;
+        enum { WARM = 1, STEPS = 3 };
+        for (int s = 0; s < WARM + STEPS; s++) {
+            double ts = now_s();
+            gpu_trainer_step(G, tb, ACC, 2e-4, 0.3, 42, s, &loss, &norm);
+            double dt = now_s() - ts;
+            printf("#   %s step %d: %.3f s, loss %.4f, grad norm %.4f\n", names[v], s + 1, dt,
+                   loss, norm);
+            if (s >= WARM) {
+                sum += dt;
+                best = dt < best ? dt : best;
+            }
+        }
+        double step = sum / STEPS;
+        size_t used, total;
+        kn_mem_device(&used, &total);
+        printf("# bench 7B %-13s: %.0f tokens/s, step %.3f s (best %.3f), peak %.2f GiB "
+               "(device in use %.2f GiB), MFU %.1f%% of 989 TFLOP/s, %zu trainable, setup %.1f s\n",
+               names[v], tokens / step, step, best,
+               gpu_trainer_peak_bytes(G) / 1073741824.0, used / 1073741824.0,
+               100.0 * tokens * (4.0 * nlin + attn) / step / 989e12, a->n_params, tload);
+        fflush(stdout);
+        gpu_trainer_free(G);
+        adamw_free(&opt);
+        lora_free(a);
+    }
+    for (int k = 0; k < ACC; k++)
+        train_batch_free(&tb[k]);
+    pack_data_free(&d);
+    free(M.embed);
+    free((void *)M.head.f32);
+    free(M.layers);
+    free(q);
+    free(codes);
+    free(scodes);
+    free(nested);
+    free(ones);
+}
+
+int main(int argc, char **argv)
+{
+    gt_init("train", argc, argv);
+    gt_seed(11);
+    const char *sh = getenv("SHARED") && *getenv("SHARED") ? getenv("SHARED") : "../shared";
+    char dir[1024], nf4dir[1024];
+    snprintf(dir, sizeof dir, "%s/models/stories260K", sh);
+    snprintf(nf4dir, sizeof nf4dir, "%s/golden/s260-nf4-f32", sh);
+    llama_model *m = NULL, *mq = NULL;
+    if (llama_load(dir, &m) != 0) {
+        printf("skip train: %s not loadable (SHARED unset or absent)\n", dir);
+        return 0;
+    }
+    pack_data d;
+    make_data(&d, m->cfg.vocab);
+    grad_test(m, &d, "stories260K f32");
+    train_test(m, &d, "stories260K f32", 0, 12);
+    train_test(m, &d, "stories260K f32", 1, 6);
+    if (llama_load(nf4dir, &mq) == 0) {
+        grad_test(mq, &d, "stories260K nf4");
+        train_test(mq, &d, "stories260K nf4", 1, 12);
+        llama_free(mq);
+    } else {
+        printf("skip train nf4: %s not loadable\n", nf4dir);
+    }
+    pack_data_free(&d);
+    llama_free(m);
+    if (gt_bench)
+        bench_7b();
+    return gt_done();
+}
