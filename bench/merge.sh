@@ -15,8 +15,9 @@
 #   lora-merge   q,v (the seed's adapter), and all seven linears
 #
 # GB/s counts the bytes read plus the bytes written (1 GB = 1e9 bytes), and
-# "model GB/s" the checkpoint's size over the wall time. Peak RSS from
-# /usr/bin/time. Needs about 2.1x the checkpoint's size free in BENCH_DIR
+# "model GB/s" the checkpoint's size over the wall time. CPU seconds (user +
+# system) and peak RSS from /usr/bin/time: CPU near wall x cores means the
+# merge was bound by the processors, not the disk. Needs about 2.1x the checkpoint's size free in BENCH_DIR
 # (default /tmp); with less, it uses the most layers that fit and says so.
 #
 #   sh bench/merge.sh [LAYERS]        (from the project root, after make)
@@ -49,7 +50,7 @@ now() { date +%s.%N; }
 gbps() { awk -v b="$1" -v s="$2" -v e="$3" 'BEGIN { printf "%.3f", b / (e - s) / 1e9 }'; }
 secs() { awk -v s="$1" -v e="$2" 'BEGIN { printf "%.1f", e - s }'; }
 uncache() { for f in "$@"; do dd if="$f" iflag=nocache count=0 status=none; done; }
-row() { printf '%-34s %8s s %9s %11s %10s\n' "$@"; }
+row() { printf '%-34s %8s s %9s %11s %8s %10s\n' "$@"; }
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM"
 echo "disk: $(df -P "$DIR" | awk 'NR==2 {print $1}') ($DIR)"
@@ -62,32 +63,33 @@ echo "checkpoint: $L layers, $size bytes, BF16 (generated in $(secs "$s" "$e") s
     "$tmp/merge-adapter" "$tmp/base" "$tmp/ad-all" 64 all-linear 2 || exit 2
 B="$tmp/base/model.safetensors"
 echo
-row "command" "wall" "GB/s" "model GB/s" "peak RSS"
+row "command" "wall" "GB/s" "model GB/s" "CPU s" "peak RSS"
 
 uncache "$B"; sync
 s=$(now); dd if="$B" of=/dev/null bs=16M iflag=direct status=none; e=$(now)
-row "dd read (iflag=direct)" "$(secs "$s" "$e")" "$(gbps "$size" "$s" "$e")" "" ""
+row "dd read (iflag=direct)" "$(secs "$s" "$e")" "$(gbps "$size" "$s" "$e")" "" "" ""
 s=$(now)
 dd if=/dev/zero of="$tmp/dd" bs=16M count=$((size / 16777216)) conv=fdatasync status=none
 e=$(now)
 row "dd write (conv=fdatasync)" "$(secs "$s" "$e")" \
-    "$(gbps $((size / 16777216 * 16777216)) "$s" "$e")" "" ""
+    "$(gbps $((size / 16777216 * 16777216)) "$s" "$e")" "" "" ""
 rm -f "$tmp/dd"
 uncache "$B"; sync
 s=$(now); cat "$B" >"$tmp/copy" && sync; e=$(now)
 row "cp (cat > copy; sync)" "$(secs "$s" "$e")" "$(gbps $((2 * size)) "$s" "$e")" \
-    "$(gbps "$size" "$s" "$e")" ""
+    "$(gbps "$size" "$s" "$e")" "" ""
 rm -f "$tmp/copy"
 
 merge() {
     name=$1; shift
     uncache "$B"; sync
     s=$(now)
-    /usr/bin/time -f %M -o "$tmp/rss" "$TOP/bin/lora-merge" -q "$@" || exit 2
+    /usr/bin/time -f '%M %U %S' -o "$tmp/rss" "$TOP/bin/lora-merge" -q "$@" ||
+        exit 2
     e=$(now)
-    out=$(awk '{print $1 * 1024}' "$tmp/rss")
     row "$name" "$(secs "$s" "$e")" "$(gbps $((2 * size)) "$s" "$e")" \
-        "$(gbps "$size" "$s" "$e")" "$((out / 1048576)) MiB"
+        "$(gbps "$size" "$s" "$e")" "$(awk '{printf "%.1f", $2 + $3}' "$tmp/rss")" \
+        "$(awk '{printf "%d MiB", $1 / 1024}' "$tmp/rss")"
     rm -rf "$tmp/merged"
 }
 merge "lora-merge q,v r64 (BF16, 5GB)" -b "$tmp/base" -o "$tmp/merged" "$tmp/ad-qv"

@@ -123,13 +123,15 @@ void kn_embedding_forward(kn_bf16 *out, const kn_bf16 *table,
  * y[t,i] = bf16(x[t,i] * rstd[t] * w[i]). rstd may be NULL.
  * Backward (w frozen: no weight gradient), with xh = x * rstd:
  *     dx[t,i] (+)= rstd[t] * (w[i] dy[t,i] - xh[t,i] * mean_j(w[j] dy[t,j] xh[t,j]))
- * accumulating into dx when accumulate is set. */
+ * accumulating into dx when accumulate is set; dx may be dy (in place).
+ * dx_bf16 (may be NULL) also receives the resulting dx rounded to bf16,
+ * the operand of the next product. */
 void kn_rmsnorm_forward(kn_bf16 *y, float *rstd, const kn_bf16 *x,
                         const float *w, int64_t n, int d, float eps,
                         cudaStream_t s);
-void kn_rmsnorm_backward(float *dx, const float *dy, const kn_bf16 *x,
-                         const float *w, const float *rstd, int64_t n, int d,
-                         int accumulate, cudaStream_t s);
+void kn_rmsnorm_backward(float *dx, kn_bf16 *dx_bf16, const float *dy,
+                         const kn_bf16 *x, const float *w, const float *rstd,
+                         int64_t n, int d, int accumulate, cudaStream_t s);
 
 /* --- RoPE (rope.cu) ------------------------------------------------------
  * In place on x (n, nh * hd): rotate_half RoPE of every head vector of

@@ -64,7 +64,7 @@ __global__ void rmsnorm_forward_kernel(bf16 *y, float *rstd, const bf16 *x,
     }
 }
 
-__global__ void rmsnorm_backward_kernel(float *dx, const float *dy,
+__global__ void rmsnorm_backward_kernel(float *dx, bf16 *dxb, const float *dy,
                                         const bf16 *x, const float *w,
                                         const float *rstd, int64_t n, int d,
                                         int accumulate)
@@ -76,6 +76,7 @@ __global__ void rmsnorm_backward_kernel(float *dx, const float *dy,
     const bf16 *xr = x + t * d;
     const float *gr = dy + t * d;
     float *dr = dx + t * d;
+    bf16 *db = dxb ? dxb + t * d : NULL;
     float r = rstd[t];
     float dot = 0.0f;
     for (int i = lane; i < d; i += 32)
@@ -84,7 +85,10 @@ __global__ void rmsnorm_backward_kernel(float *dx, const float *dy,
     for (int i = lane; i < d; i += 32) {
         float xh = __bfloat162float(xr[i]) * r;
         float g = r * (w[i] * gr[i] - xh * dot);
-        dr[i] = accumulate ? dr[i] + g : g;
+        g = accumulate ? dr[i] + g : g;
+        dr[i] = g;
+        if (db)
+            db[i] = __float2bfloat16(g);
     }
 }
 
@@ -99,14 +103,15 @@ extern "C" void kn_rmsnorm_forward(kn_bf16 *y, float *rstd, const kn_bf16 *x,
     KN_CHECK_LAUNCH("rmsnorm_forward");
 }
 
-extern "C" void kn_rmsnorm_backward(float *dx, const float *dy,
-                                    const kn_bf16 *x, const float *w,
-                                    const float *rstd, int64_t n, int d,
-                                    int accumulate, cudaStream_t s)
+extern "C" void kn_rmsnorm_backward(float *dx, kn_bf16 *dx_bf16,
+                                    const float *dy, const kn_bf16 *x,
+                                    const float *w, const float *rstd,
+                                    int64_t n, int d, int accumulate,
+                                    cudaStream_t s)
 {
     KN_REQUIRE(n >= 0 && d > 0 && rstd);
     if (!n)
         return;
-    rmsnorm_backward_kernel<<<kn_cdiv(n, 8), 256, 0, s>>>(dx, dy, (const bf16 *)x, w, rstd, n, d, accumulate);
+    rmsnorm_backward_kernel<<<kn_cdiv(n, 8), 256, 0, s>>>(dx, (bf16 *)dx_bf16, dy, (const bf16 *)x, w, rstd, n, d, accumulate);
     KN_CHECK_LAUNCH("rmsnorm_backward");
 }

@@ -80,12 +80,15 @@ struct gpu_trainer {
     bf16 *xin;                /* (n_layers, cap, dim) every layer's input */
     gpu_acts *sets;           /* n_layers, or 1 with checkpointing */
     int nsets;
-    bf16 *xl, *xf, *xalt;     /* (cap, dim) final hidden, normed, spare */
+    bf16 *xl;                 /* (cap, dim) final hidden state */
     float *rstdf;             /* (cap) */
     /* backward and scratch */
-    float *dres, *dxn;        /* (cap, dim) fp32 */
+    float *dres;              /* (cap, dim) fp32 residual gradient */
+    float *dxn;               /* (cap, dim) fp32, unless it fits in hm */
     float *delta;             /* (nh, cap) */
-    bf16 *dyb, *datt, *dq, *dk, *dv;
+    bf16 *dyb;                /* (cap, dim) dres in bf16; also the normed
+                                 final hidden state before the backward */
+    bf16 *datt, *dq, *dk, *dv; /* only when no dead activation fits them */
     bf16 *wbuf;               /* the largest linear, dequantized */
     bf16 *xd, *tmp;           /* (cap, max in) dropout input, LoRA dx */
     bf16 *dlh;                /* (cap, r) */
@@ -265,22 +268,37 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     for (int i = 0; i < G->nsets; i++)
         acts_alloc(G, &G->sets[i]);
     G->xl = (bf16 *)dalloc((size_t)(n * dim) * 2);
-    G->xf = (bf16 *)dalloc((size_t)(n * dim) * 2);
-    G->xalt = (bf16 *)dalloc((size_t)(n * dim) * 2);
     G->rstdf = (float *)dalloc((size_t)n * 4);
     G->dres = (float *)dalloc((size_t)(n * dim) * 4);
-    G->dxn = (float *)dalloc((size_t)(n * dim) * 4);
     G->delta = (float *)dalloc((size_t)(n * c->n_heads) * 4);
     G->dyb = (bf16 *)dalloc((size_t)(n * dim) * 2);
-    G->datt = (bf16 *)dalloc((size_t)(n * qd) * 2);
-    G->dq = (bf16 *)dalloc((size_t)(n * qd) * 2);
-    G->dk = (bf16 *)dalloc((size_t)(n * kvd) * 2);
-    G->dv = (bf16 *)dalloc((size_t)(n * kvd) * 2);
-    G->xd = G->p > 0 ? (bf16 *)dalloc((size_t)(n * maxin) * 2) : NULL;
-    G->tmp = G->p > 0 ? (bf16 *)dalloc((size_t)(n * maxin) * 2) : NULL;
+    /* Gradients that a dead activation of the same layer can hold (see
+     * layer_bwd): dxn in hm, dq and datt in xn2 and x2, dk and dv in gate
+     * and up. Separate buffers only where the shapes do not allow it. */
+    if (c->hidden * 2 < dim * 4)
+        G->dxn = (float *)dalloc((size_t)(n * dim) * 4);
+    if (qd > dim) {
+        G->datt = (bf16 *)dalloc((size_t)(n * qd) * 2);
+        G->dq = (bf16 *)dalloc((size_t)(n * qd) * 2);
+    }
+    if (kvd > c->hidden) {
+        G->dk = (bf16 *)dalloc((size_t)(n * kvd) * 2);
+        G->dv = (bf16 *)dalloc((size_t)(n * kvd) * 2);
+    }
+    /* dropout scratch: as wide as the widest input of a targeted linear */
+    int64_t dropin = 0;
+    for (int l = 0; l < LLAMA_NLINEAR; l++) {
+        int64_t o, in;
+        llama_linear_shape(c, (llama_linear)l, &o, &in);
+        if ((lc->targets & (1u << l)) && in > dropin)
+            dropin = in;
+    }
+    (void)maxin;
+    G->xd = G->p > 0 ? (bf16 *)dalloc((size_t)(n * dropin) * 2) : NULL;
+    G->tmp = G->p > 0 ? (bf16 *)dalloc((size_t)(n * dropin) * 2) : NULL;
     G->dlh = (bf16 *)dalloc((size_t)(n * G->r) * 2);
-    /* head chunks of at most ~256 MiB of logits and their gradient */
-    int64_t chunk = ((int64_t)256 << 20) / ((int64_t)c->vocab * 6);
+    /* head chunks of at most ~128 MiB of logits and their gradient */
+    int64_t chunk = ((int64_t)128 << 20) / ((int64_t)c->vocab * 6);
     chunk = chunk < 64 ? 64 : chunk;
     G->chunk = (int)(chunk < n ? chunk : n);
     G->xent_scratch = dalloc(kn_xent_scratch_bytes(G->chunk, c->vocab));
@@ -313,7 +331,7 @@ extern "C" void gpu_trainer_free(gpu_trainer *G)
         acts_free(&G->sets[i]);
     free(G->sets);
     void *p[] = {G->wbuf, G->params, G->grad, G->mom1, G->mom2, G->pb, G->xin,
-                 G->xl, G->xf, G->xalt, G->rstdf, G->dres, G->dxn, G->delta,
+                 G->xl, G->rstdf, G->dres, G->dxn, G->delta,
                  G->dyb, G->datt, G->dq, G->dk, G->dv, G->xd, G->tmp, G->dlh,
                  G->xent_scratch, G->stats, G->ids, G->pos, G->start, G->tg,
                  G->wt};
@@ -476,33 +494,38 @@ static void layer_bwd(gpu_trainer *G, int32_t i, gpu_acts *s, int64_t n,
     const gpu_layer *L = &G->L[i];
     cudaStream_t st = G->s;
     int dim = c->dim, hd = c->head_dim;
-    int64_t nd = n * dim;
+    /* Where the gradients go: activations of this layer that are dead by
+     * the time each gradient is written (hm after SwiGLU's backward; xn2,
+     * x2, gate and up once the MLP's backward is done). */
+    float *dxn = G->dxn ? G->dxn : (float *)s->hm;
+    bf16 *dq = G->dq ? G->dq : s->xn2, *datt = G->datt ? G->datt : s->x2;
+    bf16 *dk = G->dk ? G->dk : s->g, *dv = G->dv ? G->dv : s->u;
     /* MLP: dh over h, then dgate/dup over gate/up */
-    kn_cast_f32_bf16(KB(G->dyb), G->dres, nd, st);
     lin_bwd(G, i, LLAMA_DOWN, s->hm, KN_BF16, 0, G->dyb, s->hm, n,
             s->lh[LLAMA_DOWN], drop, key);
     kn_swiglu_backward(KB(s->g), KB(s->u), CKB(s->hm), CKB(s->g), CKB(s->u),
                        n * c->hidden, st);
-    lin_bwd(G, i, LLAMA_GATE, G->dxn, KN_F32, 0, s->g, s->xn2, n,
+    lin_bwd(G, i, LLAMA_GATE, dxn, KN_F32, 0, s->g, s->xn2, n,
             s->lh[LLAMA_GATE], drop, key);
-    lin_bwd(G, i, LLAMA_UP, G->dxn, KN_F32, 1, s->u, s->xn2, n,
+    lin_bwd(G, i, LLAMA_UP, dxn, KN_F32, 1, s->u, s->xn2, n,
             s->lh[LLAMA_UP], drop, key);
-    kn_rmsnorm_backward(G->dres, G->dxn, CKB(s->x2), L->ffn_norm, s->rstd2, n, dim, 1, st);
+    kn_rmsnorm_backward(G->dres, KB(G->dyb), dxn, CKB(s->x2), L->ffn_norm, s->rstd2, n,
+                        dim, 1, st);
     /* attention */
-    kn_cast_f32_bf16(KB(G->dyb), G->dres, nd, st);
-    lin_bwd(G, i, LLAMA_O, G->datt, KN_BF16, 0, G->dyb, s->att, n,
+    lin_bwd(G, i, LLAMA_O, datt, KN_BF16, 0, G->dyb, s->att, n,
             s->lh[LLAMA_O], drop, key);
-    kn_attention_backward(KB(G->dq), KB(G->dk), KB(G->dv), G->delta, CKB(G->datt),
+    kn_attention_backward(KB(dq), KB(dk), KB(dv), G->delta, CKB(datt),
                           CKB(s->q), CKB(s->k), CKB(s->v), CKB(s->att), s->lse,
                           G->start, n, c->n_heads, c->n_kv_heads, hd, st);
-    kn_rope_backward(KB(G->dq), G->pos, n, c->n_heads, hd, c->rope_theta, st);
-    kn_rope_backward(KB(G->dk), G->pos, n, c->n_kv_heads, hd, c->rope_theta, st);
-    float *dxn = need_dx ? G->dxn : NULL;
-    lin_bwd(G, i, LLAMA_Q, dxn, KN_F32, 0, G->dq, s->xn1, n, s->lh[LLAMA_Q], drop, key);
-    lin_bwd(G, i, LLAMA_K, dxn, KN_F32, 1, G->dk, s->xn1, n, s->lh[LLAMA_K], drop, key);
-    lin_bwd(G, i, LLAMA_V, dxn, KN_F32, 1, G->dv, s->xn1, n, s->lh[LLAMA_V], drop, key);
+    kn_rope_backward(KB(dq), G->pos, n, c->n_heads, hd, c->rope_theta, st);
+    kn_rope_backward(KB(dk), G->pos, n, c->n_kv_heads, hd, c->rope_theta, st);
+    float *dx = need_dx ? dxn : NULL;
+    lin_bwd(G, i, LLAMA_Q, dx, KN_F32, 0, dq, s->xn1, n, s->lh[LLAMA_Q], drop, key);
+    lin_bwd(G, i, LLAMA_K, dx, KN_F32, 1, dk, s->xn1, n, s->lh[LLAMA_K], drop, key);
+    lin_bwd(G, i, LLAMA_V, dx, KN_F32, 1, dv, s->xn1, n, s->lh[LLAMA_V], drop, key);
     if (need_dx)
-        kn_rmsnorm_backward(G->dres, G->dxn, CKB(s->x), L->attn_norm, s->rstd1, n, dim, 1, st);
+        kn_rmsnorm_backward(G->dres, KB(G->dyb), dxn, CKB(s->x), L->attn_norm, s->rstd1,
+                            n, dim, 1, st);
 }
 
 /* ---- whole passes --------------------------------------------------------- */
@@ -555,10 +578,13 @@ static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scal
         bf16 *out = i + 1 < nl ? G->xin + (int64_t)(i + 1) * G->cap * c->dim : G->xl;
         layer_fwd(G, i, s, out, n, 1, key);
     }
-    kn_rmsnorm_forward(KB(G->xf), G->rstdf, CKB(G->xl), G->norm, n, c->dim, c->norm_eps, st);
-    kn_xent_forward_backward(G->stats, G->dxn, CKB(G->xf), CKB(G->head), G->tg, G->wt, n,
+    /* the head: normed state in dyb (free until the backward), gradient
+     * into dres, then through the final norm in place; dyb = bf16(dres) */
+    kn_rmsnorm_forward(KB(G->dyb), G->rstdf, CKB(G->xl), G->norm, n, c->dim, c->norm_eps, st);
+    kn_xent_forward_backward(G->stats, G->dres, CKB(G->dyb), CKB(G->head), G->tg, G->wt, n,
                              c->dim, c->vocab, scale, G->chunk, G->xent_scratch, st);
-    kn_rmsnorm_backward(G->dres, G->dxn, CKB(G->xl), G->norm, G->rstdf, n, c->dim, 0, st);
+    kn_rmsnorm_backward(G->dres, KB(G->dyb), G->dres, CKB(G->xl), G->norm, G->rstdf, n,
+                        c->dim, 0, st);
     for (int32_t i = nl - 1; i >= 0; i--) {
         gpu_acts *s = acts_of(G, i);
         if (G->ckpt)
@@ -635,7 +661,7 @@ extern "C" int gpu_trainer_forward(gpu_trainer *G, const llama_batch *b,
         return -1;
     int64_t n = b->n;
     kn_memset(G->stats, 0, 2 * sizeof(float), st);
-    bf16 *cur = G->xalt, *nxt = G->xl;
+    bf16 *cur = G->xin, *nxt = G->xl;
     kn_embedding_forward(KB(cur), CKB(G->embed), G->ids, n, c->dim, st);
     gpu_acts *s = &G->sets[0];
     for (int32_t i = 0; i < c->n_layers; i++) {
@@ -645,8 +671,8 @@ extern "C" int gpu_trainer_forward(gpu_trainer *G, const llama_batch *b,
         cur = nxt;
         nxt = t;
     }
-    kn_rmsnorm_forward(KB(G->xf), G->rstdf, CKB(cur), G->norm, n, c->dim, c->norm_eps, st);
-    kn_xent_forward_backward(G->stats, NULL, CKB(G->xf), CKB(G->head), G->tg, G->wt, n,
+    kn_rmsnorm_forward(KB(G->dyb), G->rstdf, CKB(cur), G->norm, n, c->dim, c->norm_eps, st);
+    kn_xent_forward_backward(G->stats, NULL, CKB(G->dyb), CKB(G->head), G->tg, G->wt, n,
                              c->dim, c->vocab, 0.0f, G->chunk, G->xent_scratch, st);
     float ls;
     kn_memcpy_d2h(&ls, G->stats, sizeof ls, st);

@@ -21,10 +21,10 @@
 
 typedef struct adamw {
     double beta1, beta2, eps, weight_decay;
-    int64_t step;       /* steps taken */
+    int64_t step; /* steps taken */
     size_t n;
-    float *m;           /* (n) first moment */
-    float *v;           /* (n) second moment */
+    float *m; /* (n) first moment */
+    float *v; /* (n) second moment */
 } adamw;
 
 /* Zeroed state for n parameters. */

@@ -24,8 +24,8 @@
 
 #define PREFIX "base_model.model.model.layers."
 
-void adapter_tensor_name(char *buf, size_t size, int32_t layer,
-                         llama_linear l, int ab)
+void adapter_tensor_name(char *buf, size_t size, int32_t layer, llama_linear l,
+                         int ab)
 {
     snprintf(buf, size, PREFIX "%d.%s.%s.lora_%c.weight", layer,
              llama_linear_parent(l), llama_linear_name(l), ab ? 'B' : 'A');
@@ -124,8 +124,8 @@ int adapter_write(const char *dir, const lora_adapter *a,
                 continue;
             for (int ab = 0; ab < 2; ab++) {
                 named *x = &ts[n++];
-                adapter_tensor_name(x->name, sizeof x->name, i,
-                                    (llama_linear)l, ab);
+                adapter_tensor_name(x->name, sizeof x->name, i, (llama_linear)l,
+                                    ab);
                 x->t.dtype = ST_F32;
                 x->t.ndim = 2;
                 x->t.shape[0] = ab ? s->out : a->cfg.r;
@@ -164,7 +164,8 @@ int adapter_write(const char *dir, const lora_adapter *a,
     return io_writer_commit(w);
 }
 
-/* Parses "base_model.model.model.layers.{i}.{parent}.{name}.lora_{A|B}.weight". */
+/* Parses "base_model.model.model.layers.{i}.{parent}.{name}.lora_{A|B}.weight".
+ */
 static int parse_name(const char *s, int32_t *layer, int *lin, int *ab)
 {
     size_t pl = strlen(PREFIX);
@@ -178,7 +179,8 @@ static int parse_name(const char *s, int32_t *layer, int *lin, int *ab)
     s = end + 1;
     for (int l = 0; l < LLAMA_NLINEAR; l++) {
         char want[96];
-        snprintf(want, sizeof want, "%s.%s.lora_", llama_linear_parent((llama_linear)l),
+        snprintf(want, sizeof want, "%s.%s.lora_",
+                 llama_linear_parent((llama_linear)l),
                  llama_linear_name((llama_linear)l));
         size_t wl = strlen(want);
         if (strncmp(s, want, wl) != 0)
@@ -235,7 +237,10 @@ int adapter_read(const char *dir, const llama_config *mc, lora_adapter **out,
         goto out;
     }
     static const char *const unsupported[] = {
-        "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "modules_to_save",
     };
     for (size_t k = 0; k < sizeof unsupported / sizeof *unsupported; k++)
         if (!empty_or_null(json_get(cfg, unsupported[k]))) {
@@ -244,7 +249,8 @@ int adapter_read(const char *dir, const llama_config *mc, lora_adapter **out,
         }
     const json_value *dora = json_get(cfg, "use_dora");
     const char *bias = json_get_string(cfg, "bias", NULL);
-    if ((dora && dora->type == JSON_TRUE) || (bias && strcmp(bias, "none") != 0)) {
+    if ((dora && dora->type == JSON_TRUE) ||
+        (bias && strcmp(bias, "none") != 0)) {
         msg_error("%s: DoRA and LoRA biases are not supported", path);
         goto out;
     }
@@ -304,11 +310,12 @@ int adapter_read(const char *dir, const llama_config *mc, lora_adapter **out,
                 }
                 if (t->ndim != 2 || t->shape[0] != d0 || t->shape[1] != d1) {
                     msg_error("%s: tensor '%s' has the wrong shape (expected "
-                              "[%lld, %lld])", path, nm, (long long)d0,
-                              (long long)d1);
+                              "[%lld, %lld])",
+                              path, nm, (long long)d0, (long long)d1);
                     goto out;
                 }
-                if (st_to_f32(t, a->params + (ab ? s->b : s->a), 0, t->numel) != 0)
+                if (st_to_f32(t, a->params + (ab ? s->b : s->a), 0, t->numel) !=
+                    0)
                     goto out;
             }
         }

@@ -35,7 +35,7 @@ int adapter_read(const char *dir, const llama_config *mc, lora_adapter **out,
                  char **base_model);
 
 /* The tensor name of A (ab = 0) or B (ab = 1) of linear l in layer i. */
-void adapter_tensor_name(char *buf, size_t size, int32_t layer,
-                         llama_linear l, int ab);
+void adapter_tensor_name(char *buf, size_t size, int32_t layer, llama_linear l,
+                         int ab);
 
 #endif

@@ -47,13 +47,28 @@ void llama_linear_shape(const llama_config *c, llama_linear l, int64_t *out,
     int64_t qd = (int64_t)c->n_heads * c->head_dim;
     int64_t kvd = (int64_t)c->n_kv_heads * c->head_dim;
     switch (l) {
-    case LLAMA_Q: *out = qd; *in = c->dim; break;
+    case LLAMA_Q:
+        *out = qd;
+        *in = c->dim;
+        break;
     case LLAMA_K:
-    case LLAMA_V: *out = kvd; *in = c->dim; break;
-    case LLAMA_O: *out = c->dim; *in = qd; break;
+    case LLAMA_V:
+        *out = kvd;
+        *in = c->dim;
+        break;
+    case LLAMA_O:
+        *out = c->dim;
+        *in = qd;
+        break;
     case LLAMA_GATE:
-    case LLAMA_UP: *out = c->hidden; *in = c->dim; break;
-    default: *out = c->dim; *in = c->hidden; break;
+    case LLAMA_UP:
+        *out = c->hidden;
+        *in = c->dim;
+        break;
+    default:
+        *out = c->dim;
+        *in = c->hidden;
+        break;
     }
 }
 
@@ -103,7 +118,8 @@ int llama_config_load(const char *dir, llama_config *c)
     }
     const char *mt = json_get_string(root, "model_type", NULL);
     if (mt && strcmp(mt, "llama") != 0) {
-        msg_error("%s: model_type '%s' is not supported (llama only)", path, mt);
+        msg_error("%s: model_type '%s' is not supported (llama only)", path,
+                  mt);
         goto out;
     }
     if (get_pos_int(root, "hidden_size", path, &c->dim) ||
@@ -128,7 +144,8 @@ int llama_config_load(const char *dir, llama_config *c)
         goto out;
     if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0) {
         msg_error("%s: num_attention_heads must be a multiple of "
-                  "num_key_value_heads and head_dim even", path);
+                  "num_key_value_heads and head_dim even",
+                  path);
         goto out;
     }
     c->norm_eps = (float)json_get_number(root, "rms_norm_eps", 1e-6);
@@ -156,10 +173,12 @@ int llama_config_load(const char *dir, llama_config *c)
     c->rope_theta = (float)theta;
     const char *act = json_get_string(root, "hidden_act", NULL);
     if (act && strcmp(act, "silu") != 0) {
-        msg_error("%s: hidden_act '%s' is not supported (silu only)", path, act);
+        msg_error("%s: hidden_act '%s' is not supported (silu only)", path,
+                  act);
         goto out;
     }
-    if (is_true_member(root, "attention_bias") || is_true_member(root, "mlp_bias")) {
+    if (is_true_member(root, "attention_bias") ||
+        is_true_member(root, "mlp_bias")) {
         msg_error("%s: attention_bias and mlp_bias are not supported", path);
         goto out;
     }
@@ -173,7 +192,8 @@ int llama_config_load(const char *dir, llama_config *c)
         if (!qm || strcmp(qm, "bitsandbytes") != 0 ||
             !get_bool(qc, "load_in_4bit", 0) || !qt || strcmp(qt, "nf4") != 0) {
             msg_error("%s: quantization_config is not bitsandbytes NF4 "
-                      "4-bit", path);
+                      "4-bit",
+                      path);
             goto out;
         }
         c->quantized = 1;
@@ -211,8 +231,8 @@ const float *llama_weight_f32(const llama_weight *w, float *scratch)
 }
 
 /* Reads a float tensor of exactly the given shape into a new f32 array. */
-static int load_f32(const st_model *st, const char *name, int ndim,
-                    int64_t d0, int64_t d1, float **out)
+static int load_f32(const st_model *st, const char *name, int ndim, int64_t d0,
+                    int64_t d1, float **out)
 {
     const st_tensor *t = st_model_find(st, name);
     *out = NULL;
@@ -221,12 +241,15 @@ static int load_f32(const st_model *st, const char *name, int ndim,
     if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16 &&
         t->dtype != ST_F64)
         return msg_error("%s: tensor '%s' has dtype %s, expected a float "
-                         "type", st->dir, name, st_dtype_name(t->dtype));
-    int ok = t->ndim == ndim && t->shape[0] == d0 && (ndim == 1 || t->shape[1] == d1);
+                         "type",
+                         st->dir, name, st_dtype_name(t->dtype));
+    int ok = t->ndim == ndim && t->shape[0] == d0 &&
+             (ndim == 1 || t->shape[1] == d1);
     if (!ok)
         return msg_error("%s: tensor '%s' has the wrong shape (expected "
-                         "[%lld%s%.0lld])", st->dir, name, (long long)d0,
-                         ndim == 2 ? ", " : "", ndim == 2 ? (long long)d1 : 0LL);
+                         "[%lld%s%.0lld])",
+                         st->dir, name, (long long)d0, ndim == 2 ? ", " : "",
+                         ndim == 2 ? (long long)d1 : 0LL);
     float *p = xmalloc((size_t)t->numel * sizeof(float));
     if (st_to_f32(t, p, 0, t->numel) != 0) {
         free(p);
@@ -258,8 +281,8 @@ static int load_linear(const st_model *st, const char *name, int64_t rows,
         free(w->nf4);
         w->nf4 = NULL;
         return msg_error("%s: tensor '%s' has the wrong shape (expected "
-                         "[%lld, %lld])", st->dir, name, (long long)rows,
-                         (long long)cols);
+                         "[%lld, %lld])",
+                         st->dir, name, (long long)rows, (long long)cols);
     }
     return 0;
 }
@@ -276,13 +299,15 @@ int llama_load(const char *dir, llama_model **out)
     m->dir = xstrdup(dir);
     if (st_model_open(dir, &st) != 0)
         goto fail;
-    if (load_f32(st, "model.embed_tokens.weight", 2, c->vocab, c->dim, &m->embed) ||
+    if (load_f32(st, "model.embed_tokens.weight", 2, c->vocab, c->dim,
+                 &m->embed) ||
         load_f32(st, "model.norm.weight", 1, c->dim, 0, &m->norm))
         goto fail;
     m->layers = xcalloc((size_t)c->n_layers, sizeof *m->layers);
     for (int32_t i = 0; i < c->n_layers; i++) {
         llama_layer *L = &m->layers[i];
-        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", i);
+        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight",
+                 i);
         if (load_f32(st, name, 1, c->dim, 0, &L->attn_norm))
             goto fail;
         snprintf(name, sizeof name,
@@ -310,7 +335,8 @@ int llama_load(const char *dir, llama_model **out)
         m->head.f32 = m->embed;
     } else {
         msg_error("%s: tensor 'lm_head.weight' is missing and "
-                  "tie_word_embeddings is false", dir);
+                  "tie_word_embeddings is false",
+                  dir);
         goto fail;
     }
     if (c->quantized)

@@ -45,20 +45,20 @@ const char *llama_linear_parent(llama_linear l);
 int llama_linear_parse(const char *s);
 
 typedef struct llama_config {
-    int32_t dim;          /* hidden_size */
-    int32_t hidden;       /* intermediate_size */
-    int32_t n_layers;     /* num_hidden_layers */
-    int32_t n_heads;      /* num_attention_heads */
-    int32_t n_kv_heads;   /* num_key_value_heads (= n_heads when absent) */
-    int32_t head_dim;     /* head_dim, or dim / n_heads */
-    int32_t vocab;        /* vocab_size */
-    int32_t max_pos;      /* max_position_embeddings */
-    float norm_eps;       /* rms_norm_eps */
-    float rope_theta;     /* rope_theta or rope_parameters.rope_theta */
-    int tied;             /* tie_word_embeddings (default true only when
-                             lm_head.weight is absent) */
+    int32_t dim;            /* hidden_size */
+    int32_t hidden;         /* intermediate_size */
+    int32_t n_layers;       /* num_hidden_layers */
+    int32_t n_heads;        /* num_attention_heads */
+    int32_t n_kv_heads;     /* num_key_value_heads (= n_heads when absent) */
+    int32_t head_dim;       /* head_dim, or dim / n_heads */
+    int32_t vocab;          /* vocab_size */
+    int32_t max_pos;        /* max_position_embeddings */
+    float norm_eps;         /* rms_norm_eps */
+    float rope_theta;       /* rope_theta or rope_parameters.rope_theta */
+    int tied;               /* tie_word_embeddings (false when absent, as
+                               in transformers' LlamaConfig) */
     int32_t bos_id, eos_id; /* -1 when absent */
-    int quantized;        /* quantization_config says bitsandbytes nf4 */
+    int quantized;          /* quantization_config says bitsandbytes nf4 */
 } llama_config;
 
 /* Parses dir/config.json. Unsupported architectures (model_type other than
@@ -74,8 +74,8 @@ void llama_linear_shape(const llama_config *c, llama_linear l, int64_t *out,
 struct nf4_weight;
 typedef struct llama_weight {
     int64_t rows, cols;
-    float *f32;              /* (rows, cols), or NULL when quantized */
-    struct nf4_weight *nf4;  /* owned; NULL for f32 */
+    float *f32;             /* (rows, cols), or NULL when quantized */
+    struct nf4_weight *nf4; /* owned; NULL for f32 */
 } llama_weight;
 
 /* The weight as f32: w->f32 itself, or w dequantized into scratch (room for
@@ -83,20 +83,20 @@ typedef struct llama_weight {
 const float *llama_weight_f32(const llama_weight *w, float *scratch);
 
 typedef struct llama_layer {
-    float *attn_norm;                 /* (dim) input_layernorm */
-    float *ffn_norm;                  /* (dim) post_attention_layernorm */
-    llama_weight lin[LLAMA_NLINEAR];  /* shapes: see llama_linear */
+    float *attn_norm;                /* (dim) input_layernorm */
+    float *ffn_norm;                 /* (dim) post_attention_layernorm */
+    llama_weight lin[LLAMA_NLINEAR]; /* shapes: see llama_linear */
 } llama_layer;
 
 typedef struct llama_model {
     llama_config cfg;
     char *dir;
-    float *embed;         /* (vocab, dim) */
-    float *norm;          /* (dim) */
-    llama_weight head;    /* (vocab, dim); head.f32 == embed when tied */
-    llama_layer *layers;  /* (n_layers) */
+    float *embed;          /* (vocab, dim) */
+    float *norm;           /* (dim) */
+    llama_weight head;     /* (vocab, dim); head.f32 == embed when tied */
+    llama_layer *layers;   /* (n_layers) */
     int64_t max_lin_elems; /* largest linear weight, for dequant scratch */
-    struct st_model *st;  /* kept open for NF4 weights, which point into it */
+    struct st_model *st;   /* kept open for NF4 weights, which point into it */
 } llama_model;
 
 /* Loads a checkpoint directory (config.json + safetensors). 0 ok, -1 error
@@ -107,14 +107,14 @@ void llama_free(llama_model *m);
 uint64_t llama_weight_bytes(const llama_model *m);
 
 typedef struct llama_batch {
-    int64_t n;                /* tokens */
-    const int32_t *ids;       /* (n) */
-    const int32_t *pos;       /* (n) RoPE position (0 at a document start) */
-    const int32_t *start;     /* (n) first token t attends to; start[t] <= t
-                                 and start[t] is start[t-1] or t */
-    const int32_t *targets;   /* (n) label of token t, -1 for none; NULL
-                                 when no loss is wanted */
-    const float *weights;     /* (n) loss weights; NULL = 1 per target */
+    int64_t n;              /* tokens */
+    const int32_t *ids;     /* (n) */
+    const int32_t *pos;     /* (n) RoPE position (0 at a document start) */
+    const int32_t *start;   /* (n) first token t attends to; start[t] <= t
+                               and start[t] is start[t-1] or t */
+    const int32_t *targets; /* (n) label of token t, -1 for none; NULL
+                               when no loss is wanted */
+    const float *weights;   /* (n) loss weights; NULL = 1 per target */
 } llama_batch;
 
 /* Checks a batch against the model: ids and targets in range, the start and
@@ -124,10 +124,10 @@ int llama_batch_check(const llama_model *m, const llama_batch *b);
 struct lora_adapter;
 
 typedef struct llama_train_opts {
-    int checkpointing;      /* keep only each layer's input; recompute the
-                               layer in backward (same results, less memory) */
-    uint64_t dropout_key;   /* key of this micro-batch's LoRA dropout masks
-                               (lora_dropout_keep); unused when dropout = 0 */
+    int checkpointing;    /* keep only each layer's input; recompute the
+                             layer in backward (same results, less memory) */
+    uint64_t dropout_key; /* key of this micro-batch's LoRA dropout masks
+                             (lora_dropout_keep); unused when dropout = 0 */
 } llama_train_opts;
 
 /* Forward pass (inference: no dropout). a may be NULL (no adapter). When
@@ -143,10 +143,9 @@ int llama_forward(const llama_model *m, const struct lora_adapter *a,
  *     loss_scale * sum_t weights[t] * CE_t
  * with LoRA dropout applied as PEFT does. The frozen weights get no
  * gradient. *loss_sum receives the unscaled sum. 0 ok, -1 error. */
-int llama_forward_backward(const llama_model *m,
-                           const struct lora_adapter *a, const llama_batch *b,
-                           const llama_train_opts *o, float loss_scale,
-                           float *grad, double *loss_sum);
+int llama_forward_backward(const llama_model *m, const struct lora_adapter *a,
+                           const llama_batch *b, const llama_train_opts *o,
+                           float loss_scale, float *grad, double *loss_sum);
 
 /* Bytes of activations llama_forward_backward keeps for n tokens. */
 uint64_t llama_train_activation_bytes(const llama_model *m,
@@ -159,10 +158,10 @@ uint64_t llama_train_activation_bytes(const llama_model *m,
  * appends their keys and values, and writes the logits of the last token
  * (vocab floats) when logits is non-NULL. */
 typedef struct llama_kv_cache {
-    int32_t cap;        /* positions */
-    int32_t len;        /* positions filled */
-    float *k;           /* (n_layers, cap, n_kv_heads*head_dim) */
-    float *v;           /* (n_layers, cap, n_kv_heads*head_dim) */
+    int32_t cap; /* positions */
+    int32_t len; /* positions filled */
+    float *k;    /* (n_layers, cap, n_kv_heads*head_dim) */
+    float *v;    /* (n_layers, cap, n_kv_heads*head_dim) */
 } llama_kv_cache;
 
 llama_kv_cache *llama_kv_cache_new(const llama_model *m, int32_t cap);

@@ -40,7 +40,8 @@ static float dot(const float *a, const float *b, int64_t n)
     for (; i + 8 <= n; i += 8)
         for (int k = 0; k < 8; k++)
             s[k] += a[i + k] * b[i + k];
-    float acc = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    float acc =
+        ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
     for (; i < n; i++)
         acc += a[i] * b[i];
     return acc;
@@ -65,8 +66,8 @@ void llama_matmul(float *out, const float *x, const float *w, int64_t n,
 }
 
 /* dx (n, i) += dy (n, o) @ w (o, i): per element a sum over o in order. */
-static void matmul_acc_nn(float *dx, const float *dy, const float *w,
-                          int64_t n, int64_t o, int64_t i)
+static void matmul_acc_nn(float *dx, const float *dy, const float *w, int64_t n,
+                          int64_t o, int64_t i)
 {
     const int64_t CH = 256;
     int64_t nc = (i + CH - 1) / CH;
@@ -87,8 +88,8 @@ static void matmul_acc_nn(float *dx, const float *dy, const float *w,
 }
 
 /* gw (o, i) += dy (n, o)^T @ x (n, i): per element a sum over t in order. */
-static void matmul_acc_tn(float *gw, const float *dy, const float *x,
-                          int64_t n, int64_t o, int64_t i)
+static void matmul_acc_tn(float *gw, const float *dy, const float *x, int64_t n,
+                          int64_t o, int64_t i)
 {
 #pragma omp parallel for schedule(static) if (n * o * i >= PAR_MIN)
     for (int64_t j = 0; j < o; j++) {
@@ -155,10 +156,10 @@ void llama_rope(float *x, int d, int32_t pos, float theta, int inverse)
     }
 }
 
-/* ---- LoRA on one linear --------------------------------------------------- */
+/* ---- LoRA on one linear -------------------------------------------------- */
 
 typedef struct drop_ctx {
-    float p;            /* 0 = off */
+    float p; /* 0 = off */
     uint64_t key;
 } drop_ctx;
 
@@ -179,10 +180,10 @@ static void dropout_apply(float *xd, const float *x, int64_t n, int64_t in,
 }
 
 typedef struct work {
-    float *wbuf;        /* dequantized weight (max_lin_elems) */
-    float *xd;          /* dropout input (n, max in) */
-    float *dlh;         /* (n, r) */
-    float *dxd;         /* (n, max in) */
+    float *wbuf; /* dequantized weight (max_lin_elems) */
+    float *xd;   /* dropout input (n, max in) */
+    float *dlh;  /* (n, r) */
+    float *dxd;  /* (n, max in) */
 } work;
 
 /* y (n, out) = x W^T (+ scale * (A xd)^T B^T); lh (n, r) keeps A xd. */
@@ -273,7 +274,7 @@ static void linear_backward(const llama_model *m, const lora_adapter *a,
                 dx[t * in + c] += w->dxd[t * in + c] * inv;
 }
 
-/* ---- attention ------------------------------------------------------------ */
+/* ---- attention ----------------------------------------------------------- */
 
 /* att (n, nh*hd) and lse (n, nh) for queries q (n, nh*hd) attending to
  * keys/values kb, vb (rows of n_kv*hd) lo[t] .. hi[t] inclusive. */
@@ -331,10 +332,9 @@ static void attention_forward(const llama_config *c, int64_t n, const float *q,
  * tokens, lo = start, hi = t). dq, dk, dv are overwritten. */
 static void attention_backward(const llama_config *c, int64_t n,
                                const int32_t *start, const float *q,
-                               const float *k, const float *v,
-                               const float *att, const float *lse,
-                               const float *datt, float *dq, float *dk,
-                               float *dv, float *D)
+                               const float *k, const float *v, const float *att,
+                               const float *lse, const float *datt, float *dq,
+                               float *dk, float *dv, float *D)
 {
     int nh = c->n_heads, hd = c->head_dim, nkv = c->n_kv_heads;
     int grp = nh / nkv;
@@ -343,8 +343,9 @@ static void attention_backward(const llama_config *c, int64_t n,
     int64_t pairs = 0;
     for (int64_t t = 0; t < n; t++)
         pairs += t - start[t] + 1;
-    /* pass 1, per query: D = datt . att, dq */
-#pragma omp parallel for collapse(2) schedule(static) if (pairs * nh * hd * 4 >= PAR_MIN)
+        /* pass 1, per query: D = datt . att, dq */
+#pragma omp parallel for collapse(2)                                           \
+    schedule(static) if (pairs * nh * hd * 4 >= PAR_MIN)
     for (int64_t t = 0; t < n; t++)
         for (int h = 0; h < nh; h++) {
             const float *qv = q + t * qd + (int64_t)h * hd;
@@ -365,8 +366,9 @@ static void attention_backward(const llama_config *c, int64_t n,
                     o[e] += ds * kv[e];
             }
         }
-    /* pass 2, per key: dk, dv summed over the queries that see it */
-#pragma omp parallel for collapse(2) schedule(static) if (pairs * nh * hd * 4 >= PAR_MIN)
+        /* pass 2, per key: dk, dv summed over the queries that see it */
+#pragma omp parallel for collapse(2)                                           \
+    schedule(static) if (pairs * nh * hd * 4 >= PAR_MIN)
     for (int64_t j = 0; j < n; j++)
         for (int g = 0; g < nkv; g++) {
             float *ok = dk + j * kvd + (int64_t)g * hd;
@@ -390,16 +392,16 @@ static void attention_backward(const llama_config *c, int64_t n,
         }
 }
 
-/* ---- one decoder layer ---------------------------------------------------- */
+/* ---- one decoder layer --------------------------------------------------- */
 
 typedef struct acts {
-    float *x;              /* (n, dim) layer input */
-    float *xn1, *rstd1;    /* (n, dim), (n) */
-    float *q, *k, *v;      /* (n, qd), (n, kvd) x2; q, k after RoPE */
-    float *att, *lse;      /* (n, qd), (n, nh) */
-    float *x2;             /* (n, dim) after attention's residual */
+    float *x;           /* (n, dim) layer input */
+    float *xn1, *rstd1; /* (n, dim), (n) */
+    float *q, *k, *v;   /* (n, qd), (n, kvd) x2; q, k after RoPE */
+    float *att, *lse;   /* (n, qd), (n, nh) */
+    float *x2;          /* (n, dim) after attention's residual */
     float *xn2, *rstd2;
-    float *g, *u, *hm;     /* (n, hidden): gate, up, silu(gate) * up */
+    float *g, *u, *hm;        /* (n, hidden): gate, up, silu(gate) * up */
     float *lh[LLAMA_NLINEAR]; /* (n, r) LoRA hidden per targeted linear */
 } acts;
 
@@ -454,14 +456,13 @@ static float *acts_alloc(acts *s, const llama_config *c, const lora_adapter *a,
 /* Where a layer's attention finds its keys and values: the batch itself
  * (training, prompt processing) or a cache (decoding). */
 typedef struct kv_src {
-    float *k, *v;          /* cache rows for this layer, or NULL */
-    int32_t base;          /* cache position of batch token 0 */
+    float *k, *v; /* cache rows for this layer, or NULL */
+    int32_t base; /* cache position of batch token 0 */
 } kv_src;
 
 static void layer_forward(const llama_model *m, const lora_adapter *a,
-                          int32_t li, const llama_batch *b, acts *s,
-                          float *out, const drop_ctx *d, const kv_src *kv,
-                          work *w)
+                          int32_t li, const llama_batch *b, acts *s, float *out,
+                          const drop_ctx *d, const kv_src *kv, work *w)
 {
     const llama_config *c = &m->cfg;
     const llama_layer *L = &m->layers[li];
@@ -471,16 +472,21 @@ static void layer_forward(const llama_model *m, const lora_adapter *a,
     linear_forward(m, a, li, LLAMA_Q, s->q, s->xn1, n, s->lh[LLAMA_Q], d, w);
     linear_forward(m, a, li, LLAMA_K, s->k, s->xn1, n, s->lh[LLAMA_K], d, w);
     linear_forward(m, a, li, LLAMA_V, s->v, s->xn1, n, s->lh[LLAMA_V], d, w);
-#pragma omp parallel for schedule(static) if (n * (c->n_heads + c->n_kv_heads) * hd * 4 >= PAR_MIN)
+#pragma omp parallel for schedule(                                             \
+    static) if (n * (c->n_heads + c->n_kv_heads) * hd * 4 >= PAR_MIN)
     for (int64_t t = 0; t < n; t++) {
         for (int h = 0; h < c->n_heads; h++)
-            llama_rope(s->q + t * qd + h * hd, (int)hd, b->pos[t], c->rope_theta, 0);
+            llama_rope(s->q + t * qd + h * hd, (int)hd, b->pos[t],
+                       c->rope_theta, 0);
         for (int h = 0; h < c->n_kv_heads; h++)
-            llama_rope(s->k + t * kvd + h * hd, (int)hd, b->pos[t], c->rope_theta, 0);
+            llama_rope(s->k + t * kvd + h * hd, (int)hd, b->pos[t],
+                       c->rope_theta, 0);
     }
     if (kv && kv->k) {
-        memcpy(kv->k + (int64_t)kv->base * kvd, s->k, (size_t)(n * kvd) * sizeof(float));
-        memcpy(kv->v + (int64_t)kv->base * kvd, s->v, (size_t)(n * kvd) * sizeof(float));
+        memcpy(kv->k + (int64_t)kv->base * kvd, s->k,
+               (size_t)(n * kvd) * sizeof(float));
+        memcpy(kv->v + (int64_t)kv->base * kvd, s->v,
+               (size_t)(n * kvd) * sizeof(float));
         attention_forward(c, n, s->q, kv->k, kv->v, b->start, NULL, kv->base,
                           s->att, s->lse);
     } else {
@@ -491,7 +497,8 @@ static void layer_forward(const llama_model *m, const lora_adapter *a,
     for (int64_t e = 0; e < n * dim; e++)
         s->x2[e] += s->x[e];
     llama_rmsnorm(s->xn2, s->rstd2, s->x2, L->ffn_norm, n, c->dim, c->norm_eps);
-    linear_forward(m, a, li, LLAMA_GATE, s->g, s->xn2, n, s->lh[LLAMA_GATE], d, w);
+    linear_forward(m, a, li, LLAMA_GATE, s->g, s->xn2, n, s->lh[LLAMA_GATE], d,
+                   w);
     linear_forward(m, a, li, LLAMA_UP, s->u, s->xn2, n, s->lh[LLAMA_UP], d, w);
     int64_t nh_ = n * c->hidden;
 #pragma omp parallel for schedule(static) if (nh_ * 8 >= PAR_MIN)
@@ -499,18 +506,19 @@ static void layer_forward(const llama_model *m, const lora_adapter *a,
         float gv = s->g[e];
         s->hm[e] = gv / (1.0f + expf(-gv)) * s->u[e];
     }
-    linear_forward(m, a, li, LLAMA_DOWN, out, s->hm, n, s->lh[LLAMA_DOWN], d, w);
+    linear_forward(m, a, li, LLAMA_DOWN, out, s->hm, n, s->lh[LLAMA_DOWN], d,
+                   w);
     for (int64_t e = 0; e < n * dim; e++)
         out[e] += s->x2[e];
 }
 
 /* Scratch for one layer's backward. */
 typedef struct bwork {
-    float *dhm, *dg, *du;      /* (n, hidden) */
-    float *dxn, *dx2;          /* (n, dim) */
-    float *datt, *dq;          /* (n, qd) */
-    float *dk, *dv;            /* (n, kvd) */
-    float *D;                  /* (n, nh) */
+    float *dhm, *dg, *du; /* (n, hidden) */
+    float *dxn, *dx2;     /* (n, dim) */
+    float *datt, *dq;     /* (n, qd) */
+    float *dk, *dv;       /* (n, kvd) */
+    float *D;             /* (n, nh) */
 } bwork;
 
 /* dx (n, dim) = gradient at the layer input given dy at its output (dx may
@@ -541,33 +549,40 @@ static void layer_backward(const llama_model *m, const lora_adapter *a,
     linear_backward(m, a, li, LLAMA_UP, bw->dxn, bw->du, s->xn2, n,
                     s->lh[LLAMA_UP], d, grad, w);
     memcpy(bw->dx2, dy, (size_t)(n * dim) * sizeof(float));
-    rmsnorm_backward(bw->dx2, bw->dxn, s->x2, s->rstd2, L->ffn_norm, n, (int)dim);
+    rmsnorm_backward(bw->dx2, bw->dxn, s->x2, s->rstd2, L->ffn_norm, n,
+                     (int)dim);
     /* attention */
     memset(bw->datt, 0, (size_t)(n * qd) * sizeof(float));
     linear_backward(m, a, li, LLAMA_O, bw->datt, bw->dx2, s->att, n,
                     s->lh[LLAMA_O], d, grad, w);
     attention_backward(c, n, b->start, s->q, s->k, s->v, s->att, s->lse,
                        bw->datt, bw->dq, bw->dk, bw->dv, bw->D);
-#pragma omp parallel for schedule(static) if (n * (c->n_heads + c->n_kv_heads) * hd * 4 >= PAR_MIN)
+#pragma omp parallel for schedule(                                             \
+    static) if (n * (c->n_heads + c->n_kv_heads) * hd * 4 >= PAR_MIN)
     for (int64_t t = 0; t < n; t++) {
         for (int h = 0; h < c->n_heads; h++)
-            llama_rope(bw->dq + t * qd + h * hd, (int)hd, b->pos[t], c->rope_theta, 1);
+            llama_rope(bw->dq + t * qd + h * hd, (int)hd, b->pos[t],
+                       c->rope_theta, 1);
         for (int h = 0; h < c->n_kv_heads; h++)
-            llama_rope(bw->dk + t * kvd + h * hd, (int)hd, b->pos[t], c->rope_theta, 1);
+            llama_rope(bw->dk + t * kvd + h * hd, (int)hd, b->pos[t],
+                       c->rope_theta, 1);
     }
     float *dxn = dx ? bw->dxn : NULL;
     if (dxn)
         memset(dxn, 0, (size_t)(n * dim) * sizeof(float));
-    linear_backward(m, a, li, LLAMA_Q, dxn, bw->dq, s->xn1, n, s->lh[LLAMA_Q], d, grad, w);
-    linear_backward(m, a, li, LLAMA_K, dxn, bw->dk, s->xn1, n, s->lh[LLAMA_K], d, grad, w);
-    linear_backward(m, a, li, LLAMA_V, dxn, bw->dv, s->xn1, n, s->lh[LLAMA_V], d, grad, w);
+    linear_backward(m, a, li, LLAMA_Q, dxn, bw->dq, s->xn1, n, s->lh[LLAMA_Q],
+                    d, grad, w);
+    linear_backward(m, a, li, LLAMA_K, dxn, bw->dk, s->xn1, n, s->lh[LLAMA_K],
+                    d, grad, w);
+    linear_backward(m, a, li, LLAMA_V, dxn, bw->dv, s->xn1, n, s->lh[LLAMA_V],
+                    d, grad, w);
     if (!dx)
         return;
     memcpy(dx, bw->dx2, (size_t)(n * dim) * sizeof(float));
     rmsnorm_backward(dx, bw->dxn, s->x, s->rstd1, L->attn_norm, n, (int)dim);
 }
 
-/* ---- the whole model ------------------------------------------------------ */
+/* ---- the whole model ----------------------------------------------------- */
 
 static void work_alloc(work *w, const llama_model *m, const lora_adapter *a,
                        int64_t n)
@@ -618,7 +633,8 @@ static void head_loss(const llama_model *m, const llama_batch *b,
     llama_rmsnorm(xf, rstd, x, m->norm, n, c->dim, c->norm_eps);
     const float *Wh = m->head.f32;
     float *ce = xmalloc((size_t)n * sizeof(float));
-    float *lg = logits_out ? NULL : xmalloc((size_t)(HEAD_CHUNK * V) * sizeof(float));
+    float *lg =
+        logits_out ? NULL : xmalloc((size_t)(HEAD_CHUNK * V) * sizeof(float));
     float *dxf = dx ? xcalloc((size_t)(n * dim), sizeof(float)) : NULL;
     for (int64_t t0 = 0; t0 < n; t0 += HEAD_CHUNK) {
         int64_t cn = n - t0 < HEAD_CHUNK ? n - t0 : HEAD_CHUNK;
@@ -742,7 +758,8 @@ int llama_forward_backward(const llama_model *m, const lora_adapter *a,
     float **blks = xcalloc((size_t)nsets, sizeof *blks);
     for (int i = 0; i < nsets; i++)
         blks[i] = acts_alloc(&sets[i], c, a, n);
-    float *xs = ckpt ? xmalloc((size_t)((nl + 1) * n * dim) * sizeof(float)) : NULL;
+    float *xs =
+        ckpt ? xmalloc((size_t)((nl + 1) * n * dim) * sizeof(float)) : NULL;
     float *xl = xmalloc((size_t)(n * dim) * sizeof(float)); /* final hidden */
     work w;
     work_alloc(&w, m, a, n);
@@ -752,8 +769,11 @@ int llama_forward_backward(const llama_model *m, const lora_adapter *a,
     for (int32_t i = 0; i < nl; i++) {
         acts *s = &sets[ckpt ? 0 : i];
         if (ckpt)
-            memcpy(s->x, xs + (int64_t)i * n * dim, (size_t)(n * dim) * sizeof(float));
-        float *out = i + 1 < nl ? (ckpt ? xs + (int64_t)(i + 1) * n * dim : sets[i + 1].x) : xl;
+            memcpy(s->x, xs + (int64_t)i * n * dim,
+                   (size_t)(n * dim) * sizeof(float));
+        float *out = i + 1 < nl ? (ckpt ? xs + (int64_t)(i + 1) * n * dim
+                                        : sets[i + 1].x)
+                                : xl;
         layer_forward(m, a, i, b, s, out, &dc, NULL, &w);
     }
     /* loss and its gradient at the final hidden state */
@@ -763,26 +783,38 @@ int llama_forward_backward(const llama_model *m, const lora_adapter *a,
     /* backward */
     bwork bw;
     float *bblk = xmalloc((size_t)(3 * n * hid + 2 * n * dim + 2 * n * qd +
-                                   2 * n * kvd + n * c->n_heads) * sizeof(float));
+                                   2 * n * kvd + n * c->n_heads) *
+                          sizeof(float));
     float *p = bblk;
-    bw.dhm = p; p += n * hid;
-    bw.dg = p; p += n * hid;
-    bw.du = p; p += n * hid;
-    bw.dxn = p; p += n * dim;
-    bw.dx2 = p; p += n * dim;
-    bw.datt = p; p += n * qd;
-    bw.dq = p; p += n * qd;
-    bw.dk = p; p += n * kvd;
-    bw.dv = p; p += n * kvd;
+    bw.dhm = p;
+    p += n * hid;
+    bw.dg = p;
+    p += n * hid;
+    bw.du = p;
+    p += n * hid;
+    bw.dxn = p;
+    p += n * dim;
+    bw.dx2 = p;
+    p += n * dim;
+    bw.datt = p;
+    p += n * qd;
+    bw.dq = p;
+    p += n * qd;
+    bw.dk = p;
+    p += n * kvd;
+    bw.dv = p;
+    p += n * kvd;
     bw.D = p;
     for (int32_t i = nl - 1; i >= 0; i--) {
         acts *s = &sets[ckpt ? 0 : i];
         if (ckpt) {
             /* recompute this layer exactly as the forward did */
-            memcpy(s->x, xs + (int64_t)i * n * dim, (size_t)(n * dim) * sizeof(float));
+            memcpy(s->x, xs + (int64_t)i * n * dim,
+                   (size_t)(n * dim) * sizeof(float));
             layer_forward(m, a, i, b, s, xl, &dc, NULL, &w);
         }
-        layer_backward(m, a, i, b, s, dy, i > 0 ? dxb : NULL, &dc, grad, &w, &bw);
+        layer_backward(m, a, i, b, s, dy, i > 0 ? dxb : NULL, &dc, grad, &w,
+                       &bw);
         float *t = dy;
         dy = dxb;
         dxb = t;
@@ -800,7 +832,7 @@ int llama_forward_backward(const llama_model *m, const lora_adapter *a,
     return 0;
 }
 
-/* ---- decoding with a cache ------------------------------------------------ */
+/* ---- decoding with a cache ----------------------------------------------- */
 
 llama_kv_cache *llama_kv_cache_new(const llama_model *m, int32_t cap)
 {

@@ -6,11 +6,11 @@
  */
 #include "lora.h"
 
+#include "msg.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "msg.h"
 
 #define GOLDEN_GAMMA 0x9e3779b97f4a7c15ull
 
@@ -65,7 +65,8 @@ int lora_targets_parse(const char *const *names, size_t n, uint32_t *out)
         if (l < 0)
             return msg_error("unknown target module '%s' (expected q_proj, "
                              "k_proj, v_proj, o_proj, gate_proj, up_proj, "
-                             "down_proj or all-linear)", names[i]);
+                             "down_proj or all-linear)",
+                             names[i]);
         mask |= 1u << l;
     }
     *out = mask;
@@ -164,8 +165,8 @@ void lora_init(lora_adapter *a, uint64_t seed)
             float bound = (float)(1.0 / sqrt((double)s->in));
             float *A = a->params + s->a;
             for (int64_t j = 0; j < r * s->in; j++)
-                A[j] = (2.0f * lora_rand_uniform(key, (uint64_t)j) - 1.0f) *
-                       bound;
+                A[j] =
+                    (2.0f * lora_rand_uniform(key, (uint64_t)j) - 1.0f) * bound;
             memset(a->params + s->b, 0, (size_t)(s->out * r) * sizeof(float));
         }
 }

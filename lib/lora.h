@@ -18,16 +18,16 @@
 #ifndef LORA_H
 #define LORA_H
 
+#include "llama.h"
 #include <stddef.h>
 #include <stdint.h>
-#include "llama.h"
 
 typedef struct lora_config {
     int32_t r;
-    double alpha;         /* lora_alpha */
-    double dropout;       /* lora_dropout, in [0, 1) */
+    double alpha;   /* lora_alpha */
+    double dropout; /* lora_dropout, in [0, 1) */
     int use_rslora;
-    uint32_t targets;     /* bit (1u << llama_linear) per targeted linear */
+    uint32_t targets; /* bit (1u << llama_linear) per targeted linear */
 } lora_config;
 
 #define LORA_ALL_LINEAR ((1u << LLAMA_NLINEAR) - 1)
@@ -35,7 +35,7 @@ typedef struct lora_config {
 
 /* Where one linear's A and B sit in params (-1 when not targeted). */
 typedef struct lora_slot {
-    int64_t a, b;         /* offsets of A (r, in) and B (out, r) */
+    int64_t a, b; /* offsets of A (r, in) and B (out, r) */
     int64_t in, out;
 } lora_slot;
 
@@ -44,8 +44,8 @@ typedef struct lora_adapter {
     int32_t n_layers;
     float scale;
     size_t n_params;
-    float *params;        /* (n_params) */
-    lora_slot *slots;     /* (n_layers * LLAMA_NLINEAR) */
+    float *params;    /* (n_params) */
+    lora_slot *slots; /* (n_layers * LLAMA_NLINEAR) */
 } lora_adapter;
 
 /* Target names to a mask: module names ("q_proj", ...), or the single name

@@ -131,42 +131,90 @@ int merge_parse_size(const char *s, uint64_t *out)
 
 /* ---- the arithmetic ------------------------------------------------- */
 
+/* One element the plain way: the order every path must reproduce. */
+static inline void delta_one(float *w, const float *A, const float *Bo,
+                             int64_t in, int32_t r, float scale, int64_t c)
+{
+    float acc = 0;
+    for (int32_t k = 0; k < r; k++)
+        acc += Bo[k] * A[(int64_t)k * in + c];
+    *w += scale * acc;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+/* AVX2 where the processor has it, chosen at load time; the result is the
+ * same either way: C11 mode never contracts a * b + c into an FMA, so
+ * every lane does the scalar code's multiply then add. */
+#define MERGE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MERGE_CLONES
+#endif
+
+#if defined(__GNUC__)
+typedef float merge_v8 __attribute__((vector_size(32)));
+#define LD8(v, p) memcpy(&(v), (p), sizeof(merge_v8))
+#define ST8(p, v) memcpy((p), &(v), sizeof(merge_v8))
+
+/* Four rows by eight columns of sums stay in registers while k runs, so
+ * each A vector loaded serves four rows. */
+MERGE_CLONES
+static void delta_block4(float *w, const float *A, const float *Bo, int64_t in,
+                         int32_t r, float scale)
+{
+    int64_t c = 0;
+    for (; c + 8 <= in; c += 8) {
+        merge_v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, av, wv;
+        const float *a = A + c;
+        for (int32_t k = 0; k < r; k++, a += in) {
+            LD8(av, a);
+            s0 += Bo[k] * av;
+            s1 += Bo[r + k] * av;
+            s2 += Bo[2 * r + k] * av;
+            s3 += Bo[3 * r + k] * av;
+        }
+        float *w0 = w + c;
+        LD8(wv, w0);
+        wv += scale * s0;
+        ST8(w0, wv);
+        LD8(wv, w0 + in);
+        wv += scale * s1;
+        ST8(w0 + in, wv);
+        LD8(wv, w0 + 2 * in);
+        wv += scale * s2;
+        ST8(w0 + 2 * in, wv);
+        LD8(wv, w0 + 3 * in);
+        wv += scale * s3;
+        ST8(w0 + 3 * in, wv);
+    }
+    for (int i = 0; i < 4; i++)
+        for (int64_t cc = c; cc < in; cc++)
+            delta_one(w + i * in + cc, A, Bo + i * r, in, r, scale, cc);
+}
+#else
+static void delta_block4(float *w, const float *A, const float *Bo, int64_t in,
+                         int32_t r, float scale)
+{
+    for (int i = 0; i < 4; i++)
+        for (int64_t c = 0; c < in; c++)
+            delta_one(w + i * in + c, A, Bo + i * r, in, r, scale, c);
+}
+#endif
+
 void merge_add_delta(float *w, const float *A, const float *B, int64_t row0,
                      int64_t nrows, int64_t in, int32_t r, float scale,
                      int nthreads)
 {
-    /* Tiles of RB rows by CT columns: the A tile (r x CT) stays in cache
-     * while the rows go by, and each element still sums k = 0 .. r-1 in
-     * order, whatever the tiling or the threads. */
-    enum { RB = 8, CT = 512 };
-    int64_t nrb = (nrows + RB - 1) / RB, nct = (in + CT - 1) / CT;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads_for(nthreads))
-    for (int64_t ct = 0; ct < nct; ct++)
-        for (int64_t rb = 0; rb < nrb; rb++) {
-            float acc[RB][CT];
-            int64_t o0 = rb * RB, c0 = ct * CT;
-            int no = (int)(nrows - o0 < RB ? nrows - o0 : RB);
-            int nc = (int)(in - c0 < CT ? in - c0 : CT);
-            for (int i = 0; i < no; i++)
-                memset(acc[i], 0, (size_t)nc * sizeof(float));
-            for (int32_t k = 0; k < r; k++) {
-                const float *a = A + (int64_t)k * in + c0;
-                for (int i = 0; i < no; i++) {
-                    float b = B[(row0 + o0 + i) * r + k];
-                    float *ac = acc[i];
-#pragma omp simd
-                    for (int c = 0; c < nc; c++)
-                        ac[c] += b * a[c];
-                }
-            }
-            for (int i = 0; i < no; i++) {
-                float *wr = w + (o0 + i) * in + c0;
-                const float *ac = acc[i];
-#pragma omp simd
-                for (int c = 0; c < nc; c++)
-                    wr[c] += scale * ac[c];
-            }
+#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads))
+    for (int64_t o0 = 0; o0 < nrows; o0 += 4) {
+        const float *Bo = B + (row0 + o0) * r;
+        if (o0 + 4 <= nrows) {
+            delta_block4(w + o0 * in, A, Bo, in, r, scale);
+            continue;
         }
+        for (int64_t o = o0; o < nrows; o++)
+            for (int64_t c = 0; c < in; c++)
+                delta_one(w + o * in + c, A, Bo + (o - o0) * r, in, r, scale, c);
+    }
 }
 
 /* ---- the plan ------------------------------------------------------- */

@@ -640,6 +640,23 @@ __attribute__((target("avx2"))) static void dq_codes_avx2(const float *u,
 }
 #endif
 
+void nf4_dynamic_quantize(const float *u, int64_t n, uint8_t *out)
+{
+    nf4_dynamic_map();
+    while (n > 0) {
+        int k = n > 4096 ? 4096 : (int)n;
+#ifdef NF4_X86
+        if (nf4_simd_level(-1) >= 2)
+            dq_codes_avx2(u, k, out);
+        else
+#endif
+            dq_codes_scalar(u, k, out);
+        u += k;
+        out += k;
+        n -= k;
+    }
+}
+
 typedef struct dq_job {
     const float *absmax;
     int64_t nb;
@@ -1445,6 +1462,124 @@ static int is_rotary_buffer(const char *name)
     return s && s[strlen("rotary_emb.inv_freq")] == '\0';
 }
 
+/* Pass 1 of one weight: block absmax, offset, nested absmax. */
+typedef struct pass1_job {
+    const nf4_ckpt_opts *o;
+    qweight *ws;
+} pass1_job;
+
+static void pass1_task(void *ctx, int64_t i)
+{
+    const pass1_job *j = ctx;
+    qweight *q = &j->ws[i];
+    int64_t nb = nblocks_of(q->t->numel, j->o->blocksize);
+    float *a = xmalloc((size_t)(nb ? nb : 1) * sizeof *a);
+    q->nested_absmax = xmalloc((size_t)(q->nnb ? q->nnb : 1) * sizeof(float));
+    nf4_block_absmax(q->t->data, q->t->dtype, q->t->numel, j->o->blocksize, a, 1);
+    double_quant(a, nb, &q->offset, NULL, q->nested_absmax, 1);
+    free(a);
+}
+
+/* Pass 2's quantization runs ahead of the writer: worker threads take whole
+ * weights in file order (each weight on one thread, so there is no barrier
+ * per weight to wait at when the machine is busy), at most `window` weights
+ * past the one being written, so memory stays near a few weights. */
+typedef struct qslot {
+    nf4_weight w;
+    nf4_stats st;
+    int state; /* 0 waiting, 1 taken, 2 done, 3 failed */
+} qslot;
+
+typedef struct qpool {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    const nf4_ckpt_opts *o;
+    const qweight *ws;
+    const size_t *order; /* weight index at each position */
+    size_t n, next, limit;
+    qslot *slot;
+    int stop;
+} qpool;
+
+static void *qpool_worker(void *arg)
+{
+    qpool *p = arg;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->stop && !(p->next < p->n && p->next < p->limit))
+            pthread_cond_wait(&p->cv, &p->mu);
+        if (p->stop)
+            break;
+        size_t pos = p->next++;
+        p->slot[pos].state = 1;
+        pthread_mutex_unlock(&p->mu);
+        const st_tensor *t = p->ws[p->order[pos]].t;
+        qslot *s = &p->slot[pos];
+        int rc = nf4_quantize(t->data, t->dtype, t->ndim, t->shape,
+                              p->o->blocksize, p->o->nested, 1, &s->w);
+        if (rc == 0 && p->o->on_stats)
+            nf4_error_stats(t->data, t->dtype, &s->w, 1, &s->st);
+        pthread_mutex_lock(&p->mu);
+        s->state = rc == 0 ? 2 : 3;
+        pthread_cond_broadcast(&p->cv);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+/* Waits for the weight at position pos (letting workers run `window`
+ * ahead); NULL when its quantization failed. */
+static qslot *qpool_get(qpool *p, size_t pos, size_t window)
+{
+    pthread_mutex_lock(&p->mu);
+    if (pos + window > p->limit) {
+        p->limit = pos + window;
+        pthread_cond_broadcast(&p->cv);
+    }
+    while (p->slot[pos].state < 2)
+        pthread_cond_wait(&p->cv, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+    return p->slot[pos].state == 2 ? &p->slot[pos] : NULL;
+}
+
+static void qpool_stop(qpool *p, pthread_t *th, int nth)
+{
+    pthread_mutex_lock(&p->mu);
+    p->stop = 1;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < nth; i++)
+        pthread_join(th[i], NULL);
+    for (size_t i = 0; i < p->n; i++)
+        nf4_weight_free(&p->slot[i].w);
+    free(p->slot);
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
+}
+
+static int qpool_start(qpool *p, const nf4_ckpt_opts *o, const qweight *ws,
+                       const size_t *order, size_t n, pthread_t *th, int nth)
+{
+    memset(p, 0, sizeof *p);
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    p->o = o;
+    p->ws = ws;
+    p->order = order;
+    p->n = n;
+    p->slot = xcalloc(n ? n : 1, sizeof *p->slot);
+    int started = 0;
+    while (started < nth &&
+           pthread_create(&th[started], NULL, qpool_worker, p) == 0)
+        started++;
+    if (started == 0) {
+        msg_error("cannot start worker threads");
+        qpool_stop(p, th, 0);
+        return -1;
+    }
+    return started;
+}
+
 int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
 {
     st_model *m = NULL;
@@ -1455,10 +1590,11 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
     size_t nw = 0;
     char *tmp = NULL;
     st_writer *sw = NULL;
-    nf4_weight cur;
-    size_t cur_w = SIZE_MAX;
+    size_t *order = NULL, *pos_of = NULL;
+    qpool pool;
+    pthread_t th[64];
+    int nth = 0;
     int rc = -1;
-    memset(&cur, 0, sizeof cur);
 
     if (!nf4_blocksize_ok(o->blocksize))
         return msg_error("invalid block size %d (32, 64, ..., 4096)",
@@ -1514,44 +1650,52 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
     double t0 = seconds();
     /* Pass 1 (nested): the offsets, which the JSON sizes depend on, and the
      * small nested absmax arrays, which come early in the file. */
+    if (o->nested) {
+        pass1_job pj = {.o = o, .ws = ws};
+        par_for((int64_t)nw, o->nthreads, pass1_task, &pj);
+    }
     for (size_t i = 0; i < nw; i++) {
         qweight *q = &ws[i];
-        if (o->nested) {
-            int64_t nb = nblocks_of(q->t->numel, o->blocksize);
-            float *a = xmalloc((size_t)nb * sizeof *a);
-            q->nested_absmax = xmalloc((size_t)q->nnb * sizeof(float));
-            nf4_block_absmax(q->t->data, q->t->dtype, q->t->numel, o->blocksize,
-                             a, o->nthreads);
-            double_quant(a, nb, &q->offset, NULL, q->nested_absmax,
-                         o->nthreads);
-            free(a);
-        }
         q->json_len = nf4_quant_state_len(q->t->ndim, q->t->shape, q->t->dtype,
                                           o->blocksize, o->nested, q->offset);
         add_entry(&ents, &ne, &cap, q->t->name, NF4_SUFFIX_QUANT_STATE, ST_U8,
                   1, (int64_t[]){(int64_t)q->json_len}, E_QSTATE, NULL, i);
     }
+    double t1 = seconds();
+    msg_info("first pass (block absmax, offsets): %.2f s", t1 - t0);
+
+    /* Pass 2 order: the weights as their packed codes come in the file. */
+    qsort(ents, ne, sizeof *ents, cmp_entry);
+    order = xmalloc(nw * sizeof *order);
+    pos_of = xmalloc(nw * sizeof *pos_of);
+    size_t np = 0;
+    for (size_t i = 0; i < ne; i++)
+        if (ents[i].kind == E_PACKED) {
+            pos_of[ents[i].w] = np;
+            order[np++] = ents[i].w;
+        }
+    int nt = threads_for(o->nthreads);
+    size_t window = (size_t)nt + 1;
+    nth = qpool_start(&pool, o, ws, order, nw, th, nt);
+    if (nth < 0) {
+        nth = 0;
+        goto done;
+    }
 
     if (!o->out_dir) {
         /* statistics only */
-        for (size_t i = 0; i < nw; i++) {
-            nf4_weight w;
-            nf4_stats st;
-            const st_tensor *t = ws[i].t;
-            if (nf4_quantize(t->data, t->dtype, t->ndim, t->shape, o->blocksize,
-                             o->nested, o->nthreads, &w) != 0)
+        for (size_t k = 0; k < nw; k++) {
+            qslot *sl = qpool_get(&pool, k, window);
+            if (!sl)
                 goto done;
-            nf4_error_stats(t->data, t->dtype, &w, o->nthreads, &st);
             if (o->on_stats)
-                o->on_stats(o->ctx, t->name, &w, &st);
-            nf4_weight_free(&w);
+                o->on_stats(o->ctx, ws[order[k]].t->name, &sl->w, &sl->st);
+            nf4_weight_free(&sl->w);
         }
         rc = 0;
         goto done;
     }
 
-    double t1 = seconds();
-    msg_info("first pass (block absmax, offsets): %.2f s", t1 - t0);
     tmp = io_dir_begin(o->out_dir);
     if (!tmp)
         goto done;
@@ -1575,7 +1719,6 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
     if (crc != 0 || copy_side_files(o->in_dir, tmp) != 0)
         goto done;
 
-    qsort(ents, ne, sizeof *ents, cmp_entry);
     sw = st_writer_new(tmp, "model", o->shard_bytes);
     for (size_t i = 0; i < ne; i++)
         st_writer_declare(sw, ents[i].name, ents[i].dtype, ents[i].ndim,
@@ -1588,44 +1731,43 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
         const entry *e = &ents[i];
         const qweight *q = &ws[e->w];
         int wr = 0;
-        if (e->kind != E_KEEP && e->kind != E_QMAP && e->kind != E_NMAP &&
-            e->kind != E_NABSMAX && e->kind != E_ABSMAX_F32 && cur_w != e->w) {
-            nf4_weight_free(&cur);
-            cur_w = SIZE_MAX;
-            const st_tensor *t = q->t;
-            if (nf4_quantize(t->data, t->dtype, t->ndim, t->shape, o->blocksize,
-                             o->nested, o->nthreads, &cur) != 0)
+        qslot *sl = NULL;
+        if (e->kind == E_PACKED || e->kind == E_ABSMAX_U8 ||
+            e->kind == E_QSTATE) {
+            size_t pos = pos_of[e->w];
+            if (!(sl = qpool_get(&pool, pos, window)))
                 goto done;
-            cur_w = e->w;
-            if (o->nested && (cur.nested_offset != q->offset ||
-                              memcmp(cur.nested_absmax, q->nested_absmax,
-                                     (size_t)q->nnb * sizeof(float)) != 0)) {
-                msg_error("internal error: passes disagree on '%s'", t->name);
-                goto done;
-            }
-            if (o->on_stats) {
-                nf4_stats st;
-                nf4_error_stats(t->data, t->dtype, &cur, o->nthreads, &st);
-                o->on_stats(o->ctx, t->name, &cur, &st);
+            if (e->kind == E_PACKED) {
+                if (o->nested && (sl->w.nested_offset != q->offset ||
+                                  memcmp(sl->w.nested_absmax, q->nested_absmax,
+                                         (size_t)q->nnb * sizeof(float)))) {
+                    msg_error("internal error: passes disagree on '%s'",
+                              q->t->name);
+                    goto done;
+                }
+                if (o->on_stats)
+                    o->on_stats(o->ctx, q->t->name, &sl->w, &sl->st);
             }
         }
+        const nf4_weight *cur = sl ? &sl->w : NULL;
         switch (e->kind) {
         case E_KEEP:
             wr = st_writer_write(sw, e->src->data, e->src->nbytes);
             break;
         case E_PACKED:
-            wr = st_writer_write(sw, cur.packed, (uint64_t)(cur.numel + 1) / 2);
+            wr = st_writer_write(sw, cur->packed, (uint64_t)(cur->numel + 1) / 2);
             break;
         case E_ABSMAX_U8:
-            wr = st_writer_write(sw, cur.absmax_code, (uint64_t)cur.nblocks);
+            wr = st_writer_write(sw, cur->absmax_code, (uint64_t)cur->nblocks);
             break;
         case E_QSTATE: {
             strbuf js = STRBUF_INIT;
-            nf4_quant_state_json(&cur, &js);
+            nf4_quant_state_json(cur, &js);
             wr = js.len == q->json_len ? st_writer_write(sw, js.buf, js.len)
                                        : msg_error("internal error: quant_state "
                                                    "size of '%s'", q->t->name);
             sb_free(&js);
+            nf4_weight_free(&sl->w); /* its last tensor: done with it */
             break;
         }
         case E_QMAP:
@@ -1673,7 +1815,10 @@ done:
         io_dir_abort(tmp);
         free(tmp);
     }
-    nf4_weight_free(&cur);
+    if (nth > 0)
+        qpool_stop(&pool, th, nth);
+    free(order);
+    free(pos_of);
     for (size_t i = 0; i < ne; i++)
         free(ents[i].name);
     free(ents);

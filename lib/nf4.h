@@ -45,6 +45,11 @@ const float *nf4_dynamic_map(void);
  * want < 0 just reports it. */
 int nf4_simd_level(int want);
 
+/* bitsandbytes' 8-bit quantization of already scaled values u (in
+ * [-1, 1]) to the dynamic map: its dQuantize binary search, bit for bit
+ * (NaN gives 0). Used for the absmax codes of double quantization. */
+void nf4_dynamic_quantize(const float *u, int64_t n, uint8_t *out);
+
 /* 1 when bitsandbytes accepts this block size (32, 64, ..., 4096). */
 int nf4_blocksize_ok(int blocksize);
 

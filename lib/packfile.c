@@ -224,7 +224,8 @@ static int read_header_line(io_reader *r, strbuf *sb)
         size_t cmp = have < magic_len ? magic_len - have : 0;
         if (cmp > (size_t)got)
             cmp = (size_t)got;
-        if (memcmp(chunk, PACK_MAGIC_PREFIX + have, cmp) != 0) {
+        /* cmp first: past the prefix, PREFIX + have is out of bounds */
+        if (cmp && memcmp(chunk, PACK_MAGIC_PREFIX + have, cmp) != 0) {
             if (have >= 16) /* {"format":"qlora- matched: a sibling format */
                 msg_error("not a packed file '%s' (another qlora format)",
                           name);
@@ -626,8 +627,9 @@ int pack_input_read(pack_input *in, const char *path, uint32_t want_vocab)
                 xrealloc(in->completion, cap * sizeof *in->completion);
             in->cap_records = cap;
         }
-        memcpy(in->ids + in->n_tokens, rec.ids,
-               (size_t)rec.n * sizeof *rec.ids);
+        if (rec.n) /* an empty first record: in->ids and rec.ids are NULL */
+            memcpy(in->ids + in->n_tokens, rec.ids,
+                   (size_t)rec.n * sizeof *rec.ids);
         in->n_tokens += rec.n;
         in->completion[in->n_records] = rec.completion_start;
         in->offsets[++in->n_records] = in->n_tokens;

@@ -252,7 +252,7 @@ static int parse_entry(const char *path, const char *name, const json_value *e,
         return msg_error("%s: tensor '%s' has bad data_offsets", path, name);
     if (en > data_len)
         return msg_error("%s: tensor '%s' runs past the end of the file "
-                         "(offset %llu, data size %llu)",
+                         "(truncated? it ends at data byte %llu of %llu)",
                          path, name, (unsigned long long)en,
                          (unsigned long long)data_len);
     t->nbytes = en - b;

@@ -46,7 +46,7 @@
 
 #define SP_MAX_PIECE 8000          /* SentencePiece's kMaxPieceSize */
 #define SP_DEAD (-2)               /* symbol absorbed by its left neighbour */
-#define SP_MAX_TEXT (1u << 30)     /* normalized bytes per call */
+#define SP_MAX_TEXT (1u << 30)     /* input bytes per call */
 
 static const char ws_symbol[] = "\xe2\x96\x81"; /* U+2581, 3 bytes */
 

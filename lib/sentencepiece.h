@@ -94,7 +94,7 @@ void sp_encoder_free(sp_encoder *e);
  * token merged from characters on both sides belongs to the completion; so
  * does the dummy-prefix space when the prompt is empty), or the number of
  * ids appended when no token does (an empty or whitespace-only completion).
- * Returns 0, or -1 after a message when the text is too long (2 GiB). */
+ * Returns 0, or -1 after a message when the text is over 1 GiB. */
 int sp_encode(sp_encoder *e, const char *text, size_t len, size_t boundary,
               sp_ids *out, size_t *boundary_index);
 

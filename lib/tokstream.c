@@ -107,7 +107,8 @@ static int read_header_line(io_reader *r, strbuf *sb)
         size_t cmp = have < magic_len ? magic_len - have : 0;
         if (cmp > (size_t)got)
             cmp = (size_t)got;
-        if (memcmp(chunk, TOKS_MAGIC_PREFIX + have, cmp) != 0) {
+        /* cmp first: past the prefix, PREFIX + have is out of bounds */
+        if (cmp && memcmp(chunk, TOKS_MAGIC_PREFIX + have, cmp) != 0) {
             msg_error("not a token stream '%s' (bad magic)", name);
             msg_hint("token streams are written by tok");
             return -1;
@@ -299,15 +300,23 @@ int toks_read_record(toks_reader *tr, toks_record *rec)
                          " has completion_start %" PRIu32 " > %" PRIu32
                          " tokens",
                          name, tr->n_records + 1, cs, n);
-    if (n > rec->cap) {
-        uint32_t cap = rec->cap ? rec->cap : 256;
-        while (cap < n)
-            cap = cap > TOKS_MAX_RECORD / 2 ? TOKS_MAX_RECORD : cap * 2;
-        rec->ids = xrealloc(rec->ids, (size_t)cap * sizeof *rec->ids);
-        rec->cap = cap;
+    /* The buffer grows as the ids arrive (at most 1 Mi ids a read), so a
+     * record that claims more tokens than the stream holds cannot make us
+     * allocate them (found by tests/fuzz/fuzz_tokstream). */
+    for (uint32_t have = 0; have < n;) {
+        uint32_t want = n - have < (1u << 20) ? n - have : (1u << 20);
+        if (have + want > rec->cap) {
+            uint32_t cap = rec->cap ? rec->cap : 256;
+            while (cap < have + want)
+                cap = cap > TOKS_MAX_RECORD / 2 ? TOKS_MAX_RECORD : cap * 2;
+            rec->ids = xrealloc(rec->ids, (size_t)cap * sizeof *rec->ids);
+            rec->cap = cap;
+        }
+        if (read_all(tr, rec->ids + have, (size_t)want * sizeof *rec->ids,
+                     "in the ids") < 0)
+            return -1;
+        have += want;
     }
-    if (read_all(tr, rec->ids, (size_t)n * sizeof *rec->ids, "in the ids") < 0)
-        return -1;
     uint32_t vocab = tr->h.vocab_size;
     for (uint32_t i = 0; i < n; i++)
         if (rec->ids[i] >= vocab)

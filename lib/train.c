@@ -197,7 +197,7 @@ void train_shuffle(uint64_t *perm, uint64_t n, uint64_t seed, int64_t epoch)
     }
 }
 
-/* ---- batches --------------------------------------------------------------- */
+/* ---- batches ------------------------------------------------------------- */
 
 void train_batch_build(train_batch *tb, const pack_data *d,
                        const uint64_t *rows, size_t n)
@@ -282,7 +282,7 @@ void train_batch_json(const train_batch *tb, strbuf *sb)
     sb_puts(sb, "]}");
 }
 
-/* ---- a step and an evaluation --------------------------------------------- */
+/* ---- a step and an evaluation -------------------------------------------- */
 
 int train_step(const llama_model *m, lora_adapter *a, adamw *opt, float *grad,
                const train_batch *micro, size_t n, double lr, double max_norm,
@@ -335,7 +335,7 @@ int train_eval(const llama_model *m, const lora_adapter *a,
     return rc;
 }
 
-/* ---- checkpoints ---------------------------------------------------------- */
+/* ---- checkpoints --------------------------------------------------------- */
 
 typedef struct run_state {
     int64_t step;
@@ -354,8 +354,9 @@ static void data_fingerprint(const pack_data *d, char out[17])
     for (size_t i = 0; i < n; i++)
         h = (h ^ d->weights[i]) * 0x100000001b3ull;
     for (size_t i = 0; i < d->h.n_spans; i++) {
-        h = (h ^ d->spans[i].start) * 0x100000001b3ull;
-        h = (h ^ d->spans[i].len) * 0x100000001b3ull;
+        uint32_t v[2] = {d->spans[i].start, d->spans[i].len};
+        for (int k = 0; k < 8; k++)
+            h = (h ^ (uint8_t)(v[k / 4] >> (8 * (k % 4)))) * 0x100000001b3ull;
     }
     snprintf(out, 17, "%016llx", (unsigned long long)h);
 }
@@ -610,7 +611,7 @@ out:
     return rc;
 }
 
-/* ---- the loop ------------------------------------------------------------- */
+/* ---- the loop ------------------------------------------------------------ */
 
 static double now_s(void)
 {

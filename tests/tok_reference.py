@@ -20,7 +20,9 @@ bench/tok. Needs the sentencepiece Python package (pip install sentencepiece).
       exercising what the Llama models do not: KIND "ud" has user-defined
       and unused pieces, tied scores, characters that are no piece but occur
       inside pieces, no byte fallback and remove_extra_whitespaces; KIND
-      "raw" has byte fallback, no dummy prefix and unescaped whitespace.
+      "seg" is "ud" without unused pieces or whitespace removal (so tok may
+      encode it segment by segment); KIND "raw" has byte fallback, no dummy
+      prefix and unescaped whitespace.
   tok_reference.py fuzz SEED N           N random records over the alphabet
       those models care about ({"text"} and {"prompt", "completion"}).
 
@@ -205,7 +207,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 def mkmodel(kind, out):
     pieces = [("<unk>", 0.0, UNKNOWN), ("<s>", 0.0, CONTROL), ("</s>", 0.0, CONTROL)]
-    ws = "\u2581" if kind == "ud" else " "
+    ws = " " if kind == "raw" else "\u2581"
     if kind == "raw":
         pieces += [("<0x%02X>" % b, 0.0, BYTE) for b in range(256)]
     else:
@@ -230,6 +232,8 @@ def mkmodel(kind, out):
         trainer += field(35, 0, 1)
     if kind == "ud":
         norm = field(1, 2, b"identity") + field(3, 0, 1) + field(4, 0, 1)
+    elif kind == "seg":
+        norm = field(1, 2, b"identity") + field(3, 0, 1) + field(4, 0, 0)
     else:
         norm = field(1, 2, b"identity") + field(3, 0, 0) + field(4, 0, 0) + field(5, 0, 0)
     body += field(2, 2, trainer) + field(3, 2, norm)

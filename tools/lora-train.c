@@ -183,7 +183,7 @@ int main(int argc, char **argv)
         switch (c) {
         case 'c': config = optarg; break;
         case 'e': eval_path = optarg; break;
-        case 'h': help(); return 0;
+        case 'h': help(); free(sets); return 0;
         case 'm': sb_printf(&kv, "model_name_or_path=%s", optarg); break;
         case 'o': sb_printf(&kv, "output_dir=%s", optarg); break;
         case 'q': msg_verbosity = 0; break;
@@ -192,7 +192,10 @@ int main(int argc, char **argv)
                 bad_usage("--set needs key=value, got '%s'", optarg);
             sets[nsets++] = xstrdup(optarg);
             break;
-        case 'V': printf("lora-train %s\n", QLORA_VERSION); return 0;
+        case 'V':
+            printf("lora-train %s\n", QLORA_VERSION);
+            free(sets);
+            return 0;
         case 'v': msg_verbosity++; break;
         case OPT_DEVICE: sb_printf(&kv, "device=%s", optarg); break;
         case OPT_DUMP: dump_path = optarg; break;
@@ -200,7 +203,7 @@ int main(int argc, char **argv)
         case OPT_PRINT: print_config = 1; break;
         case OPT_PROGRESS: progress = 1; break;
         case OPT_RESUME: do_resume = 1; resume = optarg; break;
-        default: usage(stderr); return 2;
+        default: usage(stderr); exit(2);
         }
         if (kv.len)
             sets[nsets++] = kv.buf;
@@ -210,25 +213,29 @@ int main(int argc, char **argv)
     const char *train_path = optind < argc ? argv[optind] : NULL;
 
     train_config cfg;
-    if (cfg_defaults(train_fields, train_nfields, &cfg) != 0)
-        return 2;
-    if (config && cfg_load_yaml(config, train_fields, train_nfields, &cfg) != 0)
-        return 2;
+    int rc = cfg_defaults(train_fields, train_nfields, &cfg);
+    if (rc == 0 && config)
+        rc = cfg_load_yaml(config, train_fields, train_nfields, &cfg);
     for (size_t i = 0; i < nsets; i++) {
         char *eq = strchr(sets[i], '=');
         *eq = 0;
-        if (cfg_set(train_fields, train_nfields, &cfg, sets[i], eq + 1,
-                    "command line") != 0)
-            return 2;
+        if (rc == 0)
+            rc = cfg_set(train_fields, train_nfields, &cfg, sets[i], eq + 1,
+                         "command line");
         free(sets[i]);
     }
     free(sets);
-    if (train_config_check(&cfg) != 0)
+    if (rc == 0)
+        rc = train_config_check(&cfg);
+    if (rc != 0) {
+        cfg_free(train_fields, train_nfields, &cfg);
         return 2;
+    }
     if (print_config) {
         strbuf sb = STRBUF_INIT;
         cfg_to_json(train_fields, train_nfields, &cfg, &sb);
         sb_putc(&sb, '\n');
+        cfg_free(train_fields, train_nfields, &cfg);
         io_writer *w = io_writer_open(NULL, IO_TEXT);
         io_write(w, sb.buf, sb.len);
         sb_free(&sb);
@@ -246,9 +253,15 @@ int main(int argc, char **argv)
     if (!init_only && !train_path && isatty(0))
         bad_usage("no packed file (and stdin is a terminal)%s", "");
 
-    llama_model *model;
+    /* from here on, every exit goes through done: */
+    llama_model *model = NULL;
+    pack_data train = {0}, eval = {0};
+    int have_train = 0, have_eval = 0;
+    char *ckpt = NULL;
+    ui u = {0};
+    rc = 2;
     if (llama_load(cfg.model_name_or_path, &model) != 0)
-        return 2;
+        goto done;
     msg_info("model '%s': %d layers, dim %d, %s weights %.1f MiB",
              cfg.model_name_or_path, model->cfg.n_layers, model->cfg.dim,
              model->cfg.quantized ? "NF4" : "f32",
@@ -257,31 +270,32 @@ int main(int argc, char **argv)
         lora_config lc;
         lora_adapter *a;
         if (train_lora_config(&cfg, &lc) != 0 || lora_new(&model->cfg, &lc, &a) != 0)
-            return 2;
+            goto done;
         lora_init(a, (uint64_t)cfg.seed);
-        int rc = adapter_write(cfg.output_dir, a, cfg.model_name_or_path);
+        rc = adapter_write(cfg.output_dir, a, cfg.model_name_or_path) ? 2 : 0;
         lora_free(a);
-        llama_free(model);
-        cfg_free(train_fields, train_nfields, &cfg);
-        return rc ? 2 : 0;
+        goto done;
     }
-    pack_data train, eval;
     if (pack_read(train_path, &train) != 0)
-        return 2;
-    if (eval_path && pack_read(eval_path, &eval) != 0)
-        return 2;
-    char *ckpt = NULL;
+        goto done;
+    have_train = 1;
+    if (eval_path) {
+        if (pack_read(eval_path, &eval) != 0)
+            goto done;
+        have_eval = 1;
+    }
     if (do_resume) {
         ckpt = resume ? xstrdup(resume) : train_latest_checkpoint(cfg.output_dir);
-        if (!ckpt)
-            msg_die("no checkpoint to resume from in '%s'", cfg.output_dir);
+        if (!ckpt) {
+            msg_error("no checkpoint to resume from in '%s'", cfg.output_dir);
+            goto done;
+        }
         msg_info("resuming from '%s'", ckpt);
     }
-    ui u = {0};
     u.progress = progress && msg_verbosity > 0;
-    u.metrics = io_writer_open(NULL, IO_TEXT);
     if (dump_path && !(u.batches = io_writer_open(dump_path, IO_TEXT)))
-        return 2;
+        goto done;
+    u.metrics = io_writer_open(NULL, IO_TEXT);
     train_inputs in = {
         .cfg = &cfg,
         .model = model,
@@ -306,14 +320,17 @@ int main(int argc, char **argv)
         if (eval_path && cfg.per_device_eval_batch_size * (int64_t)eval.h.seq_len > cap)
             cap = cfg.per_device_eval_batch_size * (int64_t)eval.h.seq_len;
         if (train_lora_config(&cfg, &lc) != 0 ||
-            !(gpu = gpu_trainer_new(model, &lc, cap, cfg.gradient_checkpointing)))
-            return 2;
+            !(gpu = gpu_trainer_new(model, &lc, cap, cfg.gradient_checkpointing))) {
+            io_writer_abort(u.metrics);
+            u.metrics = NULL;
+            goto done;
+        }
         gpu_trainer_backend(gpu, &gpu_be);
         in.backend = &gpu_be;
         msg_info("training on CUDA device '%s'", kn_device_name());
     }
 #endif
-    int rc = train_run(&in);
+    rc = train_run(&in);
 #ifdef QLORA_CUDA
     gpu_trainer_free(gpu);
 #endif
@@ -322,15 +339,22 @@ int main(int argc, char **argv)
             rc = io_writer_commit(u.batches);
         else
             io_writer_abort(u.batches);
+        u.batches = NULL;
     }
     if (io_writer_commit(u.metrics) != 0)
         rc = -1;
+    u.metrics = NULL;
+    rc = rc ? 2 : 0;
+done:
+    if (u.batches)
+        io_writer_abort(u.batches);
     sb_free(&u.sb);
     free(ckpt);
-    pack_data_free(&train);
-    if (eval_path)
+    if (have_train)
+        pack_data_free(&train);
+    if (have_eval)
         pack_data_free(&eval);
     llama_free(model);
     cfg_free(train_fields, train_nfields, &cfg);
-    return rc ? 2 : 0;
+    return rc;
 }

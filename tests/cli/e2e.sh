@@ -144,3 +144,65 @@ if [ -s "$d/metrics.jsonl" ]; then
 fi
 check "demo: prints how to inspect the files" grep -q "jq . $d/adapter/adapter_config.json" demo.out
 check "demo: lists the stages run" grep -q '^== done in [0-9]* s; stages run: format tokenizer' demo.out
+
+# --- examples/Makefile and pipeline.sh on the demo's material ------------------
+
+all_built() { for t in "$@"; do [ -x "$TOP/bin/$t" ] || return 1; done; }
+if all_built dolly-fmt tok pack nf4-quant lora-train lora-merge && [ -d "$d/base" ]; then
+    # exm ARGS...: examples/Makefile on the demo's records and random base
+    exm() {
+        make -s -C "$TOP/examples" OUT="$SCRATCH/job" DOLLY="$TOP/examples/demo/train.jsonl" \
+            MODEL="$d/base" CONFIG="$TOP/examples/demo/lora.yaml" "$@"
+    }
+    targets="format tokenize pack quantize train merge"
+    all_built lora-gen && targets="$targets generate"
+    exm TRAIN_FLAGS="-s max_steps=4 -s save_steps=2" $targets >make.out 2>&1
+    check "examples/Makefile: the stages run" [ $? -eq 0 -a -s job/merged/config.json \
+        -a -s job/adapter/adapter_config.json -a -s job/eval.pack ]
+    exm -q $targets
+    check "examples/Makefile: then everything is up to date" [ $? -eq 0 ]
+    touch job/train.tok
+    exm -q quantize
+    check "examples/Makefile: a stage depends only on its inputs" [ $? -eq 0 ]
+    exm -q pack
+    check "examples/Makefile: a changed input remakes what follows" [ $? -eq 1 ]
+    # an interrupted run: the adapter is missing, checkpoint-2 is there
+    rm job/adapter/adapter_config.json
+    exm TRAIN_FLAGS="-s max_steps=4 -s save_steps=2" train >make.out 2>&1
+    check "examples/Makefile: training resumes from its checkpoint" \
+        [ $? -eq 0 -a -s job/adapter/adapter_config.json ]
+    check "examples/Makefile: resumed metrics without repeats" \
+        jqe -s '[.[] | select(.loss != null) | .step] == [1, 2, 3, 4]' job/metrics.jsonl
+    if all_built lora-gen; then
+        check "examples/Makefile: generated instructions" [ -s job/generated.jsonl ]
+        OUT=pipe DOLLY="$TOP/examples/demo/train.jsonl" MODEL="$d/base" \
+            CONFIG="$TOP/examples/demo/lora.yaml" TRAIN_FLAGS="-s max_steps=2" \
+            N_INPUTS=3 GEN_FLAGS="-n 8" sh "$TOP/examples/pipeline.sh" >pipe.out 2>&1
+        check "pipeline.sh runs" [ $? -eq 0 -a -s pipe/merged/config.json ]
+        check "pipeline.sh: an instruction for each input" \
+            [ "$(wc -l <pipe/generated.jsonl)" -eq 3 ]
+    else
+        skip "pipeline.sh: lora-gen not built yet"
+    fi
+else
+    skip "examples/Makefile and pipeline.sh: a tool is not built yet"
+fi
+
+# --- own-texts.sh ---------------------------------------------------------------
+
+if all_built dolly-fmt tok lora-gen && [ -d "$d/adapter" ]; then
+    mkdir texts
+    printf 'The capital of France is Paris.\n' >texts/a.txt
+    printf 'A spider has eight legs.\n' >texts/b.txt
+    printf 'Dear neighbour,\nthank you for the flowers!\n' >texts/c.txt
+    GEN_FLAGS="-n 24" sh "$TOP/examples/own-texts.sh" -m "$d/base-nf4" texts "$d/adapter" \
+        >own.jsonl 2>err
+    check "own-texts.sh runs" [ $? -eq 0 ]
+    check "own-texts.sh: a Dolly record a text, in order" jqe -s 'length == 3 and
+        (map(.response) == ["The capital of France is Paris.\n", "A spider has eight legs.\n",
+                            "Dear neighbour,\nthank you for the flowers!\n"]) and
+        all(.[]; (.instruction | type) == "string" and .context == "" and .category == "own")' own.jsonl
+    check "own-texts.sh: its output is dolly-fmt input" sh -c 'dolly-fmt own.jsonl >/dev/null'
+else
+    skip "own-texts.sh: lora-gen not built yet"
+fi

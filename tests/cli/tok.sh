@@ -249,7 +249,7 @@ fi
 # removal of extra whitespace; byte fallback without dummy prefix or
 # whitespace escaping. Random records over the alphabet that matters.
 python3 "$REF" fuzz 1 4000 >fuzz.jsonl
-for kind in ud raw; do
+for kind in ud seg raw; do
     python3 "$REF" mkmodel "$kind" "$kind.model"
     same_as_spm "$kind.model" "hand-made model '$kind', 4000 random records" fuzz.jsonl
 done

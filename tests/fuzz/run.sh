@@ -44,10 +44,17 @@ max_len() {
     esac
 }
 
+# one fuzzer at a time on this machine, whoever starts it
+mkdir -p "$F"
+if ! mkdir "$F/.running" 2>/dev/null; then
+    echo "run.sh: another run is in progress ($F/.running exists)" >&2
+    exit 2
+fi
 table=$(mktemp)
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/qlora-fuzz-run.XXXXXX")
 [ -d /dev/shm ] && scratch_shm=$(mktemp -d /dev/shm/qlora-fuzz-run.XXXXXX) || scratch_shm=$scratch
-trap 'rm -rf "$scratch" "$scratch_shm" "$table"' EXIT
+trap 'rm -rf "$scratch" "$scratch_shm" "$table" "$F/.running"' EXIT
+trap 'exit 2' INT TERM HUP
 failed=0
 printf '| harness | seconds | executions | exec/s | corpus | result |\n' >"$table"
 printf '|---|---:|---:|---:|---:|---|\n' >>"$table"

@@ -3,7 +3,7 @@
 #include "gpu_test.h"
 #include "llama.h"
 
-typedef struct { kn_bf16 *y, *x; float *rstd, *w, *dx, *dy; int64_t n; int d; } bench_ctx;
+typedef struct { kn_bf16 *y, *x; float *rstd, *w, *dx, *dy; int64_t n; int d; kn_bf16 *dxb; } bench_ctx;
 static void bench_fwd(void *p)
 {
     bench_ctx *c = p;
@@ -12,7 +12,7 @@ static void bench_fwd(void *p)
 static void bench_bwd(void *p)
 {
     bench_ctx *c = p;
-    kn_rmsnorm_backward(c->dx, c->dy, c->x, c->w, c->rstd, c->n, c->d, 1, 0);
+    kn_rmsnorm_backward(c->dx, c->dxb, c->dy, c->x, c->w, c->rstd, c->n, c->d, 1, 0);
 }
 
 static void one(int64_t n, int d)
@@ -40,12 +40,24 @@ static void one(int64_t n, int d)
     for (int64_t i = 0; i < n * d; i++)
         ref[i] += dx0[i];
     float *ddy = gt_up_f32(gdy, n * d), *ddx = gt_up_f32(dx0, n * d);
-    kn_rmsnorm_backward(ddx, ddy, dx_in, dw, drstd, n, d, 1, 0);
-    float *gdx = gt_down_f32(ddx, n * d);
+    kn_bf16 *ddxb = gt_dev((size_t)(n * d) * 2);
+    kn_rmsnorm_backward(ddx, ddxb, ddy, dx_in, dw, drstd, n, d, 1, 0);
+    float *gdx = gt_down_f32(ddx, n * d), *gdxb = gt_down_bf16(ddxb, n * d);
     snprintf(what, sizeof what, "rmsnorm backward (accumulate) n=%lld d=%d", (long long)n, d);
     gt_compare(what, gdx, ref, n * d, TOL_F32, "TOL_F32");
+    snprintf(what, sizeof what, "rmsnorm backward bf16 copy n=%lld d=%d", (long long)n, d);
+    gt_compare(what, gdxb, ref, n * d, TOL_BF16_OUT, "TOL_BF16_OUT");
+    /* in place, overwriting: dx = dy */
+    float *dcopy = gt_up_f32(gdy, n * d);
+    kn_rmsnorm_backward(dcopy, NULL, dcopy, dx_in, dw, drstd, n, d, 0, 0);
+    float *gin = gt_down_f32(dcopy, n * d);
+    ops_rmsnorm_backward(ref, gdy, x, w, rstd, n, d);
+    snprintf(what, sizeof what, "rmsnorm backward in place n=%lld d=%d", (long long)n, d);
+    gt_compare(what, gin, ref, n * d, TOL_F32, "TOL_F32");
+    free(gin); free(gdxb);
+    kn_free(dcopy); kn_free(ddxb);
     if (gt_bench && n * d >= 1 << 24) {
-        bench_ctx c = {dy_out, dx_in, drstd, dw, ddx, ddy, n, d};
+        bench_ctx c = {dy_out, dx_in, drstd, dw, ddx, ddy, n, d, NULL};
         gt_time("rmsnorm forward", bench_fwd, &c, (double)n * d * 4, 1);
         gt_time("rmsnorm backward", bench_bwd, &c, (double)n * d * 14, 1);
     }

@@ -373,6 +373,11 @@ static void bench_7b(void)
                names[v], tokens / step, step, best,
                gpu_trainer_peak_bytes(G) / 1073741824.0, used / 1073741824.0,
                100.0 * tokens * (4.0 * nlin + attn) / step / 989e12, a->n_params, tload);
+        printf("#json {\"stack\":\"lora-train\",\"targets\":\"%s\",\"tokens_per_s\":%.1f,"
+               "\"step_s\":%.4f,\"peak_gib\":%.3f,\"mfu\":%.4f,\"trainable\":%zu,"
+               "\"device\":\"%s\"}\n",
+               names[v], tokens / step, step, gpu_trainer_peak_bytes(G) / 1073741824.0,
+               tokens * (4.0 * nlin + attn) / step / 989e12, a->n_params, kn_device_name());
         fflush(stdout);
         gpu_trainer_free(G);
         adamw_free(&opt);
@@ -402,6 +407,8 @@ int main(int argc, char **argv)
     llama_model *m = NULL, *mq = NULL;
     if (llama_load(dir, &m) != 0) {
         printf("skip train: %s not loadable (SHARED unset or absent)\n", dir);
+        if (gt_bench)
+            bench_7b();
         return 0;
     }
     pack_data d;

@@ -74,7 +74,8 @@ static void golden_forward(const llama_model *m, const char *shared)
     const json_value *f5 = json_get(g, "logits_first5_rows");
     double worst = 0, wabs = 0, a;
     for (int r = 0; r < 5; r++) {
-        worst = fmax(worst, max_rel_err(logits + r * V, f5->u.array.items[r], V, &a));
+        worst = fmax(worst,
+                     max_rel_err(logits + r * V, f5->u.array.items[r], V, &a));
         wabs = fmax(wabs, a);
     }
     worst = fmax(worst, max_rel_err(logits + (n - 1) * V,
@@ -107,8 +108,10 @@ static void golden_forward(const llama_model *m, const char *shared)
         for (int64_t v = 0; v < V; v++)
             dmax = fmax(dmax, fabs(lg[v] - logits[t * V + v]));
     }
-    CHECK(dmax <= ABS_TOL_SAME_MATH, "kv-cache decoding matches the forward "
-          "(max abs diff %.2e)", dmax);
+    CHECK(dmax <= ABS_TOL_SAME_MATH,
+          "kv-cache decoding matches the forward "
+          "(max abs diff %.2e)",
+          dmax);
     CHECK(llama_decode(m, NULL, kc, id, 1, lg) != 0, "a full cache is refused");
     llama_kv_cache_free(kc);
 
@@ -130,8 +133,10 @@ static void golden_forward(const llama_model *m, const char *shared)
         d1 = fmax(d1, fabs(lg2[e] - logits[e]));
     for (int64_t e = 0; e < (n - n1) * V; e++)
         d2 = fmax(d2, fabs(lg2[n1 * V + e] - lg3[e]));
-    CHECK(d1 == 0 && d2 == 0, "documents in one batch are independent "
-          "(diffs %.2e %.2e)", d1, d2);
+    CHECK(d1 == 0 && d2 == 0,
+          "documents in one batch are independent "
+          "(diffs %.2e %.2e)",
+          d1, d2);
     free(lg3);
     free(lg2);
     free(lg);
@@ -156,7 +161,8 @@ static void bad_inputs(const llama_model *m)
     CHECK(llama_forward(m, NULL, &b, NULL, NULL, NULL) != 0,
           "an attention start inside another document is refused");
     llama_model *x;
-    CHECK(llama_load("/nonexistent-model-dir", &x) != 0, "a missing model "
+    CHECK(llama_load("/nonexistent-model-dir", &x) != 0,
+          "a missing model "
           "directory is refused");
 }
 

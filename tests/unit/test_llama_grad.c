@@ -24,7 +24,7 @@
  * steps eps and eps/2 so that truncation is O(eps^4) while rounding noise
  * (~1e-7 L / eps) stays small. */
 #define FD_EPS 2e-2
-#define REL_TOL_FD 2e-3 /* along the gradient and at single entries */
+#define REL_TOL_FD 2e-3      /* along the gradient and at single entries */
 #define REL_TOL_FD_RAND 1e-3 /* along a random direction, relative to |g| */
 
 static uint64_t rng = 0x1234567;
@@ -145,7 +145,10 @@ static double fd_dir(const llama_model *m, const lora_adapter *a,
 
 static void grad_check(const char *name, llama_model *m, double dropout)
 {
-    lora_config lc = {.r = 3, .alpha = 6, .dropout = dropout, .use_rslora = 0,
+    lora_config lc = {.r = 3,
+                      .alpha = 6,
+                      .dropout = dropout,
+                      .use_rslora = 0,
                       .targets = LORA_ALL_LINEAR};
     lora_adapter *a;
     lora_new(&m->cfg, &lc, &a);
@@ -162,8 +165,10 @@ static void grad_check(const char *name, llama_model *m, double dropout)
     if (dropout == 0) {
         double lf = 0;
         llama_forward(m, a, &b, NULL, &lf, NULL);
-        CHECK(fabs(lf - l0) <= 1e-6 * fabs(l0), "%s: inference loss equals "
-              "training loss (%.9g %.9g)", name, lf, l0);
+        CHECK(fabs(lf - l0) <= 1e-6 * fabs(l0),
+              "%s: inference loss equals "
+              "training loss (%.9g %.9g)",
+              name, lf, l0);
     }
     double worst_g = 0, worst_r = 0, worst_e = 0;
     int ntensors = 0, nzero = 0;
@@ -212,11 +217,14 @@ static void grad_check(const char *name, llama_model *m, double dropout)
                 double fd = fd_dir(m, a, &b, &o, p + kmax, &one, 1);
                 worst_e = fmax(worst_e, fabs(fd - gg[kmax]) / fabs(gg[kmax]));
             }
-    CHECK(nzero == 0, "%s: all %d LoRA tensors have a gradient", name, ntensors);
+    CHECK(nzero == 0, "%s: all %d LoRA tensors have a gradient", name,
+          ntensors);
     CHECK(worst_g <= REL_TOL_FD, "%s: along the gradient, max rel err %.2e",
           name, worst_g);
-    CHECK(worst_r <= REL_TOL_FD_RAND, "%s: along random directions, max err "
-          "%.2e of |g|", name, worst_r);
+    CHECK(worst_r <= REL_TOL_FD_RAND,
+          "%s: along random directions, max err "
+          "%.2e of |g|",
+          name, worst_r);
     CHECK(worst_e <= REL_TOL_FD, "%s: largest entries, max rel err %.2e", name,
           worst_e);
 
@@ -261,8 +269,9 @@ static void dropout_stats(void)
     double share = (double)kept / n;
     CHECK(fabs(share - 0.9) < 0.005, "dropout 0.1 keeps %.4f of the inputs",
           share);
-    CHECK(lora_dropout_stream(42, 3, LLAMA_V) != lora_dropout_stream(42, 3, LLAMA_Q) &&
-          lora_dropout_stream(43, 3, LLAMA_V) != s,
+    CHECK(lora_dropout_stream(42, 3, LLAMA_V) !=
+                  lora_dropout_stream(42, 3, LLAMA_Q) &&
+              lora_dropout_stream(43, 3, LLAMA_V) != s,
           "each linear and micro-batch has its own dropout stream");
 }
 

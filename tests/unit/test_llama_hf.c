@@ -49,9 +49,10 @@ typedef struct wt {
 static int weights(wt *w)
 {
     int n = 0;
-#define ADD(nm, d, a, b, sc, of) \
-    (snprintf(w[n].name, sizeof w[n].name, "%s", nm), w[n].ndim = d, \
-     w[n].shape[0] = a, w[n].shape[1] = b, w[n].scale = sc, w[n].offset = of, n++)
+#define ADD(nm, d, a, b, sc, of)                                               \
+    (snprintf(w[n].name, sizeof w[n].name, "%s", nm), w[n].ndim = d,           \
+     w[n].shape[0] = a, w[n].shape[1] = b, w[n].scale = sc, w[n].offset = of,  \
+     n++)
     ADD("model.embed_tokens.weight", 2, VOCAB, DIM, 1.0f, 0);
     ADD("lm_head.weight", 2, VOCAB, DIM, 0.3f, 0);
     ADD("model.norm.weight", 1, DIM, 0, 0.2f, 1.0f);
@@ -59,13 +60,15 @@ static int weights(wt *w)
         char nm[96];
         static const char *lin[7] = {"self_attn.q_proj", "self_attn.k_proj",
                                      "self_attn.v_proj", "self_attn.o_proj",
-                                     "mlp.gate_proj", "mlp.up_proj",
+                                     "mlp.gate_proj",    "mlp.up_proj",
                                      "mlp.down_proj"};
-        int64_t out[7] = {HEADS * HDIM, HEADS * HDIM, HEADS * HDIM, DIM, HID, HID, DIM};
+        int64_t out[7] = {HEADS * HDIM, HEADS * HDIM, HEADS * HDIM, DIM,
+                          HID,          HID,          DIM};
         int64_t in[7] = {DIM, DIM, DIM, HEADS * HDIM, DIM, DIM, HID};
         snprintf(nm, sizeof nm, "model.layers.%d.input_layernorm.weight", i);
         ADD(nm, 1, DIM, 0, 0.2f, 1.0f);
-        snprintf(nm, sizeof nm, "model.layers.%d.post_attention_layernorm.weight", i);
+        snprintf(nm, sizeof nm,
+                 "model.layers.%d.post_attention_layernorm.weight", i);
         ADD(nm, 1, DIM, 0, 0.2f, 1.0f);
         for (int l = 0; l < 7; l++) {
             snprintf(nm, sizeof nm, "model.layers.%d.%s.weight", i, lin[l]);
@@ -93,7 +96,10 @@ static int write_model(const char *dir, st_dtype dt, int shards)
     free(p);
     if (!f)
         return -1;
-    fprintf(f, config_json, dt == ST_BF16 ? "bfloat16" : dt == ST_F16 ? "float16" : "float32");
+    fprintf(f, config_json,
+            dt == ST_BF16  ? "bfloat16"
+            : dt == ST_F16 ? "float16"
+                           : "float32");
     fclose(f);
     wt w[64];
     int n = weights(w);
@@ -128,8 +134,9 @@ static int write_model(const char *dir, st_dtype dt, int shards)
 }
 
 static const int32_t input[40] = {
-    1, 17, 55, 3, 99, 42, 42, 7, 63, 18, 2, 31, 77, 5, 90, 64, 12, 33, 8, 71,
-    45, 26, 3, 59, 88, 14, 67, 20, 9, 38, 81, 50, 11, 95, 4, 73, 29, 61, 36, 1,
+    1,  17, 55, 3,  99, 42, 42, 7,  63, 18, 2,  31, 77, 5,
+    90, 64, 12, 33, 8,  71, 45, 26, 3,  59, 88, 14, 67, 20,
+    9,  38, 81, 50, 11, 95, 4,  73, 29, 61, 36, 1,
 };
 
 static float *forward(const llama_model *m, double *loss)
@@ -178,9 +185,10 @@ int main(int argc, char **argv)
     CHECK(llama_load(d16, &m) == 0, "load it");
     if (!m)
         return 1;
-    CHECK(!m->cfg.tied && m->cfg.head_dim == HDIM && m->cfg.n_kv_heads == HEADS &&
-          m->head.f32 != m->embed && fabsf(m->cfg.norm_eps - 1e-6f) < 1e-12f &&
-          m->cfg.rope_theta == 500000.0f,
+    CHECK(!m->cfg.tied && m->cfg.head_dim == HDIM &&
+              m->cfg.n_kv_heads == HEADS && m->head.f32 != m->embed &&
+              fabsf(m->cfg.norm_eps - 1e-6f) < 1e-12f &&
+              m->cfg.rope_theta == 500000.0f,
           "config: untied head, head_dim 12, MHA, eps 1e-6, theta 5e5");
     double loss, lh, l32;
     float *lg = forward(m, &loss);
@@ -219,8 +227,8 @@ int main(int argc, char **argv)
             worst = fmax(worst, e / mx);
         }
         double want = json_get_number(g, "loss", 0);
-        CHECK(worst <= REL_TOL_HF, "logits match transformers (max rel err %.2e)",
-              worst);
+        CHECK(worst <= REL_TOL_HF,
+              "logits match transformers (max rel err %.2e)", worst);
         CHECK(fabs(loss - want) / want <= REL_TOL_HF,
               "loss %.7f matches transformers %.7f", loss, want);
         json_free(g);

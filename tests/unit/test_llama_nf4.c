@@ -51,7 +51,8 @@ int main(void)
     int all4 = q->cfg.quantized;
     for (int32_t i = 0; i < q->cfg.n_layers; i++)
         for (int l = 0; l < LLAMA_NLINEAR; l++)
-            all4 &= q->layers[i].lin[l].f32 == NULL && q->layers[i].lin[l].nf4 != NULL;
+            all4 &= q->layers[i].lin[l].f32 == NULL &&
+                    q->layers[i].lin[l].nf4 != NULL;
     CHECK(all4, "every linear weight stays NF4 in memory");
     uint64_t bq = llama_weight_bytes(q), bf = llama_weight_bytes(f);
     /* the embedding (shared with the head) and the norms stay f32 */
@@ -66,7 +67,8 @@ int main(void)
     double worst = 0;
     for (int32_t i = 0; i < q->cfg.n_layers; i++)
         for (int l = 0; l < LLAMA_NLINEAR; l++) {
-            const llama_weight *wq = &q->layers[i].lin[l], *wf = &f->layers[i].lin[l];
+            const llama_weight *wq = &q->layers[i].lin[l],
+                               *wf = &f->layers[i].lin[l];
             const float *d = llama_weight_f32(wq, buf);
             double e = 0, s = 0;
             for (int64_t k = 0; k < wq->rows * wq->cols; k++) {
@@ -75,8 +77,10 @@ int main(void)
             }
             worst = fmax(worst, sqrt(e / s));
         }
-    CHECK(worst < REL_RMS_NF4, "dequantized weights: max relative RMS error "
-          "%.3f", worst);
+    CHECK(worst < REL_RMS_NF4,
+          "dequantized weights: max relative RMS error "
+          "%.3f",
+          worst);
     free(buf);
 
     /* forward: a packed row of two documents */
@@ -127,8 +131,10 @@ int main(void)
     }
     memcpy(a->params, save, a->n_params * sizeof(float));
     double fd = (4 * d[1] - d[0]) / 3;
-    CHECK(fabs(fd - gn) / gn < REL_TOL_FD, "NF4 base: directional derivative "
-          "%.6f vs |g| %.6f", fd, gn);
+    CHECK(fabs(fd - gn) / gn < REL_TOL_FD,
+          "NF4 base: directional derivative "
+          "%.6f vs |g| %.6f",
+          fd, gn);
     float *g2 = calloc(a->n_params, sizeof(float));
     llama_train_opts o2 = {1, 0};
     double l2;

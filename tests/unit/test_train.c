@@ -53,7 +53,8 @@ static double hf_lambda(const char *name, int64_t s, int64_t w, int64_t total)
 
 static void schedules(void)
 {
-    const char *names[] = {"constant", "constant_with_warmup", "linear", "cosine"};
+    const char *names[] = {"constant", "constant_with_warmup", "linear",
+                           "cosine"};
     for (int k = 0; k < 4; k++) {
         train_config c = base_config();
         set(&c, "lr_scheduler_type", names[k]);
@@ -64,8 +65,10 @@ static void schedules(void)
         for (int64_t s = 0; s <= total; s++)
             worst = fmax(worst, fabs(train_lr(&c, s, total) -
                                      2e-4 * hf_lambda(names[k], s, w, total)));
-        CHECK(w == 3 && worst < 1e-18, "%s schedule, warmup_ratio 0.03 of 100 "
-              "= 3 steps", names[k]);
+        CHECK(w == 3 && worst < 1e-18,
+              "%s schedule, warmup_ratio 0.03 of 100 "
+              "= 3 steps",
+              names[k]);
         cfg_free(train_fields, train_nfields, &c);
     }
     train_config c = base_config();
@@ -74,9 +77,11 @@ static void schedules(void)
     CHECK(train_lr(&c, 0, 10) == c.learning_rate,
           "constant ignores warmup (the seed's 0.03 has no effect)");
     set(&c, "warmup_steps", "7");
-    CHECK(train_warmup_steps(&c, 1000) == 7, "warmup_steps overrides the ratio");
+    CHECK(train_warmup_steps(&c, 1000) == 7,
+          "warmup_steps overrides the ratio");
     set(&c, "lr_scheduler_type", "linear");
-    CHECK(train_lr(&c, 0, 1000) == 0 && fabs(train_lr(&c, 7, 1000) - c.learning_rate) < 1e-20,
+    CHECK(train_lr(&c, 0, 1000) == 0 &&
+              fabs(train_lr(&c, 7, 1000) - c.learning_rate) < 1e-20,
           "linear warmup starts at 0 and peaks at the warmup's end");
     cfg_free(train_fields, train_nfields, &c);
 }
@@ -91,7 +96,8 @@ static void shuffles(void)
         ok &= p[i] < N && !seen[p[i]]++;
     CHECK(ok, "an epoch's order is a permutation");
     train_shuffle(q, N, 42, 0);
-    CHECK(memcmp(p, q, sizeof p) == 0, "the same seed and epoch, the same order");
+    CHECK(memcmp(p, q, sizeof p) == 0,
+          "the same seed and epoch, the same order");
     train_shuffle(q, N, 42, 1);
     CHECK(memcmp(p, q, sizeof p) != 0, "each epoch is shuffled afresh");
     train_shuffle(q, N, 43, 0);
@@ -104,18 +110,21 @@ static void shuffles(void)
             if (q[i] == 0)
                 first_half += i < N / 2;
     }
-    CHECK(first_half > 160 && first_half < 240, "row 0 lands in the first "
-          "half %d times of 400", first_half);
+    CHECK(first_half > 160 && first_half < 240,
+          "row 0 lands in the first "
+          "half %d times of 400",
+          first_half);
     CHECK(train_dropout_key(1, 2, 0) != train_dropout_key(1, 2, 1) &&
-          train_dropout_key(1, 2, 0) != train_dropout_key(1, 3, 0) &&
-          train_dropout_key(1, 2, 0) == train_dropout_key(1, 2, 0),
+              train_dropout_key(1, 2, 0) != train_dropout_key(1, 3, 0) &&
+              train_dropout_key(1, 2, 0) == train_dropout_key(1, 2, 0),
           "a dropout key per (seed, step, micro-batch)");
 }
 
 static void batches(void)
 {
     /* two rows of 8: [span 0..3 | span 3..7, padding at 7], [span 0..8] */
-    uint32_t ids[16] = {1, 10, 11, 1, 20, 21, 22, 0, 1, 30, 31, 32, 33, 34, 35, 36};
+    uint32_t ids[16] = {1, 10, 11, 1,  20, 21, 22, 0,
+                        1, 30, 31, 32, 33, 34, 35, 36};
     uint8_t w[16] = {0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1};
     uint64_t rs[3] = {0, 2, 3};
     pack_span sp[3] = {{0, 3}, {3, 4}, {0, 8}};
@@ -130,22 +139,28 @@ static void batches(void)
     train_batch tb = {0};
     uint64_t rows[2] = {1, 0};
     train_batch_build(&tb, &d, rows, 2);
-    static const int32_t want_ids[15] = {1, 30, 31, 32, 33, 34, 35, 36, 1, 10, 11, 1, 20, 21, 22};
-    static const int32_t want_pos[15] = {0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 0, 1, 2, 3};
-    static const int32_t want_st[15] = {0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 11, 11, 11, 11};
-    static const int32_t want_tg[15] = {-1, -1, 32, 33, 34, 35, 36, -1, 10, 11, -1, -1, 21, 22, -1};
+    static const int32_t want_ids[15] = {1, 30, 31, 32, 33, 34, 35, 36,
+                                         1, 10, 11, 1,  20, 21, 22};
+    static const int32_t want_pos[15] = {0, 1, 2, 3, 4, 5, 6, 7,
+                                         0, 1, 2, 0, 1, 2, 3};
+    static const int32_t want_st[15] = {0, 0, 0, 0,  0,  0,  0, 0,
+                                        8, 8, 8, 11, 11, 11, 11};
+    static const int32_t want_tg[15] = {-1, -1, 32, 33, 34, 35, 36, -1,
+                                        10, 11, -1, -1, 21, 22, -1};
     CHECK(tb.b.n == 15 && memcmp(tb.ids, want_ids, sizeof want_ids) == 0 &&
-          memcmp(tb.pos, want_pos, sizeof want_pos) == 0 &&
-          memcmp(tb.start, want_st, sizeof want_st) == 0,
+              memcmp(tb.pos, want_pos, sizeof want_pos) == 0 &&
+              memcmp(tb.start, want_st, sizeof want_st) == 0,
           "rows laid end to end, padding dropped, positions per span");
-    CHECK(memcmp(tb.targets, want_tg, sizeof want_tg) == 0 && tb.weight_sum == 9,
+    CHECK(memcmp(tb.targets, want_tg, sizeof want_tg) == 0 &&
+              tb.weight_sum == 9,
           "token t targets the next token with that token's weight; "
           "completion-only weights respected");
     strbuf sb = STRBUF_INIT;
     train_batch_json(&tb, &sb);
     json_value *v;
     CHECK(json_parse(sb.buf, sb.len, "batch", 1, &v) == 0 &&
-          json_get_int(v, "n", 0) == 15, "a batch dumps as JSON");
+              json_get_int(v, "n", 0) == 15,
+          "a batch dumps as JSON");
     json_free(v);
     sb_free(&sb);
     train_batch_free(&tb);
@@ -171,13 +186,16 @@ static void adamw_and_clip(void)
             pd[i] *= 1 - lr * 0.01;
             md[i] = 0.9 * md[i] + 0.1 * g[i];
             vd[i] = 0.999 * vd[i] + 0.001 * (double)g[i] * g[i];
-            double mh = md[i] / (1 - pow(0.9, s)), vh = vd[i] / (1 - pow(0.999, s));
+            double mh = md[i] / (1 - pow(0.9, s)),
+                   vh = vd[i] / (1 - pow(0.999, s));
             pd[i] -= lr * mh / (sqrt(vh) + 1e-8);
             worst = fmax(worst, fabs(p[i] - pd[i]));
         }
     }
-    CHECK(worst < 1e-6 && o.step == 20, "AdamW follows torch's update "
-          "(max diff %.1e after 20 steps)", worst);
+    CHECK(worst < 1e-6 && o.step == 20,
+          "AdamW follows torch's update "
+          "(max diff %.1e after 20 steps)",
+          worst);
     CHECK(p[4] < 0.749f && fabs(p[4] - pd[4]) < 1e-6,
           "a zero gradient still decays the weight");
     float g[4] = {3, 4, 0, 0};
@@ -208,7 +226,8 @@ static void lora_basics(void)
     const char *names[] = {"q_proj", "down_proj"};
     uint32_t t;
     CHECK(lora_targets_parse(names, 2, &t) == 0 &&
-          t == ((1u << LLAMA_Q) | (1u << LLAMA_DOWN)), "target names");
+              t == ((1u << LLAMA_Q) | (1u << LLAMA_DOWN)),
+          "target names");
     const char *all[] = {"all-linear"};
     CHECK(lora_targets_parse(all, 1, &t) == 0 && t == LORA_ALL_LINEAR,
           "all-linear is every linear of the layers");
@@ -219,7 +238,9 @@ static void lora_basics(void)
     CHECK(lora_targets_parse(bad, 1, &t) != 0, "lm_head is not a target");
     char buf[128];
     lora_targets_format(LORA_ALL_LINEAR, buf, sizeof buf);
-    CHECK(strcmp(buf, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj") == 0,
+    CHECK(strcmp(buf,
+                 "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj") ==
+              0,
           "targets print in layer order");
 
     llama_config mc = small_config();
@@ -229,7 +250,8 @@ static void lora_basics(void)
     CHECK(a->scale == 4.0f, "scale alpha/r = 4");
     /* layout: per layer q (A 4x16, B 16x4) then v (A 4x16, B 8x4) */
     CHECK(a->n_params == 2 * (64 + 64 + 64 + 32) &&
-          lora_A(a, 1, LLAMA_Q) == a->params + 224 && !lora_A(a, 0, LLAMA_K),
+              lora_A(a, 1, LLAMA_Q) == a->params + 224 &&
+              !lora_A(a, 0, LLAMA_K),
           "parameters laid out layer by layer, A then B");
     lora_init(a, 42);
     double mx = 0, mean = 0;
@@ -272,24 +294,32 @@ static void adapters(void)
     if (!mkdtemp(dir))
         exit(2);
     llama_config mc = small_config();
-    lora_config lc = {.r = 2, .alpha = 16, .dropout = 0.1, .use_rslora = 1,
-                      .targets = (1u << LLAMA_Q) | (1u << LLAMA_V) | (1u << LLAMA_DOWN)};
+    lora_config lc = {.r = 2,
+                      .alpha = 16,
+                      .dropout = 0.1,
+                      .use_rslora = 1,
+                      .targets = (1u << LLAMA_Q) | (1u << LLAMA_V) |
+                                 (1u << LLAMA_DOWN)};
     lora_adapter *a;
     lora_new(&mc, &lc, &a);
     for (size_t k = 0; k < a->n_params; k++)
         a->params[k] = lora_rand_uniform(1, k) - 0.5f;
     char *ad = io_path_join(dir, "adapter");
-    CHECK(adapter_write(ad, a, "/models/base") == 0, "write an adapter directory");
+    CHECK(adapter_write(ad, a, "/models/base") == 0,
+          "write an adapter directory");
     st_file *f;
     char *stp = io_path_join(ad, "adapter_model.safetensors");
     CHECK(st_open(stp, &f) == 0, "adapter_model.safetensors opens");
-    const st_tensor *ta = st_find(f, "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight");
-    const st_tensor *tb = st_find(f, "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight");
+    const st_tensor *ta = st_find(
+        f, "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight");
+    const st_tensor *tb = st_find(
+        f, "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight");
     CHECK(f->n == 12 && ta && tb && ta->shape[0] == 2 && ta->shape[1] == 16 &&
-          tb->shape[0] == 16 && tb->shape[1] == 2 && ta->dtype == ST_F32 &&
-          memcmp(ta->data, lora_A(a, 1, LLAMA_Q), 2 * 16 * 4) == 0,
+              tb->shape[0] == 16 && tb->shape[1] == 2 && ta->dtype == ST_F32 &&
+              memcmp(ta->data, lora_A(a, 1, LLAMA_Q), 2 * 16 * 4) == 0,
           "PEFT tensor names, [r, in] and [out, r], F32");
-    CHECK(f->metadata && strcmp(json_get_string(f->metadata, "format", NULL), "pt") == 0,
+    CHECK(f->metadata &&
+              strcmp(json_get_string(f->metadata, "format", NULL), "pt") == 0,
           "metadata format pt");
     /* sorted by name, as safetensors.torch.save_file orders them */
     int sorted = 1;
@@ -303,24 +333,31 @@ static void adapters(void)
     size_t len;
     json_value *cfg;
     io_read_file(cp, &text, &len);
-    CHECK(json_parse(text, len, cp, 1, &cfg) == 0, "adapter_config.json parses");
+    CHECK(json_parse(text, len, cp, 1, &cfg) == 0,
+          "adapter_config.json parses");
     const json_value *tm = json_get(cfg, "target_modules");
     CHECK(strcmp(json_get_string(cfg, "peft_type", NULL), "LORA") == 0 &&
-          strcmp(json_get_string(cfg, "task_type", NULL), "CAUSAL_LM") == 0 &&
-          json_get_int(cfg, "r", 0) == 2 && json_get_number(cfg, "lora_alpha", 0) == 16 &&
-          json_get_number(cfg, "lora_dropout", 0) == 0.1 &&
-          json_get(cfg, "use_rslora")->type == JSON_TRUE && tm->u.array.n == 3 &&
-          strcmp(json_get_string(cfg, "base_model_name_or_path", NULL), "/models/base") == 0 &&
-          strcmp(json_get_string(cfg, "bias", NULL), "none") == 0,
-          "adapter_config.json: LORA, CAUSAL_LM, r, alpha, dropout, rsLoRA, targets, base");
+              strcmp(json_get_string(cfg, "task_type", NULL), "CAUSAL_LM") ==
+                  0 &&
+              json_get_int(cfg, "r", 0) == 2 &&
+              json_get_number(cfg, "lora_alpha", 0) == 16 &&
+              json_get_number(cfg, "lora_dropout", 0) == 0.1 &&
+              json_get(cfg, "use_rslora")->type == JSON_TRUE &&
+              tm->u.array.n == 3 &&
+              strcmp(json_get_string(cfg, "base_model_name_or_path", NULL),
+                     "/models/base") == 0 &&
+              strcmp(json_get_string(cfg, "bias", NULL), "none") == 0,
+          "adapter_config.json: LORA, CAUSAL_LM, r, alpha, dropout, rsLoRA, "
+          "targets, base");
     json_free(cfg);
     free(text);
     lora_adapter *b;
     char *base = NULL;
     CHECK(adapter_read(ad, &mc, &b, &base) == 0 && b->n_params == a->n_params &&
-          memcmp(a->params, b->params, a->n_params * 4) == 0 &&
-          b->cfg.targets == a->cfg.targets && b->scale == a->scale &&
-          b->cfg.dropout == 0.1 && base && strcmp(base, "/models/base") == 0,
+              memcmp(a->params, b->params, a->n_params * 4) == 0 &&
+              b->cfg.targets == a->cfg.targets && b->scale == a->scale &&
+              b->cfg.dropout == 0.1 && base &&
+              strcmp(base, "/models/base") == 0,
           "read back: values, targets, scale, dropout, base model");
     free(base);
     lora_free(b);
@@ -328,17 +365,23 @@ static void adapters(void)
     fprintf(stderr, "(expected errors follow)\n");
     llama_config other = mc;
     other.dim = 20;
-    CHECK(adapter_read(ad, &other, &b, NULL) != 0, "an adapter for another model "
+    CHECK(adapter_read(ad, &other, &b, NULL) != 0,
+          "an adapter for another model "
           "is refused");
     other = mc;
     other.n_layers = 1;
-    CHECK(adapter_read(ad, &other, &b, NULL) != 0, "a layer the model lacks is refused");
+    CHECK(adapter_read(ad, &other, &b, NULL) != 0,
+          "a layer the model lacks is refused");
     FILE *fp = fopen(cp, "w");
-    fputs("{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":16,\"use_dora\":true}", fp);
+    fputs(
+        "{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":16,\"use_dora\":true}",
+        fp);
     fclose(fp);
     CHECK(adapter_read(ad, &mc, &b, NULL) != 0, "DoRA is refused");
     fp = fopen(cp, "w");
-    fputs("{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":16,\"rank_pattern\":{\"q_proj\":4}}", fp);
+    fputs("{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":16,\"rank_pattern\":{"
+          "\"q_proj\":4}}",
+          fp);
     fclose(fp);
     CHECK(adapter_read(ad, &mc, &b, NULL) != 0, "rank_pattern is refused");
     fp = fopen(cp, "w");
@@ -348,7 +391,8 @@ static void adapters(void)
           "a minimal PEFT config reads (scale alpha/r)");
     lora_free(b);
     truncate(stp, 100);
-    CHECK(adapter_read(ad, &mc, &b, NULL) != 0, "a truncated tensor file is refused");
+    CHECK(adapter_read(ad, &mc, &b, NULL) != 0,
+          "a truncated tensor file is refused");
     free(stp);
     free(cp);
     free(ad);
@@ -380,9 +424,11 @@ static void merge(void)
         for (int l = 0; l < LLAMA_NLINEAR; l++) {
             int64_t o, in;
             llama_linear_shape(&mc, (llama_linear)l, &o, &in);
-            L[i].lin[l] = (llama_weight){o, in, malloc(o * in * sizeof(float)), NULL};
+            L[i].lin[l] =
+                (llama_weight){o, in, malloc(o * in * sizeof(float)), NULL};
             for (int64_t k = 0; k < o * in; k++)
-                L[i].lin[l].f32[k] = (lora_rand_uniform(3 + i * 7 + l, k) - 0.5f) * 0.5f;
+                L[i].lin[l].f32[k] =
+                    (lora_rand_uniform(3 + i * 7 + l, k) - 0.5f) * 0.5f;
         }
     }
     lora_config lc = {.r = 3, .alpha = 6, .targets = LORA_ALL_LINEAR};
@@ -423,19 +469,24 @@ static void config_checks(void)
     train_config c = base_config();
     CHECK(train_config_check(&c) == 0, "the defaults are valid");
     CHECK(c.r == 8 && c.lora_alpha == 8 && c.learning_rate == 5e-5 &&
-          c.max_grad_norm == 1 && c.seed == 42 && c.adam_beta2 == 0.999 &&
-          strcmp(c.lr_scheduler_type, "linear") == 0,
+              c.max_grad_norm == 1 && c.seed == 42 && c.adam_beta2 == 0.999 &&
+              strcmp(c.lr_scheduler_type, "linear") == 0,
           "defaults are peft's and transformers'");
     fprintf(stderr, "(expected errors follow)\n");
     static const char *bad[][2] = {
-        {"lr_scheduler_type", "polynomial"}, {"optim", "adamw_8bit"},
-        {"lora_dropout", "1"}, {"r", "0"}, {"target_modules", "q_proj,lm_head"},
-        {"gradient_accumulation_steps", "0"}, {"device", "tpu"},
+        {"lr_scheduler_type", "polynomial"},
+        {"optim", "adamw_8bit"},
+        {"lora_dropout", "1"},
+        {"r", "0"},
+        {"target_modules", "q_proj,lm_head"},
+        {"gradient_accumulation_steps", "0"},
+        {"device", "tpu"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         train_config x = base_config();
         set(&x, bad[i][0], bad[i][1]);
-        CHECK(train_config_check(&x) != 0, "%s=%s is refused", bad[i][0], bad[i][1]);
+        CHECK(train_config_check(&x) != 0, "%s=%s is refused", bad[i][0],
+              bad[i][1]);
         cfg_free(train_fields, train_nfields, &x);
     }
     cfg_free(train_fields, train_nfields, &c);

@@ -45,7 +45,8 @@
  * gradient differences into sign-sized steps where a gradient is near 0. */
 #define REL_TOL_ADAPTER 1e-3
 #define REL_TOL_TENSOR_NORM 1e-4
-/* Logits of our adapter through peft vs our forward: max |diff| / max |logit|. */
+/* Logits of our adapter through peft vs our forward: max |diff| / max |logit|.
+ */
 #define REL_TOL_PEFT_LOGITS 1e-5
 
 static const json_value *get(const json_value *o, const char *k)
@@ -58,8 +59,14 @@ static const json_value *get(const json_value *o, const char *k)
     return v;
 }
 
-static double num(const json_value *v) { return v->u.number.value; }
-static const json_value *item(const json_value *a, size_t i) { return a->u.array.items[i]; }
+static double num(const json_value *v)
+{
+    return v->u.number.value;
+}
+static const json_value *item(const json_value *a, size_t i)
+{
+    return a->u.array.items[i];
+}
 
 /* The fixture's rows as an in-memory packed file (row r of the fixture is
  * row index r here; fixture rows keep their original indices in `map`). */
@@ -93,8 +100,10 @@ static void build_pack(const json_value *rows, pack_data *d, int64_t **map,
         const json_value *sp = get(o, "spans");
         d->row_spans[r] = nsp;
         for (size_t s = 0; s < sp->u.array.n; s++) {
-            d->spans[nsp].start = (uint32_t)item(item(sp, s), 0)->u.number.integer;
-            d->spans[nsp].len = (uint32_t)item(item(sp, s), 1)->u.number.integer;
+            d->spans[nsp].start =
+                (uint32_t)item(item(sp, s), 0)->u.number.integer;
+            d->spans[nsp].len =
+                (uint32_t)item(item(sp, s), 1)->u.number.integer;
             nsp++;
         }
     }
@@ -206,19 +215,27 @@ int main(void)
         if (ours && s < ours->u.array.n)
             eours = fmax(eours, fabs(loss - num(item(ours, s))));
         printf("# step %zu: loss %.8f torch-f64 %.8f torch-f32 %.8f; grad norm "
-               "%.6f torch %.6f; lr %.6g torch %.6g\n", s + 1, loss, l64, l32,
-               norm, n64, lr, lrt);
+               "%.6f torch %.6f; lr %.6g torch %.6g\n",
+               s + 1, loss, l64, l32, norm, n64, lr, lrt);
         for (size_t k = 0; k < nm && k < 8; k++)
             train_batch_free(&mb[k]);
     }
-    CHECK(elr <= 1e-12, "learning rates equal transformers' cosine schedule "
-          "with warmup (max rel diff %.1e)", elr);
-    CHECK(e64 <= REL_TOL_LOSS_F64, "per-step losses vs torch float64: max rel "
-          "err %.2e", e64);
-    CHECK(e32 <= REL_TOL_LOSS_F32, "per-step losses vs torch float32 (GPU): "
-          "max rel err %.2e", e32);
-    CHECK(en <= REL_TOL_GRAD_NORM, "gradient norms before clipping vs torch: "
-          "max rel err %.2e", en);
+    CHECK(elr <= 1e-12,
+          "learning rates equal transformers' cosine schedule "
+          "with warmup (max rel diff %.1e)",
+          elr);
+    CHECK(e64 <= REL_TOL_LOSS_F64,
+          "per-step losses vs torch float64: max rel "
+          "err %.2e",
+          e64);
+    CHECK(e32 <= REL_TOL_LOSS_F32,
+          "per-step losses vs torch float32 (GPU): "
+          "max rel err %.2e",
+          e32);
+    CHECK(en <= REL_TOL_GRAD_NORM,
+          "gradient norms before clipping vs torch: "
+          "max rel err %.2e",
+          en);
     CHECK(eours == 0, "lora-train's own run logged these very losses");
 
     /* the final adapter, in peft's sorted key order */
@@ -237,7 +254,8 @@ int main(void)
                 for (int l = 0; l < LLAMA_NLINEAR && lin < 0; l++)
                     for (int x = 0; x < 2; x++) {
                         char nm[160];
-                        adapter_tensor_name(nm, sizeof nm, i, (llama_linear)l, x);
+                        adapter_tensor_name(nm, sizeof nm, i, (llama_linear)l,
+                                            x);
                         if (strcmp(nm, name) == 0) {
                             layer = i;
                             lin = l;
@@ -264,15 +282,18 @@ int main(void)
             double wn = num(item(norms, k));
             enorm = fmax(enorm, fabs(sqrt(nn) - wn) / fmax(wn, 1e-12));
         }
-        CHECK(vi == (int64_t)vals->u.array.n && keys->u.array.n ==
-                  (size_t)a->n_layers * 7 * 2,
+        CHECK(vi == (int64_t)vals->u.array.n &&
+                  keys->u.array.n == (size_t)a->n_layers * 7 * 2,
               "torch-%s: the adapters have the same %zu tensors",
               run ? "f32" : "f64", keys->u.array.n);
-        CHECK(emax / vmax <= REL_TOL_ADAPTER, "torch-%s: final adapter values, "
-              "max |diff| %.2e (%.2e of max |value|)", run ? "f32" : "f64",
-              emax, emax / vmax);
-        CHECK(enorm <= REL_TOL_TENSOR_NORM, "torch-%s: final adapter tensor "
-              "norms, max rel err %.2e", run ? "f32" : "f64", enorm);
+        CHECK(emax / vmax <= REL_TOL_ADAPTER,
+              "torch-%s: final adapter values, "
+              "max |diff| %.2e (%.2e of max |value|)",
+              run ? "f32" : "f64", emax, emax / vmax);
+        CHECK(enorm <= REL_TOL_TENSOR_NORM,
+              "torch-%s: final adapter tensor "
+              "norms, max rel err %.2e",
+              run ? "f32" : "f64", enorm);
     }
 
     /* check 4: our adapter, written and read back, vs peft's logits of it */
@@ -282,13 +303,13 @@ int main(void)
     CHECK(adapter_write(tmp, a, mdir) == 0, "write our final adapter");
     lora_adapter *back;
     CHECK(adapter_read(tmp, &m->cfg, &back, NULL) == 0 &&
-          back->n_params == a->n_params &&
-          memcmp(back->params, a->params, a->n_params * 4) == 0 &&
-          back->scale == a->scale && back->cfg.targets == a->cfg.targets,
+              back->n_params == a->n_params &&
+              memcmp(back->params, a->params, a->n_params * 4) == 0 &&
+              back->scale == a->scale && back->cfg.targets == a->cfg.targets,
           "read it back: identical values, scale and targets");
     const json_value *pl = get(g, "peft_logits");
     CHECK(get(pl, "key_mismatches")->u.array.n == 0 &&
-          num(get(pl, "load_max_abs_diff")) == 0,
+              num(get(pl, "load_max_abs_diff")) == 0,
           "peft loaded every tensor of our adapter file unchanged");
     const json_value *ids = get(g, "input_ids");
     int64_t n = (int64_t)ids->u.array.n, V = m->cfg.vocab;
@@ -317,8 +338,10 @@ int main(void)
         worst = fmax(worst, e / mx);
     }
     double pls = num(get(pl, "loss"));
-    CHECK(worst <= REL_TOL_PEFT_LOGITS, "our adapter through peft: logits "
-          "max rel err %.2e", worst);
+    CHECK(worst <= REL_TOL_PEFT_LOGITS,
+          "our adapter through peft: logits "
+          "max rel err %.2e",
+          worst);
     CHECK(fabs(ls / ws - pls) / pls <= REL_TOL_PEFT_LOGITS,
           "our adapter through peft: loss %.7f vs %.7f", ls / ws, pls);
     const json_value *am = get(pl, "argmax");
@@ -330,8 +353,10 @@ int main(void)
                 best = v;
         same &= best == item(am, t)->u.number.integer;
     }
-    CHECK(same, "our adapter through peft: the same argmax at all %lld "
-          "positions", (long long)n);
+    CHECK(same,
+          "our adapter through peft: the same argmax at all %lld "
+          "positions",
+          (long long)n);
     /* the adapter makes a difference: without it the logits differ */
     float *lg0 = malloc(n * V * sizeof(float));
     llama_forward(m, NULL, &b, lg0, NULL, NULL);
