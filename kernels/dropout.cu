@@ -16,40 +16,43 @@ __device__ __forceinline__ bool drop_keep(uint64_t stream, uint64_t i, float p)
 }
 
 __global__ void dropout_forward_kernel(bf16 *xd, const bf16 *x, int64_t n,
-                                       float p, float inv, uint64_t stream)
+                                       float p, float inv, uint64_t stream,
+                                       uint64_t first)
 {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
-        xd[i] = drop_keep(stream, (uint64_t)i, p)
+        xd[i] = drop_keep(stream, first + (uint64_t)i, p)
                     ? __float2bfloat16(__bfloat162float(x[i]) * inv)
                     : __float2bfloat16(0.0f);
 }
 
 template <typename T>
 __global__ void dropout_backward_add_kernel(T *dx, const bf16 *g, int64_t n,
-                                            float p, float inv, uint64_t stream)
+                                            float p, float inv, uint64_t stream,
+                                            uint64_t first)
 {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
-        if (drop_keep(stream, (uint64_t)i, p))
+        if (drop_keep(stream, first + (uint64_t)i, p))
             dx[i] = (T)((float)dx[i] + __bfloat162float(g[i]) * inv);
 }
 
 extern "C" void kn_dropout_forward(kn_bf16 *xd, const kn_bf16 *x,
                                    int64_t numel, float p, uint64_t key,
-                                   cudaStream_t s)
+                                   uint64_t first, cudaStream_t s)
 {
     KN_REQUIRE(numel >= 0 && p >= 0.0f && p < 1.0f);
     if (!numel)
         return;
     dropout_forward_kernel<<<kn_grid_1d(numel, 256), 256, 0, s>>>(
-        (bf16 *)xd, (const bf16 *)x, numel, p, 1.0f / (1.0f - p), key);
+        (bf16 *)xd, (const bf16 *)x, numel, p, 1.0f / (1.0f - p), key, first);
     KN_CHECK_LAUNCH("dropout_forward");
 }
 
 extern "C" void kn_dropout_backward_add(void *dx, kn_dtype dt,
                                         const kn_bf16 *g, int64_t numel,
-                                        float p, uint64_t key, cudaStream_t s)
+                                        float p, uint64_t key, uint64_t first,
+                                        cudaStream_t s)
 {
     KN_REQUIRE(numel >= 0 && p >= 0.0f && p < 1.0f);
     if (!numel)
@@ -58,9 +61,9 @@ extern "C" void kn_dropout_backward_add(void *dx, kn_dtype dt,
     float inv = 1.0f / (1.0f - p);
     if (dt == KN_F32)
         dropout_backward_add_kernel<float><<<grid, 256, 0, s>>>(
-            (float *)dx, (const bf16 *)g, numel, p, inv, key);
+            (float *)dx, (const bf16 *)g, numel, p, inv, key, first);
     else
         dropout_backward_add_kernel<bf16><<<grid, 256, 0, s>>>(
-            (bf16 *)dx, (const bf16 *)g, numel, p, inv, key);
+            (bf16 *)dx, (const bf16 *)g, numel, p, inv, key, first);
     KN_CHECK_LAUNCH("dropout_backward_add");
 }

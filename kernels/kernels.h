@@ -191,13 +191,15 @@ void kn_xent_forward_backward(float *loss_sum, float *dx, const kn_bf16 *x,
  * keep(i) is lora_rand_uniform(key, i) >= p of lib/lora.h, key being the
  * stream lora_dropout_stream(batch key, layer, linear) (counter-based, so
  * the backward regenerates the same mask and the CPU reference the same
- * numbers). Element i of x (n, d) is i = t * d + j. */
+ * numbers). Element i of x (n, d) is i = t * d + j; the arrays given may
+ * be a slice of it starting at element `first` (rows processed in chunks),
+ * whose element k then uses keep(first + k). */
 void kn_dropout_forward(kn_bf16 *xd, const kn_bf16 *x, int64_t numel,
-                        float p, uint64_t key, cudaStream_t s);
-/* dx[i] += keep(i) / (1 - p) * g[i]; dx fp32 or bf16 (dt). */
+                        float p, uint64_t key, uint64_t first, cudaStream_t s);
+/* dx[k] += keep(first + k) / (1 - p) * g[k]; dx fp32 or bf16 (dt). */
 void kn_dropout_backward_add(void *dx, kn_dtype dt, const kn_bf16 *g,
                              int64_t numel, float p, uint64_t key,
-                             cudaStream_t s);
+                             uint64_t first, cudaStream_t s);
 
 /* --- optimizer (adamw.cu) ------------------------------------------------ */
 

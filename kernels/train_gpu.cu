@@ -90,7 +90,9 @@ struct gpu_trainer {
                                  final hidden state before the backward */
     bf16 *datt, *dq, *dk, *dv; /* only when no dead activation fits them */
     bf16 *wbuf;               /* the largest linear, dequantized */
-    bf16 *xd, *tmp;           /* (cap, max in) dropout input, LoRA dx */
+    bf16 *xd, *tmp;           /* (dch, widest LoRA input): dropout input,
+                                 LoRA dx, a chunk of rows at a time */
+    int64_t dch;
     bf16 *dlh;                /* (cap, r) */
     void *xent_scratch;
     int chunk;
@@ -294,11 +296,12 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
             dropin = in;
     }
     (void)maxin;
-    G->xd = G->p > 0 ? (bf16 *)dalloc((size_t)(n * dropin) * 2) : NULL;
-    G->tmp = G->p > 0 ? (bf16 *)dalloc((size_t)(n * dropin) * 2) : NULL;
+    G->dch = n < 2048 ? n : 2048;
+    G->xd = G->p > 0 ? (bf16 *)dalloc((size_t)(G->dch * dropin) * 2) : NULL;
+    G->tmp = G->p > 0 ? (bf16 *)dalloc((size_t)(G->dch * dropin) * 2) : NULL;
     G->dlh = (bf16 *)dalloc((size_t)(n * G->r) * 2);
-    /* head chunks of at most ~128 MiB of logits and their gradient */
-    int64_t chunk = ((int64_t)128 << 20) / ((int64_t)c->vocab * 6);
+    /* head chunks of at most ~64 MiB of logits and their gradient */
+    int64_t chunk = ((int64_t)64 << 20) / ((int64_t)c->vocab * 6);
     chunk = chunk < 64 ? 64 : chunk;
     G->chunk = (int)(chunk < n ? chunk : n);
     G->xent_scratch = dalloc(kn_xent_scratch_bytes(G->chunk, c->vocab));
@@ -367,6 +370,12 @@ extern "C" void gpu_trainer_store(gpu_trainer *G, lora_adapter *a, adamw *opt)
     opt->step = G->adam_step;
 }
 
+extern "C" void gpu_trainer_set_dropout_chunk(gpu_trainer *G, int64_t rows)
+{
+    KN_REQUIRE(rows >= 1 && rows <= G->dch);
+    G->dch = rows;
+}
+
 extern "C" size_t gpu_trainer_peak_bytes(const gpu_trainer *G)
 {
     (void)G;
@@ -401,14 +410,20 @@ static void lin_fwd(gpu_trainer *G, int32_t layer, int l, bf16 *y,
                    res ? 1.0f : 0.0f, res, y, KN_BF16, out, G->s);
     if (sl->a < 0)
         return;
-    const bf16 *xd = x;
     if (drop && G->p > 0) {
-        kn_dropout_forward(KB(G->xd), CKB(x), n * in, G->p,
-                           lora_dropout_stream(key, layer, (llama_linear)l), G->s);
-        xd = G->xd;
+        /* lh = A dropout(x), dch rows at a time through the xd scratch */
+        uint64_t stream = lora_dropout_stream(key, layer, (llama_linear)l);
+        for (int64_t t0 = 0; t0 < n; t0 += G->dch) {
+            int rows = (int)(n - t0 < G->dch ? n - t0 : G->dch);
+            kn_dropout_forward(KB(G->xd), CKB(x + t0 * in), (int64_t)rows * in, G->p,
+                               stream, (uint64_t)(t0 * in), G->s);
+            kn_gemm(0, 1, rows, r, in, 1.0f, CKB(G->xd), in, CKB(G->pb + sl->a), in,
+                    0.0f, lh + t0 * r, KN_BF16, r, G->s);
+        }
+    } else {
+        kn_gemm(0, 1, (int)n, r, in, 1.0f, CKB(x), in, CKB(G->pb + sl->a), in, 0.0f,
+                lh, KN_BF16, r, G->s);
     }
-    kn_gemm(0, 1, (int)n, r, in, 1.0f, CKB(xd), in, CKB(G->pb + sl->a), in, 0.0f,
-            lh, KN_BF16, r, G->s);
     if (y)
         kn_gemm(0, 1, (int)n, out, r, G->scale, CKB(lh), r, CKB(G->pb + sl->b), r,
                 1.0f, y, KN_BF16, out, G->s);
@@ -433,14 +448,19 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
                 G->grad + sl->b, KN_F32, r, G->s);
         kn_gemm(0, 0, ni, r, out, G->scale, CKB(dy), out, CKB(G->pb + sl->b), r,
                 0.0f, G->dlh, KN_BF16, r, G->s);
-        const bf16 *xd = x;
+        /* dA (r, in) += dlh^T xd, xd regenerated dch rows at a time */
         if (dropping) {
-            kn_dropout_forward(KB(G->xd), CKB(x), n * in, G->p, stream, G->s);
-            xd = G->xd;
+            for (int64_t t0 = 0; t0 < n; t0 += G->dch) {
+                int rows = (int)(n - t0 < G->dch ? n - t0 : G->dch);
+                kn_dropout_forward(KB(G->xd), CKB(x + t0 * in), (int64_t)rows * in, G->p,
+                                   stream, (uint64_t)(t0 * in), G->s);
+                kn_gemm(1, 0, r, in, rows, 1.0f, CKB(G->dlh + t0 * r), r, CKB(G->xd), in,
+                        1.0f, G->grad + sl->a, KN_F32, in, G->s);
+            }
+        } else {
+            kn_gemm(1, 0, r, in, ni, 1.0f, CKB(G->dlh), r, CKB(x), in, 1.0f,
+                    G->grad + sl->a, KN_F32, in, G->s);
         }
-        /* dA (r, in) += dlh^T xd */
-        kn_gemm(1, 0, r, in, ni, 1.0f, CKB(G->dlh), r, CKB(xd), in, 1.0f,
-                G->grad + sl->a, KN_F32, in, G->s);
     }
     if (!dx)
         return;
@@ -452,9 +472,15 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
         kn_gemm(0, 0, ni, in, r, 1.0f, CKB(G->dlh), r, CKB(G->pb + sl->a), in,
                 1.0f, dx, dxt, in, G->s);
     } else {
-        kn_gemm(0, 0, ni, in, r, 1.0f, CKB(G->dlh), r, CKB(G->pb + sl->a), in,
-                0.0f, G->tmp, KN_BF16, in, G->s);
-        kn_dropout_backward_add(dx, dxt, CKB(G->tmp), n * in, G->p, stream, G->s);
+        size_t es = dxt == KN_F32 ? 4 : 2;
+        for (int64_t t0 = 0; t0 < n; t0 += G->dch) {
+            int rows = (int)(n - t0 < G->dch ? n - t0 : G->dch);
+            kn_gemm(0, 0, rows, in, r, 1.0f, CKB(G->dlh + t0 * r), r, CKB(G->pb + sl->a),
+                    in, 0.0f, G->tmp, KN_BF16, in, G->s);
+            kn_dropout_backward_add((char *)dx + (size_t)(t0 * in) * es, dxt, CKB(G->tmp),
+                                    (int64_t)rows * in, G->p, stream, (uint64_t)(t0 * in),
+                                    G->s);
+        }
     }
 }
 
@@ -481,7 +507,9 @@ static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
     kn_rmsnorm_forward(KB(s->xn2), s->rstd2, CKB(s->x2), L->ffn_norm, n, dim, c->norm_eps, st);
     lin_fwd(G, i, LLAMA_GATE, s->g, NULL, s->xn2, n, s->lh[LLAMA_GATE], drop, key);
     lin_fwd(G, i, LLAMA_UP, s->u, NULL, s->xn2, n, s->lh[LLAMA_UP], drop, key);
-    kn_swiglu_forward(KB(s->hm), CKB(s->g), CKB(s->u), n * c->hidden, st);
+    /* a recomputation needs h only as the LoRA input of down */
+    if (out || (G->a->cfg.targets & (1u << LLAMA_DOWN)))
+        kn_swiglu_forward(KB(s->hm), CKB(s->g), CKB(s->u), n * c->hidden, st);
     lin_fwd(G, i, LLAMA_DOWN, out, s->x2, s->hm, n, s->lh[LLAMA_DOWN], drop, key);
 }
 

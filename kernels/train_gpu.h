@@ -79,6 +79,11 @@ int gpu_trainer_eval(gpu_trainer *g, const pack_data *d, int64_t batch_rows,
  * trainer was created (weights, state, activations, scratch). */
 size_t gpu_trainer_peak_bytes(const gpu_trainer *g);
 
+/* The LoRA dropout path runs over the rows of a micro-batch in chunks (2048
+ * rows: its scratch is chunk x widest input). For tests: a smaller chunk
+ * (1 <= rows <= the current one). */
+void gpu_trainer_set_dropout_chunk(gpu_trainer *g, int64_t rows);
+
 /* Fills b so that train_run (train.h) runs its steps and evaluations on g. */
 void gpu_trainer_backend(gpu_trainer *g, train_backend *b);
 

@@ -30,7 +30,9 @@ FILE defaults to stdin; zstd-compressed input is not handled here. With
 TOK_REF_CACHE=DIR, encode keeps its output in DIR under a hash of the model,
 the input, this script and the sentencepiece version, and reuses it.
 """
+import bisect
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -59,24 +61,16 @@ def completion_start(sp, text, boundary, pieces, first, byte_ids):
     character comes from an input character at or after `boundary` (in
     characters), or len(pieces) when none does."""
     norm, offs = sp.normalize(text, with_offsets=True)
-    pos = 0          # normalized character of the next token
-    pending = b""    # bytes of a byte-fallback character seen so far
-    for i, (piece, pid) in enumerate(pieces):
-        if pid in byte_ids:
-            pending += bytes([int(piece[3:5], 16)])
-            last = pos
-            try:
-                pending.decode("utf-8")
-                pos += 1
-                pending = b""
-            except UnicodeDecodeError:
-                pass
-        else:
-            last = pos + len(piece) - 1
-            pos += len(piece)
-        if offs[last] >= boundary:
-            return first + i
-    return first + len(pieces)
+    # offs[k] is the input character of normalized character k (and
+    # len(text) at the end); it never decreases.
+    nb = bisect.bisect_left(offs, boundary, 0, len(norm))
+    # The normalized character each token ends in: a normal token spans
+    # len(piece) characters; byte-fallback tokens all end in the character
+    # they are bytes of (its lead byte <0xNN> has NN not of the form 10xxxxxx).
+    width = [len(p) if pid not in byte_ids else
+             1 if (int(p[3:5], 16) & 0xC0) != 0x80 else 0 for p, pid in pieces]
+    last = [e - 1 for e in itertools.accumulate(width)]
+    return first + bisect.bisect_left(last, nb)
 
 
 def cached(what, model, path, fn):

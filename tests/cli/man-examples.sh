@@ -1,8 +1,8 @@
 # man-examples.sh: every EXAMPLES pipeline of every manual page runs.
 #
-# Each .Bd -literal block of a page's EXAMPLES section is one shell script
-# (sh -e; one of our tools failing inside a pipeline counts too), run in
-# order in a directory of its own that holds small stand-ins
+# Each .Bd -literal block (and .Dl line) of a page's EXAMPLES section is one
+# shell script (sh -e; one of our tools failing inside a pipeline counts
+# too), run in order in a directory of its own that holds small stand-ins
 # for the files the examples name (the world below): Dolly is the demo's 32
 # records, the tokenizer and the "7B" checkpoint are mkfixture's. A block
 # whose first word is not a command (sample output, a YAML file) is not run;
@@ -10,10 +10,8 @@
 # dropped; mdoc escapes are undone. A page of a tool that is not built is
 # skipped, and so is a block that calls a project tool not built yet, or
 # needs ../shared when it is absent, or a program or python module that is
-# missing, or
-# follows a comment line
+# missing, or follows a comment line in the page source
 #     .\" example-skip: why it cannot run on the small stand-ins
-# in the page source.
 #
 # The world, for writers of examples: databricks-dolly-15k.jsonl(.zst),
 # train.jsonl (formatted), tokenizer.model, Llama-2-7b-hf (also

@@ -21,10 +21,14 @@ static void one(int64_t n, int in, float p, uint64_t key)
     }
     kn_bf16 *dxin = gt_up_bf16(x, ne), *dxd = gt_dev((size_t)ne * 2), *dg = gt_up_bf16(g, ne);
     float *ddx = gt_up_f32(dx0, ne);
-    kn_dropout_forward(dxd, dxin, ne, p, key, 0);
-    kn_dropout_backward_add(ddx, KN_F32, dg, ne, p, key, 0);
+    kn_dropout_forward(dxd, dxin, ne, p, key, 0, 0);
+    kn_dropout_backward_add(ddx, KN_F32, dg, ne, p, key, 0, 0);
     kn_bf16 *ddxb = gt_up_bf16(dx0, ne);
-    kn_dropout_backward_add(ddxb, KN_BF16, dg, ne, p, key, 0);
+    /* the bf16 accumulation in two slices: rows [0, n/2) and the rest */
+    int64_t half = (n / 2) * in;
+    kn_dropout_backward_add(ddxb, KN_BF16, dg, half, p, key, 0, 0);
+    kn_dropout_backward_add(ddxb + half, KN_BF16, dg + half, ne - half, p, key,
+                            (uint64_t)half, 0);
     float *gotc = gt_down_bf16(ddxb, ne);
     float *got = gt_down_bf16(dxd, ne), *gotb = gt_down_f32(ddx, ne);
     char what[96];
@@ -32,10 +36,19 @@ static void one(int64_t n, int in, float p, uint64_t key)
     gt_compare(what, got, ref, ne, TOL_EXACT, "TOL_EXACT");
     snprintf(what, sizeof what, "dropout backward add n=%lld in=%d p=%g", (long long)n, in, p);
     gt_compare(what, gotb, refb, ne, TOL_F32, "TOL_F32");
-    snprintf(what, sizeof what, "dropout backward add bf16 n=%lld in=%d p=%g", (long long)n, in, p);
+    snprintf(what, sizeof what, "dropout backward add bf16, two slices n=%lld in=%d p=%g",
+             (long long)n, in, p);
     gt_compare(what, gotc, refb, ne, TOL_BF16_OUT, "TOL_BF16_OUT");
     free(gotc);
     kn_free(ddxb);
+    /* a slice of rows [n/3, n) with first = its element offset */
+    int64_t off = (n / 3) * in;
+    kn_dropout_forward(dxd, dxin + off, ne - off, p, key, (uint64_t)off, 0);
+    float *gs = gt_down_bf16(dxd, ne - off);
+    snprintf(what, sizeof what, "dropout forward of a row slice n=%lld in=%d p=%g",
+             (long long)n, in, p);
+    gt_compare(what, gs, ref + off, ne - off, TOL_EXACT, "TOL_EXACT");
+    free(gs);
     if (ne >= 10000) {
         double rate = (double)kept / ne;
         snprintf(what, sizeof what, "dropout keep rate %.4f near %.4f", rate, 1.0 - p);

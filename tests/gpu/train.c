@@ -28,6 +28,7 @@
 #define TOL_GRAD_NORM 3e-2    /* per-step gradient norm */
 #define TOL_PARAM_DELTA 1e-1  /* what training changed in the adapter */
 #define TOL_EVAL 1e-2         /* evaluation loss */
+#define TOL_CHUNK 1e-3        /* the same sums in another order (bf16 lh) */
 
 #define SEQ 128
 #define ROWS 12
@@ -102,36 +103,44 @@ static void grad_test(const llama_model *m, const pack_data *d, const char *tag)
     float scale = (float)(1.0 / tb.weight_sum);
     uint64_t key = train_dropout_key(42, 3, 1);
     float *gc = xcalloc(a->n_params, sizeof *gc);
-    float *gg[2] = {xcalloc(a->n_params, 4), xcalloc(a->n_params, 4)};
+    float *gg[3] = {xcalloc(a->n_params, 4), xcalloc(a->n_params, 4),
+                    xcalloc(a->n_params, 4)};
     llama_train_opts o = {0, key};
-    double lc_sum = 0, lg_sum[2] = {0, 0};
+    double lc_sum = 0, lg_sum[3] = {0, 0, 0};
     llama_forward_backward(m, a, &tb.b, &o, scale, gc, &lc_sum);
     adamw opt;
     adamw_init(&opt, a->n_params, 0.9, 0.999, 1e-8, 0.0);
     char what[160];
-    for (int ck = 0; ck < 2; ck++) {
-        gpu_trainer *G = gpu_trainer_new(m, &lc, (int64_t)4 * SEQ, ck);
+    /* 0: plain, 1: checkpointed, 2: the dropout path in chunks of 37 rows */
+    for (int ck = 0; ck < 3; ck++) {
+        gpu_trainer *G = gpu_trainer_new(m, &lc, (int64_t)4 * SEQ, ck == 1);
         if (!G) {
             gt_check(0, "gpu_trainer_new");
             continue;
         }
+        if (ck == 2)
+            gpu_trainer_set_dropout_chunk(G, 37);
         gpu_trainer_load(G, a, &opt);
         gt_check(gpu_trainer_gradient(G, &tb.b, key, scale, gg[ck], &lg_sum[ck]) == 0,
                  "gpu_trainer_gradient");
         gpu_trainer_free(G);
-        snprintf(what, sizeof what, "%s batch loss sum%s (cpu %.6f gpu %.6f)", tag,
-                 ck ? " checkpointed" : "", lc_sum, lg_sum[ck]);
+        const char *how = ck == 1 ? " checkpointed" : ck == 2 ? " dropout in chunks" : "";
+        snprintf(what, sizeof what, "%s batch loss sum%s (cpu %.6f gpu %.6f)", tag, how,
+                 lc_sum, lg_sum[ck]);
         float fg = (float)lg_sum[ck], fc = (float)lc_sum;
         gt_compare(what, &fg, &fc, 1, TOL_STEP_LOSS, "TOL_STEP_LOSS");
-        snprintf(what, sizeof what, "%s adapter gradient%s (%zu params)", tag,
-                 ck ? " checkpointed" : "", a->n_params);
+        snprintf(what, sizeof what, "%s adapter gradient%s (%zu params)", tag, how,
+                 a->n_params);
         gt_compare(what, gg[ck], gc, (int64_t)a->n_params, TOL_GRAD, "TOL_GRAD");
     }
     snprintf(what, sizeof what, "%s gradient checkpointing changes no bit", tag);
     gt_compare(what, gg[1], gg[0], (int64_t)a->n_params, TOL_EXACT, "TOL_EXACT");
+    snprintf(what, sizeof what, "%s dropout path in chunks: same gradient", tag);
+    gt_compare(what, gg[2], gg[0], (int64_t)a->n_params, TOL_CHUNK, "TOL_CHUNK");
     free(gc);
     free(gg[0]);
     free(gg[1]);
+    free(gg[2]);
     adamw_free(&opt);
     train_batch_free(&tb);
     lora_free(a);

@@ -14,7 +14,9 @@
 # with --dump-batches so that the reference sees the very rows of every
 # micro-batch; keeps our final adapter, whose logits peft then computes.
 # The model files are copied next to them because only the checkout
-# travels.
+# travels. The GPU run used for the committed fixtures:
+#   cd .carry/torchref && python3 ../../tests/torch/train_ref.py . \
+#       $OUT/torch-train-s260.json $OUT/llama-random-hf.json
 set -eu
 TOP=$(cd "$(dirname "$0")/../.." && pwd)
 SHARED=${SHARED:-$TOP/../shared}
@@ -35,5 +37,6 @@ cp "$TOP/tests/torch/ref-config.yaml" "$DIR/config.yaml"
     --dump-batches "$DIR/batches.jsonl" "$DIR/train.pack" >"$DIR/metrics.jsonl"
 jq -c '.input_ids' "$SHARED/golden/s260-forward.json" >"$DIR/input_ids.json"
 "$TOP/build/tests/test_llama_hf" --write "$DIR/random"
-if [ -d /tmp/whl ]; then mkdir -p "$DIR/whl" && cp /tmp/whl/peft-*.whl "$DIR/whl/"; fi
+# where peft may be missing: WHEELS=dir-of-peft-wheel sh make-inputs.sh
+if [ -n "${WHEELS:-}" ]; then mkdir -p "$DIR/whl" && cp "$WHEELS"/*.whl "$DIR/whl/"; fi
 echo "inputs in $DIR"
