@@ -40,7 +40,8 @@ extern const float nf4_code[16];
  * used for the absmax codes of double quantization. */
 const float *nf4_dynamic_map(void);
 
-/* The kernel in use: 0 plain C, 1 SSE2, 2 AVX2 (all give the same bits).
+/* The kernel in use: 0 plain C, 1 SSE2, 2 AVX2, 3 AVX-512 (all give the
+ * same bits).
  * want >= 0 forces a level (capped at what the CPU has; for tests);
  * want < 0 just reports it. */
 int nf4_simd_level(int want);

@@ -788,7 +788,7 @@ int st_writer_begin(st_writer *w)
     w->shard_names = xcalloc(w->nshards, sizeof *w->shard_names);
     for (size_t k = 0; k < w->nshards; k++) {
         strbuf sb = STRBUF_INIT;
-        if (w->nshards == 1)
+        if (w->shard_bytes == 0)
             sb_printf(&sb, "%s.safetensors", w->base);
         else
             sb_printf(&sb, "%s-%05zu-of-%05zu.safetensors", w->base, k + 1,
@@ -918,7 +918,7 @@ int st_writer_finish(st_writer *w)
         goto out;
     w->done_paths = xrealloc(w->done_paths, (w->ndone + 1) * sizeof(char *));
     w->done_paths[w->ndone++] = shard_path(w, w->nshards - 1);
-    if (w->nshards > 1 && write_index(w) != 0)
+    if (w->shard_bytes > 0 && write_index(w) != 0)
         goto out;
     rc = 0;
 out:

@@ -77,7 +77,9 @@ int st_to_f32(const st_tensor *t, float *dst, int64_t offset, int64_t n);
  * bytes in declaration order, then st_writer_finish. With shard_bytes > 0
  * the tensors are split into "<base>-00001-of-0000N.safetensors" files of
  * at most that size (a single larger tensor gets its own shard) plus
- * "<base>.safetensors.index.json"; otherwise one "<base>.safetensors".
+ * "<base>.safetensors.index.json" (even when one shard suffices: callers that
+ * want save_pretrained's single "model.safetensors" for a small model pass
+ * 0); otherwise one "<base>.safetensors".
  * Files go to dir (which must exist) through temporary names. */
 typedef struct st_writer st_writer;
 

@@ -44,9 +44,9 @@
 #include <omp.h>
 #endif
 
-#define SP_MAX_PIECE 8000          /* SentencePiece's kMaxPieceSize */
-#define SP_DEAD (-2)               /* symbol absorbed by its left neighbour */
-#define SP_MAX_TEXT (1u << 30)     /* input bytes per call */
+#define SP_MAX_PIECE 8000      /* SentencePiece's kMaxPieceSize */
+#define SP_DEAD (-2)           /* symbol absorbed by its left neighbour */
+#define SP_MAX_TEXT (1u << 30) /* input bytes per call */
 
 static const char ws_symbol[] = "\xe2\x96\x81"; /* U+2581, 3 bytes */
 
@@ -107,18 +107,18 @@ typedef struct {
 /* The model                                                               */
 
 struct sp_model {
-    uint32_t n;           /* pieces: ids 0..n-1 */
-    uint32_t n_sym;       /* pieces plus virtual characters */
+    uint32_t n;     /* pieces: ids 0..n-1 */
+    uint32_t n_sym; /* pieces plus virtual characters */
     uint32_t sym_cap;
-    char *blob;           /* every symbol text, NUL-separated */
+    char *blob; /* every symbol text, NUL-separated */
     size_t blob_len, blob_cap;
-    uint32_t *sym_off;    /* (n_sym) offsets into blob */
-    uint32_t *sym_len;    /* (n_sym) */
-    float *score;         /* (n) */
-    uint8_t *type;        /* (n) sp_piece_type */
+    uint32_t *sym_off; /* (n_sym) offsets into blob */
+    uint32_t *sym_len; /* (n_sym) */
+    float *score;      /* (n) */
+    uint8_t *type;     /* (n) sp_piece_type */
 
-    str_map pieces;       /* NORMAL, USER_DEFINED, UNUSED and virtual chars */
-    str_map reserved;     /* CONTROL, UNKNOWN, BYTE */
+    str_map pieces;   /* NORMAL, USER_DEFINED, UNUSED and virtual chars */
+    str_map reserved; /* CONTROL, UNKNOWN, BYTE */
     pair_map pairs;
     int32_t ascii_sym[128];
     int32_t byte_id[256];
@@ -127,7 +127,7 @@ struct sp_model {
     uint32_t n_user_defined;
     uint8_t ud_first[256]; /* first bytes of user-defined pieces */
     int has_unused;
-    int segmentable;       /* no merge crosses the start of a U+2581 run */
+    int segmentable; /* no merge crosses the start of a U+2581 run */
 
     int byte_fallback;
     int add_dummy_prefix;
@@ -282,7 +282,10 @@ static inline size_t one_char_len(unsigned char c)
     return len[c >> 4];
 }
 
-static inline int is_trail(unsigned char c) { return (c & 0xc0) == 0x80; }
+static inline int is_trail(unsigned char c)
+{
+    return (c & 0xc0) == 0x80;
+}
 
 /* Decodes one character of s[0..n) (n >= 1): returns its length when valid
  * (no overlongs, surrogates or values above U+10FFFF), 0 when invalid. */
@@ -296,7 +299,8 @@ static inline size_t utf8_char(const unsigned char *s, size_t n)
         if (is_trail(s[1]) && cp >= 0x80)
             return 2;
     } else if (n >= 3 && (c & 0xf0) == 0xe0) {
-        uint32_t cp = ((c & 0x0fu) << 12) | ((s[1] & 0x3fu) << 6) | (s[2] & 0x3fu);
+        uint32_t cp =
+            ((c & 0x0fu) << 12) | ((s[1] & 0x3fu) << 6) | (s[2] & 0x3fu);
         if (is_trail(s[1]) && is_trail(s[2]) && cp >= 0x800 &&
             (cp < 0xd800 || cp > 0xdfff))
             return 3;
@@ -319,8 +323,8 @@ typedef struct {
 
 typedef struct {
     uint32_t field;
-    int wire;           /* 0 varint, 1 fixed64, 2 bytes, 5 fixed32 */
-    uint64_t v;         /* varint and fixed values */
+    int wire;            /* 0 varint, 1 fixed64, 2 bytes, 5 fixed32 */
+    uint64_t v;          /* varint and fixed values */
     const uint8_t *data; /* bytes */
     size_t len;
 } pb_field;
@@ -396,7 +400,7 @@ typedef struct {
 } raw_piece;
 
 typedef struct {
-    int model_type;          /* 1 unigram (the proto default), 2 BPE, ... */
+    int model_type; /* 1 unigram (the proto default), 2 BPE, ... */
     int byte_fallback;
     int ws_suffix;
     const uint8_t *unk_surface;
@@ -410,8 +414,9 @@ typedef struct {
 
 static int corrupt(const char *name, const pb_reader *r)
 {
-    return msg_error("not a SentencePiece model '%s' (bad protobuf at byte %zu)",
-                     name, (size_t)(r->p - r->start));
+    return msg_error(
+        "not a SentencePiece model '%s' (bad protobuf at byte %zu)", name,
+        (size_t)(r->p - r->start));
 }
 
 static int parse_piece(const uint8_t *d, size_t n, const uint8_t *file,
@@ -471,7 +476,10 @@ static int parse_trainer(const uint8_t *d, size_t n, const uint8_t *file,
             s->unk_surface_len = f.len;
             s->has_unk_surface = 1;
             break;
-        case 45: case 46: case 47: case 48:
+        case 45:
+        case 46:
+        case 47:
+        case 48:
             if (!bytes)
                 return corrupt(name, &r);
             s->names[f.field - 45] = f.data;
@@ -567,16 +575,18 @@ static void build_pairs(sp_model *m)
     pair_map_init(&m->pairs, (uint64_t)m->n * 4);
     for (uint32_t id = 0; id < m->n; id++) {
         int t = m->type[id];
-        if (t != SP_PIECE_NORMAL && t != SP_PIECE_USER_DEFINED && t != SP_PIECE_UNUSED)
+        if (t != SP_PIECE_NORMAL && t != SP_PIECE_USER_DEFINED &&
+            t != SP_PIECE_UNUSED)
             continue;
         size_t len = m->sym_len[id];
-        for (size_t k = one_char_len((unsigned char)sym_text(m, id)[0]); k < len;
-             k += one_char_len((unsigned char)sym_text(m, id)[k])) {
+        for (size_t k = one_char_len((unsigned char)sym_text(m, id)[0]);
+             k < len; k += one_char_len((unsigned char)sym_text(m, id)[k])) {
             /* sym_text may move when virtual characters are added */
             int32_t a = merge_symbol(m, sym_text(m, id), k, 1);
             int32_t b = merge_symbol(m, sym_text(m, id) + k, len - k, 1);
             if (a >= 0 && b >= 0)
-                pair_map_put(&m->pairs, (uint64_t)(uint32_t)a << 32 | (uint32_t)b,
+                pair_map_put(&m->pairs,
+                             (uint64_t)(uint32_t)a << 32 | (uint32_t)b,
                              (int32_t)id);
         }
     }
@@ -610,7 +620,8 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
     pb_field f;
     raw_spec spec = {0};
     spec.model_type = 1;
-    spec.add_dummy_prefix = spec.remove_extra_whitespaces = spec.escape_whitespaces = 1;
+    spec.add_dummy_prefix = spec.remove_extra_whitespaces =
+        spec.escape_whitespaces = 1;
     raw_piece *raw = NULL;
     size_t n_raw = 0, cap_raw = 0;
     int rc, have_trainer = 0;
@@ -634,7 +645,8 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
             if (parse_trainer(f.data, f.len, file, name, &spec) < 0)
                 goto fail;
         } else if (f.field == 3 || f.field == 5) {
-            if (parse_normalizer(f.data, f.len, file, name, &spec, f.field == 5) < 0)
+            if (parse_normalizer(f.data, f.len, file, name, &spec,
+                                 f.field == 5) < 0)
                 goto fail;
         }
     }
@@ -660,18 +672,22 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
                           ? kinds[spec.model_type]
                           : "of an unknown type";
     if (unsupported) {
-        msg_error("unsupported tokenizer model '%s': %s model (only BPE is supported)",
+        msg_error("unsupported tokenizer model '%s': %s model (only BPE is "
+                  "supported)",
                   name, unsupported);
         goto fail;
     }
     if (spec.charsmap_len || spec.denorm_charsmap_len) {
-        msg_error("unsupported tokenizer model '%s': non-empty %s precompiled_charsmap "
+        msg_error("unsupported tokenizer model '%s': non-empty %s "
+                  "precompiled_charsmap "
                   "(only identity normalization is supported)",
                   name, spec.charsmap_len ? "normalizer" : "denormalizer");
         goto fail;
     }
     if (spec.ws_suffix) {
-        msg_error("unsupported tokenizer model '%s': treat_whitespace_as_suffix", name);
+        msg_error(
+            "unsupported tokenizer model '%s': treat_whitespace_as_suffix",
+            name);
         goto fail;
     }
 
@@ -691,36 +707,41 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
     for (size_t i = 0; i < n_raw; i++) {
         const raw_piece *p = &raw[i];
         const char *text = (const char *)p->text;
-        if (p->len == 0 || memchr(text, '\0', p->len) || p->len >= SP_MAX_PIECE ||
-            p->type < SP_PIECE_NORMAL || p->type > SP_PIECE_BYTE) {
+        if (p->len == 0 || memchr(text, '\0', p->len) ||
+            p->len >= SP_MAX_PIECE || p->type < SP_PIECE_NORMAL ||
+            p->type > SP_PIECE_BYTE) {
             msg_error("invalid tokenizer model '%s': piece %zu is %s", name, i,
-                      p->len == 0 ? "empty"
-                      : p->len >= SP_MAX_PIECE ? "too long"
+                      p->len == 0                  ? "empty"
+                      : p->len >= SP_MAX_PIECE     ? "too long"
                       : p->type < 1 || p->type > 6 ? "of an unknown type"
-                                                    : "holding a NUL byte");
+                                                   : "holding a NUL byte");
             goto fail;
         }
         int32_t id = add_symbol(m, text, p->len);
         m->score[id] = p->score;
         m->type[id] = (uint8_t)p->type;
-        int normal = p->type == SP_PIECE_NORMAL || p->type == SP_PIECE_USER_DEFINED ||
+        int normal = p->type == SP_PIECE_NORMAL ||
+                     p->type == SP_PIECE_USER_DEFINED ||
                      p->type == SP_PIECE_UNUSED;
         if (str_map_put(m, normal ? &m->pieces : &m->reserved, id) < 0) {
-            msg_error("invalid tokenizer model '%s': piece %zu '%.*s' is defined twice",
+            msg_error("invalid tokenizer model '%s': piece %zu '%.*s' is "
+                      "defined twice",
                       name, i, (int)p->len, text);
             goto fail;
         }
         if (p->type == SP_PIECE_UNKNOWN) {
             if (m->unk >= 0) {
-                msg_error("invalid tokenizer model '%s': more than one unknown piece", name);
+                msg_error(
+                    "invalid tokenizer model '%s': more than one unknown piece",
+                    name);
                 goto fail;
             }
             m->unk = id;
         } else if (p->type == SP_PIECE_BYTE) {
             int b = byte_piece_value(text, p->len);
             if (!spec.byte_fallback || b < 0) {
-                msg_error("invalid tokenizer model '%s': byte piece '%.*s' %s", name,
-                          (int)p->len, text,
+                msg_error("invalid tokenizer model '%s': byte piece '%.*s' %s",
+                          name, (int)p->len, text,
                           b < 0 ? "is malformed" : "without byte_fallback");
                 goto fail;
             }
@@ -728,8 +749,9 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
                 n_bytes++;
             m->byte_id[b] = id;
         } else if (p->type == SP_PIECE_USER_DEFINED) {
-            m->user_defined = xrealloc(m->user_defined,
-                                       (m->n_user_defined + 1) * sizeof *m->user_defined);
+            m->user_defined =
+                xrealloc(m->user_defined,
+                         (m->n_user_defined + 1) * sizeof *m->user_defined);
             m->user_defined[m->n_user_defined++] = id;
             m->ud_first[(unsigned char)text[0]] = 1;
         } else if (p->type == SP_PIECE_UNUSED) {
@@ -738,7 +760,8 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
     }
     if (m->unk < 0 || (spec.byte_fallback && n_bytes != 256)) {
         msg_error("invalid tokenizer model '%s': %s", name,
-                  m->unk < 0 ? "no unknown piece" : "byte_fallback without 256 byte pieces");
+                  m->unk < 0 ? "no unknown piece"
+                             : "byte_fallback without 256 byte pieces");
         goto fail;
     }
     sort_user_defined(m);
@@ -746,14 +769,16 @@ sp_model *sp_model_parse(const void *data, size_t len, const char *name)
     static const char *const defaults[4] = {"<unk>", "<s>", "</s>", "<pad>"};
     int32_t *ids[4] = {NULL, &m->bos, &m->eos, &m->pad};
     for (int k = 1; k < 4; k++) {
-        const char *nm = spec.name_len[k] ? (const char *)spec.names[k] : defaults[k];
+        const char *nm =
+            spec.name_len[k] ? (const char *)spec.names[k] : defaults[k];
         size_t nl = spec.name_len[k] ? spec.name_len[k] : strlen(defaults[k]);
         int32_t id = sp_model_piece_to_id(m, nm, nl);
         *ids[k] = id >= 0 && m->type[id] == SP_PIECE_CONTROL ? id : -1;
     }
     const char *surface = spec.has_unk_surface ? (const char *)spec.unk_surface
                                                : " \xe2\x81\x87 ";
-    m->unk_surface_len = spec.has_unk_surface ? spec.unk_surface_len : strlen(surface);
+    m->unk_surface_len =
+        spec.has_unk_surface ? spec.unk_surface_len : strlen(surface);
     m->unk_surface = xmalloc(m->unk_surface_len + 1);
     memcpy(m->unk_surface, surface, m->unk_surface_len);
     free(raw);
@@ -796,12 +821,30 @@ void sp_model_free(sp_model *m)
     free(m);
 }
 
-uint32_t sp_model_vocab_size(const sp_model *m) { return m->n; }
-int32_t sp_model_bos_id(const sp_model *m) { return m->bos; }
-int32_t sp_model_eos_id(const sp_model *m) { return m->eos; }
-int32_t sp_model_pad_id(const sp_model *m) { return m->pad; }
-int32_t sp_model_unk_id(const sp_model *m) { return m->unk; }
-const char *sp_model_fingerprint(const sp_model *m) { return m->fingerprint; }
+uint32_t sp_model_vocab_size(const sp_model *m)
+{
+    return m->n;
+}
+int32_t sp_model_bos_id(const sp_model *m)
+{
+    return m->bos;
+}
+int32_t sp_model_eos_id(const sp_model *m)
+{
+    return m->eos;
+}
+int32_t sp_model_pad_id(const sp_model *m)
+{
+    return m->pad;
+}
+int32_t sp_model_unk_id(const sp_model *m)
+{
+    return m->unk;
+}
+const char *sp_model_fingerprint(const sp_model *m)
+{
+    return m->fingerprint;
+}
 
 const char *sp_model_piece(const sp_model *m, uint32_t id, size_t *len)
 {
@@ -851,9 +894,9 @@ typedef struct {
 
 typedef struct {
     float score;
-    int32_t left, right;   /* symbol indices */
-    int32_t lsym, rsym;    /* their symbol ids when the pair was proposed */
-    int32_t merged;        /* the piece they form */
+    int32_t left, right; /* symbol indices */
+    int32_t lsym, rsym;  /* their symbol ids when the pair was proposed */
+    int32_t merged;      /* the piece they form */
 } candidate;
 
 /* A final symbol of a BPE run: what emit_symbol() turns into ids. */
@@ -865,9 +908,9 @@ typedef struct {
 /* The segment cache: segment text -> its final symbols. */
 typedef struct {
     uint32_t hash;
-    uint32_t key_len;   /* 0 = empty slot */
-    uint32_t key_off;   /* in ckeys */
-    uint32_t val_off;   /* in cvals */
+    uint32_t key_len; /* 0 = empty slot */
+    uint32_t key_off; /* in ckeys */
+    uint32_t val_off; /* in cvals */
     uint32_t val_n;
 } cache_slot;
 
@@ -883,7 +926,7 @@ struct sp_encoder {
     size_t syms_cap;
     candidate *heap;
     size_t heap_n, heap_cap;
-    final_sym *fin;     /* the current BPE run's result */
+    final_sym *fin; /* the current BPE run's result */
     size_t fin_n, fin_cap;
     /* UNUSED pieces: the halves last proposed for each (SentencePiece's
      * rev_merge), valid when stamp matches the current call. */
@@ -900,8 +943,8 @@ struct sp_encoder {
     /* emission state */
     sp_ids *out;
     size_t out_base;
-    size_t nb;          /* first normalized byte of the completion */
-    size_t cs;          /* first completion token (relative), SIZE_MAX unset */
+    size_t nb; /* first normalized byte of the completion */
+    size_t cs; /* first completion token (relative), SIZE_MAX unset */
     int prev_unk;
 };
 
@@ -948,10 +991,36 @@ static int32_t match_user_defined(const sp_model *m, const char *s, size_t n)
     return -1;
 }
 
+/* The normalizer's unit at text[at..len): a user-defined piece, a
+ * character, or an invalid byte (which stands for U+FFFD). Sets *ptr and
+ * *ulen to its normalized text and returns the input bytes it takes. */
+static inline size_t next_unit(const sp_model *m, const char *text, size_t len,
+                               size_t at, const char **ptr, size_t *ulen)
+{
+    const unsigned char *u = (const unsigned char *)text + at;
+    int32_t ud = m->n_user_defined
+                     ? match_user_defined(m, (const char *)u, len - at)
+                     : -1;
+    size_t c;
+    if (ud >= 0)
+        c = m->sym_len[ud];
+    else if (u[0] < 0x80)
+        c = 1;
+    else if (!(c = utf8_char(u, len - at))) {
+        *ptr = "\xef\xbf\xbd";
+        *ulen = 3;
+        return 1;
+    }
+    *ptr = (const char *)u;
+    *ulen = c;
+    return c;
+}
+
 /* SentencePiece's normalizer without a charsmap. Writes e->norm and returns
  * its length; e->nb gets the first normalized byte produced from input at
  * or after boundary (SIZE_MAX when none). */
-static size_t normalize(sp_encoder *e, const char *text, size_t len, size_t boundary)
+static size_t normalize(sp_encoder *e, const char *text, size_t len,
+                        size_t boundary)
 {
     const sp_model *m = e->m;
     const char *ws = m->escape_whitespaces ? ws_symbol : " ";
@@ -968,36 +1037,11 @@ static size_t normalize(sp_encoder *e, const char *text, size_t len, size_t boun
     if (len == 0)
         return 0;
 
-    /* One unit: a user-defined piece, a character, or an invalid byte
-     * (standing for U+FFFD). */
-#define UNIT(at, ptr, ulen, adv)                                               \
-    do {                                                                       \
-        const unsigned char *u_ = (const unsigned char *)text + (at);          \
-        int32_t ud_ = m->n_user_defined ? match_user_defined(m, (const char *)u_, len - (at)) : -1; \
-        if (ud_ >= 0) {                                                        \
-            (ptr) = (const char *)u_;                                          \
-            (ulen) = (adv) = m->sym_len[ud_];                                  \
-        } else if (u_[0] < 0x80) {                                             \
-            (ptr) = (const char *)u_;                                          \
-            (ulen) = (adv) = 1;                                                \
-        } else {                                                               \
-            size_t c_ = utf8_char(u_, len - (at));                             \
-            if (c_) {                                                          \
-                (ptr) = (const char *)u_;                                      \
-                (ulen) = (adv) = c_;                                           \
-            } else {                                                           \
-                (ptr) = "\xef\xbf\xbd";                                        \
-                (ulen) = 3;                                                    \
-                (adv) = 1;                                                     \
-            }                                                                  \
-        }                                                                      \
-    } while (0)
-
     const char *p;
     size_t ul, adv;
     if (m->remove_extra_whitespaces) {
         while (i < len) {
-            UNIT(i, p, ul, adv);
+            adv = next_unit(m, text, len, i, &p, &ul);
             if (!(ul == 1 && p[0] == ' '))
                 break;
             i += adv;
@@ -1028,7 +1072,7 @@ static size_t normalize(sp_encoder *e, const char *text, size_t len, size_t boun
             i++;
             continue;
         }
-        UNIT(i, p, ul, adv);
+        adv = next_unit(m, text, len, i, &p, &ul);
         while (prev_space && ul > 0 && *p == ' ') {
             p++;
             ul--;
@@ -1048,7 +1092,6 @@ static size_t normalize(sp_encoder *e, const char *text, size_t len, size_t boun
         if (!m->remove_extra_whitespaces)
             prev_space = 0;
     }
-#undef UNIT
     if (m->remove_extra_whitespaces)
         while (o >= ws_len && memcmp(out + o - ws_len, ws, ws_len) == 0)
             o -= ws_len;
@@ -1096,7 +1139,8 @@ static void heap_push(sp_encoder *e, const candidate *c)
 }
 
 /* Proposes merging symbols l and r (SentencePiece's MaybeAddNewSymbolPair). */
-static inline void propose(sp_encoder *e, int32_t l, int32_t r, int heapify_later)
+static inline void propose(sp_encoder *e, int32_t l, int32_t r,
+                           int heapify_later)
 {
     if (l < 0 || r < 0)
         return;
@@ -1181,7 +1225,9 @@ static void bpe(sp_encoder *e, const char *s, size_t n)
         size_t l;
         int32_t sym;
         int frozen = 0;
-        int32_t ud = m->n_user_defined && m->ud_first[c] ? match_user_defined(m, s + i, n - i) : -1;
+        int32_t ud = m->n_user_defined && m->ud_first[c]
+                         ? match_user_defined(m, s + i, n - i)
+                         : -1;
         if (ud >= 0) {
             l = m->sym_len[ud];
             sym = ud;
@@ -1278,7 +1324,8 @@ static void encode_segment(sp_encoder *e, size_t pos, size_t n)
         const cache_slot *c = &e->cache[i];
         if (c->key_len == 0)
             break;
-        if (c->hash == h && c->key_len == n && memcmp(e->ckeys + c->key_off, s, n) == 0) {
+        if (c->hash == h && c->key_len == n &&
+            memcmp(e->ckeys + c->key_off, s, n) == 0) {
             emit_final(e, e->cvals + c->val_off, c->val_n, pos);
             return;
         }
@@ -1388,11 +1435,13 @@ void sp_decode(const sp_model *m, const uint32_t *ids, size_t n, strbuf *out)
              * not form a valid character replaced by U+FFFD. */
             size_t at = out->len;
             for (; i < n && m->type[ids[i]] == SP_PIECE_BYTE; i++)
-                sb_putc(out, (char)byte_piece_value(sym_text(m, (int32_t)ids[i]),
-                                                    m->sym_len[ids[i]]));
+                sb_putc(out,
+                        (char)byte_piece_value(sym_text(m, (int32_t)ids[i]),
+                                               m->sym_len[ids[i]]));
             size_t k = at;
             while (k < out->len) {
-                size_t l = utf8_char((const unsigned char *)out->buf + k, out->len - k);
+                size_t l = utf8_char((const unsigned char *)out->buf + k,
+                                     out->len - k);
                 if (l == 0)
                     break;
                 k += l;
@@ -1419,7 +1468,8 @@ void sp_decode(const sp_model *m, const uint32_t *ids, size_t n, strbuf *out)
         } else {
             const char *p = sym_text(m, (int32_t)id);
             size_t l = m->sym_len[id];
-            if (is_bos_ws && (m->add_dummy_prefix || m->remove_extra_whitespaces)) {
+            if (is_bos_ws &&
+                (m->add_dummy_prefix || m->remove_extra_whitespaces)) {
                 if (l >= 3 && memcmp(p, ws_symbol, 3) == 0) {
                     p += 3;
                     l -= 3;
@@ -1452,14 +1502,14 @@ void sp_decode(const sp_model *m, const uint32_t *ids, size_t n, strbuf *out)
 #define BATCH_BYTES (8u << 20)
 
 typedef struct {
-    size_t off, len;   /* the line, in the batch text */
+    size_t off, len; /* the line, in the batch text */
     long lineno;
-    int worker;        /* whose id buffer holds the result */
+    int worker; /* whose id buffer holds the result */
     size_t ids_off;
     size_t n_ids;
     uint32_t cs;
-    int skip;          /* blank line */
-    char *err;         /* malloc'ed "src:line: problem", or NULL */
+    int skip;  /* blank line */
+    char *err; /* malloc'ed "src:line: problem", or NULL */
 } jl_item;
 
 typedef struct {
@@ -1477,7 +1527,8 @@ static int blank(const char *s, size_t n)
     return 1;
 }
 
-static void item_error(jl_item *it, const char *src, const char *fmt, const char *arg)
+static void item_error(jl_item *it, const char *src, const char *fmt,
+                       const char *arg)
 {
     strbuf sb = STRBUF_INIT;
     sb_printf(&sb, "%s:%ld: ", src, it->lineno);
@@ -1487,7 +1538,8 @@ static void item_error(jl_item *it, const char *src, const char *fmt, const char
 }
 
 /* A string member, or NULL; *bad is set when present but not a string. */
-static const json_value *string_member(const json_value *v, const char *key, int *bad)
+static const json_value *string_member(const json_value *v, const char *key,
+                                       int *bad)
 {
     const json_value *m = json_get(v, key);
     if (m && m->type != JSON_STRING) {
@@ -1497,8 +1549,9 @@ static const json_value *string_member(const json_value *v, const char *key, int
     return m;
 }
 
-static void encode_item(const sp_model *m, const sp_jsonl_options *o, const char *src,
-                        const char *line, jl_item *it, jl_worker *w)
+static void encode_item(const sp_model *m, const sp_jsonl_options *o,
+                        const char *src, const char *line, jl_item *it,
+                        jl_worker *w)
 {
     if (blank(line, it->len)) {
         it->skip = 1;
@@ -1511,7 +1564,8 @@ static void encode_item(const sp_model *m, const sp_jsonl_options *o, const char
         return;
     }
     if (v->type != JSON_OBJECT) {
-        item_error(it, src, "record is %s, not an object", json_type_name(v->type));
+        item_error(it, src, "record is %s, not an object",
+                   json_type_name(v->type));
         json_free(v);
         return;
     }
@@ -1548,7 +1602,8 @@ static void encode_item(const sp_model *m, const sp_jsonl_options *o, const char
         sb_append(&w->text, prompt->u.string.s, prompt->u.string.len);
         boundary = prompt->u.string.len;
         if (completion)
-            sb_append(&w->text, completion->u.string.s, completion->u.string.len);
+            sb_append(&w->text, completion->u.string.s,
+                      completion->u.string.len);
     }
     int prompt_only = prompt && !completion;
     json_free(v);
@@ -1614,7 +1669,8 @@ int sp_encode_jsonl(const sp_model *m, io_reader *r, toks_writer *tw,
             workers[t].ids.n = 0;
 
         const char *text = sb_str(&batch);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 8) if (threads > 1)
+#pragma omp parallel for num_threads(threads)                                  \
+    schedule(dynamic, 8) if (threads > 1)
         for (size_t i = 0; i < n_items; i++) {
             int t = 0;
 #ifdef _OPENMP
@@ -1661,7 +1717,8 @@ int sp_decode_stream(const sp_model *m, toks_reader *tr, io_writer *w)
     while ((rc = toks_read_record(tr, &rec)) > 0) {
         for (uint32_t i = 0; i < rec.n; i++)
             if (rec.ids[i] >= m->n) {
-                msg_error("token id %" PRIu32 " is outside the model's vocabulary of %" PRIu32,
+                msg_error("token id %" PRIu32
+                          " is outside the model's vocabulary of %" PRIu32,
                           rec.ids[i], m->n);
                 rc = -1;
                 goto done;

@@ -108,9 +108,9 @@ void sp_decode(const sp_model *m, const uint32_t *ids, size_t n, strbuf *out);
 
 /* JSON Lines records to a token stream (what `tok -m MODEL` does). */
 typedef struct sp_jsonl_options {
-    int add_bos;   /* BOS first (when the model has one) */
-    int add_eos;   /* EOS last, except for prompt-only records */
-    int threads;   /* >= 1; records are encoded in parallel, written in order */
+    int add_bos; /* BOS first (when the model has one) */
+    int add_eos; /* EOS last, except for prompt-only records */
+    int threads; /* >= 1; records are encoded in parallel, written in order */
 } sp_jsonl_options;
 
 /* Reads every JSON Lines record of r and writes one token stream record

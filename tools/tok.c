@@ -24,18 +24,23 @@ static const char usage_text[] =
     "       tok -d [-qv] [-o file] -m model [file]\n"
     "       tok --dump [-o file] [file]\n";
 
-static void usage(FILE *f) { fputs(usage_text, f); }
+static void usage(FILE *f)
+{
+    fputs(usage_text, f);
+}
 
 static void help(void)
 {
     usage(stdout);
     fputs("\n"
-          "Tokenizes JSON Lines records ({\"prompt\", \"completion\"} or {\"text\"})\n"
+          "Tokenizes JSON Lines records ({\"prompt\", \"completion\"} or "
+          "{\"text\"})\n"
           "into a token stream with a SentencePiece model, exactly as\n"
           "SentencePiece does; -d turns a stream back into JSON Lines text.\n"
           "\n"
           "  -d, --decode        token stream -> JSON Lines text\n"
-          "      --dump          token stream -> JSON Lines {\"ids\", \"completion_start\"}\n"
+          "      --dump          token stream -> JSON Lines {\"ids\", "
+          "\"completion_start\"}\n"
           "  -h, --help          this help\n"
           "  -j, --threads n     encode with n threads (output order kept)\n"
           "  -m, --model model   the SentencePiece tokenizer.model\n"
@@ -116,7 +121,8 @@ static int check_vocabulary(const toks_header *h, const sp_model *m,
               stream, h->vocab_size, h->tokenizer[0] ? h->tokenizer : "unknown",
               model_path, sp_model_vocab_size(m), fp);
     msg_hint("decode with the model that encoded it, or re-encode the text "
-             "with 'tok -m %s'", model_path);
+             "with 'tok -m %s'",
+             model_path);
     return -1;
 }
 
@@ -135,7 +141,8 @@ static void put_u32(strbuf *sb, uint32_t v, int comma)
 }
 
 /* -d (model != NULL) or --dump: one token stream to JSON Lines. */
-static int read_stream(const char *model_path, const char *output, const char *file)
+static int read_stream(const char *model_path, const char *output,
+                       const char *file)
 {
     sp_model *m = NULL;
     if (model_path && !(m = sp_model_load(model_path)))
@@ -149,7 +156,8 @@ static int read_stream(const char *model_path, const char *output, const char *f
     toks_reader *tr = toks_reader_new(r, &h);
     io_writer *w = NULL;
     int rc = -1;
-    if (!tr || (m && check_vocabulary(&h, m, io_reader_name(r), model_path) < 0) ||
+    if (!tr ||
+        (m && check_vocabulary(&h, m, io_reader_name(r), model_path) < 0) ||
         !(w = io_writer_open(output, IO_TEXT)))
         goto done;
     if (m) {
@@ -209,7 +217,8 @@ int main(int argc, char **argv)
     };
     opterr = 0;
     int c;
-    while ((c = getopt_long(argc, argv, ":dhj:m:o:qVv", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":dhj:m:o:qVv", longopts, NULL)) !=
+           -1) {
         switch (c) {
         case 'd':
             decode = 1;

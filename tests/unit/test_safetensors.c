@@ -329,7 +329,7 @@ static void test_sharded(void)
     CHECK(st_model_open(dir, &m) == 0, "restored model opens");
     st_model_close(m);
 
-    /* shard_bytes larger than everything: one plain file, no index */
+    /* shard_bytes larger than everything: one shard, with its index */
     char *dir2 = tpath("one");
     mkdir(dir2, 0777);
     w = st_writer_new(dir2, "model", 1 << 30);
@@ -339,6 +339,24 @@ static void test_sharded(void)
     st_writer_begin(w);
     st_writer_write(w, four, 16);
     CHECK(st_writer_finish(w) == 0, "single-shard writer finishes");
+    char *one = io_path_join(dir2, "model-00001-of-00001.safetensors");
+    char *oneidx = io_path_join(dir2, "model.safetensors.index.json");
+    CHECK(io_exists(one) && io_exists(oneidx), "one shard and its index");
+    m = NULL;
+    CHECK(st_model_open(dir2, &m) == 0 && m->nfiles == 1 &&
+              memcmp(st_model_find(m, "x")->data, four, 16) == 0,
+          "single-shard model opens");
+    st_model_close(m);
+    io_remove_tree(one);
+    io_remove_tree(oneidx);
+    free(one);
+    free(oneidx);
+    /* shard_bytes 0: one plain file, no index */
+    w = st_writer_new(dir2, "model", 0);
+    st_writer_declare(w, "x", ST_F32, 1, shape);
+    st_writer_begin(w);
+    st_writer_write(w, four, 16);
+    CHECK(st_writer_finish(w) == 0, "unsharded writer finishes");
     m = NULL;
     CHECK(st_model_open(dir2, &m) == 0 && m->nfiles == 1 &&
               memcmp(st_model_find(m, "x")->data, four, 16) == 0,

@@ -6,11 +6,11 @@
  * sets against the package directly when it is installed.
  */
 #define _POSIX_C_SOURCE 200809L
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -24,13 +24,15 @@
 static sp_encoder *enc;
 
 /* Encodes text[0..len) and compares with want[0..n). */
-static int encodes_to(const char *text, size_t len, const uint32_t *want, size_t n)
+static int encodes_to(const char *text, size_t len, const uint32_t *want,
+                      size_t n)
 {
     sp_ids ids = {0};
     size_t bi;
     if (sp_encode(enc, text, len, NO_BOUNDARY, &ids, &bi) < 0)
         return 0;
-    int ok = ids.n == n && (n == 0 || memcmp(ids.ids, want, n * sizeof *want) == 0);
+    int ok =
+        ids.n == n && (n == 0 || memcmp(ids.ids, want, n * sizeof *want) == 0);
     if (!ok) {
         fprintf(stderr, "    got");
         for (size_t i = 0; i < ids.n; i++)
@@ -41,12 +43,12 @@ static int encodes_to(const char *text, size_t len, const uint32_t *want, size_t
     return ok;
 }
 
-#define ENC(text, ...)                                                          \
-    do {                                                                        \
-        static const uint32_t want_[] = {__VA_ARGS__};                          \
-        CHECK(encodes_to(text, sizeof text - 1, want_,                          \
-                         sizeof want_ / sizeof *want_),                         \
-              "encode %s", #text);                                              \
+#define ENC(text, ...)                                                         \
+    do {                                                                       \
+        static const uint32_t want_[] = {__VA_ARGS__};                         \
+        CHECK(encodes_to(text, sizeof text - 1, want_,                         \
+                         sizeof want_ / sizeof *want_),                        \
+              "encode %s", #text);                                             \
     } while (0)
 
 static void enc_empty(void)
@@ -59,7 +61,8 @@ static void enc_empty(void)
 }
 
 /* The boundary index of prompt+completion. */
-static size_t boundary_of(const char *prompt, const char *completion, size_t *n_ids)
+static size_t boundary_of(const char *prompt, const char *completion,
+                          size_t *n_ids)
 {
     strbuf sb = STRBUF_INIT;
     sb_puts(&sb, prompt);
@@ -73,8 +76,8 @@ static size_t boundary_of(const char *prompt, const char *completion, size_t *n_
     return bi;
 }
 
-static int decodes_to(const sp_model *m, const uint32_t *ids, size_t n, const char *want,
-                      size_t want_len)
+static int decodes_to(const sp_model *m, const uint32_t *ids, size_t n,
+                      const char *want, size_t want_len)
 {
     strbuf sb = STRBUF_INIT;
     sb_puts(&sb, "keep:"); /* decode appends */
@@ -86,12 +89,12 @@ static int decodes_to(const sp_model *m, const uint32_t *ids, size_t n, const ch
     return ok;
 }
 
-#define DEC(m, want, ...)                                                       \
-    do {                                                                        \
-        static const uint32_t ids_[] = {__VA_ARGS__};                           \
-        CHECK(decodes_to(m, ids_, sizeof ids_ / sizeof *ids_, want,             \
-                         sizeof want - 1),                                      \
-              "decode to %s", #want);                                           \
+#define DEC(m, want, ...)                                                      \
+    do {                                                                       \
+        static const uint32_t ids_[] = {__VA_ARGS__};                          \
+        CHECK(decodes_to(m, ids_, sizeof ids_ / sizeof *ids_, want,            \
+                         sizeof want - 1),                                     \
+              "decode to %s", #want);                                          \
     } while (0)
 
 static int round_trips(const sp_model *m, const char *text, size_t len)
@@ -116,13 +119,16 @@ static void test_llama(const char *path)
     CHECK(sp_model_bos_id(m) == 1 && sp_model_eos_id(m) == 2 &&
               sp_model_unk_id(m) == 0 && sp_model_pad_id(m) == -1,
           "llama2 unk=0 bos=1 eos=2, no pad");
-    CHECK(strlen(sp_model_fingerprint(m)) == 16, "fingerprint is 16 hex digits");
+    CHECK(strlen(sp_model_fingerprint(m)) == 16,
+          "fingerprint is 16 hex digits");
     CHECK(sp_model_piece_to_id(m, "<0x0A>", 6) == 13 &&
               sp_model_piece_to_id(m, "<0x00>", 6) == 3 &&
               sp_model_piece_to_id(m, "<0xFF>", 6) == 258,
           "byte pieces are ids 3..258, newline 13");
-    CHECK(sp_model_type(m, 1) == SP_PIECE_CONTROL && sp_model_type(m, 0) == SP_PIECE_UNKNOWN &&
-              sp_model_type(m, 13) == SP_PIECE_BYTE && sp_model_type(m, 910) == SP_PIECE_NORMAL,
+    CHECK(sp_model_type(m, 1) == SP_PIECE_CONTROL &&
+              sp_model_type(m, 0) == SP_PIECE_UNKNOWN &&
+              sp_model_type(m, 13) == SP_PIECE_BYTE &&
+              sp_model_type(m, 910) == SP_PIECE_NORMAL,
           "piece types");
     size_t len;
     const char *p = sp_model_piece(m, 259, &len);
@@ -133,12 +139,13 @@ static void test_llama(const char *path)
     enc = sp_encoder_new(m);
     /* REFERENCE.md section 5 */
     ENC("This is a test", 910, 338, 263, 1243);
-    ENC("The quick brown fox jumps over the lazy dog.", 450, 4996, 17354, 1701, 29916,
-        432, 17204, 975, 278, 17366, 11203, 29889);
-    ENC("\xe7\x94\x9f\xe6\xb4\xbb\xe7\x9a\x84\xe7\x9c\x9f\xe8\xb0\x9b\xe6\x98\xaf", 29871,
-        30486, 31704, 30210, 30848, 235, 179, 158, 30392);
-    ENC("### Instruction:\nUse the Input below", 835, 2799, 4080, 29901, 13, 11403, 278,
-        10567, 2400);
+    ENC("The quick brown fox jumps over the lazy dog.", 450, 4996, 17354, 1701,
+        29916, 432, 17204, 975, 278, 17366, 11203, 29889);
+    ENC("\xe7\x94\x9f\xe6\xb4\xbb\xe7\x9a\x84\xe7\x9c\x9f\xe8\xb0\x9b\xe6\x98"
+        "\xaf",
+        29871, 30486, 31704, 30210, 30848, 235, 179, 158, 30392);
+    ENC("### Instruction:\nUse the Input below", 835, 2799, 4080, 29901, 13,
+        11403, 278, 10567, 2400);
     /* spm */
     enc_empty();
     ENC(" ", 259);
@@ -146,8 +153,8 @@ static void test_llama(const char *path)
     ENC("\t", 29871, 12);
     ENC("<s>", 529, 29879, 29958);
     ENC("\xf0\x9f\x98\x80", 29871, 243, 162, 155, 131);
-    ENC("Hello world <s> \n\n  x", 15043, 3186, 529, 29879, 29958, 29871, 13, 13, 29871,
-        921);
+    ENC("Hello world <s> \n\n  x", 15043, 3186, 529, 29879, 29958, 29871, 13,
+        13, 29871, 921);
     ENC("\0", 29871, 3);
     ENC("x  ", 921, 259);
     ENC(" leading", 29871, 8236);
@@ -155,19 +162,24 @@ static void test_llama(const char *path)
     ENC("a\xcc\x81", 263, 30103);
     ENC("\xe2\x96\x81", 259);
     /* spm, invalid UTF-8 (each bad byte is U+FFFD) */
-    ENC("a\xff" "b", 263, 30140, 29890);
+    ENC("a\xff"
+        "b",
+        263, 30140, 29890);
     ENC("\xe7\x94", 29871, 26308);
     ENC("\xed\xa0\x80x", 29871, 26308, 30140, 29916);
     ENC("\xf4\x90\x80\x80", 29871, 26308, 26308);
 
     /* The completion's first token: tokens are ▁This ▁is ▁a ▁test. */
     size_t n;
-    CHECK(boundary_of("This is", " a test", &n) == 2 && n == 4, "boundary between tokens");
+    CHECK(boundary_of("This is", " a test", &n) == 2 && n == 4,
+          "boundary between tokens");
     CHECK(boundary_of("", "This is", &n) == 0, "empty prompt: the first token");
-    CHECK(boundary_of("This is", "", &n) == n, "empty completion: past the last token");
+    CHECK(boundary_of("This is", "", &n) == n,
+          "empty completion: past the last token");
     CHECK(boundary_of("This i", "s a test", &n) == 1,
           "a token merged across the boundary belongs to the completion");
-    CHECK(boundary_of("\xf0\x9f\x98\x80", "\xf0\x9f\x98\x80", &n) == 5 && n == 9,
+    CHECK(boundary_of("\xf0\x9f\x98\x80", "\xf0\x9f\x98\x80", &n) == 5 &&
+              n == 9,
           "byte-fallback characters stay on their side");
     CHECK(boundary_of("### Response:\n", "When did", &n) == 4,
           "after the newline of the seed template's prompt");
@@ -184,9 +196,15 @@ static void test_llama(const char *path)
     DEC(m, "", 1, 2);
 
     static const char *const texts[] = {
-        "", " ", "   leading and trailing   ", "a\tb\n\nc\r\n", "\x01\x02\x1f\x7f",
-        "\xf0\x9f\x91\x8d\xf0\x9f\x8f\xbd \xe7\x94\x9f\xe6\xb4\xbb", "<s> </s> <unk>",
-        "\xef\xbf\xbd", "\xf4\x8f\xbf\xbf\xef\xbf\xbf",
+        "",
+        " ",
+        "   leading and trailing   ",
+        "a\tb\n\nc\r\n",
+        "\x01\x02\x1f\x7f",
+        "\xf0\x9f\x91\x8d\xf0\x9f\x8f\xbd \xe7\x94\x9f\xe6\xb4\xbb",
+        "<s> </s> <unk>",
+        "\xef\xbf\xbd",
+        "\xf4\x8f\xbf\xbf\xef\xbf\xbf",
     };
     int all = 1;
     for (size_t i = 0; i < sizeof texts / sizeof *texts; i++)
@@ -247,7 +265,8 @@ static void test_bad_models(const char *path)
     int all_null = 1;
     static const size_t cuts[] = {0, 1, 2, 7, 100, 1000, 250000};
     for (size_t i = 0; i < sizeof cuts / sizeof *cuts; i++) {
-        sp_model *m = sp_model_parse(data, cuts[i] < len ? cuts[i] : len - 1, "cut");
+        sp_model *m =
+            sp_model_parse(data, cuts[i] < len ? cuts[i] : len - 1, "cut");
         all_null &= m == NULL;
         sp_model_free(m);
     }
@@ -278,7 +297,8 @@ static void test_bad_models(const char *path)
         {"\x1a\x03\x12\x01x", 5, "non-empty precompiled_charsmap refused"},
         {"\x2a\x03\x12\x01x", 5, "non-empty denormalizer charsmap refused"},
         {"\x12\x03\xc0\x01\x01", 5, "treat_whitespace_as_suffix refused"},
-        {"\x12\x03\x98\x02\x00", 5, "byte pieces without byte_fallback refused"},
+        {"\x12\x03\x98\x02\x00", 5,
+         "byte pieces without byte_fallback refused"},
         {"\x0a\x06\x0a\x04\xe2\x96\x81t", 8, "a duplicate piece refused"},
         {"\x0a\x04\x0a\x02\x61\x61\x0a", 7, "a truncated field refused"},
     };
@@ -314,8 +334,10 @@ int main(void)
     msg_init("test_sentencepiece");
     const char *shared = check_shared();
     char llama[4096], stories[4096];
-    snprintf(llama, sizeof llama, "%s/models/llama2-tokenizer/tokenizer.model", shared);
-    snprintf(stories, sizeof stories, "%s/models/stories260K/tokenizer.model", shared);
+    snprintf(llama, sizeof llama, "%s/models/llama2-tokenizer/tokenizer.model",
+             shared);
+    snprintf(stories, sizeof stories, "%s/models/stories260K/tokenizer.model",
+             shared);
     if (access(llama, R_OK) != 0 || access(stories, R_OK) != 0) {
         SKIP("sentencepiece: no tokenizer models under '%s'", shared);
         return 77;
