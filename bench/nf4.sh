@@ -5,7 +5,9 @@
 # written by bench/nf4-gen.c with our own safetensors writer into /tmp (never
 # the repository). Prints the best of N runs with all threads and with one,
 # the rate in parameters per second (all parameters of the checkpoint, and
-# the quantized ones), and the projected time for Llama 2 7B (6.74 B).
+# the quantized ones), the CPU seconds of the run (user + system; the build
+# box is shared, so the wall time depends on what else runs), and the
+# projected time for Llama 2 7B (6.74 B) at the measured wall-clock rate.
 #
 #   sh bench/nf4.sh [runs] [dtype]      (defaults: 3, bf16; dtype f32 too)
 #
@@ -34,15 +36,16 @@ params=$(cat "$in/params")
 qparams=$((22 * (2048 * 2048 * 2 + 256 * 2048 * 2 + 5632 * 2048 * 3)))
 cat "$in/model.safetensors" >/dev/null # warm the page cache: time the tool
 
-now() { date +%s.%N; }
-best() { # threads -> best wall seconds over $runs
+# best THREADS-OPTION: the best wall time over $runs, with the CPU seconds
+# (user + system) of that run: "wall cpu"
+best() {
     b=
     for i in $(seq "$runs"); do
         rm -rf "$work/out"
-        t0=$(now)
-        "$top/bin/nf4-quant" $1 -o "$work/out" "$in"
-        t1=$(now)
-        b=$(echo "$t0 $t1 $b" | awk '{d = $2 - $1; if ($3 == "" || d < $3) d = d; else d = $3; printf "%.3f", d}')
+        /usr/bin/time -f '%e %U %S' -o "$work/time" \
+            "$top/bin/nf4-quant" $1 -o "$work/out" "$in"
+        r=$(awk '{printf "%.2f %.2f", $1, $2 + $3}' "$work/time")
+        b=$(echo "$r $b" | awk '{if ($3 == "" || $1 < $3) print $1, $2; else print $3, $4}')
     done
     echo "$b"
 }
@@ -53,11 +56,11 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
 size=$(du -m "$work/out/model.safetensors" | cut -f1)
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $nproc cores; load average after: $load"
 echo "input: $params parameters ($qparams quantized), $dtype, $(du -m "$in/model.safetensors" | cut -f1) MB; output $size MB"
-printf '%-36s %8s %12s %12s %14s\n' "command (best of $runs)" wall "Mparam/s" "Mquant/s" "Llama 2 7B"
+printf '%-30s %7s %7s %9s %9s %11s %10s\n' "command (best of $runs)" wall cpu "Mparam/s" "Mquant/s" "Mparam/cpu-s" "Llama 2 7B"
 for row in "nf4-quant (all $nproc threads):$ball" "nf4-quant -j 1:$bone"; do
     name=${row%:*} t=${row##*:}
     echo "$t $params $qparams" | awk -v name="$name" '{
-        r = $2 / $1 / 1e6; q = $3 / $1 / 1e6;
-        printf "%-36s %7.2fs %12.0f %12.0f %13.1fs\n", name, $1, r, q, 6.74e9 / ($2 / $1) }'
+        printf "%-30s %6.2fs %6.2fs %9.0f %9.0f %11.0f %9.1fs\n", name, $1, $2,
+            $3 / $1 / 1e6, $4 / $1 / 1e6, $3 / $2 / 1e6, 6.74e9 / ($3 / $1) }'
 done
 rm -rf "$work/out"

@@ -4,10 +4,12 @@
  * perform, in the same precision and order, because the goal is byte
  * identity, not just closeness:
  *   - block absmax: max |x| in fp32 (NaN ignored, as fmaxf);
- *   - the scale is the fp32 reciprocal 1/absmax, and each value is x * scale;
+ *   - the scale is the fp32 reciprocal 1/absmax, and each value is x * scale
+ *     (the GPU's reciprocal is approximate; see nf4-quant(1), CAVEATS);
  *   - NF4 code = number of thresholds (midpoints of the code book, as fp32
  *     literals) strictly below the value: the same answer as bitsandbytes'
- *     comparison tree, but branch-free, so the compiler vectorizes it;
+ *     comparison tree, computed by compare-and-count (SSE2, AVX2) or a
+ *     binary search over a table (AVX-512), chosen at run time;
  *   - the double-quantization offset is torch's CUDA mean (its summation
  *     tree reproduced in nf4_torch_mean), the 8-bit absmax codes come from
  *     bitsandbytes' own binary search over the dynamic map (not "nearest":
@@ -16,6 +18,11 @@
  *     fused multiply-adds).
  * The file is compiled without floating-point contraction (no FMA) so that
  * a * b + c stays two roundings wherever bitsandbytes does two.
+ *
+ * Threads are plain pthreads that wait by blocking, never spinning: on a
+ * shared 2-core machine OpenMP's spin-waits cost more than they gained.
+ * Checkpoints are processed a whole weight per thread, in a pipeline
+ * ahead of the (sequential) writer.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "nf4.h"
@@ -27,13 +34,13 @@
 #include <string.h>
 #include <time.h>
 
-#include "io.h"
-#include "json.h"
-#include "msg.h"
-
 #include <pthread.h>
 #include <stdatomic.h>
 #include <unistd.h>
+
+#include "io.h"
+#include "json.h"
+#include "msg.h"
 
 #pragma GCC optimize("fp-contract=off")
 
@@ -59,11 +66,11 @@ const float nf4_code[16] = {
 /* Midpoints between consecutive codes, as bitsandbytes' kernel spells them
  * (fp32 literals). code(x) = #{k : x > nf4_threshold[k]}. */
 static const float nf4_threshold[15] = {
-    -0.8480964004993439f,  -0.6106329262256622f,  -0.4599952697753906f,
-    -0.33967943489551544f, -0.23460740596055984f, -0.13791173323988914f,
+    -0.8480964004993439f,   -0.6106329262256622f,  -0.4599952697753906f,
+    -0.33967943489551544f,  -0.23460740596055984f, -0.13791173323988914f,
     -0.045525018125772476f, 0.03979014977812767f,  0.1202552504837513f,
-    0.2035212516784668f,   0.2920137718319893f,   0.3893125355243683f,
-    0.5016634166240692f,   0.6427869200706482f,   0.8614784181118011f,
+    0.2035212516784668f,    0.2920137718319893f,   0.3893125355243683f,
+    0.5016634166240692f,    0.6427869200706482f,   0.8614784181118011f,
 };
 
 int nf4_blocksize_ok(int bs)
@@ -97,7 +104,8 @@ static void build_dynamic_map(void)
     int n = 0;
     for (int i = 0; i < 7; i++) {
         int steps = (1 << i) + 1, half = steps / 2;
-        float start = 0.1f, end = 1.0f, step = (end - start) / (float)(steps - 1);
+        float start = 0.1f, end = 1.0f,
+              step = (end - start) / (float)(steps - 1);
         float b[65];
         for (int k = 0; k < steps; k++)
             b[k] = k < half ? fmaf(step, (float)k, start)
@@ -186,9 +194,15 @@ static float block_absmax(const float *v, int n, int padded)
 }
 
 /* The scale: bitsandbytes computes 1.0f / absmax on the GPU. */
-static inline float reciprocal(float x) { return 1.0f / x; }
+static inline float reciprocal(float x)
+{
+    return 1.0f / x;
+}
 
-static int64_t nblocks_of(int64_t n, int bs) { return (n + bs - 1) / bs; }
+static int64_t nblocks_of(int64_t n, int bs)
+{
+    return (n + bs - 1) / bs;
+}
 
 static int threads_for(int requested)
 {
@@ -242,8 +256,8 @@ static void par_for(int64_t ntasks, int nthreads, task_fn fn, void *ctx)
 static void run_blocks(const void *src, st_dtype dt, int64_t n, int bs,
                        uint8_t *packed, float *absmax, int nthreads);
 
-void nf4_block_absmax(const void *src, st_dtype dtype, int64_t n,
-                      int blocksize, float *absmax, int nthreads)
+void nf4_block_absmax(const void *src, st_dtype dtype, int64_t n, int blocksize,
+                      float *absmax, int nthreads)
 {
     run_blocks(src, dtype, n, blocksize, NULL, absmax, nthreads);
 }
@@ -386,8 +400,8 @@ static void quantize_block(const float *v, int n, float inv, uint8_t *out)
  * ones rely on max_ps(a, m) being "a > m ? a : m" (NaN ignored, as fmaxf)
  * and on ordered compares giving false for NaN, as the scalar code does. */
 typedef void (*chunk_fn)(const void *src, st_dtype dt, int64_t n, int bs,
-                         int64_t b0, int64_t b1, uint8_t *packed,
-                         float *absmax, float *buf);
+                         int64_t b0, int64_t b1, uint8_t *packed, float *absmax,
+                         float *buf);
 
 static void chunk_block_scalar(const void *src, st_dtype dt, int64_t n, int bs,
                                int64_t b, uint8_t *packed, float *absmax,
@@ -436,8 +450,10 @@ static void chunk_sse2(const void *src, st_dtype dt, int64_t n, int bs,
             const __m128i zero = _mm_setzero_si128();
             for (int j = 0; j < bs; j += 8) {
                 __m128i x = _mm_loadu_si128((const __m128i *)(h + j));
-                _mm_storeu_si128((__m128i *)(buf + j), _mm_unpacklo_epi16(zero, x));
-                _mm_storeu_si128((__m128i *)(buf + j + 4), _mm_unpackhi_epi16(zero, x));
+                _mm_storeu_si128((__m128i *)(buf + j),
+                                 _mm_unpacklo_epi16(zero, x));
+                _mm_storeu_si128((__m128i *)(buf + j + 4),
+                                 _mm_unpackhi_epi16(zero, x));
             }
         }
         __m128 mv = _mm_set1_ps(-FLT_MAX);
@@ -458,8 +474,10 @@ static void chunk_sse2(const void *src, st_dtype dt, int64_t n, int bs,
             __m128 uo = _mm_mul_ps(_mm_shuffle_ps(x0, x1, 0xDD), inv);
             __m128i ce = _mm_setzero_si128(), co = _mm_setzero_si128();
             for (int t = 0; t < 15; t++) {
-                ce = _mm_sub_epi32(ce, _mm_castps_si128(_mm_cmpgt_ps(ue, thr[t])));
-                co = _mm_sub_epi32(co, _mm_castps_si128(_mm_cmpgt_ps(uo, thr[t])));
+                ce = _mm_sub_epi32(ce,
+                                   _mm_castps_si128(_mm_cmpgt_ps(ue, thr[t])));
+                co = _mm_sub_epi32(co,
+                                   _mm_castps_si128(_mm_cmpgt_ps(uo, thr[t])));
             }
             __m128i by = _mm_or_si128(_mm_slli_epi32(ce, 4), co);
             by = _mm_packs_epi32(by, by);
@@ -491,17 +509,21 @@ chunk_avx2(const void *src, st_dtype dt, int64_t n, int bs, int64_t b0,
         } else if (dt == ST_BF16) {
             const uint16_t *h = (const uint16_t *)src + i0;
             for (int j = 0; j < bs; j += 8) {
-                __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + j)));
-                _mm256_storeu_si256((__m256i *)(buf + j), _mm256_slli_epi32(x, 16));
+                __m256i x = _mm256_cvtepu16_epi32(
+                    _mm_loadu_si128((const __m128i *)(h + j)));
+                _mm256_storeu_si256((__m256i *)(buf + j),
+                                    _mm256_slli_epi32(x, 16));
             }
         } else {
             const uint16_t *h = (const uint16_t *)src + i0;
             for (int j = 0; j < bs; j += 8)
-                _mm256_storeu_ps(buf + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+                _mm256_storeu_ps(buf + j, _mm256_cvtph_ps(_mm_loadu_si128(
+                                              (const __m128i *)(h + j))));
         }
         __m256 mv = _mm256_set1_ps(-FLT_MAX);
         for (int j = 0; j < bs; j += 8)
-            mv = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + j)), mv);
+            mv = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + j)),
+                               mv);
         float lane[8], m = -FLT_MAX;
         _mm256_storeu_ps(lane, mv);
         for (int k = 0; k < 8; k++)
@@ -518,12 +540,15 @@ chunk_avx2(const void *src, st_dtype dt, int64_t n, int bs, int64_t b0,
             __m256 uo = _mm256_mul_ps(_mm256_shuffle_ps(x0, x1, 0xDD), inv);
             __m256i ce = _mm256_setzero_si256(), co = _mm256_setzero_si256();
             for (int t = 0; t < 15; t++) {
-                ce = _mm256_sub_epi32(ce, _mm256_castps_si256(_mm256_cmp_ps(ue, thr[t], _CMP_GT_OQ)));
-                co = _mm256_sub_epi32(co, _mm256_castps_si256(_mm256_cmp_ps(uo, thr[t], _CMP_GT_OQ)));
+                ce = _mm256_sub_epi32(ce, _mm256_castps_si256(_mm256_cmp_ps(
+                                              ue, thr[t], _CMP_GT_OQ)));
+                co = _mm256_sub_epi32(co, _mm256_castps_si256(_mm256_cmp_ps(
+                                              uo, thr[t], _CMP_GT_OQ)));
             }
             __m256i by = _mm256_or_si256(_mm256_slli_epi32(ce, 4), co);
             by = _mm256_permutevar8x32_epi32(by, order); /* pairs in order */
-            __m128i lo = _mm256_castsi256_si128(by), hi = _mm256_extracti128_si256(by, 1);
+            __m128i lo = _mm256_castsi256_si128(by),
+                    hi = _mm256_extracti128_si256(by, 1);
             __m128i p = _mm_packs_epi32(lo, hi);
             p = _mm_packus_epi16(p, p);
             _mm_storel_epi64((__m128i *)(out + j / 2), p);
@@ -541,7 +566,8 @@ chunk_avx512(const void *src, st_dtype dt, int64_t n, int bs, int64_t b0,
     float t16[16];
     memcpy(t16, nf4_threshold, sizeof nf4_threshold);
     t16[15] = INFINITY;
-    const __m512 thr = _mm512_loadu_ps(t16), mid = _mm512_set1_ps(nf4_threshold[7]);
+    const __m512 thr = _mm512_loadu_ps(t16),
+                 mid = _mm512_set1_ps(nf4_threshold[7]);
     const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20,
                                          22, 24, 26, 28, 30);
     const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
@@ -560,13 +586,16 @@ chunk_avx512(const void *src, st_dtype dt, int64_t n, int bs, int64_t b0,
         } else if (dt == ST_BF16) {
             const uint16_t *h = (const uint16_t *)src + i0;
             for (int j = 0; j < bs; j += 16) {
-                __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + j)));
-                _mm512_storeu_si512((void *)(buf + j), _mm512_slli_epi32(x, 16));
+                __m512i x = _mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256((const __m256i *)(h + j)));
+                _mm512_storeu_si512((void *)(buf + j),
+                                    _mm512_slli_epi32(x, 16));
             }
         } else {
             const uint16_t *h = (const uint16_t *)src + i0;
             for (int j = 0; j < bs; j += 16)
-                _mm512_storeu_ps(buf + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + j))));
+                _mm512_storeu_ps(buf + j, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                              (const __m256i *)(h + j))));
         }
         __m512 mv = _mm512_set1_ps(-FLT_MAX);
         for (int j = 0; j < bs; j += 16)
@@ -581,22 +610,29 @@ chunk_avx512(const void *src, st_dtype dt, int64_t n, int bs, int64_t b0,
         __m512 inv = _mm512_set1_ps(reciprocal(m));
         uint8_t *out = packed + i0 / 2;
         for (int j = 0; j < bs; j += 32) {
-            __m512 x0 = _mm512_loadu_ps(v + j), x1 = _mm512_loadu_ps(v + j + 16);
-            __m512 u[2] = {_mm512_mul_ps(_mm512_permutex2var_ps(x0, ev, x1), inv),
-                           _mm512_mul_ps(_mm512_permutex2var_ps(x0, od, x1), inv)};
+            __m512 x0 = _mm512_loadu_ps(v + j),
+                   x1 = _mm512_loadu_ps(v + j + 16);
+            __m512 u[2] = {
+                _mm512_mul_ps(_mm512_permutex2var_ps(x0, ev, x1), inv),
+                _mm512_mul_ps(_mm512_permutex2var_ps(x0, od, x1), inv)};
             __m512i c[2];
             for (int h = 0; h < 2; h++) {
                 __m512i cc = _mm512_setzero_si512();
-                cc = _mm512_mask_add_epi32(cc, _mm512_cmp_ps_mask(u[h], mid, _CMP_GT_OQ), cc, k8);
+                cc = _mm512_mask_add_epi32(
+                    cc, _mm512_cmp_ps_mask(u[h], mid, _CMP_GT_OQ), cc, k8);
                 __m512 t = _mm512_permutexvar_ps(_mm512_add_epi32(cc, k3), thr);
-                cc = _mm512_mask_add_epi32(cc, _mm512_cmp_ps_mask(u[h], t, _CMP_GT_OQ), cc, k4);
+                cc = _mm512_mask_add_epi32(
+                    cc, _mm512_cmp_ps_mask(u[h], t, _CMP_GT_OQ), cc, k4);
                 t = _mm512_permutexvar_ps(_mm512_add_epi32(cc, k1), thr);
-                cc = _mm512_mask_add_epi32(cc, _mm512_cmp_ps_mask(u[h], t, _CMP_GT_OQ), cc, k2);
+                cc = _mm512_mask_add_epi32(
+                    cc, _mm512_cmp_ps_mask(u[h], t, _CMP_GT_OQ), cc, k2);
                 t = _mm512_permutexvar_ps(cc, thr);
-                c[h] = _mm512_mask_add_epi32(cc, _mm512_cmp_ps_mask(u[h], t, _CMP_GT_OQ), cc, k1);
+                c[h] = _mm512_mask_add_epi32(
+                    cc, _mm512_cmp_ps_mask(u[h], t, _CMP_GT_OQ), cc, k1);
             }
             __m512i by = _mm512_or_si512(_mm512_slli_epi32(c[0], 4), c[1]);
-            _mm_storeu_si128((__m128i *)(out + j / 2), _mm512_cvtepi32_epi8(by));
+            _mm_storeu_si128((__m128i *)(out + j / 2),
+                             _mm512_cvtepi32_epi8(by));
         }
     }
 }
@@ -609,7 +645,8 @@ int nf4_simd_level(int want)
     int best = 0;
 #ifdef NF4_X86
     __builtin_cpu_init();
-    best = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 2 : 1;
+    best = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? 2
+                                                                            : 1;
     if (best == 2 && __builtin_cpu_supports("avx512f"))
         best = 3;
 #endif
@@ -658,9 +695,15 @@ static void blocks_task(void *ctx, int64_t t)
 static void run_blocks(const void *src, st_dtype dt, int64_t n, int bs,
                        uint8_t *packed, float *absmax, int nthreads)
 {
-    blocks_job j = {.fn = pick_kernel(), .src = src, .dt = dt, .n = n,
-                    .nb = nblocks_of(n, bs), .per_task = (1 << 16) / bs,
-                    .bs = bs, .packed = packed, .absmax = absmax};
+    blocks_job j = {.fn = pick_kernel(),
+                    .src = src,
+                    .dt = dt,
+                    .n = n,
+                    .nb = nblocks_of(n, bs),
+                    .per_task = (1 << 16) / bs,
+                    .bs = bs,
+                    .packed = packed,
+                    .absmax = absmax};
     par_for(nblocks_of(j.nb, (int)j.per_task), nthreads, blocks_task, &j);
 }
 
@@ -678,8 +721,8 @@ static void dq_codes_scalar(const float *u, int n, uint8_t *out)
 }
 
 #ifdef NF4_X86
-__attribute__((target("avx2"))) static void dq_codes_avx2(const float *u,
-                                                          int n, uint8_t *out)
+__attribute__((target("avx2"))) static void dq_codes_avx2(const float *u, int n,
+                                                          uint8_t *out)
 {
     const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
     const __m256 half = _mm256_set1_ps(0.5f);
@@ -689,7 +732,8 @@ __attribute__((target("avx2"))) static void dq_codes_avx2(const float *u,
         __m256i pos = zero;
         for (int step = 64; step > 0; step >>= 1) {
             __m256i cand = _mm256_add_epi32(pos, _mm256_set1_epi32(step));
-            __m256 o = _mm256_i32gather_ps(dynamic_odd, _mm256_sub_epi32(cand, one), 4);
+            __m256 o = _mm256_i32gather_ps(dynamic_odd,
+                                           _mm256_sub_epi32(cand, one), 4);
             __m256 gt = _mm256_cmp_ps(v, o, _CMP_GT_OQ);
             pos = _mm256_blendv_epi8(pos, cand, _mm256_castps_si256(gt));
         }
@@ -747,7 +791,7 @@ static void dq_task(void *ctx, int64_t k)
     float x[NF4_NESTED_BLOCKSIZE];
     int64_t b0 = k * NF4_NESTED_BLOCKSIZE;
     int len = (int)(j->nb - b0 < NF4_NESTED_BLOCKSIZE ? j->nb - b0
-                                                       : NF4_NESTED_BLOCKSIZE);
+                                                      : NF4_NESTED_BLOCKSIZE);
     for (int i = 0; i < len; i++)
         x[i] = j->absmax[b0 + i] - j->offset;
     float m = block_absmax(x, len, len < NF4_NESTED_BLOCKSIZE);
@@ -772,8 +816,11 @@ static void double_quant(const float *absmax, int64_t nb, float *offset,
                          uint8_t *codes, float *nested_absmax, int nthreads)
 {
     nf4_dynamic_map();
-    dq_job j = {.absmax = absmax, .nb = nb, .offset = nf4_torch_mean(absmax, nb),
-                .codes = codes, .nested_absmax = nested_absmax,
+    dq_job j = {.absmax = absmax,
+                .nb = nb,
+                .offset = nf4_torch_mean(absmax, nb),
+                .codes = codes,
+                .nested_absmax = nested_absmax,
                 .level = nf4_simd_level(-1)};
     *offset = j.offset;
     int64_t nnb = nblocks_of(nb, NF4_NESTED_BLOCKSIZE);
@@ -964,10 +1011,14 @@ void nf4_append_py_float(strbuf *sb, double v)
 static const char *torch_dtype_name(st_dtype t)
 {
     switch (t) {
-    case ST_F32: return "float32";
-    case ST_F16: return "float16";
-    case ST_BF16: return "bfloat16";
-    default: return "?";
+    case ST_F32:
+        return "float32";
+    case ST_F16:
+        return "float16";
+    case ST_BF16:
+        return "bfloat16";
+    default:
+        return "?";
     }
 }
 
@@ -975,15 +1026,17 @@ static void quant_state_json(strbuf *sb, int ndim, const int64_t *shape,
                              st_dtype dtype, int blocksize, int nested,
                              float offset)
 {
-    sb_printf(sb, "{\"quant_type\": \"nf4\", \"blocksize\": %d, \"dtype\": "
-                  "\"%s\", \"shape\": [",
+    sb_printf(sb,
+              "{\"quant_type\": \"nf4\", \"blocksize\": %d, \"dtype\": "
+              "\"%s\", \"shape\": [",
               blocksize, torch_dtype_name(dtype));
     for (int d = 0; d < ndim; d++)
         sb_printf(sb, "%s%lld", d ? ", " : "", (long long)shape[d]);
     sb_putc(sb, ']');
     if (nested) {
-        sb_printf(sb, ", \"nested_blocksize\": %d, \"nested_dtype\": "
-                      "\"float32\", \"nested_offset\": ",
+        sb_printf(sb,
+                  ", \"nested_blocksize\": %d, \"nested_dtype\": "
+                  "\"float32\", \"nested_offset\": ",
                   NF4_NESTED_BLOCKSIZE);
         nf4_append_py_float(sb, (double)offset);
     }
@@ -1077,8 +1130,8 @@ int nf4_weight_load(const st_model *m, const char *name, nf4_weight *out)
                   qt ? qt : "?");
         goto done;
     }
-    if (!dt || !shape || shape->type != JSON_ARRAY || !nf4_blocksize_ok((int)bs) ||
-        shape->u.array.n > ST_MAX_DIMS) {
+    if (!dt || !shape || shape->type != JSON_ARRAY ||
+        !nf4_blocksize_ok((int)bs) || shape->u.array.n > ST_MAX_DIMS) {
         msg_error("%s: bad quant_state of NF4 weight '%s'", m->dir, name);
         goto done;
     }
@@ -1127,12 +1180,12 @@ int nf4_weight_load(const st_model *m, const char *name, nf4_weight *out)
         }
         out->nested_offset = (float)off->u.number.value;
         out->nested_nblocks = nblocks_of(out->nblocks, NF4_NESTED_BLOCKSIZE);
-        const st_tensor *codes = need(m, name, NF4_SUFFIX_ABSMAX, ST_U8,
-                                      out->nblocks);
+        const st_tensor *codes =
+            need(m, name, NF4_SUFFIX_ABSMAX, ST_U8, out->nblocks);
         const st_tensor *na = need(m, name, NF4_SUFFIX_NESTED_ABSMAX, ST_F32,
                                    out->nested_nblocks);
-        const st_tensor *nmap = need(m, name, NF4_SUFFIX_NESTED_QUANT_MAP,
-                                     ST_F32, 256);
+        const st_tensor *nmap =
+            need(m, name, NF4_SUFFIX_NESTED_QUANT_MAP, ST_F32, 256);
         if (!codes || !na || !nmap)
             goto done;
         out->absmax_code = codes->data;
@@ -1141,8 +1194,8 @@ int nf4_weight_load(const st_model *m, const char *name, nf4_weight *out)
         out->owned_[0] = p;
         memcpy(out->nested_map, nmap->data, sizeof out->nested_map);
     } else {
-        const st_tensor *am = need(m, name, NF4_SUFFIX_ABSMAX, ST_F32,
-                                   out->nblocks);
+        const st_tensor *am =
+            need(m, name, NF4_SUFFIX_ABSMAX, ST_F32, out->nblocks);
         if (!am)
             goto done;
         float *p = copy_f32(am);
@@ -1183,8 +1236,8 @@ static void stats_task(void *ctx, int64_t t)
         b1 = w->nblocks;
     for (int64_t b = t * j->per_task; b < b1; b++) {
         int64_t i0 = b * w->blocksize;
-        int len = (int)(w->numel - i0 < w->blocksize ? w->numel - i0
-                                                     : w->blocksize);
+        int len =
+            (int)(w->numel - i0 < w->blocksize ? w->numel - i0 : w->blocksize);
         load_f32(j->src, j->dt, i0, len, x);
         nf4_dequantize(w, i0, len, y);
         float a = block_absmax(x, len, len < w->blocksize);
@@ -1207,8 +1260,8 @@ int nf4_error_stats(const void *src, st_dtype dtype, const nf4_weight *w,
     memset(st, 0, sizeof *st);
     if (check_dtype(dtype) != 0)
         return -1;
-    stats_job j = {.src = src, .dt = dtype, .w = w,
-                   .per_task = (1 << 16) / w->blocksize};
+    stats_job j = {
+        .src = src, .dt = dtype, .w = w, .per_task = (1 << 16) / w->blocksize};
     int64_t ntasks = nblocks_of(w->nblocks, (int)j.per_task);
     j.part = xmalloc((size_t)(ntasks ? ntasks : 1) * sizeof *j.part);
     par_for(ntasks, nthreads, stats_task, &j);
@@ -1315,9 +1368,15 @@ static int cmp_cstr(const void *a, const void *b)
 static void pretty_value(strbuf *sb, const json_value *v, int depth)
 {
     switch (v->type) {
-    case JSON_NULL: sb_puts(sb, "null"); break;
-    case JSON_TRUE: sb_puts(sb, "true"); break;
-    case JSON_FALSE: sb_puts(sb, "false"); break;
+    case JSON_NULL:
+        sb_puts(sb, "null");
+        break;
+    case JSON_TRUE:
+        sb_puts(sb, "true");
+        break;
+    case JSON_FALSE:
+        sb_puts(sb, "false");
+        break;
     case JSON_NUMBER:
         if (v->u.number.is_integer)
             sb_printf(sb, "%lld", (long long)v->u.number.integer);
@@ -1430,8 +1489,9 @@ static int write_config(const char *dir, const json_value *cfg,
 static int copy_side_files(const char *from, const char *to)
 {
     static const char *const files[] = {
-        "tokenizer.model",       "tokenizer.json",     "tokenizer_config.json",
-        "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+        "tokenizer.model",       "tokenizer.json",
+        "tokenizer_config.json", "special_tokens_map.json",
+        "added_tokens.json",     "generation_config.json",
     };
     for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
         char *a = io_path_join(from, files[i]);
@@ -1446,15 +1506,15 @@ static int copy_side_files(const char *from, const char *to)
 }
 
 enum {
-    E_KEEP,      /* a tensor copied as it is */
-    E_PACKED,    /* X.weight: packed codes */
-    E_ABSMAX_U8, /* X.weight.absmax, nested */
-    E_ABSMAX_F32,/* X.weight.absmax, not nested */
-    E_QMAP,      /* X.weight.quant_map */
-    E_NABSMAX,   /* X.weight.nested_absmax */
-    E_NMAP,      /* X.weight.nested_quant_map */
-    E_QSTATE,    /* X.weight.quant_state.bitsandbytes__nf4 */
-    E_DEQ,       /* a dequantized weight */
+    E_KEEP,       /* a tensor copied as it is */
+    E_PACKED,     /* X.weight: packed codes */
+    E_ABSMAX_U8,  /* X.weight.absmax, nested */
+    E_ABSMAX_F32, /* X.weight.absmax, not nested */
+    E_QMAP,       /* X.weight.quant_map */
+    E_NABSMAX,    /* X.weight.nested_absmax */
+    E_NMAP,       /* X.weight.nested_quant_map */
+    E_QSTATE,     /* X.weight.quant_state.bitsandbytes__nf4 */
+    E_DEQ,        /* a dequantized weight */
 };
 
 typedef struct entry {
@@ -1469,7 +1529,7 @@ typedef struct entry {
 
 typedef struct qweight {
     const st_tensor *t;
-    float offset;         /* nested: from the first pass */
+    float offset; /* nested: from the first pass */
     float *nested_absmax;
     int64_t nnb;
     size_t json_len;
@@ -1517,7 +1577,8 @@ static void add_entry(entry **v, size_t *n, size_t *cap, const char *name,
     e->w = w;
 }
 
-static const char *kept_dtype_name(const st_model *m, int (*skip)(const st_tensor *))
+static const char *kept_dtype_name(const st_model *m,
+                                   int (*skip)(const st_tensor *))
 {
     const char *name = NULL;
     for (size_t i = 0; i < m->n; i++) {
@@ -1565,9 +1626,11 @@ static void pass1_task(void *ctx, int64_t i)
     int64_t nb = nblocks_of(q->t->numel, j->o->blocksize);
     float *a = xmalloc((size_t)(nb ? nb : 1) * sizeof *a);
     q->nested_absmax = xmalloc((size_t)(q->nnb ? q->nnb : 1) * sizeof(float));
-    nf4_block_absmax(q->t->data, q->t->dtype, q->t->numel, j->o->blocksize, a, 1);
+    nf4_block_absmax(q->t->data, q->t->dtype, q->t->numel, j->o->blocksize, a,
+                     1);
     double_quant(a, nb, &q->offset, NULL, q->nested_absmax, 1);
     free(a);
+    st_tensor_release(q->t);
 }
 
 /* Pass 2's quantization runs ahead of the writer: worker threads take whole
@@ -1609,6 +1672,7 @@ static void *qpool_worker(void *arg)
                               p->o->blocksize, p->o->nested, 1, &s->w);
         if (rc == 0 && p->o->on_stats)
             nf4_error_stats(t->data, t->dtype, &s->w, 1, &s->st);
+        st_tensor_release(t);
         pthread_mutex_lock(&p->mu);
         s->state = rc == 0 ? 2 : 3;
         pthread_cond_broadcast(&p->cv);
@@ -1689,7 +1753,8 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
     if (!nf4_blocksize_ok(o->blocksize))
         return msg_error("invalid block size %d (32, 64, ..., 4096)",
                          o->blocksize);
-    if (read_config(o->in_dir, 0, &cfg) != 0 || st_model_open(o->in_dir, &m) != 0)
+    if (read_config(o->in_dir, 0, &cfg) != 0 ||
+        st_model_open(o->in_dir, &m) != 0)
         goto done;
 
     /* Plan: which tensors become what. */
@@ -1700,7 +1765,8 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
             continue;
         if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16) {
             msg_error("%s: tensor '%s' has unsupported dtype %s (F32, F16 or "
-                      "BF16)", o->in_dir, t->name, st_dtype_name(t->dtype));
+                      "BF16)",
+                      o->in_dir, t->name, st_dtype_name(t->dtype));
             goto done;
         }
         if (!nf4_is_block_linear(t->name, t->ndim)) {
@@ -1790,17 +1856,18 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
     if (!tmp)
         goto done;
     strbuf qc = STRBUF_INIT;
-    sb_printf(&qc, "{\n    \"_load_in_4bit\": true,\n    \"_load_in_8bit\": "
-                   "false,\n    \"bnb_4bit_compute_dtype\": \"%s\",\n    "
-                   "\"bnb_4bit_quant_storage\": \"uint8\",\n    "
-                   "\"bnb_4bit_quant_type\": \"nf4\",\n    "
-                   "\"bnb_4bit_use_double_quant\": %s,\n    "
-                   "\"llm_int8_enable_fp32_cpu_offload\": false,\n    "
-                   "\"llm_int8_has_fp16_weight\": false,\n    "
-                   "\"llm_int8_skip_modules\": null,\n    "
-                   "\"llm_int8_threshold\": 6.0,\n    \"load_in_4bit\": "
-                   "true,\n    \"load_in_8bit\": false,\n    \"quant_method\": "
-                   "\"bitsandbytes\"\n  }",
+    sb_printf(&qc,
+              "{\n    \"_load_in_4bit\": true,\n    \"_load_in_8bit\": "
+              "false,\n    \"bnb_4bit_compute_dtype\": \"%s\",\n    "
+              "\"bnb_4bit_quant_storage\": \"uint8\",\n    "
+              "\"bnb_4bit_quant_type\": \"nf4\",\n    "
+              "\"bnb_4bit_use_double_quant\": %s,\n    "
+              "\"llm_int8_enable_fp32_cpu_offload\": false,\n    "
+              "\"llm_int8_has_fp16_weight\": false,\n    "
+              "\"llm_int8_skip_modules\": null,\n    "
+              "\"llm_int8_threshold\": 6.0,\n    \"load_in_4bit\": "
+              "true,\n    \"load_in_8bit\": false,\n    \"quant_method\": "
+              "\"bitsandbytes\"\n  }",
               o->compute_dtype ? o->compute_dtype : "bfloat16",
               o->nested ? "true" : "false");
     int crc = write_config(tmp, cfg, kept_dtype_name(m, is_quantized_source),
@@ -1843,9 +1910,11 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
         switch (e->kind) {
         case E_KEEP:
             wr = st_writer_write(sw, e->src->data, e->src->nbytes);
+            st_tensor_release(e->src);
             break;
         case E_PACKED:
-            wr = st_writer_write(sw, cur->packed, (uint64_t)(cur->numel + 1) / 2);
+            wr = st_writer_write(sw, cur->packed,
+                                 (uint64_t)(cur->numel + 1) / 2);
             break;
         case E_ABSMAX_U8:
             wr = st_writer_write(sw, cur->absmax_code, (uint64_t)cur->nblocks);
@@ -1853,9 +1922,11 @@ int nf4_quantize_checkpoint(const nf4_ckpt_opts *o)
         case E_QSTATE: {
             strbuf js = STRBUF_INIT;
             nf4_quant_state_json(cur, &js);
-            wr = js.len == q->json_len ? st_writer_write(sw, js.buf, js.len)
-                                       : msg_error("internal error: quant_state "
-                                                   "size of '%s'", q->t->name);
+            wr = js.len == q->json_len
+                     ? st_writer_write(sw, js.buf, js.len)
+                     : msg_error("internal error: quant_state "
+                                 "size of '%s'",
+                                 q->t->name);
             sb_free(&js);
             nf4_weight_free(&sl->w); /* its last tensor: done with it */
             break;
@@ -1921,15 +1992,17 @@ done:
 }
 
 static const char *const nf4_aux_suffix[] = {
-    NF4_SUFFIX_ABSMAX, NF4_SUFFIX_QUANT_MAP, NF4_SUFFIX_NESTED_ABSMAX,
-    NF4_SUFFIX_NESTED_QUANT_MAP, NF4_SUFFIX_QUANT_STATE,
+    NF4_SUFFIX_ABSMAX,        NF4_SUFFIX_QUANT_MAP,
+    NF4_SUFFIX_NESTED_ABSMAX, NF4_SUFFIX_NESTED_QUANT_MAP,
+    NF4_SUFFIX_QUANT_STATE,
 };
 
 /* 1 when name is one of the auxiliary tensors of an NF4 weight in m. */
 static int is_nf4_aux(const st_model *m, const char *name)
 {
     size_t n = strlen(name);
-    for (size_t i = 0; i < sizeof nf4_aux_suffix / sizeof *nf4_aux_suffix; i++) {
+    for (size_t i = 0; i < sizeof nf4_aux_suffix / sizeof *nf4_aux_suffix;
+         i++) {
         size_t k = strlen(nf4_aux_suffix[i]);
         if (n > k && strcmp(name + n - k, nf4_aux_suffix[i]) == 0) {
             char *base = xstrndup(name, n - k);
@@ -1971,8 +2044,8 @@ int nf4_dequantize_checkpoint(const char *in_dir, const char *out_dir,
     void *obuf = NULL;
     int rc = -1;
 
-    if (out_dtype != ST_NDTYPES && out_dtype != ST_F32 && out_dtype != ST_BF16 &&
-        out_dtype != ST_F16)
+    if (out_dtype != ST_NDTYPES && out_dtype != ST_F32 &&
+        out_dtype != ST_BF16 && out_dtype != ST_F16)
         return msg_error("cannot dequantize to %s", st_dtype_name(out_dtype));
     if (read_config(in_dir, 1, &cfg) != 0 || st_model_open(in_dir, &m) != 0)
         goto done;
@@ -2033,6 +2106,7 @@ int nf4_dequantize_checkpoint(const char *in_dir, const char *out_dir,
         if (e->kind == E_KEEP) {
             if (st_writer_write(sw, e->src->data, e->src->nbytes) != 0)
                 goto done;
+            st_tensor_release(e->src);
             continue;
         }
         const nf4_weight *w = &ws[e->w];

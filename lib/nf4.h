@@ -26,10 +26,10 @@
 #ifndef NF4_H
 #define NF4_H
 
-#include <stddef.h>
-#include <stdint.h>
 #include "safetensors.h"
 #include "strbuf.h"
+#include <stddef.h>
+#include <stdint.h>
 
 #define NF4_NESTED_BLOCKSIZE 256
 
@@ -59,29 +59,29 @@ int nf4_blocksize_ok(int blocksize);
  * the small float arrays are copied); release with nf4_weight_free. */
 typedef struct nf4_weight {
     int ndim;
-    int64_t shape[ST_MAX_DIMS];  /* shape of the original weight, [out, in] */
+    int64_t shape[ST_MAX_DIMS]; /* shape of the original weight, [out, in] */
     int64_t numel;
-    st_dtype dtype;              /* the original dtype: F32, F16 or BF16 */
-    int blocksize;               /* elements per absmax block */
-    int64_t nblocks;             /* ceil(numel / blocksize) */
-    const uint8_t *packed;       /* (numel + 1) / 2 bytes */
-    int nested;                  /* 1: double quantization */
-    const float *absmax;         /* nblocks fp32 when !nested, else NULL */
-    const uint8_t *absmax_code;  /* nblocks 8-bit codes when nested */
-    int nested_blocksize;        /* 256 */
-    int64_t nested_nblocks;      /* ceil(nblocks / 256) */
-    const float *nested_absmax;  /* nested_nblocks fp32 */
-    float nested_offset;         /* the mean that was subtracted */
+    st_dtype dtype;             /* the original dtype: F32, F16 or BF16 */
+    int blocksize;              /* elements per absmax block */
+    int64_t nblocks;            /* ceil(numel / blocksize) */
+    const uint8_t *packed;      /* (numel + 1) / 2 bytes */
+    int nested;                 /* 1: double quantization */
+    const float *absmax;        /* nblocks fp32 when !nested, else NULL */
+    const uint8_t *absmax_code; /* nblocks 8-bit codes when nested */
+    int nested_blocksize;       /* 256 */
+    int64_t nested_nblocks;     /* ceil(nblocks / 256) */
+    const float *nested_absmax; /* nested_nblocks fp32 */
+    float nested_offset;        /* the mean that was subtracted */
     float quant_map[16];
     float nested_map[256];
-    void *owned_[4];             /* private: what nf4_weight_free frees */
+    void *owned_[4]; /* private: what nf4_weight_free frees */
 } nf4_weight;
 
 /* Per-block absmax of n elements of src (F32, F16 or BF16) as bitsandbytes'
  * kernel computes it: max |x| over the block, NaNs ignored. absmax must hold
  * ceil(n / blocksize) floats. nthreads <= 0 means all (OpenMP). */
-void nf4_block_absmax(const void *src, st_dtype dtype, int64_t n,
-                      int blocksize, float *absmax, int nthreads);
+void nf4_block_absmax(const void *src, st_dtype dtype, int64_t n, int blocksize,
+                      float *absmax, int nthreads);
 
 /* The mean of x[0..n) exactly as torch's CUDA float32 mean computes it
  * (same summation tree, then sum * (1.0f / n)): the double-quantization
@@ -136,10 +136,10 @@ int nf4_weight_load(const st_model *m, const char *name, nf4_weight *out);
 
 /* Error statistics of a quantized weight against its source. */
 typedef struct nf4_stats {
-    float absmax_min, absmax_max;  /* over blocks (exact fp32 absmax) */
-    double rms;                    /* of the source */
-    double err_rms;                /* of (dequantized - source) */
-    double rel_err;                /* err_rms / rms (0 when rms is 0) */
+    float absmax_min, absmax_max; /* over blocks (exact fp32 absmax) */
+    double rms;                   /* of the source */
+    double err_rms;               /* of (dequantized - source) */
+    double rel_err;               /* err_rms / rms (0 when rms is 0) */
     double max_abs_err;
 } nf4_stats;
 int nf4_error_stats(const void *src, st_dtype dtype, const nf4_weight *w,
@@ -154,14 +154,14 @@ void nf4_append_py_float(strbuf *sb, double v);
 
 /* Options of nf4_quantize_checkpoint. */
 typedef struct nf4_ckpt_opts {
-    const char *in_dir;         /* Hugging Face Llama checkpoint */
-    const char *out_dir;        /* written via io_dir_begin/commit; NULL:
-                                   nothing written (statistics only) */
-    int blocksize;              /* 64 */
-    int nested;                 /* double quantization (1) */
-    int nthreads;               /* <= 0: all */
-    const char *compute_dtype;  /* for quantization_config: "bfloat16" ... */
-    uint64_t shard_bytes;       /* 0: one file */
+    const char *in_dir;        /* Hugging Face Llama checkpoint */
+    const char *out_dir;       /* written via io_dir_begin/commit; NULL:
+                                  nothing written (statistics only) */
+    int blocksize;             /* 64 */
+    int nested;                /* double quantization (1) */
+    int nthreads;              /* <= 0: all */
+    const char *compute_dtype; /* for quantization_config: "bfloat16" ... */
+    uint64_t shard_bytes;      /* 0: one file */
     /* Called for each quantized weight when non-NULL, in name order, with
      * its error statistics (computed only then). */
     void (*on_stats)(void *ctx, const char *name, const nf4_weight *w,

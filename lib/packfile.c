@@ -734,8 +734,10 @@ static void place(rows_builder *b, const pack_input *in, const pack_opts *o,
     memcpy(dst, src, (size_t)len * sizeof *dst);
     for (uint32_t t = 0; t < len; t++) {
         uint32_t j = from + t;
-        w[t] =
-            o->loss == PACK_LOSS_ALL || (cs != TOKS_NO_COMPLETION && j >= cs);
+        /* A record without a prompt/completion split (plain text) is all
+         * completion: training on it under --loss completion must not
+         * silently learn nothing. */
+        w[t] = o->loss == PACK_LOSS_ALL || cs == TOKS_NO_COMPLETION || j >= cs;
     }
 }
 

@@ -13,6 +13,7 @@
  * the order st_serialize_cmp() gives writes files byte-identical to
  * safetensors.torch.save_file.
  */
+#define _DEFAULT_SOURCE /* madvise */
 #include "safetensors.h"
 
 #include <errno.h>
@@ -36,11 +37,11 @@ static const struct {
     size_t size;
     int rank; /* position in the reference implementation's Dtype enum */
 } dtypes[ST_NDTYPES] = {
-    [ST_F64] = {"F64", 8, 17},  [ST_F32] = {"F32", 4, 15},
-    [ST_F16] = {"F16", 2, 11},  [ST_BF16] = {"BF16", 2, 12},
-    [ST_I64] = {"I64", 8, 18},  [ST_I32] = {"I32", 4, 13},
-    [ST_I16] = {"I16", 2, 9},   [ST_I8] = {"I8", 1, 5},
-    [ST_U8] = {"U8", 1, 4},     [ST_BOOL] = {"BOOL", 1, 0},
+    [ST_F64] = {"F64", 8, 17}, [ST_F32] = {"F32", 4, 15},
+    [ST_F16] = {"F16", 2, 11}, [ST_BF16] = {"BF16", 2, 12},
+    [ST_I64] = {"I64", 8, 18}, [ST_I32] = {"I32", 4, 13},
+    [ST_I16] = {"I16", 2, 9},  [ST_I8] = {"I8", 1, 5},
+    [ST_U8] = {"U8", 1, 4},    [ST_BOOL] = {"BOOL", 1, 0},
 };
 
 size_t st_dtype_size(st_dtype t)
@@ -87,7 +88,10 @@ static inline float bits_f32(uint32_t u)
     return f;
 }
 
-float st_bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+float st_bf16_to_f32(uint16_t h)
+{
+    return bits_f32((uint32_t)h << 16);
+}
 
 uint16_t st_f32_to_bf16(float f)
 {
@@ -132,14 +136,25 @@ uint16_t st_f32_to_f16(float f)
     return (uint16_t)(sign | (a >> 13));
 }
 
+void st_tensor_release(const st_tensor *t)
+{
+    if (!t->nbytes)
+        return;
+    /* Whole pages around the data: dropping a read-only file mapping's
+     * page is always safe, a neighbour's next access faults it back. */
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)t->data & ~(page - 1);
+    uintptr_t b = ((uintptr_t)t->data + t->nbytes + page - 1) & ~(page - 1);
+    madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
 int st_to_f32(const st_tensor *t, float *dst, int64_t offset, int64_t n)
 {
     if (offset < 0 || n < 0 || offset > t->numel || n > t->numel - offset)
         return msg_error("elements %lld..%lld out of range of tensor '%s'",
-                         (long long)offset, (long long)(offset + n),
-                         t->name);
-    const unsigned char *p =
-        (const unsigned char *)t->data + (size_t)offset * st_dtype_size(t->dtype);
+                         (long long)offset, (long long)(offset + n), t->name);
+    const unsigned char *p = (const unsigned char *)t->data +
+                             (size_t)offset * st_dtype_size(t->dtype);
     switch (t->dtype) {
     case ST_F32:
         memcpy(dst, p, (size_t)n * 4);
@@ -167,16 +182,16 @@ int st_to_f32(const st_tensor *t, float *dst, int64_t offset, int64_t n)
         }
         return 0;
     default:
-        return msg_error("tensor '%s' has dtype %s, not a float type",
-                         t->name, st_dtype_name(t->dtype));
+        return msg_error("tensor '%s' has dtype %s, not a float type", t->name,
+                         st_dtype_name(t->dtype));
     }
 }
 
 /* ---- reading -------------------------------------------------------- */
 
 typedef struct st_file_priv {
-    st_file pub;            /* first, so st_file * and this convert */
-    json_value *root;       /* owns metadata */
+    st_file pub;      /* first, so st_file * and this convert */
+    json_value *root; /* owns metadata */
     const st_tensor **by_name;
 } st_file_priv;
 
@@ -217,8 +232,8 @@ static int parse_entry(const char *path, const char *name, const json_value *e,
         const char *key = e->u.object.keys[k];
         if (strcmp(key, "dtype") && strcmp(key, "shape") &&
             strcmp(key, "data_offsets"))
-            return msg_error("%s: tensor '%s' has an unknown field '%s'",
-                             path, name, key);
+            return msg_error("%s: tensor '%s' has an unknown field '%s'", path,
+                             name, key);
     }
     const char *dt = json_get_string(e, "dtype", NULL);
     if (!dt)
@@ -320,8 +335,8 @@ int st_open(const char *path, st_file **out)
     }
     uint64_t data_len = size - 8 - hlen;
     const unsigned char *data = m + 8 + hlen;
-    f->tensors = xcalloc(root->u.object.n ? root->u.object.n : 1,
-                         sizeof *f->tensors);
+    f->tensors =
+        xcalloc(root->u.object.n ? root->u.object.n : 1, sizeof *f->tensors);
     for (size_t k = 0; k < root->u.object.n; k++) {
         const char *name = root->u.object.keys[k];
         const json_value *e = root->u.object.values[k];
@@ -509,7 +524,8 @@ int st_model_open(const char *dir, st_model **out)
                 j++;
             if (!st_find(m->files[j], tn)) {
                 msg_error("%s: tensor '%s' is not in shard '%s' as the index "
-                          "says", index_path, tn, sn);
+                          "says",
+                          index_path, tn, sn);
                 goto done;
             }
         }
@@ -520,7 +536,8 @@ int st_model_open(const char *dir, st_model **out)
                     const json_value *v = json_get(wm, tn);
                     if (!v || strcmp(v->u.string.s, names[j])) {
                         msg_error("%s: tensor '%s' of shard '%s' is not in "
-                                  "the index", index_path, tn, names[j]);
+                                  "the index",
+                                  index_path, tn, names[j]);
                         goto done;
                     }
                 }
@@ -534,7 +551,8 @@ int st_model_open(const char *dir, st_model **out)
         m->nfiles = 1;
     } else {
         msg_error("no model.safetensors or model.safetensors.index.json in "
-                  "'%s'", dir);
+                  "'%s'",
+                  dir);
         goto done;
     }
     for (size_t j = 0; j < m->nfiles; j++)
@@ -634,7 +652,8 @@ static void append_header(strbuf *sb, const char *const *meta, size_t nmeta,
             sb_putc(sb, ',');
         first = 0;
         json_append_string(sb, t[i].name, strlen(t[i].name));
-        sb_printf(sb, ":{\"dtype\":\"%s\",\"shape\":[", st_dtype_name(t[i].dtype));
+        sb_printf(sb, ":{\"dtype\":\"%s\",\"shape\":[",
+                  st_dtype_name(t[i].dtype));
         for (int d = 0; d < t[i].ndim; d++)
             sb_printf(sb, "%s%lld", d ? "," : "", (long long)t[i].shape[d]);
         sb_printf(sb, "],\"data_offsets\":[%llu,%llu]}",
@@ -677,7 +696,8 @@ static int fill_wtensor(wtensor *w, const char *name, st_dtype dtype, int ndim,
     return 0;
 }
 
-st_writer *st_writer_new(const char *dir, const char *base, uint64_t shard_bytes)
+st_writer *st_writer_new(const char *dir, const char *base,
+                         uint64_t shard_bytes)
 {
     st_writer *w = xcalloc(1, sizeof *w);
     w->dir = xstrdup(dir);
@@ -686,8 +706,8 @@ st_writer *st_writer_new(const char *dir, const char *base, uint64_t shard_bytes
     return w;
 }
 
-void st_writer_declare(st_writer *w, const char *name, st_dtype dtype,
-                       int ndim, const int64_t *shape)
+void st_writer_declare(st_writer *w, const char *name, st_dtype dtype, int ndim,
+                       const int64_t *shape)
 {
     if (w->begun) {
         w->failed = 1;
@@ -776,7 +796,8 @@ int st_writer_begin(st_writer *w)
     uint64_t size = 0;
     size_t s = 0;
     for (size_t i = 0; i < w->n; i++) {
-        if (w->shard_bytes && size > 0 && size + w->t[i].nbytes > w->shard_bytes) {
+        if (w->shard_bytes && size > 0 &&
+            size + w->t[i].nbytes > w->shard_bytes) {
             s++;
             size = 0;
         }
@@ -850,8 +871,9 @@ static int write_index(st_writer *w)
     }
     qsort(v, w->n, sizeof *v, cmp_wtensor_name);
     strbuf sb = STRBUF_INIT;
-    sb_printf(&sb, "{\n  \"metadata\": {\n    \"total_size\": %llu\n  },\n"
-                   "  \"weight_map\": {\n",
+    sb_printf(&sb,
+              "{\n  \"metadata\": {\n    \"total_size\": %llu\n  },\n"
+              "  \"weight_map\": {\n",
               (unsigned long long)total);
     for (size_t i = 0; i < w->n; i++) {
         sb_puts(&sb, "    ");

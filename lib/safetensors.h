@@ -69,6 +69,11 @@ int st_model_open(const char *dir, st_model **out);
 void st_model_close(st_model *m);
 const st_tensor *st_model_find(const st_model *m, const char *name);
 
+/* Lets the pages of a tensor's data leave the process's memory (they stay
+ * in the page cache; touching the data again brings them back): streaming
+ * over a large checkpoint keeps the resident size near one tensor. */
+void st_tensor_release(const st_tensor *t);
+
 /* Converts n elements of a tensor's data to float (F32, F16, BF16, F64). */
 int st_to_f32(const st_tensor *t, float *dst, int64_t offset, int64_t n);
 

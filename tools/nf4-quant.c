@@ -20,7 +20,10 @@ static const char usage_text[] =
     "[--compute-dtype type] [--no-double-quant] [--stats] dir\n"
     "       nf4-quant --dequant [-qv] [-j threads] [--dtype type] -o dir dir\n";
 
-static void usage(FILE *f) { fputs(usage_text, f); }
+static void usage(FILE *f)
+{
+    fputs(usage_text, f);
+}
 
 static void help(void)
 {
@@ -194,7 +197,9 @@ int main(int argc, char **argv)
             bad_usage("--stats does not go with --dequant%s", "");
         msg_info("dequantizing '%s' into '%s'", input, output);
         return nf4_dequantize_checkpoint(input, output, out_dtype, nthreads,
-                                         5000000000ull) ? 2 : 0;
+                                         5000000000ull)
+                   ? 2
+                   : 0;
     }
     if (out_dtype != ST_NDTYPES)
         bad_usage("--dtype goes with --dequant%s", "");

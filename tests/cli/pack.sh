@@ -68,7 +68,7 @@ check "fixture stream made" test -s small.toks
 cat >want.dump <<'EOF'
 {"row":0,"ids":[1,50,51,52,53,54,55,56],"weights":[0,0,0,0,0,0,1,1],"spans":[[0,8]]}
 {"row":1,"ids":[1,30,31,32,33,34,2,0],"weights":[0,0,0,0,1,1,1,0],"spans":[[0,7]]}
-{"row":2,"ids":[1,10,11,12,2,1,40,2],"weights":[0,0,0,1,1,0,0,0],"spans":[[0,5],[5,3]]}
+{"row":2,"ids":[1,10,11,12,2,1,40,2],"weights":[0,0,0,1,1,0,1,1],"spans":[[0,5],[5,3]]}
 {"row":3,"ids":[1,20,21,2,1,60,61,2],"weights":[0,0,1,1,0,1,1,1],"spans":[[0,4],[4,4]]}
 EOF
 pack -n 8 --no-shuffle -o small.pack small.toks 2>err
@@ -111,7 +111,7 @@ check "fixture of 300 records" test "$(wc -l <big.jsonl)" -eq 300
 # weights of the concatenation by loss scope, then chunked, first of each row 0
 cat >chunks.jq <<'EOF'
 def weights($all): .completion_start as $c | [range(.ids | length) |
-    if $all or ($c != null and . >= $c) then 1 else 0 end];
+    if $all or $c == null or . >= $c then 1 else 0 end];
 ([.[].ids[]]) as $ids | ([.[] | weights($all)] | add) as $w |
 (($ids | length) - ($ids | length) % $L) as $n |
 [range(0; $n; $L) as $i |
@@ -157,7 +157,7 @@ check "bfd: loss weights follow each record's completion, padding weighs 0" \
     all($rows[]; . as $r |
         ([$r.spans[] | .[0] as $s | .[1] as $l | $r.ids[$s:$s + $l] as $d |
             $cs[0][$d | tostring] as $c |
-            [range($l) | if . > 0 and $c != null and . >= $c then 1 else 0 end]]
+            [range($l) | if . > 0 and ($c == null or . >= $c) then 1 else 0 end]]
          | add) as $w |
         ([$r.spans[] | range(.[0]; .[0] + .[1])]) as $in |
         ([range($r.ids | length)] - $in) as $pad |

@@ -86,7 +86,9 @@ static void test_lines(void)
           "io: clean end of input");
     io_reader_close(r);
 
-    CHECK(io_reader_open(path("missing")) == NULL, "io: missing file refused");
+    char *missing = path("missing");
+    CHECK(io_reader_open(missing) == NULL, "io: missing file refused");
+    free(missing);
     free(z);
     free(p);
     free(pz);

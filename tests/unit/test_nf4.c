@@ -89,11 +89,11 @@ static void test_thresholds(void)
     /* With absmax 1 the scale is 1, so the values are compared directly:
      * on a threshold the lower code, just above it the next. */
     static const float thr[15] = {
-        -0.8480964004993439f,  -0.6106329262256622f,  -0.4599952697753906f,
-        -0.33967943489551544f, -0.23460740596055984f, -0.13791173323988914f,
+        -0.8480964004993439f,   -0.6106329262256622f,  -0.4599952697753906f,
+        -0.33967943489551544f,  -0.23460740596055984f, -0.13791173323988914f,
         -0.045525018125772476f, 0.03979014977812767f,  0.1202552504837513f,
-        0.2035212516784668f,   0.2920137718319893f,   0.3893125355243683f,
-        0.5016634166240692f,   0.6427869200706482f,   0.8614784181118011f,
+        0.2035212516784668f,    0.2920137718319893f,   0.3893125355243683f,
+        0.5016634166240692f,    0.6427869200706482f,   0.8614784181118011f,
     };
     for (int level = 0; level <= 2; level++) {
         float v[64];
@@ -112,7 +112,8 @@ static void test_thresholds(void)
             ok &= c[2 + 2 * k] == k && c[3 + 2 * k] == k + 1;
         for (int i = 32; i < 64; i++)
             ok &= c[i] == 7;
-        CHECK(ok, "level %d: a value on a threshold takes the lower code", level);
+        CHECK(ok, "level %d: a value on a threshold takes the lower code",
+              level);
         /* NaN is ignored by the absmax and gets code 0; an infinity makes
          * the scale 0, so everything becomes 0 * 0 = 0 -> 7, inf -> NaN -> 0 */
         for (int i = 0; i < 64; i++)
@@ -124,7 +125,8 @@ static void test_thresholds(void)
               "level %d: NaN ignored by absmax, coded 0", level);
         v[9] = INFINITY;
         codes_of(v, 64, level, c, &am);
-        CHECK(isinf(am) && c[9] == 0 && c[32] == 7, "level %d: infinity", level);
+        CHECK(isinf(am) && c[9] == 0 && c[32] == 7, "level %d: infinity",
+              level);
         for (int i = 0; i < 64; i++)
             v[i] = 0.0f;
         codes_of(v, 64, level, c, &am);
@@ -240,7 +242,10 @@ static void test_torch_mean(void)
 {
     /* torch.mean on an H100 (torch 2.11) of x_i = float(((i * 2654435761 +
      * 12345) mod 2^32) / 2^32 * 0.1 + 0.01): the float32 bits */
-    static const struct { int64_t n; uint32_t bits; } want[] = {
+    static const struct {
+        int64_t n;
+        uint32_t bits;
+    } want[] = {
         {1, 0x3c23d83fu},      {2, 0x3d2788d8u},      {3, 0x3d1d9317u},
         {5, 0x3d5b931au},      {31, 0x3d744098u},     {32, 0x3d6fef74u},
         {33, 0x3d738d18u},     {64, 0x3d757b9fu},     {100, 0x3d72c38cu},
@@ -274,14 +279,26 @@ static void test_torch_mean(void)
 
 static void test_py_float(void)
 {
-    static const struct { double v; const char *s; } cases[] = {
+    static const struct {
+        double v;
+        const char *s;
+    } cases[] = {
         {0.32861053943634033, "0.32861053943634033"},
         {(double)0.1f, "0.10000000149011612"},
-        {0.1, "0.1"},           {1e-05, "1e-05"},   {0.0001, "0.0001"},
-        {1.0, "1.0"},           {100.0, "100.0"},   {-2.5, "-2.5"},
-        {1e16, "1e+16"},        {1234567890123456.0, "1234567890123456.0"},
-        {1.5e-7, "1.5e-07"},    {0.0, "0.0"},       {-0.0, "-0.0"},
-        {123.456, "123.456"},   {1e22, "1e+22"},    {6.0, "6.0"},
+        {0.1, "0.1"},
+        {1e-05, "1e-05"},
+        {0.0001, "0.0001"},
+        {1.0, "1.0"},
+        {100.0, "100.0"},
+        {-2.5, "-2.5"},
+        {1e16, "1e+16"},
+        {1234567890123456.0, "1234567890123456.0"},
+        {1.5e-7, "1.5e-07"},
+        {0.0, "0.0"},
+        {-0.0, "-0.0"},
+        {123.456, "123.456"},
+        {1e22, "1e+22"},
+        {6.0, "6.0"},
     };
     int bad = 0;
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -294,14 +311,15 @@ static void test_py_float(void)
         sb_free(&sb);
     }
     CHECK(bad == 0, "floats formatted as Python's repr");
-    CHECK(nf4_is_block_linear("model.layers.0.self_attn.q_proj.weight", 2) &&
-              nf4_is_block_linear("model.layers.31.mlp.down_proj.weight", 2) &&
-              !nf4_is_block_linear("model.layers.0.mlp.down_proj.weight", 1) &&
-              !nf4_is_block_linear("model.layers.0.input_layernorm.weight", 1) &&
-              !nf4_is_block_linear("lm_head.weight", 2) &&
-              !nf4_is_block_linear("model.embed_tokens.weight", 2) &&
-              !nf4_is_block_linear("model.layers.x.mlp.up_proj.weight", 2),
-          "which tensors are quantized");
+    CHECK(
+        nf4_is_block_linear("model.layers.0.self_attn.q_proj.weight", 2) &&
+            nf4_is_block_linear("model.layers.31.mlp.down_proj.weight", 2) &&
+            !nf4_is_block_linear("model.layers.0.mlp.down_proj.weight", 1) &&
+            !nf4_is_block_linear("model.layers.0.input_layernorm.weight", 1) &&
+            !nf4_is_block_linear("lm_head.weight", 2) &&
+            !nf4_is_block_linear("model.embed_tokens.weight", 2) &&
+            !nf4_is_block_linear("model.layers.x.mlp.up_proj.weight", 2),
+        "which tensors are quantized");
 }
 
 static void test_round_trip(void)
@@ -315,17 +333,19 @@ static void test_round_trip(void)
     CHECK(nf4_quantize(v, ST_F32, 2, shape, 64, 1, 0, &w) == 0, "quantize");
     strbuf js = STRBUF_INIT;
     nf4_quant_state_json(&w, &js);
-    CHECK(js.len == nf4_quant_state_len(2, shape, ST_F32, 64, 1,
-                                        w.nested_offset),
+    CHECK(js.len ==
+              nf4_quant_state_len(2, shape, ST_F32, 64, 1, w.nested_offset),
           "quant_state length known in advance");
     st_tensor t[6];
     memset(t, 0, sizeof t);
-    const char *names[6] = {"x.weight", "x.weight.absmax", "x.weight.quant_map",
+    const char *names[6] = {"x.weight",
+                            "x.weight.absmax",
+                            "x.weight.quant_map",
                             "x.weight.nested_absmax",
                             "x.weight.nested_quant_map",
                             "x.weight.quant_state.bitsandbytes__nf4"};
-    const void *data[6] = {w.packed, w.absmax_code, w.quant_map,
-                           w.nested_absmax, w.nested_map, js.buf};
+    const void *data[6] = {w.packed,        w.absmax_code, w.quant_map,
+                           w.nested_absmax, w.nested_map,  js.buf};
     st_dtype dts[6] = {ST_U8, ST_U8, ST_F32, ST_F32, ST_F32, ST_U8};
     int64_t lens[6] = {1920, 60, 16, 1, 256, (int64_t)js.len};
     for (int i = 0; i < 6; i++) {
@@ -369,20 +389,23 @@ static void test_round_trip(void)
         CHECK(nf4_dequantize(&l, 3800, 41, a) != 0, "range checked");
         nf4_stats st;
         nf4_error_stats(v, ST_F32, &w, 0, &st);
-        CHECK(st.rel_err > 0.01 && st.rel_err < 0.15 && st.absmax_max <= 0.05f &&
-                  st.absmax_min > 0 && st.max_abs_err < 0.01,
+        CHECK(st.rel_err > 0.01 && st.rel_err < 0.15 &&
+                  st.absmax_max <= 0.05f && st.absmax_min > 0 &&
+                  st.max_abs_err < 0.01,
               "error statistics plausible (rel %.4f)", st.rel_err);
         nf4_weight_free(&l);
     }
     st_model_close(m);
     /* a quant_state that is not NF4 is refused */
-    const char fp4[] = "{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": "
-                       "\"float32\", \"shape\": [48, 80]}";
+    const char fp4[] =
+        "{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": "
+        "\"float32\", \"shape\": [48, 80]}";
     t[5].data = fp4;
     t[5].shape[0] = (int64_t)strlen(fp4);
     st_write_file(p, t, 6, NULL, 0);
     fprintf(stderr, "expected errors follow:\n");
-    CHECK(st_model_open(dir, &m) == 0 && nf4_weight_load(m, "x.weight", &l) != 0,
+    CHECK(st_model_open(dir, &m) == 0 &&
+              nf4_weight_load(m, "x.weight", &l) != 0,
           "FP4 refused");
     st_model_close(m);
     /* a missing nested tensor is refused */
@@ -390,7 +413,8 @@ static void test_round_trip(void)
     t[5].shape[0] = (int64_t)js.len;
     t[3] = t[5];
     st_write_file(p, t, 5, NULL, 0);
-    CHECK(st_model_open(dir, &m) == 0 && nf4_weight_load(m, "x.weight", &l) != 0,
+    CHECK(st_model_open(dir, &m) == 0 &&
+              nf4_weight_load(m, "x.weight", &l) != 0,
           "missing nested_absmax refused");
     st_model_close(m);
     free(p);
@@ -417,8 +441,9 @@ static int file_matches(const char *path, const char *key, int *ntensors)
             continue;
         }
         const st_tensor *t = st_find(f, name);
-        if (!t || strcmp(st_dtype_name(t->dtype),
-                         e->u.array.items[0]->u.string.s) != 0 ||
+        if (!t ||
+            strcmp(st_dtype_name(t->dtype), e->u.array.items[0]->u.string.s) !=
+                0 ||
             !hash_is(e, t->data, t->nbytes)) {
             printf("# %s: tensor '%s' differs\n", key, name);
             ok = 0;
@@ -458,7 +483,8 @@ static int make_cast(const char *src, const char *dir, st_dtype dt)
     free(t);
     st_model_close(m);
     /* the config, with its dtype */
-    char *cs = io_path_join(src, "config.json"), *cd = io_path_join(dir, "config.json");
+    char *cs = io_path_join(src, "config.json"),
+         *cd = io_path_join(dir, "config.json");
     char *text;
     size_t len;
     if (io_read_file(cs, &text, &len) == 0) {
@@ -529,12 +555,15 @@ static void test_shared(void)
 
     /* whole checkpoints: F32 against the shared golden file, BF16 and F16
      * against the hashes of bitsandbytes' files */
-    static const struct { const char *tag; st_dtype dt; } kinds[] = {
-        {"f32", ST_F32}, {"bf16", ST_BF16}, {"f16", ST_F16}};
+    static const struct {
+        const char *tag;
+        st_dtype dt;
+    } kinds[] = {{"f32", ST_F32}, {"bf16", ST_BF16}, {"f16", ST_F16}};
     for (int k = 0; k < 3; k++) {
         char name[64];
         snprintf(name, sizeof name, "in-%s", kinds[k].tag);
-        char *in = kinds[k].dt == ST_F32 ? xstrdup(src) : io_path_join(tmpdir, name);
+        char *in =
+            kinds[k].dt == ST_F32 ? xstrdup(src) : io_path_join(tmpdir, name);
         int n;
         if (kinds[k].dt != ST_F32) {
             make_cast(src, in, kinds[k].dt);
@@ -547,16 +576,20 @@ static void test_shared(void)
         }
         snprintf(name, sizeof name, "out-%s", kinds[k].tag);
         char *out = io_path_join(tmpdir, name);
-        nf4_ckpt_opts o = {.in_dir = in, .out_dir = out, .blocksize = 64,
-                           .nested = 1, .compute_dtype = "bfloat16"};
+        nf4_ckpt_opts o = {.in_dir = in,
+                           .out_dir = out,
+                           .blocksize = 64,
+                           .nested = 1,
+                           .compute_dtype = "bfloat16"};
         CHECK(nf4_quantize_checkpoint(&o) == 0, "%s: checkpoint quantized",
               kinds[k].tag);
         char *p = io_path_join(out, "model.safetensors");
         if (kinds[k].dt == ST_F32) {
             char *a, *b, *gp = io_path_join(gold, "model.safetensors");
             size_t la, lb;
-            CHECK(io_read_file(p, &a, &la) == 0 && io_read_file(gp, &b, &lb) == 0 &&
-                      la == lb && memcmp(a, b, la) == 0,
+            CHECK(io_read_file(p, &a, &la) == 0 &&
+                      io_read_file(gp, &b, &lb) == 0 && la == lb &&
+                      memcmp(a, b, la) == 0,
                   "f32: model.safetensors identical to the shared golden");
             free(a);
             free(b);
@@ -598,8 +631,10 @@ static void test_shared(void)
     /* blocksize and no-double-quant variants of quantize_4bit */
     const json_value *fv = refs ? json_get(refs, "func-f32") : NULL;
     if (fv && m) {
-        static const struct { const char *tag; int bs, dq; } var[] = {
-            {"bs128", 128, 1}, {"nodq", 64, 0}, {"bs256nodq", 256, 0}};
+        static const struct {
+            const char *tag;
+            int bs, dq;
+        } var[] = {{"bs128", 128, 1}, {"nodq", 64, 0}, {"bs256nodq", 256, 0}};
         int ok = 1, count = 0;
         for (size_t i = 0; i < m->n; i++) {
             const st_tensor *t = m->tensors[i];
@@ -611,15 +646,20 @@ static void test_shared(void)
                              var[v].dq, 0, &w);
                 char key[256];
                 snprintf(key, sizeof key, "%s.%s.packed", t->name, var[v].tag);
-                ok &= hash_is(json_get(fv, key), w.packed, (size_t)(w.numel + 1) / 2);
+                ok &= hash_is(json_get(fv, key), w.packed,
+                              (size_t)(w.numel + 1) / 2);
                 snprintf(key, sizeof key, "%s.%s.absmax", t->name, var[v].tag);
-                ok &= var[v].dq ? hash_is(json_get(fv, key), w.absmax_code, (size_t)w.nblocks)
-                                : hash_is(json_get(fv, key), w.absmax, (size_t)w.nblocks * 4);
+                ok &= var[v].dq ? hash_is(json_get(fv, key), w.absmax_code,
+                                          (size_t)w.nblocks)
+                                : hash_is(json_get(fv, key), w.absmax,
+                                          (size_t)w.nblocks * 4);
                 if (var[v].dq) {
-                    snprintf(key, sizeof key, "%s.%s.nested_absmax", t->name, var[v].tag);
+                    snprintf(key, sizeof key, "%s.%s.nested_absmax", t->name,
+                             var[v].tag);
                     ok &= hash_is(json_get(fv, key), w.nested_absmax,
                                   (size_t)w.nested_nblocks * 4);
-                    snprintf(key, sizeof key, "%s.%s.offset", t->name, var[v].tag);
+                    snprintf(key, sizeof key, "%s.%s.offset", t->name,
+                             var[v].tag);
                     ok &= hash_is(json_get(fv, key), &w.nested_offset, 4);
                 }
                 nf4_weight_free(&w);
@@ -628,7 +668,8 @@ static void test_shared(void)
         }
         CHECK(ok && count == 105,
               "blocksize 128, no double quant, blocksize 256: %d weights equal "
-              "bitsandbytes' quantize_4bit", count);
+              "bitsandbytes' quantize_4bit",
+              count);
     }
     st_model_close(m);
     st_model_close(g);
@@ -642,7 +683,8 @@ int main(void)
     snprintf(tmpdir, sizeof tmpdir, "/tmp/test_nf4.%ld", (long)getpid());
     mkdir(tmpdir, 0777);
     const char *top = getenv("TOP");
-    char *rp = io_path_join(top && *top ? top : ".", "tests/golden/nf4-refs.json");
+    char *rp =
+        io_path_join(top && *top ? top : ".", "tests/golden/nf4-refs.json");
     char *text;
     size_t len;
     if (io_read_file(rp, &text, &len) == 0) {

@@ -201,7 +201,7 @@ static int check_spans(const pack_input *in, const pack_data *d, unsigned *seen,
             for (uint32_t t = 0; t < sp[i].len; t++) {
                 int wt =
                     t > 0 && (d->h.loss == PACK_LOSS_ALL ||
-                              (cs != TOKS_NO_COMPLETION && from + t >= cs));
+                              (cs == TOKS_NO_COMPLETION || from + t >= cs));
                 bad += w[sp[i].start + t] != wt;
             }
             seen[k]++;
@@ -354,7 +354,7 @@ static void test_concat(void)
     for (uint64_t k = 0; k < in.n_records; k++)
         for (uint32_t t = 0; t < rlen(&in, k); t++)
             w[in.offsets[k] + t] =
-                in.completion[k] != TOKS_NO_COMPLETION && t >= in.completion[k];
+                in.completion[k] == TOKS_NO_COMPLETION || t >= in.completion[k];
     for (uint64_t r = 0; r < R; r++)
         w[r * L] = 0;
     int same = d.h.n_rows == R && d.h.n_spans == R &&

@@ -144,7 +144,8 @@ static void test_round_trip_all_dtypes(void)
     bufs[ST_NDTYPES] = NULL;
     const char *meta[] = {"format", "pt", "who", "q\"l"};
     char *p = tpath("all.safetensors");
-    CHECK(st_write_file(p, t, ST_NDTYPES + 1, meta, 2) == 0, "write all dtypes");
+    CHECK(st_write_file(p, t, ST_NDTYPES + 1, meta, 2) == 0,
+          "write all dtypes");
     st_file *f = NULL;
     CHECK(st_open(p, &f) == 0, "read back all dtypes");
     if (f) {
@@ -162,8 +163,8 @@ static void test_round_trip_all_dtypes(void)
         const st_tensor *e = st_find(f, "empty");
         CHECK(e && e->numel == 0 && e->nbytes == 0, "empty tensor round trips");
         CHECK(st_find(f, "nope") == NULL, "st_find of a missing name");
-        CHECK(f->metadata &&
-                  strcmp(json_get_string(f->metadata, "who", NULL), "q\"l") == 0,
+        CHECK(f->metadata && strcmp(json_get_string(f->metadata, "who", NULL),
+                                    "q\"l") == 0,
               "metadata round trips");
         /* the header is padded to 8 bytes so data starts aligned */
         uint64_t hl;
@@ -232,8 +233,9 @@ static void test_reference_header(void)
     st_write_file(p, &t, 1, meta, 1);
     char *data;
     size_t len;
-    const char want[] = "{\"__metadata__\":{\"format\":\"pt\"},\"a\":{\"dtype\":"
-                        "\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
+    const char want[] =
+        "{\"__metadata__\":{\"format\":\"pt\"},\"a\":{\"dtype\":"
+        "\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
     size_t wl = strlen(want), pad = (8 - wl % 8) % 8;
     int ok = io_read_file(p, &data, &len) == 0 && len == 8 + wl + pad + 8 &&
              (unsigned char)data[0] == wl + pad &&
@@ -323,7 +325,8 @@ static void test_sharded(void)
     rename(idx, idx2);
     write_raw(idx, text, len);
     fprintf(stderr, "expected error follows:\n");
-    CHECK(at && st_model_open(dir, &m) != 0, "tensor in the wrong shard refused");
+    CHECK(at && st_model_open(dir, &m) != 0,
+          "tensor in the wrong shard refused");
     rename(idx2, idx);
     free(text);
     CHECK(st_model_open(dir, &m) == 0, "restored model opens");
@@ -403,49 +406,66 @@ static void test_corrupt(void)
     fprintf(stderr, "expected errors follow:\n");
     CHECK(!opens(good, 11), "data one byte short refused");
     CHECK(!opens(good, 13), "trailing bytes refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
-                 "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}",
-                 12),
-          "overlapping offsets refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
-                 "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}",
-                 8),
+    CHECK(
+        !opens(
+            "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+            "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}",
+            12),
+        "overlapping offsets refused");
+    CHECK(!opens(
+              "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+              "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}",
+              8),
           "two tensors at one offset refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,80]}}",
-                 8),
-          "offsets past the end refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}",
-                 8),
-          "shape and size mismatch refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,0]}}",
-                 8),
-          "reversed offsets refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"Q4\",\"shape\":[2],\"data_offsets\":[0,8]}}",
-                 8),
+    CHECK(
+        !opens(
+            "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,80]}}",
+            8),
+        "offsets past the end refused");
+    CHECK(
+        !opens(
+            "{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}",
+            8),
+        "shape and size mismatch refused");
+    CHECK(
+        !opens(
+            "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,0]}}",
+            8),
+        "reversed offsets refused");
+    CHECK(!opens(
+              "{\"a\":{\"dtype\":\"Q4\",\"shape\":[2],\"data_offsets\":[0,8]}}",
+              8),
           "unknown dtype refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}",
-                 8),
-          "negative dimension refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2.5],\"data_offsets\":[0,8]}}",
+    CHECK(
+        !opens(
+            "{\"a\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}",
+            8),
+        "negative dimension refused");
+    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2.5],\"data_offsets\":["
+                 "0,8]}}",
                  8),
           "fractional dimension refused");
     CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,"
                  "4294967296],\"data_offsets\":[0,8]}}",
                  8),
           "overflowing shape refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8],"
-                 "\"extra\":1}}",
-                 8),
-          "unknown field refused");
+    CHECK(
+        !opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8],"
+               "\"extra\":1}}",
+               8),
+        "unknown field refused");
     CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2]}}", 8),
           "missing offsets refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
-                 "\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}",
-                 16),
-          "duplicate name refused");
-    CHECK(!opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]",
-                 8),
-          "bad JSON refused");
+    CHECK(
+        !opens(
+            "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+            "\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}",
+            16),
+        "duplicate name refused");
+    CHECK(
+        !opens("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]",
+               8),
+        "bad JSON refused");
     CHECK(!opens("[1,2]", 0), "header not an object refused");
     CHECK(!opens("{\"__metadata__\":{\"k\":1}}", 0),
           "non-string metadata refused");
@@ -470,7 +490,8 @@ static void test_corrupt(void)
     st_write_file(p, &t, 1, NULL, 0);
     CHECK(truncate(p, 100) == 0 && st_open(p, &f) != 0,
           "truncated file refused");
-    CHECK(st_open("/nonexistent/x.safetensors", &f) != 0, "missing file refused");
+    CHECK(st_open("/nonexistent/x.safetensors", &f) != 0,
+          "missing file refused");
     free(p);
 }
 
@@ -485,7 +506,8 @@ static void test_shared_model(void)
     st_model *m = NULL;
     CHECK(st_model_open(dir, &m) == 0, "stories260K opens");
     if (m) {
-        const st_tensor *t = st_model_find(m, "model.layers.0.self_attn.k_proj.weight");
+        const st_tensor *t =
+            st_model_find(m, "model.layers.0.self_attn.k_proj.weight");
         CHECK(t && t->dtype == ST_F32 && t->ndim == 2 && t->shape[0] == 32 &&
                   t->shape[1] == 64,
               "stories260K k_proj shape");
@@ -498,7 +520,8 @@ static void test_shared_model(void)
 int main(void)
 {
     msg_init("test_safetensors");
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/test_safetensors.%ld", (long)getpid());
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/test_safetensors.%ld",
+             (long)getpid());
     mkdir(tmpdir, 0777);
     test_conversions();
     test_round_trip_all_dtypes();
