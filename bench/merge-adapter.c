@@ -29,7 +29,8 @@ int main(int argc, char **argv)
     if (argc > 4) {
         char *list = xstrdup(argv[4]), *names[LLAMA_NLINEAR + 1];
         size_t n = 0;
-        for (char *s = strtok(list, ","); s && n <= LLAMA_NLINEAR; s = strtok(NULL, ","))
+        for (char *s = strtok(list, ","); s && n <= LLAMA_NLINEAR;
+             s = strtok(NULL, ","))
             names[n++] = s;
         if (lora_targets_parse((const char *const *)names, n, &lc.targets) != 0)
             return 2;

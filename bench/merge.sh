@@ -15,19 +15,28 @@
 #   lora-merge   q,v (the seed's adapter), and all seven linears
 #
 # GB/s counts the bytes read plus the bytes written (1 GB = 1e9 bytes), and
-# "model GB/s" the checkpoint's size over the wall time. CPU seconds (user +
-# system) and peak RSS from /usr/bin/time: CPU near wall x cores means the
-# merge was bound by the processors, not the disk. Needs about 2.1x the checkpoint's size free in BENCH_DIR
+# "model GB/s" the checkpoint's size over the wall time. CPU seconds (user
+# and system) and peak RSS from /usr/bin/time: CPU near wall x cores means
+# the merge was bound by the processors, not the disk. The load average
+# before each step is printed, since on a shared machine it decides a lot. Needs about 2.1x the checkpoint's size free in BENCH_DIR
 # (default /tmp); with less, it uses the most layers that fit and says so.
 #
 #   sh bench/merge.sh [LAYERS]        (from the project root, after make)
+#
+# BENCH_BASE=DIR uses an existing checkpoint (made by an earlier run with
+# BENCH_KEEP=1, which leaves its scratch directory and says where) instead
+# of generating one.
 TOP=$(pwd)
 DIR=${BENCH_DIR:-/tmp}
 [ -x "$TOP/bin/lora-merge" ] && [ -f "$TOP/build/libqlora.a" ] ||
     { echo "bench: build bin/lora-merge first (make)" >&2; exit 2; }
 CC=${CC:-cc}
 tmp=$(mktemp -d "$DIR/bench-merge.XXXXXX") || exit 2
-trap 'rm -rf "$tmp"' EXIT INT TERM
+if [ -n "$BENCH_KEEP" ]; then
+    echo "bench: keeping $tmp" >&2
+else
+    trap 'rm -rf "$tmp"' EXIT INT TERM
+fi
 LIBS="$TOP/build/libqlora.a -fopenmp -lzstd -lyaml -lm -lpthread"
 $CC -O2 -std=c11 -I"$TOP/lib" -o "$tmp/nf4-gen" "$TOP/bench/nf4-gen.c" $LIBS &&
     $CC -O2 -std=c11 -I"$TOP/lib" -o "$tmp/merge-adapter" \
@@ -50,31 +59,42 @@ now() { date +%s.%N; }
 gbps() { awk -v b="$1" -v s="$2" -v e="$3" 'BEGIN { printf "%.3f", b / (e - s) / 1e9 }'; }
 secs() { awk -v s="$1" -v e="$2" 'BEGIN { printf "%.1f", e - s }'; }
 uncache() { for f in "$@"; do dd if="$f" iflag=nocache count=0 status=none; done; }
-row() { printf '%-34s %8s s %9s %11s %8s %10s\n' "$@"; }
+row() { printf '%-34s %8s s %9s %11s %12s %9s %5s\n' "$@" "$ld"; }
+load() { ld=$(cut -d' ' -f1 /proc/loadavg); }
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM"
 echo "disk: $(df -P "$DIR" | awk 'NR==2 {print $1}') ($DIR)"
-mkdir "$tmp/base" || exit 2
-s=$(now)
-"$tmp/nf4-gen" "$tmp/base" $H $I "$L" $HEADS $KV $V bf16 1 >/dev/null || exit 2
-e=$(now)
-echo "checkpoint: $L layers, $size bytes, BF16 (generated in $(secs "$s" "$e") s)"
-"$tmp/merge-adapter" "$tmp/base" "$tmp/ad-qv" 64 q_proj,v_proj 1 &&
-    "$tmp/merge-adapter" "$tmp/base" "$tmp/ad-all" 64 all-linear 2 || exit 2
-B="$tmp/base/model.safetensors"
+if [ -n "$BENCH_BASE" ]; then
+    BD=$BENCH_BASE
+    L=$(jq .num_hidden_layers "$BD/config.json")
+    size=$(wc -c <"$BD/model.safetensors")
+    echo "checkpoint: $L layers, $size bytes, BF16 ($BD)"
+else
+    BD="$tmp/base"
+    mkdir "$BD" || exit 2
+    s=$(now)
+    "$tmp/nf4-gen" "$BD" $H $I "$L" $HEADS $KV $V bf16 1 >/dev/null || exit 2
+    e=$(now)
+    echo "checkpoint: $L layers, $size bytes, BF16 (generated in" \
+        "$(secs "$s" "$e") s)"
+fi
+"$tmp/merge-adapter" "$BD" "$tmp/ad-qv" 64 q_proj,v_proj 1 &&
+    "$tmp/merge-adapter" "$BD" "$tmp/ad-all" 64 all-linear 2 || exit 2
+B="$BD/model.safetensors"
 echo
-row "command" "wall" "GB/s" "model GB/s" "CPU s" "peak RSS"
+ld="load"
+row "command" "wall" "GB/s" "model GB/s" "CPU usr+sys" "peak RSS"
 
-uncache "$B"; sync
+uncache "$B"; sync; load
 s=$(now); dd if="$B" of=/dev/null bs=16M iflag=direct status=none; e=$(now)
 row "dd read (iflag=direct)" "$(secs "$s" "$e")" "$(gbps "$size" "$s" "$e")" "" "" ""
-s=$(now)
+load; s=$(now)
 dd if=/dev/zero of="$tmp/dd" bs=16M count=$((size / 16777216)) conv=fdatasync status=none
 e=$(now)
 row "dd write (conv=fdatasync)" "$(secs "$s" "$e")" \
     "$(gbps $((size / 16777216 * 16777216)) "$s" "$e")" "" "" ""
 rm -f "$tmp/dd"
-uncache "$B"; sync
+uncache "$B"; sync; load
 s=$(now); cat "$B" >"$tmp/copy" && sync; e=$(now)
 row "cp (cat > copy; sync)" "$(secs "$s" "$e")" "$(gbps $((2 * size)) "$s" "$e")" \
     "$(gbps "$size" "$s" "$e")" "" ""
@@ -82,15 +102,15 @@ rm -f "$tmp/copy"
 
 merge() {
     name=$1; shift
-    uncache "$B"; sync
+    uncache "$B"; sync; load
     s=$(now)
     /usr/bin/time -f '%M %U %S' -o "$tmp/rss" "$TOP/bin/lora-merge" -q "$@" ||
         exit 2
     e=$(now)
     row "$name" "$(secs "$s" "$e")" "$(gbps $((2 * size)) "$s" "$e")" \
-        "$(gbps "$size" "$s" "$e")" "$(awk '{printf "%.1f", $2 + $3}' "$tmp/rss")" \
+        "$(gbps "$size" "$s" "$e")" "$(awk '{printf "%.1f+%.1f", $2, $3}' "$tmp/rss")" \
         "$(awk '{printf "%d MiB", $1 / 1024}' "$tmp/rss")"
     rm -rf "$tmp/merged"
 }
-merge "lora-merge q,v r64 (BF16, 5GB)" -b "$tmp/base" -o "$tmp/merged" "$tmp/ad-qv"
-merge "lora-merge all-linear r64" -b "$tmp/base" -o "$tmp/merged" "$tmp/ad-all"
+merge "lora-merge q,v r64 (BF16, 5GB)" -b "$BD" -o "$tmp/merged" "$tmp/ad-qv"
+merge "lora-merge all-linear r64" -b "$BD" -o "$tmp/merged" "$tmp/ad-all"

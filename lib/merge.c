@@ -19,12 +19,12 @@
 #include "merge.h"
 
 #include <ctype.h>
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <dirent.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -52,9 +52,9 @@
 /* Files carried from the base (or, when the base lacks them, from the
  * adapter directory) into the output. */
 static const char *const carried_files[] = {
-    "tokenizer.model",       "tokenizer.json",         "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json",    "generation_config.json",
-    "chat_template.jinja",   "chat_template.json",
+    "tokenizer.model",         "tokenizer.json",     "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json",  "generation_config.json",
+    "chat_template.jinja",     "chat_template.json",
 };
 
 static int threads_for(int requested)
@@ -213,7 +213,8 @@ void merge_add_delta(float *w, const float *A, const float *B, int64_t row0,
         }
         for (int64_t o = o0; o < nrows; o++)
             for (int64_t c = 0; c < in; c++)
-                delta_one(w + o * in + c, A, Bo + (o - o0) * r, in, r, scale, c);
+                delta_one(w + o * in + c, A, Bo + (o - o0) * r, in, r, scale,
+                          c);
     }
 }
 
@@ -227,15 +228,15 @@ enum src_kind {
 };
 
 typedef struct item {
-    const char *name;       /* points into the base's tensors */
-    const st_tensor *t;     /* the source tensor (the packed codes for NF4) */
+    const char *name;   /* points into the base's tensors */
+    const st_tensor *t; /* the source tensor (the packed codes for NF4) */
     enum src_kind kind;
-    nf4_weight *q;          /* SRC_NF4: loaded at planning time */
+    nf4_weight *q; /* SRC_NF4: loaded at planning time */
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     int64_t numel;
-    st_dtype dtype;         /* of the output */
-    int32_t layer;          /* LoRA delta of (layer, lin), or -1 */
+    st_dtype dtype; /* of the output */
+    int32_t layer;  /* LoRA delta of (layer, lin), or -1 */
     int lin;
 } item;
 
@@ -406,18 +407,20 @@ static int plan_build(const st_model *m, const llama_config *mc,
                      llama_linear_name((llama_linear)l));
             if (!it)
                 return msg_error("%s: tensor '%s' the adapter targets is "
-                                 "missing", m->dir, nm);
+                                 "missing",
+                                 m->dir, nm);
             if (it->kind == SRC_COPY)
                 return msg_error("%s: tensor '%s' has dtype %s, not a float "
-                                 "type", m->dir, nm,
-                                 st_dtype_name(it->t->dtype));
+                                 "type",
+                                 m->dir, nm, st_dtype_name(it->t->dtype));
             if (it->ndim != 2 || it->shape[0] != s->out ||
                 it->shape[1] != s->in) {
                 char have[96];
                 shape_str(have, sizeof have, it->ndim, it->shape);
                 return msg_error("%s: tensor '%s' is %s but the adapter's "
-                                 "B A is [%lld, %lld]", m->dir, nm, have,
-                                 (long long)s->out, (long long)s->in);
+                                 "B A is [%lld, %lld]",
+                                 m->dir, nm, have, (long long)s->out,
+                                 (long long)s->in);
             }
         }
     qsort(p->v, p->n, sizeof *p->v, cmp_item);
@@ -434,7 +437,8 @@ static void map_of(const st_model *m, const void *ptr, const char **base,
     *len = 0;
     for (size_t j = 0; j < m->nfiles; j++) {
         const char *b = m->files[j]->map;
-        if ((const char *)ptr >= b && (const char *)ptr < b + m->files[j]->map_len) {
+        if ((const char *)ptr >= b &&
+            (const char *)ptr < b + m->files[j]->map_len) {
             *base = b;
             *len = m->files[j]->map_len;
             return;
@@ -521,7 +525,9 @@ static int load_float(const st_tensor *t, int64_t e0, int64_t n, float *dst,
     int bad = 0;
     int64_t piece = 1 << 16;
     int64_t np = (n + piece - 1) / piece;
-#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(|:bad)
+#pragma omp parallel for schedule(static) num_threads(nthreads)                \
+    reduction(|                                                                \
+              : bad)
     for (int64_t k = 0; k < np; k++) {
         int64_t s = k * piece, len = n - s < piece ? n - s : piece;
         bad |= st_to_f32(t, dst + s, e0 + s, len) != 0;
@@ -535,7 +541,9 @@ static int dequant(const nf4_weight *q, int64_t e0, int64_t n, float *dst,
     int bad = 0;
     int64_t piece = 1 << 16;
     int64_t np = (n + piece - 1) / piece;
-#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(|:bad)
+#pragma omp parallel for schedule(static) num_threads(nthreads)                \
+    reduction(|                                                                \
+              : bad)
     for (int64_t k = 0; k < np; k++) {
         int64_t s = k * piece, len = n - s < piece ? n - s : piece;
         bad |= nf4_dequantize(q, e0 + s, len, dst + s) != 0;
@@ -589,15 +597,16 @@ static int write_item(st_writer *w, const st_model *m, const item *it,
     size_t osz = st_dtype_size(it->dtype);
     int direct = it->kind == SRC_FLOAT && !A && t->dtype == it->dtype;
     int rc = 0;
-    *bytes_in += it->kind == SRC_NF4 ? (uint64_t)(it->numel + 1) / 2 : t->nbytes;
+    *bytes_in +=
+        it->kind == SRC_NF4 ? (uint64_t)(it->numel + 1) / 2 : t->nbytes;
     for (int64_t r0 = 0; r0 < rows && rc == 0; r0 += chunk) {
         int64_t nr = rows - r0 < chunk ? rows - r0 : chunk;
         int64_t e0 = r0 * cols, n = nr * cols;
         const char *src = (const char *)t->data + (size_t)e0 * esz;
         if (it->kind == SRC_FLOAT && r0 + nr < rows) {
             int64_t nn = rows - r0 - nr < chunk ? rows - r0 - nr : chunk;
-            advise(mbase, mlen, src + (size_t)n * esz, (size_t)(nn * cols) * esz,
-                   MADV_WILLNEED);
+            advise(mbase, mlen, src + (size_t)n * esz,
+                   (size_t)(nn * cols) * esz, MADV_WILLNEED);
         }
         if (direct) {
             rc = st_writer_write(w, src, (uint64_t)n * osz);
@@ -643,7 +652,8 @@ static void pretty(strbuf *sb, const json_value *v, int depth)
         sb_puts(sb, "{\n");
         for (size_t i = 0; i < v->u.object.n; i++) {
             indent(sb, depth + 1);
-            json_append_string(sb, v->u.object.keys[i], v->u.object.key_lens[i]);
+            json_append_string(sb, v->u.object.keys[i],
+                               v->u.object.key_lens[i]);
             sb_puts(sb, ": ");
             pretty(sb, v->u.object.values[i], depth + 1);
             sb_puts(sb, i + 1 < v->u.object.n ? ",\n" : "\n");
@@ -789,7 +799,8 @@ static int adapter_precheck(const char *dir, char **base_model)
     v = json_get(cfg, "fan_in_fan_out");
     if (v && v->type == JSON_TRUE) {
         msg_error("%s: fan_in_fan_out adapters are not supported (Llama "
-                  "linears are [out, in])", path);
+                  "linears are [out, in])",
+                  path);
         goto out;
     }
     v = json_get(cfg, "lora_bias");
@@ -819,7 +830,8 @@ static char *resolve_base(const merge_opts *o, const char *recorded)
         if (ok)
             return xstrdup(recorded);
         msg_error("no base checkpoint: the adapter names '%s', which is not "
-                  "a local checkpoint directory", recorded);
+                  "a local checkpoint directory",
+                  recorded);
         return NULL;
     }
     msg_error("no base checkpoint: the adapter in '%s' names none",
@@ -878,9 +890,10 @@ static int replaceable(const char *dir)
         if (d)
             closedir(d);
     }
-    return ok ? 0 : msg_error("output '%s' exists and is not a checkpoint "
-                              "directory (no config.json); not replacing it",
-                              dir);
+    return ok ? 0
+              : msg_error("output '%s' exists and is not a checkpoint "
+                          "directory (no config.json); not replacing it",
+                          dir);
 }
 
 static int same_dir(const char *a, const char *b)
@@ -909,7 +922,8 @@ int merge_checkpoint(const merge_opts *o, merge_stats *stats)
         memset(stats, 0, sizeof *stats);
     if (o->dtype != ST_BF16 && o->dtype != ST_F16 && o->dtype != ST_F32)
         return msg_error("output dtype %s is not supported (BF16, F16 or "
-                         "F32)", st_dtype_name(o->dtype));
+                         "F32)",
+                         st_dtype_name(o->dtype));
     if (adapter_precheck(o->adapter_dir, &recorded) != 0)
         goto out;
     if (!(base = resolve_base(o, recorded)))
@@ -969,7 +983,8 @@ int merge_checkpoint(const merge_opts *o, merge_stats *stats)
             o->on_tensor(o->ctx, i, p.n, p.v[i].name);
         if (i + 1 < p.n && p.v[i + 1].kind == SRC_FLOAT)
             prefetch_start(m, p.v[i + 1].t);
-        if (write_item(w, m, &p.v[i], a, buf, obuf, nthreads, &st.bytes_in) != 0)
+        if (write_item(w, m, &p.v[i], a, buf, obuf, nthreads, &st.bytes_in) !=
+            0)
             goto out;
         st.tensors++;
         st.merged += p.v[i].layer >= 0;

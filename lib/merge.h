@@ -29,23 +29,23 @@
 #ifndef MERGE_H
 #define MERGE_H
 
+#include "safetensors.h"
 #include <stddef.h>
 #include <stdint.h>
-#include "safetensors.h"
 
 /* Hugging Face's default max_shard_size, "5GB". */
 #define MERGE_DEFAULT_SHARD_BYTES 5000000000ULL
 
 typedef struct merge_opts {
-    const char *adapter_dir;  /* PEFT LoRA adapter directory */
-    const char *base_dir;     /* NULL: the adapter's base_model_name_or_path,
-                                 when that is a local directory */
-    const char *out_dir;      /* written via io_dir_begin / io_dir_commit */
-    st_dtype dtype;           /* ST_BF16 (default), ST_F16 or ST_F32 */
-    int from_nf4;             /* merge into the dequantized NF4 weights */
-    int requantize;           /* write NF4 (nf4_quantize_checkpoint) */
-    uint64_t shard_bytes;     /* 0: one file */
-    int nthreads;             /* <= 0: all (OpenMP) */
+    const char *adapter_dir; /* PEFT LoRA adapter directory */
+    const char *base_dir;    /* NULL: the adapter's base_model_name_or_path,
+                                when that is a local directory */
+    const char *out_dir;     /* written via io_dir_begin / io_dir_commit */
+    st_dtype dtype;          /* ST_BF16 (default), ST_F16 or ST_F32 */
+    int from_nf4;            /* merge into the dequantized NF4 weights */
+    int requantize;          /* write NF4 (nf4_quantize_checkpoint) */
+    uint64_t shard_bytes;    /* 0: one file */
+    int nthreads;            /* <= 0: all (OpenMP) */
     /* Called before each output tensor when non-NULL (progress). */
     void (*on_tensor)(void *ctx, size_t i, size_t n, const char *name);
     void *ctx;
@@ -53,11 +53,11 @@ typedef struct merge_opts {
 
 /* What a merge did. */
 typedef struct merge_stats {
-    size_t tensors;           /* tensors written */
-    size_t merged;            /* of them, weights with a LoRA delta */
-    uint64_t bytes_in;        /* tensor bytes read from the base */
-    uint64_t bytes_out;       /* tensor bytes written */
-    size_t shards;            /* safetensors files written */
+    size_t tensors;     /* tensors written */
+    size_t merged;      /* of them, weights with a LoRA delta */
+    uint64_t bytes_in;  /* tensor bytes read from the base */
+    uint64_t bytes_out; /* tensor bytes written */
+    size_t shards;      /* safetensors files written */
 } merge_stats;
 
 /* Defaults: BF16, MERGE_DEFAULT_SHARD_BYTES, everything else 0 / NULL. */

@@ -16,7 +16,10 @@ static const char usage_text[] =
     "usage: lora-merge [-hqVv] [-b dir] [-s size] [-t dtype] [--from-nf4] "
     "[--progress] [--requantize] -o dir adapter\n";
 
-static void usage(FILE *f) { fputs(usage_text, f); }
+static void usage(FILE *f)
+{
+    fputs(usage_text, f);
+}
 
 static void help(void)
 {
@@ -86,7 +89,8 @@ int main(int argc, char **argv)
     };
     opterr = 0;
     int c;
-    while ((c = getopt_long(argc, argv, ":b:ho:qs:t:Vv", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":b:ho:qs:t:Vv", longopts, NULL)) !=
+           -1) {
         switch (c) {
         case 'b':
             o.base_dir = optarg;
@@ -149,8 +153,8 @@ int main(int argc, char **argv)
                  o.out_dir, st.tensors, st.merged);
     else
         msg_info("wrote '%s': %zu tensors, %zu merged, %.3f GB in %zu "
-                 "file%s", o.out_dir, st.tensors, st.merged,
-                 (double)st.bytes_out / 1e9, st.shards,
-                 st.shards == 1 ? "" : "s");
+                 "file%s",
+                 o.out_dir, st.tensors, st.merged, (double)st.bytes_out / 1e9,
+                 st.shards, st.shards == 1 ? "" : "s");
     return 0;
 }

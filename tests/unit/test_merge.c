@@ -35,11 +35,13 @@
 #include "nf4.h"
 #include "safetensors.h"
 
-/* Logits of stories260K lie within about +-15. */
-#define ABS_TOL_MERGED_F32 2e-4  /* (W + sBA) x against W x + s B (A x), fp32 */
-#define REL_TOL_MERGED_BF16 2e-2 /* every weight rounded to bf16, relative to
-                                    the largest logit of the row */
-#define ABS_TOL_PEFT 2e-4        /* against transformers on peft's merge */
+/* Tolerances on logits; those of stories260K lie within about +-15.
+ * ABS_TOL_MERGED_F32: (W + s B A) x against W x + s B (A x), both fp32.
+ * REL_TOL_MERGED_BF16: every weight rounded to bf16, relative to the
+ * largest logit. ABS_TOL_PEFT: against transformers on peft's merge. */
+#define ABS_TOL_MERGED_F32 2e-4
+#define REL_TOL_MERGED_BF16 2e-2
+#define ABS_TOL_PEFT 2e-4
 
 #define NTOK 48
 
@@ -51,7 +53,7 @@ typedef struct adapter_case {
     uint32_t targets;
     int rslora;
     uint64_t seed;
-    float b_range;  /* B uniform in [-b_range, b_range) */
+    float b_range; /* B uniform in [-b_range, b_range) */
 } adapter_case;
 
 static const adapter_case cases[] = {
@@ -161,7 +163,8 @@ static int same_tensors(const char *d1, const char *d2)
     for (size_t i = 0; same && i < a->n; i++) {
         const st_tensor *x = a->tensors[i], *y = b->tensors[i];
         same = strcmp(x->name, y->name) == 0 && x->dtype == y->dtype &&
-               x->nbytes == y->nbytes && memcmp(x->data, y->data, x->nbytes) == 0;
+               x->nbytes == y->nbytes &&
+               memcmp(x->data, y->data, x->nbytes) == 0;
         if (!same)
             printf("# differs: %s\n", x->name);
     }
@@ -205,8 +208,8 @@ static void test_arithmetic(void)
         double d = max_diff(w, ref, n, NULL), worst = 0;
         CHECK(d == 0 && memcmp(w, w2, n * sizeof *w) == 0,
               "merge_add_delta (%lld x %lld, r %d) equals lora_merge_into bit "
-              "for bit, any threads (max diff %g)", (long long)s->out,
-              (long long)s->in, lc.r, d);
+              "for bit, any threads (max diff %g)",
+              (long long)s->out, (long long)s->in, lc.r, d);
         /* and the definition, in double */
         const float *A = lora_A(a, 0, l), *B = lora_B(a, 0, l);
         for (int64_t o = 0; o < s->out; o++)
@@ -214,11 +217,13 @@ static void test_arithmetic(void)
                 double acc = 0;
                 for (int k = 0; k < lc.r; k++)
                     acc += (double)B[o * lc.r + k] * A[k * s->in + c];
-                double want = (double)(lora_rand_uniform(8, o * s->in + c) - 0.5f) +
-                              a->scale * acc;
+                double want =
+                    (double)(lora_rand_uniform(8, o * s->in + c) - 0.5f) +
+                    a->scale * acc;
                 worst = fmax(worst, fabs(want - w[o * s->in + c]));
             }
-        CHECK(worst < 1e-6, "W + scale B A within 1e-6 of double (%.2g)", worst);
+        CHECK(worst < 1e-6, "W + scale B A within 1e-6 of double (%.2g)",
+              worst);
         free(w);
         free(w2);
         free(ref);
@@ -352,8 +357,8 @@ static void test_stories(const char *tmp)
         double moved = ref && plain ? max_diff(plain, ref, nl, NULL) : 0;
         CHECK(d <= ABS_TOL_MERGED_F32,
               "[%s] F32 merged forward = base + adapter: max |diff| %.3g <= %g "
-              "(the adapter moves logits by up to %.3g)", c->name, d,
-              ABS_TOL_MERGED_F32, moved);
+              "(the adapter moves logits by up to %.3g)",
+              c->name, d, ABS_TOL_MERGED_F32, moved);
         CHECK(moved > 0.1, "[%s] the adapter changes the logits (%.3g)",
               c->name, moved);
         free(got);
@@ -364,10 +369,12 @@ static void test_stories(const char *tmp)
         d = got && ref ? max_diff(got, ref, nl, &ymax) : INFINITY;
         CHECK(d <= REL_TOL_MERGED_BF16 * ymax,
               "[%s] BF16 merged forward = base + adapter: max |diff| %.3g <= "
-              "%g * %.3g", c->name, d, REL_TOL_MERGED_BF16, ymax);
+              "%g * %.3g",
+              c->name, d, REL_TOL_MERGED_BF16, ymax);
         free(got);
         CHECK(json_has(mbf, "config.json", "torch_dtype", "bfloat16") == 1 &&
-                  json_has(mbf, "config.json", "quantization_config", NULL) == 0,
+                  json_has(mbf, "config.json", "quantization_config", NULL) ==
+                      0,
               "[%s] config.json: torch_dtype bfloat16, no quantization_config",
               c->name);
         char *tk = path2(mbf, "tokenizer.model");
@@ -433,7 +440,8 @@ static void test_nf4(const char *tmp)
     int32_t ids[NTOK];
     input_ids(ids, NTOK);
     int64_t nl = (int64_t)NTOK * mc.vocab;
-    float *ref = forward(nf4_dir, a, ids, NTOK), *got = forward(o2, NULL, ids, NTOK);
+    float *ref = forward(nf4_dir, a, ids, NTOK),
+          *got = forward(o2, NULL, ids, NTOK);
     double d = ref && got ? max_diff(got, ref, nl, NULL) : INFINITY;
     CHECK(d <= ABS_TOL_MERGED_F32,
           "--from-nf4 merged forward = NF4 base + adapter: max |diff| %.3g", d);
@@ -498,10 +506,11 @@ static int edit_config(const char *from, const char *to, const char *key,
 {
     char cmd[9000];
     mkdir(to, 0777);
-    snprintf(cmd, sizeof cmd,
-             "cp '%s/adapter_model.safetensors' '%s/' && "
-             "jq '.%s = %s' '%s/adapter_config.json' > '%s/adapter_config.json'",
-             from, to, key, value, from, to);
+    snprintf(
+        cmd, sizeof cmd,
+        "cp '%s/adapter_model.safetensors' '%s/' && "
+        "jq '.%s = %s' '%s/adapter_config.json' > '%s/adapter_config.json'",
+        from, to, key, value, from, to);
     return system(cmd);
 }
 
@@ -535,8 +544,10 @@ static int make_bad_fixtures(const char *dir)
     {
         float z[4 * 64] = {0};
         st_tensor t[2] = {0};
-        t[0].name = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight";
-        t[1].name = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight";
+        t[0].name =
+            "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight";
+        t[1].name =
+            "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight";
         for (int k = 0; k < 2; k++) {
             t[k].dtype = ST_F32;
             t[k].ndim = 2;
@@ -549,8 +560,10 @@ static int make_bad_fixtures(const char *dir)
         rc |= st_write_file(f, t, 2, NULL, 0);
         free(f);
         char cmd[9000];
-        snprintf(cmd, sizeof cmd, "jq '.target_modules = [\"qkv_proj\"]' "
-                 "'%s/adapter_config.json' > '%s/adapter_config.json'", good, p);
+        snprintf(cmd, sizeof cmd,
+                 "jq '.target_modules = [\"qkv_proj\"]' "
+                 "'%s/adapter_config.json' > '%s/adapter_config.json'",
+                 good, p);
         rc |= system(cmd);
     }
     /* no adapter_config.json */
@@ -596,9 +609,11 @@ static int make_bad_fixtures(const char *dir)
     mkdir(p, 0777);
     {
         char cmd[20000];
-        snprintf(cmd, sizeof cmd, "cp '%s/adapter_config.json' '%s/' && "
+        snprintf(cmd, sizeof cmd,
+                 "cp '%s/adapter_config.json' '%s/' && "
                  "head -c 3000 '%s/adapter_model.safetensors' > "
-                 "'%s/adapter_model.safetensors'", good, p, good, p);
+                 "'%s/adapter_model.safetensors'",
+                 good, p, good, p);
         rc |= system(cmd);
     }
     (void)write_text;
@@ -680,7 +695,8 @@ static void test_golden(const char *tmp)
         double ws2 = json_get_number(c, "adapter_sumsq", NAN);
         CHECK(fabs(s - ws) <= 1e-9 * fmax(1, fabs(ws)) &&
                   fabs(s2 - ws2) <= 1e-9 * fmax(1, ws2),
-              "[%s] the adapter is the one the golden file was made with", name);
+              "[%s] the adapter is the one the golden file was made with",
+              name);
         char ad[4200], out[4200];
         snprintf(ad, sizeof ad, "%s/golden-adapter-%s", tmp, name);
         snprintf(out, sizeof out, "%s/golden-merged-%s", tmp, name);
@@ -706,9 +722,11 @@ static void test_golden(const char *tmp)
             if (am && am->u.array.items[row]->u.number.integer != best)
                 argmax_ok = 0;
         }
-        CHECK(got && worst <= ABS_TOL_PEFT,
-              "[%s] our merge's logits = peft merge_and_unload in transformers: "
-              "max |diff| %.3g <= %g", name, worst, ABS_TOL_PEFT);
+        CHECK(
+            got && worst <= ABS_TOL_PEFT,
+            "[%s] our merge's logits = peft merge_and_unload in transformers: "
+            "max |diff| %.3g <= %g",
+            name, worst, ABS_TOL_PEFT);
         CHECK(got && argmax_ok, "[%s] same argmax on the golden rows", name);
         free(got);
     }

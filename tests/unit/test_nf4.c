@@ -192,7 +192,7 @@ static void test_kernels_agree(void)
             if (len == 100003) /* a zero block in the middle */
                 memset(src + 64 * esz, 0, 64 * esz);
             for (size_t bi = 0; bi < sizeof bss / sizeof *bss; bi++) {
-                nf4_weight w[3];
+                nf4_weight w[4]; /* one per kernel level, 0..3 */
                 for (int level = 0; level <= best; level++) {
                     nf4_simd_level(level);
                     nf4_quantize(src, dts[di], 1, &len, bss[bi], 1, level + 1,
@@ -207,7 +207,9 @@ static void test_kernels_agree(void)
             free(src);
         }
     nf4_simd_level(99);
-    CHECK(all, "plain C, SSE2 and AVX2 kernels agree (%d cases, best level %d)",
+    CHECK(all,
+          "plain C, SSE2, AVX2 and AVX-512 kernels agree (%d cases, best level "
+          "%d)",
           n, best);
 
     /* the 8-bit search, at every entry and midpoint and their neighbours */

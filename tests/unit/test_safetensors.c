@@ -160,6 +160,10 @@ static void test_round_trip_all_dtypes(void)
                 same = 0;
         }
         CHECK(same, "every dtype's shape and bytes round trip");
+        const st_tensor *r0 = st_find(f, names[ST_F32]);
+        st_tensor_release(r0);
+        CHECK(memcmp(r0->data, bufs[ST_F32], 3 * (ST_F32 + 1) * 4) == 0,
+              "data readable again after st_tensor_release");
         const st_tensor *e = st_find(f, "empty");
         CHECK(e && e->numel == 0 && e->nbytes == 0, "empty tensor round trips");
         CHECK(st_find(f, "nope") == NULL, "st_find of a missing name");
