@@ -11,9 +11,16 @@
  *     layouts are documented in common.cuh. The head dimension is padded
  *     with zeros to HDP in {16, 32, 64, 128} in shared memory, so the tiny
  *     heads of test models (hd 8) take the same path as hd 64 and 128.
- *   - Forward (FlashAttention-2): a block of 4 warps owns 64 queries, each
- *     warp 16; scores S = Q K^T stay in registers, the online softmax
- *     rescales the O accumulator, and P feeds P V straight from registers.
+ *   - Forward (FlashAttention-2): a block of 4 warps owns 128 queries,
+ *     each warp 32 (two 16-row tiles, so every K and V fragment read from
+ *     shared memory feeds two products: ldmatrix, not the tensor cores,
+ *     bounds a one-tile warp); scores S = Q K^T stay in registers, the
+ *     online softmax rescales the O accumulator, and P feeds P V straight
+ *     from registers. A warp skips a key tile that its rows cannot see
+ *     (past its last row, or before its first row's document), and the
+ *     blocks start with the last query tiles, which have the most keys.
+ *     The first version (64 queries, a 16-row tile per warp) stays for
+ *     comparison: KN_ATTN_FWD_V1=1 in the environment selects it.
  *   - Backward: two kernels instead of one with atomics. dq: per query tile
  *     (like the forward) recompute P and dP = dO V^T, dS = P (dP - delta),
  *     dq = dS K. dk/dv: per key tile, each warp 16 keys, looping over the
@@ -26,20 +33,13 @@
  * folded in. */
 #include "common.cuh"
 
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 #define ATT_THREADS 128
-
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int bytes)
-{
-    uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait()
-{
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 /* rows x HDP tile from global rows row0.. (stride elements apart; columns
  * 0..hd-1 of each), zero-filled past n and past hd. With 16-byte rows
@@ -72,34 +72,6 @@ __device__ __forceinline__ void load_tile(bf16 *s, const bf16 *g, int64_t row0,
         }
         *(uint4 *)(s + r * LD + c) = val;
     }
-}
-
-/* A fragment (16 rows x 16 columns from column col) of a row-major tile. */
-template <int LD>
-__device__ __forceinline__ void frag_a(uint32_t *a, const bf16 *s, int row,
-                                       int col, int lane)
-{
-    ldmatrix_x4(a, s + (row + (lane & 15)) * LD + col + ((lane >> 4) << 3));
-}
-
-/* B fragments of two adjacent n-tiles, B[k][n] = T[n][k] (T row-major,
- * rows n0..n0+15, columns k0..k0+15): b[0..1] n-tile n0, b[2..3] n0+8. */
-template <int LD>
-__device__ __forceinline__ void frag_b_nk(uint32_t *b, const bf16 *s, int n0,
-                                          int k0, int lane)
-{
-    int mi = lane >> 3;
-    ldmatrix_x4(b, s + (n0 + (lane & 7) + ((mi >> 1) << 3)) * LD + k0 + ((mi & 1) << 3));
-}
-
-/* B fragments of two adjacent n-tiles, B[k][n] = T[k][n] (T row-major,
- * rows k0..k0+15, columns n0..n0+15): b[0..1] n-tile n0, b[2..3] n0+8. */
-template <int LD>
-__device__ __forceinline__ void frag_b_kn(uint32_t *b, const bf16 *s, int k0,
-                                          int n0, int lane)
-{
-    int mi = lane >> 3;
-    ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((mi & 1) << 3)) * LD + n0 + ((mi >> 1) << 3));
 }
 
 __device__ __forceinline__ int kn_cdiv_dev(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
@@ -270,6 +242,190 @@ attn_fwd_kernel(bf16 *o, float *lse, const bf16 *q, const bf16 *k,
     }
 }
 
+#define FQ 128 /* queries per block of the forward (4 warps of 32 rows) */
+
+template <int HDP>
+__global__ void __launch_bounds__(ATT_THREADS, 2)
+attn_fwd2_kernel(bf16 *o, float *lse, const bf16 *q, const bf16 *k,
+                 const bf16 *v, const int32_t *start, int n, int nh, int nkv,
+                 int hd, float scale_log2)
+{
+    constexpr int LD = HDP + 8, KS = HDP / 16, DN = HDP / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    /* sQ (FQ rows), then K buffers 0 and 1, then V buffers 0 and 1 */
+    bf16 *sQ = (bf16 *)smem_raw, *sK0 = sQ + FQ * LD, *sV0 = sK0 + 2 * 64 * LD;
+    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FQ;
+    const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
+    const bool vec = (hd & 7) == 0;
+
+    /* this warp's rows w0 .. wl; row (mt, hf) of this thread is
+     * w0 + 16 mt + 8 hf + g */
+    const int w0 = q0 + warp * 32;
+    const bool wact = w0 < n;
+    const int wl = w0 + 31 < n ? w0 + 31 : n - 1;
+    const int wsmin = wact ? start[w0] : 0, wsmax = wact ? start[wl] : 0;
+    /* start of each row's document; INT_MAX past n masks every key */
+    int st[2][2];
+    float m[2][2], l[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            int r = w0 + 16 * mt + 8 * hf + g;
+            st[mt][hf] = r < n ? start[r] : INT_MAX;
+            m[mt][hf] = -INFINITY;
+            l[mt][hf] = 0.0f;
+        }
+    float oacc[2][DN][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int i = 0; i < DN; i++)
+            oacc[mt][i][0] = oacc[mt][i][1] = oacc[mt][i][2] = oacc[mt][i][3] = 0.0f;
+
+    /* keys start[q0] .. min(q0 + FQ, n) - 1 */
+    const int kbeg = start[q0], kend = q0 + FQ < n ? q0 + FQ : n;
+    const int ntiles = (kend - kbeg + 63) / 64;
+    load_tile<HDP, FQ>(sQ, q + h * hd, q0, n, qs, hd, vec);
+    load_tile<HDP, 64>(sK0, k + kh * hd, kbeg, n, ks, hd, vec);
+    load_tile<HDP, 64>(sV0, v + kh * hd, kbeg, n, ks, hd, vec);
+    cp_async_commit();
+    for (int it = 0; it < ntiles; it++) {
+        const int kb = kbeg + it * 64;
+        bf16 *sK = sK0 + (it & 1) * 64 * LD, *sV = sV0 + (it & 1) * 64 * LD;
+        if (it + 1 < ntiles) {
+            load_tile<HDP, 64>(sK0 + ((it + 1) & 1) * 64 * LD, k + kh * hd, kb + 64, n, ks,
+                               hd, vec);
+            load_tile<HDP, 64>(sV0 + ((it + 1) & 1) * 64 * LD, v + kh * hd, kb + 64, n, ks,
+                               hd, vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        /* every key of the tile after this warp's last row, or before its
+         * first row's document (starts only grow): nothing to add */
+        if (wact && kb <= wl && kb + 63 >= wsmin) {
+            /* no mask: every key precedes every row and follows every
+             * row's start (the last row's is the largest) */
+            const bool full = kb + 63 <= w0 && kb >= wsmax;
+            float sc[2][8][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    sc[mt][i][0] = sc[mt][i][1] = sc[mt][i][2] = sc[mt][i][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                uint32_t a0[4], a1[4];
+                frag_a<LD>(a0, sQ, warp * 32, kk * 16, lane);
+                frag_a<LD>(a1, sQ, warp * 32 + 16, kk * 16, lane);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    uint32_t b[4];
+                    frag_b_nk<LD>(b, sK, 16 * j, kk * 16, lane);
+                    mma_bf16_16816(sc[0][2 * j], a0, b);
+                    mma_bf16_16816(sc[0][2 * j + 1], a0, b + 2);
+                    mma_bf16_16816(sc[1][2 * j], a1, b);
+                    mma_bf16_16816(sc[1][2 * j + 1], a1, b + 2);
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        float s = sc[mt][nt][e] * scale_log2;
+                        if (!full) {
+                            int key = kb + nt * 8 + 2 * t4 + (e & 1);
+                            int hf = e >> 1;
+                            bool ok = key <= w0 + 16 * mt + 8 * hf + g && key >= st[mt][hf];
+                            s = ok ? s : -INFINITY;
+                        }
+                        sc[mt][nt][e] = s;
+                        if (e < 2)
+                            mx0 = fmaxf(mx0, s);
+                        else
+                            mx1 = fmaxf(mx1, s);
+                    }
+                mx0 = quad_max(mx0);
+                mx1 = quad_max(mx1);
+                float mn0 = fmaxf(m[mt][0], mx0), mn1 = fmaxf(m[mt][1], mx1);
+                float mu0 = mn0 == -INFINITY ? 0.0f : mn0;
+                float mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+                float a0 = exp2f(m[mt][0] - mu0), a1 = exp2f(m[mt][1] - mu1);
+                m[mt][0] = mn0;
+                m[mt][1] = mn1;
+                float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++) {
+                    sc[mt][nt][0] = exp2f(sc[mt][nt][0] - mu0);
+                    sc[mt][nt][1] = exp2f(sc[mt][nt][1] - mu0);
+                    sc[mt][nt][2] = exp2f(sc[mt][nt][2] - mu1);
+                    sc[mt][nt][3] = exp2f(sc[mt][nt][3] - mu1);
+                    ps0 += sc[mt][nt][0] + sc[mt][nt][1];
+                    ps1 += sc[mt][nt][2] + sc[mt][nt][3];
+                }
+                l[mt][0] = l[mt][0] * a0 + ps0;
+                l[mt][1] = l[mt][1] * a1 + ps1;
+#pragma unroll
+                for (int i = 0; i < DN; i++) {
+                    oacc[mt][i][0] *= a0;
+                    oacc[mt][i][1] *= a0;
+                    oacc[mt][i][2] *= a1;
+                    oacc[mt][i][3] *= a1;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint32_t pa[2][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    pa[mt][0] = pack_bf16x2(sc[mt][2 * j][0], sc[mt][2 * j][1]);
+                    pa[mt][1] = pack_bf16x2(sc[mt][2 * j][2], sc[mt][2 * j][3]);
+                    pa[mt][2] = pack_bf16x2(sc[mt][2 * j + 1][0], sc[mt][2 * j + 1][1]);
+                    pa[mt][3] = pack_bf16x2(sc[mt][2 * j + 1][2], sc[mt][2 * j + 1][3]);
+                }
+#pragma unroll
+                for (int i = 0; i < DN / 2; i++) {
+                    uint32_t b[4];
+                    frag_b_kn<LD>(b, sV, 16 * j, 16 * i, lane);
+                    mma_bf16_16816(oacc[0][2 * i], pa[0], b);
+                    mma_bf16_16816(oacc[0][2 * i + 1], pa[0], b + 2);
+                    mma_bf16_16816(oacc[1][2 * i], pa[1], b);
+                    mma_bf16_16816(oacc[1][2 * i + 1], pa[1], b + 2);
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            int r = w0 + 16 * mt + 8 * hf + g;
+            float ls = quad_sum(l[mt][hf]);
+            float inv = ls > 0.0f ? 1.0f / ls : 0.0f;
+            if (r >= n)
+                continue;
+#pragma unroll
+            for (int i = 0; i < DN; i++) {
+                int col = i * 8 + 2 * t4;
+                if (col < hd)
+                    *(uint32_t *)(o + r * qs + h * hd + col) =
+                        pack_bf16x2(oacc[mt][i][2 * hf] * inv, oacc[mt][i][2 * hf + 1] * inv);
+            }
+            if (t4 == 0)
+                lse[(int64_t)h * n + r] = m[mt][hf] * LN2 + logf(ls);
+        }
+}
+
 /* delta[h][t] = sum_i dout[t][h][i] * o[t][h][i]: one warp per (t, h). */
 __global__ void attn_delta_kernel(float *delta, const bf16 *dout, const bf16 *o,
                                   int64_t n, int nh, int hd)
@@ -282,15 +438,26 @@ __global__ void attn_delta_kernel(float *delta, const bf16 *dout, const bf16 *o,
     int h = (int)(w % nh);
     const bf16 *a = dout + w * hd, *b = o + w * hd;
     float s = 0.0f;
-    for (int i = lane; i < hd; i += 32)
-        s += __bfloat162float(a[i]) * __bfloat162float(b[i]);
+    if ((hd & 3) == 0) { /* 8-byte loads, 4 elements a lane */
+        for (int i = lane * 4; i < hd; i += 128) {
+            uint2 ua = *(const uint2 *)(a + i), ub = *(const uint2 *)(b + i);
+            const __nv_bfloat162 *ha = (const __nv_bfloat162 *)&ua;
+            const __nv_bfloat162 *hb = (const __nv_bfloat162 *)&ub;
+            float2 a0 = __bfloat1622float2(ha[0]), a1 = __bfloat1622float2(ha[1]);
+            float2 b0 = __bfloat1622float2(hb[0]), b1 = __bfloat1622float2(hb[1]);
+            s += a0.x * b0.x + a0.y * b0.y + a1.x * b1.x + a1.y * b1.y;
+        }
+    } else {
+        for (int i = lane; i < hd; i += 32)
+            s += __bfloat162float(a[i]) * __bfloat162float(b[i]);
+    }
     s = warp_sum(s);
     if (lane == 0)
         delta[(int64_t)h * n + t] = s;
 }
 
 template <int HDP>
-__global__ void __launch_bounds__(ATT_THREADS)
+__global__ void __launch_bounds__(ATT_THREADS, 2)
 attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
                    const bf16 *v, const float *lse, const float *delta,
                    const int32_t *start, int64_t n, int nh, int nkv, int hd,
@@ -303,7 +470,7 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
     const int h = blockIdx.y, kh = h / (nh / nkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
-    const int64_t q0 = (int64_t)blockIdx.x * 64;
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * 64; /* heaviest first */
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
     const bool vec = (hd & 7) == 0;
 
@@ -318,6 +485,7 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
 #pragma unroll
     for (int i = 0; i < DN; i++)
         acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    uint32_t qf[KS][4], of[KS][4]; /* this warp's Q and dO rows, loaded once */
 
     const int64_t kbeg = start[q0], kend = q0 + 64 < n ? q0 + 64 : n;
     const int64_t smax = start[q0 + 63 < n ? q0 + 63 : n - 1];
@@ -341,6 +509,13 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
             cp_async_wait<0>();
         }
         __syncthreads();
+        if (it == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                frag_a<LD>(qf[kk], sQ, warp * 16, kk * 16, lane);
+                frag_a<LD>(of[kk], sO, warp * 16, kk * 16, lane);
+            }
+        }
         const bool full = kb + 63 <= q0 && kb >= smax;
         float sc[8][4], dp[8][4];
 #pragma unroll
@@ -350,18 +525,15 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
                 sc[i][e] = dp[i][e] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < KS; kk++) {
-            uint32_t qa[4], oa[4];
-            frag_a<LD>(qa, sQ, warp * 16, kk * 16, lane);
-            frag_a<LD>(oa, sO, warp * 16, kk * 16, lane);
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 uint32_t b[4];
                 frag_b_nk<LD>(b, sK, 16 * j, kk * 16, lane);
-                mma_bf16_16816(sc[2 * j], qa, b);
-                mma_bf16_16816(sc[2 * j + 1], qa, b + 2);
+                mma_bf16_16816(sc[2 * j], qf[kk], b);
+                mma_bf16_16816(sc[2 * j + 1], qf[kk], b + 2);
                 frag_b_nk<LD>(b, sV, 16 * j, kk * 16, lane);
-                mma_bf16_16816(dp[2 * j], oa, b);
-                mma_bf16_16816(dp[2 * j + 1], oa, b + 2);
+                mma_bf16_16816(dp[2 * j], of[kk], b);
+                mma_bf16_16816(dp[2 * j + 1], of[kk], b + 2);
             }
         }
 #pragma unroll
@@ -558,6 +730,7 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
 
 /* Shared memory: the fixed tiles plus two buffers of the streamed ones. */
 static size_t fwd_smem(int hdp) { return (size_t)5 * 64 * (hdp + 8) * sizeof(bf16); }
+static size_t fwd2_smem(int hdp) { return (size_t)(FQ + 4 * 64) * (hdp + 8) * sizeof(bf16); }
 static size_t dq_smem(int hdp) { return (size_t)6 * 64 * (hdp + 8) * sizeof(bf16); }
 static size_t dkdv_smem(int hdp)
 {
@@ -574,25 +747,51 @@ static void check_shapes(int64_t n, int nh, int nkv, int hd)
     KN_REQUIRE(hd > 0 && hd <= 128 && hd % 2 == 0);
 }
 
+/* KN_ATTN_FWD_V1=1: the first forward kernel, for comparisons. */
+static int fwd_v1(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("KN_ATTN_FWD_V1");
+        v = e && *e && strcmp(e, "0") != 0;
+    }
+    return v;
+}
+
 template <int HDP>
 static void fwd_launch(kn_bf16 *o, float *lse, const kn_bf16 *q,
                        const kn_bf16 *k, const kn_bf16 *v, const int32_t *start,
                        int64_t n, int nh, int nkv, int hd, cudaStream_t s)
 {
     static int attr_set;
-    size_t sm = fwd_smem(HDP);
-    KN_REQUIRE(sm <= kn_smem_optin());
-    if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(attn_fwd_kernel<HDP>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm));
-        attr_set = 1;
-    }
-    dim3 grid(kn_cdiv(n, 64), nh);
     float sl = LOG2E / sqrtf((float)hd);
-    attn_fwd_kernel<HDP><<<grid, ATT_THREADS, sm, s>>>(
+    if (fwd_v1()) {
+        size_t sm = fwd_smem(HDP);
+        KN_REQUIRE(sm <= kn_smem_optin());
+        if (!(attr_set & 1)) {
+            CUDA_CHECK(cudaFuncSetAttribute(attn_fwd_kernel<HDP>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm));
+            attr_set |= 1;
+        }
+        dim3 grid(kn_cdiv(n, 64), nh);
+        attn_fwd_kernel<HDP><<<grid, ATT_THREADS, sm, s>>>(
+            (bf16 *)o, lse, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v,
+            start, n, nh, nkv, hd, sl);
+        KN_CHECK_LAUNCH("attn_fwd");
+        return;
+    }
+    size_t sm = fwd2_smem(HDP);
+    KN_REQUIRE(sm <= kn_smem_optin());
+    if (!(attr_set & 2)) {
+        CUDA_CHECK(cudaFuncSetAttribute(attn_fwd2_kernel<HDP>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm));
+        attr_set |= 2;
+    }
+    dim3 grid(kn_cdiv(n, FQ), nh);
+    attn_fwd2_kernel<HDP><<<grid, ATT_THREADS, sm, s>>>(
         (bf16 *)o, lse, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v,
-        start, n, nh, nkv, hd, sl);
-    KN_CHECK_LAUNCH("attn_fwd");
+        start, (int)n, nh, nkv, hd, sl);
+    KN_CHECK_LAUNCH("attn_fwd2");
 }
 
 template <int HDP>

@@ -137,4 +137,67 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi)
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
+/* cp.async: 16 bytes global -> shared, zero-filled past `bytes` (0 or 16);
+ * visible after the commit group is waited for and a barrier. */
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int bytes)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* A fragment (16 rows x 16 columns from column col) of a row-major tile. */
+template <int LD>
+__device__ __forceinline__ void frag_a(uint32_t *a, const bf16 *s, int row,
+                                       int col, int lane)
+{
+    ldmatrix_x4(a, s + (row + (lane & 15)) * LD + col + ((lane >> 4) << 3));
+}
+
+/* B fragments of two adjacent n-tiles, B[k][n] = T[n][k] (T row-major,
+ * rows n0..n0+15, columns k0..k0+15): b[0..1] n-tile n0, b[2..3] n0+8. */
+template <int LD>
+__device__ __forceinline__ void frag_b_nk(uint32_t *b, const bf16 *s, int n0,
+                                          int k0, int lane)
+{
+    int mi = lane >> 3;
+    ldmatrix_x4(b, s + (n0 + (lane & 7) + ((mi >> 1) << 3)) * LD + k0 + ((mi & 1) << 3));
+}
+
+/* B fragments of two adjacent n-tiles, B[k][n] = T[k][n] (T row-major,
+ * rows k0..k0+15, columns n0..n0+15): b[0..1] n-tile n0, b[2..3] n0+8. */
+template <int LD>
+__device__ __forceinline__ void frag_b_kn(uint32_t *b, const bf16 *s, int k0,
+                                          int n0, int lane)
+{
+    int mi = lane >> 3;
+    ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((mi & 1) << 3)) * LD + n0 + ((mi >> 1) << 3));
+}
+
+/* A fragment (16 x 16, m by k) of a tile stored k-major: A[m][k] =
+ * T[k][m] (T row-major, rows k0..k0+15, columns m0..m0+15). */
+template <int LD>
+__device__ __forceinline__ void frag_a_t(uint32_t *a, const bf16 *s, int k0, int m0,
+                                         int lane)
+{
+    int mi = lane >> 3;
+    ldmatrix_x4_trans(a, s + (k0 + (lane & 7) + ((mi >> 1) << 3)) * LD + m0 + ((mi & 1) << 3));
+}
+
+/* LoRA dropout's keep decision for element i of the stream (lib/lora.h's
+ * lora_rand_uniform(stream, i) >= p, bit for bit): SplitMix64, top 24 bits.
+ * Shared by dropout.cu and the fused LoRA products of lora.cu. */
+__device__ __forceinline__ bool drop_keep(uint64_t stream, uint64_t i, float p)
+{
+    uint64_t z = stream + (i + 1) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (1.0f / 16777216.0f) >= p;
+}
+
 #endif

@@ -42,7 +42,10 @@ typedef struct kn_gw {
  * Tensor cores (mma.sync bf16, fp32 accumulation): x is bf16 (row stride
  * ldx), W_i BF16 or NF4 with in % 4 == 0; n <= 64 (larger n: call again
  * with x and y advanced). Each output element is summed in an order that
- * depends only on in, never on n or on the other rows of x. */
+ * depends only on the weight's shape, never on n or on the other rows of
+ * x. ws: device workspace of kn_gen_linear_mma_ws bytes whose first bytes
+ * (the counters) are zero before the first call; calls leave them zero,
+ * so one workspace serves every call of a stream, graphs included. */
 typedef struct kn_gen_lin {
     kn_gw w;
     float *y;
@@ -51,7 +54,9 @@ typedef struct kn_gen_lin {
 } kn_gen_lin;
 
 void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16 *x,
-                       int64_t ldx, int n, cudaStream_t s);
+                       int64_t ldx, int n, void *ws, size_t ws_bytes,
+                       cudaStream_t s);
+size_t kn_gen_linear_mma_ws(const kn_gen_lin *ops, int nops, int n);
 
 /* y (n, out) = res + alpha * x (n, in) W^T on CUDA cores in fp32, W F32
  * (out, in), x fp32 (x16 NULL) or bf16 (x32 NULL), in % 4 == 0; res may be

@@ -201,6 +201,34 @@ void kn_dropout_backward_add(void *dx, kn_dtype dt, const kn_bf16 *g,
                              int64_t numel, float p, uint64_t key,
                              uint64_t first, cudaStream_t s);
 
+/* --- LoRA products with the dropout fused (lora.cu) ----------------------
+ * For a targeted linear with input x (n, in), A (r, in) and the dropout of
+ * stream `key` (kn_dropout_forward's: element (t, j) is i = t * in + j,
+ * keep(i), inv = 1 / (1 - p)), xd = bf16(keep * x * inv) as there:
+ *     kn_lora_down:    lh (n, r) = xd A^T                    (bf16, written)
+ *     kn_lora_grad_a:  ga (r, in) += dlh^T xd                (fp32, added)
+ *     kn_lora_dx:      dx (n, in) += keep * inv * (dlh A)    (fp32 or bf16,
+ *                      the product in fp32, added once)
+ * each in one pass over x or dx, with no masked copy in memory (what the
+ * unfused path, kn_dropout_* and kn_gemm over row chunks, writes and reads
+ * back). Shapes kn_lora_fusable accepts: r in {16, 32, 64, 128}, in a
+ * multiple of 64; every pointer 16-byte aligned; arrays whole (the rows
+ * 0 .. n-1 of the batch). Long sums are split over blocks and their parts
+ * added in a fixed order through `scratch` (kn_lora_scratch_bytes(n, r,
+ * in) bytes, shared by down and grad_a; NULL when that is 0), so results
+ * are deterministic. */
+int kn_lora_fusable(int r, int64_t in);
+size_t kn_lora_scratch_bytes(int64_t n, int r, int64_t in);
+void kn_lora_down(kn_bf16 *lh, const kn_bf16 *x, const kn_bf16 *A, int64_t n,
+                  int in, int r, float p, uint64_t key, void *scratch,
+                  cudaStream_t s);
+void kn_lora_grad_a(float *ga, const kn_bf16 *dlh, const kn_bf16 *x, int64_t n,
+                    int in, int r, float p, uint64_t key, void *scratch,
+                    cudaStream_t s);
+void kn_lora_dx(void *dx, kn_dtype dt, const kn_bf16 *dlh, const kn_bf16 *A,
+                int64_t n, int in, int r, float p, uint64_t key,
+                cudaStream_t s);
+
 /* --- optimizer (adamw.cu) ------------------------------------------------ */
 
 /* *out += sum_i x[i]^2 (device fp32; the caller zeroes it per step). */

@@ -67,7 +67,7 @@ __global__ void rmsnorm_forward_kernel(bf16 *y, float *rstd, const bf16 *x,
 __global__ void rmsnorm_backward_kernel(float *dx, bf16 *dxb, const float *dy,
                                         const bf16 *x, const float *w,
                                         const float *rstd, int64_t n, int d,
-                                        int accumulate)
+                                        int accumulate, int vec)
 {
     int64_t t = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x & 31;
@@ -79,6 +79,46 @@ __global__ void rmsnorm_backward_kernel(float *dx, bf16 *dxb, const float *dy,
     bf16 *db = dxb ? dxb + t * d : NULL;
     float r = rstd[t];
     float dot = 0.0f;
+    if (vec) { /* 8 elements a lane: 16-byte bf16, 32-byte fp32 accesses */
+        for (int i = lane * 8; i < d; i += 256) {
+            float f[8];
+            load8(f, xr + i);
+            float4 g0 = *(const float4 *)(gr + i), g1 = *(const float4 *)(gr + i + 4);
+            float4 w0 = *(const float4 *)(w + i), w1 = *(const float4 *)(w + i + 4);
+            dot += w0.x * g0.x * f[0] + w0.y * g0.y * f[1] + w0.z * g0.z * f[2] +
+                   w0.w * g0.w * f[3] + w1.x * g1.x * f[4] + w1.y * g1.y * f[5] +
+                   w1.z * g1.z * f[6] + w1.w * g1.w * f[7];
+        }
+        dot = warp_sum(dot) * r / d;
+        for (int i = lane * 8; i < d; i += 256) {
+            float f[8], gv[8], wv[8], o[8];
+            load8(f, xr + i);
+            *(float4 *)gv = *(const float4 *)(gr + i);
+            *(float4 *)(gv + 4) = *(const float4 *)(gr + i + 4);
+            *(float4 *)wv = *(const float4 *)(w + i);
+            *(float4 *)(wv + 4) = *(const float4 *)(w + i + 4);
+            if (accumulate) {
+                *(float4 *)o = *(const float4 *)(dr + i);
+                *(float4 *)(o + 4) = *(const float4 *)(dr + i + 4);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float g = r * (wv[j] * gv[j] - f[j] * r * dot);
+                o[j] = accumulate ? o[j] + g : g;
+            }
+            *(float4 *)(dr + i) = *(float4 *)o;
+            *(float4 *)(dr + i + 4) = *(float4 *)(o + 4);
+            if (db) {
+                uint4 u;
+                uint32_t *up = (uint32_t *)&u;
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    up[j] = pack_bf16x2(o[2 * j], o[2 * j + 1]);
+                *(uint4 *)(db + i) = u;
+            }
+        }
+        return;
+    }
     for (int i = lane; i < d; i += 32)
         dot += w[i] * gr[i] * __bfloat162float(xr[i]);
     dot = warp_sum(dot) * r / d;   /* mean(w dy xh) */
@@ -112,6 +152,10 @@ extern "C" void kn_rmsnorm_backward(float *dx, kn_bf16 *dx_bf16,
     KN_REQUIRE(n >= 0 && d > 0 && rstd);
     if (!n)
         return;
-    rmsnorm_backward_kernel<<<kn_cdiv(n, 8), 256, 0, s>>>(dx, (bf16 *)dx_bf16, dy, (const bf16 *)x, w, rstd, n, d, accumulate);
+    /* vectorised when rows are whole 16-byte bf16 / 32-byte fp32 groups */
+    int vec = d % 8 == 0 && ((uintptr_t)dx & 31) == 0 && ((uintptr_t)dy & 31) == 0 &&
+              ((uintptr_t)w & 31) == 0 && ((uintptr_t)x & 15) == 0 &&
+              ((uintptr_t)dx_bf16 & 15) == 0;
+    rmsnorm_backward_kernel<<<kn_cdiv(n, 8), 256, 0, s>>>(dx, (bf16 *)dx_bf16, dy, (const bf16 *)x, w, rstd, n, d, accumulate, vec);
     KN_CHECK_LAUNCH("rmsnorm_backward");
 }

@@ -1,8 +1,12 @@
 /* rope.cu: rotate_half rotary embeddings in place, forward and inverse.
  * Element i of a head vector pairs with i + hd/2. The angle is computed
  * as transformers does, in fp32: pos * inv_freq, inv_freq = 1 / theta^(2i/hd),
- * with accurate sincosf (the fast intrinsic drifts at large angles). One
- * thread per pair; the hd/2 frequencies are shared by every head. */
+ * with accurate sincosf (the fast intrinsic drifts at large angles). When
+ * hd/2 is a multiple of 8 (16-byte rows) a thread takes 8 consecutive
+ * pairs of one token and applies their angles to every head, so the
+ * sines and cosines are computed once per token instead of once per head
+ * and the accesses are 16 bytes wide; otherwise one thread per pair. The
+ * arithmetic per element is the same either way. */
 #include "common.cuh"
 
 __global__ void rope_kernel(bf16 *x, const int32_t *pos, int64_t n, int nh,
@@ -30,12 +34,56 @@ __global__ void rope_kernel(bf16 *x, const int32_t *pos, int64_t n, int nh,
     }
 }
 
+/* One thread per (token, group of 8 pairs): half % 8 == 0, x 16-byte
+ * aligned. */
+__global__ void rope8_kernel(bf16 *x, const int32_t *pos, int64_t n, int nh,
+                             int hd, float theta, int inverse)
+{
+    int half = hd / 2, groups = half / 8;
+    int64_t total = n * groups;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        int i0 = (int)(e % groups) * 8;
+        int64_t t = e / groups;
+        float sn[8], cs[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float inv = 1.0f / powf(theta, (float)(2 * (i0 + j)) / (float)hd);
+            sincosf((float)pos[t] * inv, &sn[j], &cs[j]);
+            if (inverse)
+                sn[j] = -sn[j];
+        }
+        bf16 *row = x + t * nh * hd + i0;
+        for (int h = 0; h < nh; h++) {
+            uint4 ua = *(const uint4 *)(row + h * hd), ub = *(const uint4 *)(row + h * hd + half);
+            const bf16 *va = (const bf16 *)&ua, *vb = (const bf16 *)&ub;
+            uint4 oa, ob;
+            bf16 *pa = (bf16 *)&oa, *pb = (bf16 *)&ob;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float a = __bfloat162float(va[j]), b = __bfloat162float(vb[j]);
+                pa[j] = __float2bfloat16(a * cs[j] - b * sn[j]);
+                pb[j] = __float2bfloat16(b * cs[j] + a * sn[j]);
+            }
+            *(uint4 *)(row + h * hd) = oa;
+            *(uint4 *)(row + h * hd + half) = ob;
+        }
+    }
+}
+
 static void rope_launch(kn_bf16 *x, const int32_t *pos, int64_t n, int nh,
                         int hd, float theta, int inverse, cudaStream_t s)
 {
     KN_REQUIRE(n >= 0 && nh > 0 && hd > 0 && hd % 2 == 0 && theta > 0.0f);
     if (!n)
         return;
+    if ((hd / 2) % 8 == 0 && ((uintptr_t)x & 15) == 0) {
+        int64_t total = n * (hd / 16);
+        rope8_kernel<<<kn_grid_1d(total, 128), 128, 0, s>>>((bf16 *)x, pos, n, nh, hd, theta,
+                                                            inverse);
+        KN_CHECK_LAUNCH("rope8");
+        return;
+    }
     int64_t total = n * nh * (hd / 2);
     rope_kernel<<<kn_grid_1d(total, 256), 256, 0, s>>>((bf16 *)x, pos, n, nh, hd, theta, inverse);
     KN_CHECK_LAUNCH("rope");

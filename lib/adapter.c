@@ -314,9 +314,17 @@ int adapter_read(const char *dir, const llama_config *mc, lora_adapter **out,
                               path, nm, (long long)d0, (long long)d1);
                     goto out;
                 }
-                if (st_to_f32(t, a->params + (ab ? s->b : s->a), 0, t->numel) !=
-                    0)
+                float *dst = a->params + (ab ? s->b : s->a);
+                if (st_to_f32(t, dst, 0, t->numel) != 0)
                     goto out;
+                /* refused rather than merged or trained on (issue 11) */
+                for (int64_t e = 0; e < t->numel; e++)
+                    if (!isfinite(dst[e])) {
+                        msg_error("%s: tensor '%s' holds a non-finite value "
+                                  "(%g at element %lld)",
+                                  path, nm, dst[e], (long long)e);
+                        goto out;
+                    }
             }
         }
     *out = a;

@@ -255,6 +255,15 @@ static int load_f32(const st_model *st, const char *name, int ndim, int64_t d0,
         free(p);
         return -1;
     }
+    /* a NaN or infinity would only come out as a NaN adapter (issue 11) */
+    for (int64_t i = 0; i < t->numel; i++)
+        if (!isfinite(p[i])) {
+            msg_error("%s: tensor '%s' holds a non-finite value (%g at "
+                      "element %lld)",
+                      st->dir, name, p[i], (long long)i);
+            free(p);
+            return -1;
+        }
     *out = p;
     return 0;
 }

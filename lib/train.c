@@ -13,6 +13,7 @@
 #include "train.h"
 
 #include <dirent.h>
+#include <errno.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -64,6 +65,8 @@ const cfg_field train_fields[] = {
     F("gradient_checkpointing", CFG_BOOL, gradient_checkpointing, "false",
       "recompute activations in the backward pass (less memory, same results)"),
     F("device", CFG_STRING, device, "auto", "cpu, cuda, or auto (cuda when a GPU is present)"),
+    F("on_nonfinite", CFG_STRING, on_nonfinite, "stop",
+      "a step with a non-finite loss or gradient: stop, or skip it (CPU) and count it"),
 };
 const size_t train_nfields = sizeof train_fields / sizeof train_fields[0];
 
@@ -137,6 +140,9 @@ int train_config_check(const train_config *c)
     NEED(c->device && (strcmp(c->device, "cpu") == 0 || strcmp(c->device, "cuda") == 0 ||
                        strcmp(c->device, "auto") == 0),
          "'device' must be cpu, cuda or auto");
+    NEED(c->on_nonfinite && (strcmp(c->on_nonfinite, "stop") == 0 ||
+                             strcmp(c->on_nonfinite, "skip") == 0),
+         "'on_nonfinite' must be stop or skip");
 #undef NEED
     lora_config lc;
     return train_lora_config(c, &lc);
@@ -305,6 +311,12 @@ int train_step(const llama_model *m, lora_adapter *a, adamw *opt, float *grad,
     }
     *loss = wsum > 0 ? lsum / wsum : NAN;
     *norm = grad_norm(grad, a->n_params);
+    if (!isfinite(*norm) || (wsum > 0 && !isfinite(*loss))) {
+        /* never apply it: the caller stops or skips (on_nonfinite); the
+         * step still counts, so opt->step == global step as resume wants */
+        opt->step++;
+        return 0;
+    }
     grad_clip(grad, a->n_params, *norm, max_norm);
     adamw_step(opt, a->params, grad, lr);
     return 0;
@@ -342,6 +354,7 @@ typedef struct run_state {
     double log_loss;      /* sum of step losses since the last log */
     int64_t log_steps;
     int64_t log_tokens;
+    int64_t skipped;      /* non-finite steps skipped (on_nonfinite: skip) */
 } run_state;
 
 static void data_fingerprint(const pack_data *d, char out[17])
@@ -373,12 +386,115 @@ static void state_json(strbuf *sb, const train_config *c, const pack_data *d,
     sb_printf(sb, ",\n  \"rng\": {\"generator\": \"splitmix64-counter\", "
               "\"seed\": %lld},\n  \"log\": {\"loss_sum\": ", (long long)c->seed);
     json_append_number(sb, st->log_loss);
-    sb_printf(sb, ", \"steps\": %lld, \"tokens\": %lld},\n  \"data\": "
-              "{\"rows\": %llu, \"fingerprint\": \"%s\"},\n  \"config\": ",
+    sb_printf(sb, ", \"steps\": %lld, \"tokens\": %lld},\n  \"skipped_steps\": %lld,"
+              "\n  \"data\": {\"rows\": %llu, \"fingerprint\": \"%s\"},\n  \"config\": ",
               (long long)st->log_steps, (long long)st->log_tokens,
-              (unsigned long long)d->h.n_rows, fp);
+              (long long)st->skipped, (unsigned long long)d->h.n_rows, fp);
     cfg_to_json(train_fields, train_nfields, c, sb);
     sb_puts(sb, "\n}\n");
+}
+
+/* Checksums (hardening, issue 11): checksums.json holds the FNV-1a 64 of
+ * each other file of a checkpoint, computed from the bytes written, and a
+ * resume checks them first, so a checkpoint damaged after it was written
+ * (a bad disk, a careless edit) is refused instead of silently continued
+ * from. FNV-1a detects any change of a single byte. */
+static const char *const ckpt_files[] = {
+    "adapter_config.json", "adapter_model.safetensors",
+    "optimizer.safetensors", "trainer_state.json",
+};
+#define N_CKPT_FILES (sizeof ckpt_files / sizeof *ckpt_files)
+
+static int file_checksum(const char *dir, const char *name, char out[17])
+{
+    char *path = io_path_join(dir, name);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        msg_error("cannot open '%s': %s", path, strerror(errno));
+        free(path);
+        return -1;
+    }
+    uint64_t h = 0xcbf29ce484222325ull;
+    unsigned char buf[1 << 16];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
+        for (size_t i = 0; i < n; i++)
+            h = (h ^ buf[i]) * 0x100000001b3ull;
+    int bad = ferror(f);
+    fclose(f);
+    if (bad)
+        msg_error("cannot read '%s'", path);
+    free(path);
+    snprintf(out, 17, "%016llx", (unsigned long long)h);
+    return bad ? -1 : 0;
+}
+
+static int write_checksums(const char *dir)
+{
+    strbuf sb = STRBUF_INIT;
+    sb_puts(&sb, "{\n  \"format\": \"qlora-checksums\",\n  \"version\": 1,\n"
+                 "  \"algorithm\": \"fnv1a64\",\n  \"files\": {");
+    int rc = 0;
+    for (size_t k = 0; k < N_CKPT_FILES && rc == 0; k++) {
+        char sum[17];
+        rc = file_checksum(dir, ckpt_files[k], sum);
+        sb_printf(&sb, "%s\n    \"%s\": \"%s\"", k ? "," : "", ckpt_files[k], sum);
+    }
+    sb_puts(&sb, "\n  }\n}\n");
+    if (rc == 0) {
+        char *p = io_path_join(dir, "checksums.json");
+        io_writer *w = io_writer_open(p, IO_TEXT);
+        free(p);
+        if (w) {
+            io_write(w, sb.buf, sb.len);
+            rc = io_writer_commit(w);
+        } else {
+            rc = -1;
+        }
+    }
+    sb_free(&sb);
+    return rc;
+}
+
+static int verify_checksums(const char *dir)
+{
+    char *path = io_path_join(dir, "checksums.json");
+    json_value *js = NULL;
+    int rc = -1;
+    if (!io_exists(path)) {
+        msg_error("checkpoint '%s' has no checksums.json (damaged, or not "
+                  "written by lora-train)", dir);
+        goto out;
+    }
+    if (json_parse_file(path, &js) != 0)
+        goto out;
+    const char *alg = json_get_string(js, "algorithm", NULL);
+    const json_value *files = json_get(js, "files");
+    if (!alg || strcmp(alg, "fnv1a64") != 0 || !files ||
+        files->type != JSON_OBJECT) {
+        msg_error("%s: not a lora-train checksum file", path);
+        goto out;
+    }
+    for (size_t k = 0; k < N_CKPT_FILES; k++) {
+        const char *want = json_get_string(files, ckpt_files[k], NULL);
+        char sum[17];
+        if (!want) {
+            msg_error("%s: no checksum for '%s'", path, ckpt_files[k]);
+            goto out;
+        }
+        if (file_checksum(dir, ckpt_files[k], sum) != 0)
+            goto out;
+        if (strcmp(sum, want) != 0) {
+            msg_error("checkpoint '%s' is damaged: '%s' does not match its "
+                      "checksum", dir, ckpt_files[k]);
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    json_free(js);
+    free(path);
+    return rc;
 }
 
 static int save_checkpoint(const train_inputs *in, const lora_adapter *a,
@@ -429,6 +545,8 @@ static int save_checkpoint(const train_inputs *in, const lora_adapter *a,
         }
         sb_free(&sb);
     }
+    if (rc == 0)
+        rc = write_checksums(tmp);
     if (rc == 0)
         rc = io_dir_commit(tmp, final);
     else
@@ -528,7 +646,7 @@ static int load_checkpoint(const train_inputs *in, lora_adapter *a,
     lora_adapter *la = NULL;
     st_file *f = NULL;
     int rc = -1;
-    if (io_read_file(path, &text, &len) != 0 ||
+    if (verify_checksums(dir) != 0 || io_read_file(path, &text, &len) != 0 ||
         json_parse(text, len, path, 1, &js) != 0)
         goto out;
     const char *fmt = json_get_string(js, "format", NULL);
@@ -573,6 +691,7 @@ static int load_checkpoint(const train_inputs *in, lora_adapter *a,
     st->log_loss = json_get_number(log, "loss_sum", 0);
     st->log_steps = json_get_int(log, "steps", 0);
     st->log_tokens = json_get_int(log, "tokens", 0);
+    st->skipped = json_get_int(js, "skipped_steps", 0);
     if (st->step < 0) {
         msg_error("%s: bad global_step", path);
         goto out;
@@ -723,6 +842,24 @@ int train_run(const train_inputs *in)
                             c->gradient_checkpointing, (uint64_t)c->seed, s,
                             &loss, &norm) != 0)
             goto out;
+        double wsum = 0;
+        for (size_t k = 0; k < nm; k++)
+            wsum += micro[k].weight_sum;
+        if (!isfinite(norm) || (wsum > 0 && !isfinite(loss))) {
+            /* train_step changed nothing; the GPU step has already applied
+             * it, so there the run can only stop */
+            int bad_loss = wsum > 0 && !isfinite(loss);
+            if (be || !c->on_nonfinite || strcmp(c->on_nonfinite, "skip") != 0) {
+                msg_error("step %lld: the %s is not finite (%g); stopping, nothing "
+                          "more written (%s)", (long long)(s + 1),
+                          bad_loss ? "loss" : "gradient norm", bad_loss ? loss : norm,
+                          be ? "on the GPU such a step cannot be skipped"
+                             : "on_nonfinite=skip skips such steps");
+                goto out;
+            }
+            st.skipped++;
+            loss = NAN; /* left out of the logged mean */
+        }
         st.step = s + 1;
         st.log_loss += isnan(loss) ? 0 : loss;
         st.log_steps++;
@@ -735,6 +872,7 @@ int train_run(const train_inputs *in)
         ev.loss = loss;
         ev.learning_rate = lr;
         ev.grad_norm = norm;
+        ev.skipped_steps = st.skipped;
         emit(in, &ev);
         if (st.step % c->logging_steps == 0 || st.step == total) {
             double t = now_s();
@@ -814,6 +952,8 @@ void train_event_json(const train_event *ev, strbuf *sb)
         json_append_number(sb, ev->grad_norm);
         sb_puts(sb, ",\"tokens_per_s\":");
         json_append_number(sb, round(ev->tokens_per_s * 10) / 10);
+        if (ev->skipped_steps > 0)
+            sb_printf(sb, ",\"skipped_steps\":%lld", (long long)ev->skipped_steps);
         if (ev->peak_memory > 0) {
             sb_puts(sb, ",\"peak_memory_gib\":");
             json_append_number(sb, round(ev->peak_memory / 1073741824.0 * 1000) / 1000);

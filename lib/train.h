@@ -65,6 +65,8 @@ typedef struct train_config {
     int64_t seed;
     int gradient_checkpointing;
     char *device;
+    /* hardening (issue 11): a step whose loss or gradient is not finite */
+    char *on_nonfinite;   /* "stop" (exit 2, nothing written) or "skip" */
 } train_config;
 
 extern const cfg_field train_fields[];
@@ -109,7 +111,10 @@ void train_batch_json(const train_batch *tb, strbuf *sb);
 /* One optimizer step over n micro-batches: gradients of the step's mean
  * loss accumulated, norm taken, clipped, AdamW at lr. *loss is the step's
  * mean loss (NaN when it has no targets), *norm the gradient norm before
- * clipping. 0 ok, -1 error. */
+ * clipping. When the norm, or the loss of a step with targets, is not
+ * finite, nothing is updated (the adapter and the moments stay as they
+ * were; only opt->step advances) and the caller decides (on_nonfinite).
+ * 0 ok, -1 error. */
 int train_step(const llama_model *m, lora_adapter *a, adamw *opt, float *grad,
                const train_batch *micro, size_t n, double lr, double max_norm,
                int checkpointing, uint64_t seed, int64_t step, double *loss,
@@ -132,6 +137,7 @@ typedef struct train_event {
     double tokens_per_s;     /* LOG: tokens since the last log / seconds */
     double eval_loss;        /* EVAL */
     double peak_memory;      /* LOG: peak device bytes (GPU backend), else 0 */
+    int64_t skipped_steps;   /* LOG: non-finite steps skipped so far */
     const char *path;        /* SAVE: the checkpoint directory */
     const train_batch *batch; /* BATCH: micro-batch `micro` of step `step` */
     int64_t micro;
@@ -173,9 +179,12 @@ typedef struct train_inputs {
 
 /* Runs the whole training: initial adapter (or the checkpoint's state),
  * steps, logs, evaluations, checkpoints output_dir/checkpoint-<step>
- * (adapter, optimizer.safetensors, trainer_state.json; each directory
- * written atomically) every save_steps, and finally the adapter in
- * output_dir. 0 ok, -1 error. */
+ * (adapter, optimizer.safetensors, trainer_state.json, and checksums.json
+ * holding the FNV-1a 64 of the other four files, which a resume checks;
+ * each directory written atomically) every save_steps, and finally the
+ * adapter in output_dir. A non-finite step stops the run (-1, nothing more
+ * written) or, with on_nonfinite "skip" on the CPU, is skipped and counted.
+ * 0 ok, -1 error. */
 int train_run(const train_inputs *in);
 
 /* The newest output_dir/checkpoint-<N> holding a trainer_state.json, as a

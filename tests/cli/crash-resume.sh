@@ -7,9 +7,10 @@
 #     of the optimizer state, of the adapter, of trainer_state.json) is
 #     refused on --resume: exit 2, one line, naming the checkpoint.
 #   - Numerical guards: a base model that makes the loss non-finite never
-#     gives a silent NaN adapter: either training stops (exit 2, one line
-#     saying the loss or gradient is not finite) or the steps are skipped
-#     and the adapter written is finite.
+#     gives a silent NaN adapter: training stops (exit 2, one line saying
+#     the loss or gradient is not finite; on_nonfinite=stop, the default),
+#     or with on_nonfinite=skip the steps are skipped, counted in the
+#     metrics (skipped_steps) and the adapter written is finite.
 . "$TOP/tests/cli/lib.sh"
 
 for t in lora-train dolly-fmt tok pack; do
@@ -27,10 +28,10 @@ zstd -dc "$SHARED/data/dolly/databricks-dolly-15k.jsonl.zst" | head -n 20 | doll
     tok -m "$S260/tokenizer.model" | pack -q -l all -n 128 >t.packed ||
     { notok "crash-resume: fixture"; exit 0; }
 
-# 12 steps of about 0.1-0.3 s each, a checkpoint after every step
+# 10 steps of about 0.1-0.3 s each, a checkpoint after every step
 train() { # OUTDIR [args...]
     d=$1; shift
-    lora-train -q -m "$S260" -o "$d" -s max_steps=12 -s save_steps=1 \
+    lora-train -q -m "$S260" -o "$d" -s max_steps=10 -s save_steps=1 \
         -s per_device_train_batch_size=2 -s logging_steps=1 -s lora_dropout=0.1 \
         "$@" t.packed
 }
@@ -125,23 +126,22 @@ printf '\346\261\141\177' | dd of=big/model.safetensors bs=1 seek=$((8 + n + b))
 lora-train -q -m big -o nan -s max_steps=3 -s per_device_train_batch_size=2 \
     -s logging_steps=1 t.packed >nan.jsonl 2>nan.err
 rc=$?
-if [ "$rc" -eq 2 ]; then
-    if [ "$(wc -l <nan.err)" -eq 1 ] && grep -qi 'finite\|nan' nan.err; then
-        ok "crash-resume: non-finite loss stops training with one line"
-    else
-        notok "crash-resume: non-finite loss: exit 2 but the message is unclear"
-        sed 's/^/    /' nan.err
-    fi
-    check "crash-resume: no adapter after a non-finite stop" test ! -e nan/adapter_model.safetensors
-elif [ "$rc" -eq 0 ]; then
-    if floats nan/adapter_model.safetensors | grep -qi 'nan\|inf'; then
-        notok "crash-resume: non-finite loss gave a NaN adapter (exit 0)"
-    else
-        ok "crash-resume: non-finite steps skipped, the adapter is finite"
-    fi
-    grep -q 'skipped' nan.jsonl && ok "crash-resume: skipped steps are counted in the metrics" ||
-        notok "crash-resume: skipped steps are not counted in the metrics"
+if [ "$rc" -eq 2 ] && [ "$(wc -l <nan.err)" -eq 1 ] && grep -q 'not finite' nan.err; then
+    ok "crash-resume: a non-finite loss stops training (on_nonfinite=stop, the default)"
 else
-    notok "crash-resume: non-finite loss: exit $rc"
+    notok "crash-resume: a non-finite loss: exit $rc, expected 2 and one line"
     sed 's/^/    /' nan.err | head -n 5
 fi
+check "crash-resume: no adapter after a non-finite stop" test ! -e nan/adapter_model.safetensors
+lora-train -q -m big -o skip -s max_steps=3 -s per_device_train_batch_size=2 \
+    -s logging_steps=1 -s on_nonfinite=skip t.packed >skip.jsonl 2>skip.err
+rc=$?
+if [ "$rc" -eq 0 ] && [ -f skip/adapter_model.safetensors ] &&
+    ! floats skip/adapter_model.safetensors | grep -qi 'nan\|inf'; then
+    ok "crash-resume: on_nonfinite=skip skips the steps; the adapter is finite"
+else
+    notok "crash-resume: on_nonfinite=skip: exit $rc or a non-finite adapter"
+    sed 's/^/    /' skip.err | head -n 5
+fi
+check "crash-resume: skipped steps are counted in the metrics" \
+    sh -c "jq -e -s 'last | .skipped_steps == 3' skip.jsonl >/dev/null"

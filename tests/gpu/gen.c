@@ -1,0 +1,844 @@
+/* gen.c: lora-gen's GPU path against its CPU references.
+ *
+ * Kernels (random inputs, several shapes, ragged ones included): the fused
+ * NF4 and bf16 products against gen_ref_linear on the same bf16-rounded
+ * operands (TOL_MMA), the fp32 products (TOL_F32), the cache attention
+ * against gen_ref_attention, RoPE + append against llama_rope, RMSNorm,
+ * SwiGLU, argmax; and batch independence: a row's result is bit-identical
+ * whatever else is in the batch.
+ *
+ * The whole backend, on ../shared's stories260K:
+ *   - f32: greedy from BOS reproduces greedy-from-bos.txt (256 new tokens,
+ *     stopping at BOS), with and without CUDA graphs; logits of a prompt and
+ *     of ten decoding steps with a random all-linear adapter match
+ *     llama_decode within TOL_LOGITS_F32; prompts in flight together give
+ *     what they give alone;
+ *   - NF4 (golden/s260-nf4-f32: bf16 compute): logits match llama_decode on
+ *     the same checkpoint within TOL_LOGITS_BF16; greedy agreement is
+ *     reported;
+ *   - with tests/golden/gen-s260-peft.json: greedy completions with its
+ *     adapter equal transformers + peft's.
+ *
+ * --bench: a Llama 2 7B-shaped NF4 model with random weights built in
+ * memory (double quantization, bf16 head), 300-token prompts, 100 new
+ * tokens, greedy, batch 1 and 64; prints "#json {...}" lines for
+ * bench/gen, and the fused product's bandwidth on the 7B shapes.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <time.h>
+
+#include "gpu_test.h"
+
+#include "../../kernels/gen_gpu.h"
+#include "../../kernels/gen_kernels.h"
+#include "adapter.h"
+#include "gen_ref.h"
+#include "generate.h"
+#include "json.h"
+#include "llama.h"
+#include "lora.h"
+#include "nf4.h"
+#include "sentencepiece.h"
+#include "strbuf.h"
+
+#define TOL_MMA 1e-4          /* bf16 operands, fp32 sums in another order */
+#define TOL_LOGITS_F32 1e-4   /* fp32 model, sums in another order */
+#define TOL_LOGITS_BF16 3e-2  /* bf16 activations and weights vs fp32 */
+
+static const char *shared_dir(void)
+{
+    const char *s = getenv("SHARED");
+    return s && *s ? s : "../shared";
+}
+
+/* ---- kernels ---------------------------------------------------------------- */
+
+static void *ws_for(const kn_gen_lin *ops, int nops, int n, size_t *bytes)
+{
+    *bytes = kn_gen_linear_mma_ws(ops, nops, n);
+    void *ws = kn_malloc(*bytes);
+    kn_memset(ws, 0, *bytes, 0);
+    return ws;
+}
+
+static void nf4_to_device(const nf4_weight *w, kn_nf4 *d)
+{
+    memset(d, 0, sizeof *d);
+    d->numel = w->numel;
+    d->blocksize = w->blocksize;
+    d->nested_blocksize = w->nested_blocksize;
+    d->codes = gt_up(w->packed, (size_t)(w->numel + 1) / 2);
+    d->quant_map = gt_up(w->quant_map, sizeof w->quant_map);
+    if (w->nested) {
+        d->absmax_q = gt_up(w->absmax_code, (size_t)w->nblocks);
+        d->nested_absmax = gt_up(w->nested_absmax, (size_t)w->nested_nblocks * 4);
+        d->nested_map = gt_up(w->nested_map, sizeof w->nested_map);
+        d->offset = w->nested_offset;
+    } else {
+        d->absmax = gt_up(w->absmax, (size_t)w->nblocks * 4);
+    }
+}
+
+/* A random weight as NF4 (kind NF4) or padded bf16 (kind BF16); *ref gets
+ * the values the kernel multiplies with (bf16-rounded). */
+static kn_gw make_weight(int kind, int64_t out, int64_t in, int nested, float **ref)
+{
+    kn_gw g;
+    memset(&g, 0, sizeof g);
+    g.kind = kind;
+    g.out = out;
+    g.in = in;
+    float *w = gt_rand(out * in, 0.05f);
+    *ref = malloc((size_t)(out * in) * sizeof **ref);
+    if (kind == KN_GW_NF4) {
+        int64_t shape[2] = {out, in};
+        nf4_weight q;
+        nf4_quantize(w, ST_F32, 2, shape, 64, nested, 1, &q);
+        nf4_dequantize(&q, 0, out * in, *ref);
+        gt_round_bf16(*ref, out * in);
+        nf4_to_device(&q, &g.q);
+        nf4_weight_free(&q);
+    } else {
+        int64_t ld = (in + 63) / 64 * 64;
+        float *pad = calloc((size_t)(out * ld), sizeof *pad);
+        for (int64_t r = 0; r < out; r++)
+            for (int64_t c = 0; c < in; c++) {
+                float v = ops_round_bf16(w[r * in + c]);
+                pad[r * ld + c] = v;
+                (*ref)[r * in + c] = v;
+            }
+        g.ld = ld;
+        g.bf16 = gt_up_bf16(pad, out * ld);
+        free(pad);
+    }
+    free(w);
+    return g;
+}
+
+static void test_mma(int kind, int nested, int64_t out, int64_t in, int n)
+{
+    char name[160];
+    snprintf(name, sizeof name, "linear_mma %s%s out=%lld in=%lld n=%d",
+             kind == KN_GW_NF4 ? "nf4" : "bf16", nested ? " nested" : "", (long long)out,
+             (long long)in, n);
+    float *wref;
+    kn_gw w = make_weight(kind, out, in, nested, &wref);
+    float *x = gt_rand((int64_t)n * in, 1.0f);
+    gt_round_bf16(x, (int64_t)n * in);
+    float *res = gt_rand((int64_t)n * out, 1.0f);
+    kn_bf16 *dx = gt_up_bf16(x, (int64_t)n * in);
+    float *dy = gt_up_f32(res, (int64_t)n * out);
+    kn_gen_lin op = {w, dy, dy, out};
+    size_t wsb;
+    void *ws = ws_for(&op, 1, n, &wsb);
+    kn_gen_linear_mma(&op, 1, dx, in, n, ws, wsb, 0);
+    float *got = gt_down_f32(dy, (int64_t)n * out);
+    float *ref = malloc((size_t)(n * out) * sizeof *ref);
+    gen_ref_linear(ref, res, out, x, in, wref, out, in, n, 1.0f);
+    gt_compare(name, got, ref, (int64_t)n * out, TOL_MMA, "TOL_MMA");
+    /* batch independence: row 0 alone gives the same bits */
+    if (n > 1) {
+        float *y1 = gt_up_f32(res, out);
+        kn_gen_lin op1 = {w, y1, y1, out};
+        kn_gen_linear_mma(&op1, 1, dx, in, 1, ws, wsb, 0);
+        float *g1 = gt_down_f32(y1, out);
+        snprintf(name, sizeof name, "linear_mma %s out=%lld in=%lld: row 0 alone == in a batch of %d",
+                 kind == KN_GW_NF4 ? "nf4" : "bf16", (long long)out, (long long)in, n);
+        gt_check(memcmp(g1, got, (size_t)out * 4) == 0, name);
+        free(g1);
+        kn_free(y1);
+    }
+    free(wref); free(x); free(res); free(got); free(ref);
+    kn_free(dx); kn_free(dy); kn_free(ws);
+}
+
+/* q/k/v in one launch (different outs), no residual */
+static void test_mma_group(void)
+{
+    int64_t in = 256, outs[3] = {256, 64, 64};
+    int n = 5;
+    float *wref[3];
+    kn_gen_lin ops[3];
+    float *x = gt_rand(n * in, 1.0f);
+    gt_round_bf16(x, n * in);
+    kn_bf16 *dx = gt_up_bf16(x, n * in);
+    for (int i = 0; i < 3; i++) {
+        ops[i].w = make_weight(KN_GW_NF4, outs[i], in, 1, &wref[i]);
+        ops[i].y = gt_dev((size_t)(n * outs[i]) * 4);
+        ops[i].res = NULL;
+        ops[i].ldy = outs[i];
+    }
+    size_t wsb;
+    void *ws = ws_for(ops, 3, n, &wsb);
+    kn_gen_linear_mma(ops, 3, dx, in, n, ws, wsb, 0);
+    for (int i = 0; i < 3; i++) {
+        float *got = gt_down_f32(ops[i].y, n * outs[i]);
+        float *ref = malloc((size_t)(n * outs[i]) * 4);
+        gen_ref_linear(ref, NULL, outs[i], x, in, wref[i], outs[i], in, n, 1.0f);
+        char name[80];
+        snprintf(name, sizeof name, "linear_mma grouped op %d (out %lld)", i, (long long)outs[i]);
+        gt_compare(name, got, ref, n * outs[i], TOL_MMA, "TOL_MMA");
+        free(got); free(ref); free(wref[i]);
+        kn_free(ops[i].y);
+    }
+    free(x);
+    kn_free(dx);
+    kn_free(ws);
+}
+
+static void test_f32(int64_t out, int64_t in, int n, int x_bf16)
+{
+    float *w = gt_rand(out * in, 0.1f), *x = gt_rand(n * in, 1.0f), *res = gt_rand(n * out, 1.0f);
+    if (x_bf16)
+        gt_round_bf16(x, n * in);
+    float *dw = gt_up_f32(w, out * in), *dy = gt_up_f32(res, n * out);
+    void *dx = x_bf16 ? (void *)gt_up_bf16(x, n * in) : (void *)gt_up_f32(x, n * in);
+    kn_gen_linear_f32(dy, dy, out, x_bf16 ? NULL : dx, x_bf16 ? dx : NULL, in, dw, out, in, n,
+                      0.5f, 0);
+    float *got = gt_down_f32(dy, n * out), *ref = malloc((size_t)(n * out) * 4);
+    gen_ref_linear(ref, res, out, x, in, w, out, in, n, 0.5f);
+    char name[120];
+    snprintf(name, sizeof name, "linear_f32 out=%lld in=%lld n=%d x %s", (long long)out,
+             (long long)in, n, x_bf16 ? "bf16" : "f32");
+    gt_compare(name, got, ref, n * out, TOL_F32, "TOL_F32");
+    free(w); free(x); free(res); free(got); free(ref);
+    kn_free(dw); kn_free(dy); kn_free(dx);
+}
+
+static void test_attention(int nh, int nkv, int hd, int cap, int bf)
+{
+    int slots = 3, n = 5, kvd = nkv * hd;
+    int32_t slot[5] = {2, 0, 1, 2, 0}, pos[5] = {0, cap - 1, cap / 2, 7 % cap, 1 % cap};
+    int64_t csz = (int64_t)slots * cap * kvd;
+    float *kc = gt_rand(csz, 1.0f), *vc = gt_rand(csz, 1.0f), *q = gt_rand(n * nh * hd, 1.0f);
+    if (bf) {
+        gt_round_bf16(kc, csz);
+        gt_round_bf16(vc, csz);
+    }
+    void *dk = bf ? (void *)gt_up_bf16(kc, csz) : (void *)gt_up_f32(kc, csz);
+    void *dv = bf ? (void *)gt_up_bf16(vc, csz) : (void *)gt_up_f32(vc, csz);
+    float *dq = gt_up_f32(q, n * nh * hd);
+    int32_t *ds = gt_up(slot, sizeof slot), *dp = gt_up(pos, sizeof pos);
+    float *o32 = gt_dev((size_t)n * nh * hd * 4);
+    kn_bf16 *o16 = gt_dev((size_t)n * nh * hd * 2);
+    kn_gen_attention_setup(cap);
+    kn_gen_attention(o32, o16, dq, nh * hd, dk, dv, bf, ds, dp, n, nh, nkv, hd, cap, 0);
+    float *got = gt_down_f32(o32, n * nh * hd), *got16 = gt_down_bf16(o16, n * nh * hd);
+    float *ref = malloc((size_t)n * nh * hd * 4);
+    for (int t = 0; t < n; t++)
+        gen_ref_attention(ref + (int64_t)t * nh * hd, q + (int64_t)t * nh * hd,
+                          kc + (int64_t)slot[t] * cap * kvd, vc + (int64_t)slot[t] * cap * kvd,
+                          pos[t], nh, nkv, hd);
+    char name[120];
+    snprintf(name, sizeof name, "attention nh=%d nkv=%d hd=%d cap=%d cache %s", nh, nkv, hd, cap,
+             bf ? "bf16" : "f32");
+    gt_compare(name, got, ref, n * nh * hd, TOL_F32, "TOL_F32");
+    snprintf(name, sizeof name, "attention bf16 output nh=%d hd=%d", nh, hd);
+    gt_compare(name, got16, ref, n * nh * hd, TOL_BF16_OUT, "TOL_BF16_OUT");
+    free(kc); free(vc); free(q); free(got); free(got16); free(ref);
+    kn_free(dk); kn_free(dv); kn_free(dq); kn_free(ds); kn_free(dp); kn_free(o32); kn_free(o16);
+}
+
+static void test_rope_append(int nh, int nkv, int hd, int bf)
+{
+    int slots = 2, cap = 40, n = 3, kvd = nkv * hd, half = hd / 2;
+    int32_t slot[3] = {1, 0, 1}, pos[3] = {0, 39, 17};
+    float theta = 10000.0f;
+    float *q = gt_rand(n * nh * hd, 1.0f), *k = gt_rand(n * kvd, 1.0f), *v = gt_rand(n * kvd, 1.0f);
+    float *ct = malloc((size_t)cap * half * 4), *st = malloc((size_t)cap * half * 4);
+    for (int i = 0; i < half; i++) {
+        float inv = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+        for (int p = 0; p < cap; p++) {
+            ct[p * half + i] = cosf((float)p * inv);
+            st[p * half + i] = sinf((float)p * inv);
+        }
+    }
+    float *dq = gt_up_f32(q, n * nh * hd), *dk = gt_up_f32(k, n * kvd), *dv = gt_up_f32(v, n * kvd);
+    float *dct = gt_up_f32(ct, cap * half), *dst = gt_up_f32(st, cap * half);
+    size_t es = bf ? 2 : 4;
+    void *kc = gt_dev((size_t)slots * cap * kvd * es), *vc = gt_dev((size_t)slots * cap * kvd * es);
+    int32_t *ds = gt_up(slot, sizeof slot), *dp = gt_up(pos, sizeof pos);
+    kn_bf16 *q16 = gt_dev((size_t)n * nh * hd * 2);
+    kn_gen_rope_append(dq, nh * hd, dk, kvd, dv, kvd, kc, vc, bf, ds, dp, n, nh, nkv, hd, cap,
+                       dct, dst, q16, NULL, NULL, 0);
+    float *gq = gt_down_f32(dq, n * nh * hd);
+    for (int t = 0; t < n; t++) {
+        for (int h = 0; h < nh; h++)
+            llama_rope(q + (t * nh + h) * hd, hd, pos[t], theta, 0);
+        for (int h = 0; h < nkv; h++)
+            llama_rope(k + (t * kvd + h * hd), hd, pos[t], theta, 0);
+    }
+    char name[120];
+    snprintf(name, sizeof name, "rope_append q nh=%d hd=%d (llama_rope)", nh, hd);
+    gt_compare(name, gq, q, n * nh * hd, TOL_F32, "TOL_F32");
+    float *gk = malloc((size_t)n * kvd * 4), *gv = malloc((size_t)n * kvd * 4);
+    float *kall = bf ? gt_down_bf16(kc, (int64_t)slots * cap * kvd)
+                     : gt_down_f32(kc, (int64_t)slots * cap * kvd);
+    float *vall = bf ? gt_down_bf16(vc, (int64_t)slots * cap * kvd)
+                     : gt_down_f32(vc, (int64_t)slots * cap * kvd);
+    for (int t = 0; t < n; t++) {
+        memcpy(gk + t * kvd, kall + ((int64_t)slot[t] * cap + pos[t]) * kvd, (size_t)kvd * 4);
+        memcpy(gv + t * kvd, vall + ((int64_t)slot[t] * cap + pos[t]) * kvd, (size_t)kvd * 4);
+    }
+    snprintf(name, sizeof name, "rope_append cache k nkv=%d hd=%d %s", nkv, hd, bf ? "bf16" : "f32");
+    gt_compare(name, gk, k, n * kvd, bf ? TOL_BF16_OUT : TOL_F32, bf ? "TOL_BF16_OUT" : "TOL_F32");
+    snprintf(name, sizeof name, "rope_append cache v nkv=%d hd=%d %s", nkv, hd, bf ? "bf16" : "f32");
+    gt_compare(name, gv, v, n * kvd, bf ? TOL_BF16_OUT : TOL_F32, bf ? "TOL_BF16_OUT" : "TOL_F32");
+    float *g16 = gt_down_bf16(q16, n * nh * hd);
+    gt_compare("rope_append q bf16 copy", g16, q, n * nh * hd, TOL_BF16_OUT, "TOL_BF16_OUT");
+    free(q); free(k); free(v); free(ct); free(st); free(gq); free(gk); free(gv); free(kall);
+    free(vall); free(g16);
+    kn_free(dq); kn_free(dk); kn_free(dv); kn_free(dct); kn_free(dst); kn_free(kc); kn_free(vc);
+    kn_free(ds); kn_free(dp); kn_free(q16);
+}
+
+static void test_elementwise(void)
+{
+    int n = 7, d = 172;
+    float *x = gt_rand(n * d, 2.0f), *w = gt_rand(d, 1.0f);
+    float *dx = gt_up_f32(x, n * d), *dw = gt_up_f32(w, d);
+    int32_t rows[3] = {6, 0, 3};
+    int32_t *dr = gt_up(rows, sizeof rows);
+    float *y = gt_dev((size_t)3 * d * 4);
+    kn_gen_rmsnorm(y, NULL, dx, dr, dw, 3, d, 1e-5f, 0);
+    float *got = gt_down_f32(y, 3 * d), *ref = malloc((size_t)3 * d * 4);
+    for (int r = 0; r < 3; r++)
+        llama_rmsnorm(ref + r * d, NULL, x + rows[r] * d, w, 1, d, 1e-5f);
+    gt_compare("rmsnorm (rows picked) vs llama_rmsnorm", got, ref, 3 * d, TOL_F32, "TOL_F32");
+    free(got); free(ref);
+    float *u = gt_rand(n * d, 2.0f);
+    float *du = gt_up_f32(u, n * d), *h = gt_dev((size_t)n * d * 4);
+    kn_gen_swiglu(h, NULL, dx, du, d, n, d, 0);
+    got = gt_down_f32(h, n * d);
+    ref = malloc((size_t)n * d * 4);
+    for (int i = 0; i < n * d; i++)
+        ref[i] = x[i] / (1.0f + expf(-x[i])) * u[i];
+    gt_compare("swiglu", got, ref, n * d, TOL_F32, "TOL_F32");
+    free(got); free(ref);
+    /* argmax with ties and a limit */
+    int V = 5000, m = 3;
+    float *lg = gt_rand(V * m, 1.0f);
+    lg[1 * V + 10] = 9.0f;
+    lg[1 * V + 20] = 9.0f;
+    lg[2 * V + 4999] = 50.0f; /* beyond the limit */
+    lg[2 * V + 3] = 8.0f;
+    float *dl = gt_up_f32(lg, V * m);
+    int32_t *da = gt_dev(m * 4), ga[3];
+    kn_gen_argmax(da, dl, V, V - 1, m, 0);
+    kn_memcpy_d2h(ga, da, sizeof ga, 0);
+    int okk = 1;
+    for (int r = 0; r < m; r++)
+        okk &= ga[r] == gen_argmax(lg + r * V, V - 1);
+    gt_check(okk && ga[1] == 10 && ga[2] == 3, "argmax: first of ties, limit respected");
+    free(x); free(w); free(u); free(lg);
+    kn_free(dx); kn_free(dw); kn_free(dr); kn_free(y); kn_free(du); kn_free(h); kn_free(dl);
+    kn_free(da);
+}
+
+/* ---- the backend on stories260K ------------------------------------------------ */
+
+typedef struct collect {
+    int32_t **ids;
+    int32_t *n;
+} collect;
+
+static int collect_emit(void *ctx, const gen_result *r)
+{
+    collect *c = ctx;
+    c->ids[r->index] = malloc((size_t)(r->n ? r->n : 1) * 4);
+    memcpy(c->ids[r->index], r->ids, (size_t)r->n * 4);
+    c->n[r->index] = r->n;
+    return 0;
+}
+
+static void collect_free(collect *c, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(c->ids[i]);
+    free(c->ids);
+    free(c->n);
+}
+
+/* Runs gen_run on a fresh backend (GPU when gpu, else CPU). */
+static int run_gen(const llama_model *m, const lora_adapter *a, int gpu, int slots,
+                   const gen_params *p, const gen_prompt *pr, size_t n, collect *out)
+{
+    int32_t maxlen = 0;
+    for (size_t i = 0; i < n; i++)
+        if (pr[i].n > maxlen)
+            maxlen = pr[i].n;
+    int32_t cap = maxlen + p->max_new;
+    if (cap > m->cfg.max_pos)
+        cap = m->cfg.max_pos;
+    gen_backend be;
+    int rc = gpu ? gen_gpu_backend(m, a, slots, cap, &be) : gen_cpu_backend(m, a, slots, cap, &be);
+    if (rc != 0)
+        return -1;
+    out->ids = calloc(n, sizeof *out->ids);
+    out->n = calloc(n, sizeof *out->n);
+    rc = gen_run(&be, p, pr, n, m->cfg.max_pos, collect_emit, out, NULL);
+    be.free(be.ctx);
+    return rc;
+}
+
+static int same_outputs(const collect *a, const collect *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (a->n[i] != b->n[i] || memcmp(a->ids[i], b->ids[i], (size_t)a->n[i] * 4))
+            return 0;
+    return 1;
+}
+
+static void test_greedy_bos(const llama_model *m, const char *label)
+{
+    char path[1024];
+    snprintf(path, sizeof path, "%s/models/stories260K/greedy-from-bos.txt", shared_dir());
+    char *want;
+    size_t wlen;
+    if (io_read_file(path, &want, &wlen) != 0) {
+        printf("skip greedy from BOS: %s\n", path);
+        return;
+    }
+    snprintf(path, sizeof path, "%s/models/stories260K/tokenizer.model", shared_dir());
+    sp_model *sp = sp_model_load(path);
+    gen_params p;
+    gen_params_default(&p);
+    p.max_new = 256;
+    int32_t bos = 1, stop = 1;
+    p.stop_ids = &stop;
+    p.n_stop_ids = 1;
+    gen_prompt pr = {&bos, 1};
+    for (int graphs = 1; graphs >= 0; graphs--) {
+        if (!graphs)
+            setenv("QLORA_GEN_NO_GRAPHS", "1", 1);
+        collect c;
+        int rc = run_gen(m, NULL, 1, 4, &p, &pr, 1, &c);
+        strbuf sb = STRBUF_INIT;
+        if (rc == 0 && sp)
+            sp_decode(sp, (const uint32_t *)c.ids[0], (size_t)c.n[0], &sb);
+        sb_putc(&sb, '\n');
+        char name[160];
+        snprintf(name, sizeof name, "%s GPU greedy from BOS == greedy-from-bos.txt (%s graphs)",
+                 label, graphs ? "with" : "without");
+        gt_check(rc == 0 && sb.len == wlen && memcmp(sb.buf, want, wlen) == 0, name);
+        if (!(sb.len == wlen && memcmp(sb.buf, want, wlen) == 0))
+            printf("#   got: %.200s\n", sb_str(&sb));
+        sb_free(&sb);
+        if (rc == 0)
+            collect_free(&c, 1);
+    }
+    unsetenv("QLORA_GEN_NO_GRAPHS");
+    sp_model_free(sp);
+    free(want);
+}
+
+/* Logits of a prompt and of `steps` greedy steps on GPU and CPU; the CPU's
+ * choices are fed to both. */
+static void test_logits(const llama_model *m, const lora_adapter *a, double tol,
+                        const char *tol_name, const char *label)
+{
+    int32_t prompt[20];
+    for (int i = 0; i < 20; i++)
+        prompt[i] = i == 0 ? 1 : 3 + (int32_t)(gt_u64() % (uint64_t)(m->cfg.vocab - 3));
+    int V = m->cfg.vocab, steps = 10;
+    gen_backend be;
+    if (gen_gpu_backend(m, a, 2, 64, &be) != 0) {
+        gt_check(0, "gen_gpu_backend");
+        return;
+    }
+    llama_kv_cache *kc = llama_kv_cache_new(m, 64);
+    float *lc = malloc((size_t)V * 4), *lg = malloc((size_t)V * 2 * 4);
+    int32_t slot = 1, len = 20;
+    int ok = be.prefill(be.ctx, 1, &slot, prompt, &len, V, lg, NULL) == 0 &&
+             llama_decode(m, a, kc, prompt, 20, lc) == 0;
+    double worst = gt_rel_err(lg, lc, V);
+    for (int s = 0; ok && s < steps; s++) {
+        int32_t t = gen_argmax(lc, V);
+        ok = be.decode(be.ctx, 1, &slot, &t, V, lg, NULL) == 0 &&
+             llama_decode(m, a, kc, &t, 1, lc) == 0;
+        double e = gt_rel_err(lg, lc, V);
+        if (e > worst)
+            worst = e;
+    }
+    char name[200];
+    snprintf(name, sizeof name, "%s: GPU logits of prefill + %d steps vs llama_decode (worst rel "
+             "err %.2e <= %s %.0e)", label, steps, worst, tol_name, tol);
+    gt_check(ok && worst <= tol, name);
+    free(lc);
+    free(lg);
+    llama_kv_cache_free(kc);
+    be.free(be.ctx);
+}
+
+static void test_batching(const llama_model *m, const lora_adapter *a, int exact,
+                          const char *label)
+{
+    enum { NP = 6 };
+    int32_t store[NP][24];
+    gen_prompt pr[NP];
+    for (int i = 0; i < NP; i++) {
+        int len = 3 + 3 * i;
+        store[i][0] = 1;
+        for (int j = 1; j < len; j++)
+            store[i][j] = 3 + (int32_t)(gt_u64() % 400);
+        pr[i].ids = store[i];
+        pr[i].n = len;
+    }
+    gen_params p;
+    gen_params_default(&p);
+    p.max_new = 12 + 0;
+    p.eos_id = 2;
+    collect one, many, cpu;
+    int rc = run_gen(m, a, 1, 1, &p, pr, NP, &one);
+    rc |= run_gen(m, a, 1, 4, &p, pr, NP, &many);
+    rc |= run_gen(m, a, 0, 2, &p, pr, NP, &cpu);
+    char name[160];
+    if (rc != 0) {
+        gt_check(0, "batching runs");
+        return;
+    }
+    int same = same_outputs(&one, &many, NP), agree = 0;
+    for (int i = 0; i < NP; i++)
+        agree += many.n[i] == cpu.n[i] && !memcmp(many.ids[i], cpu.ids[i], (size_t)cpu.n[i] * 4);
+    if (exact) {
+        snprintf(name, sizeof name, "%s: %d prompts 4 at a time == one at a time", label, NP);
+        gt_check(same, name);
+        snprintf(name, sizeof name, "%s: GPU greedy == CPU greedy on %d prompts", label, NP);
+        gt_check(agree == NP, name);
+    } else {
+        printf("# %s: 4 at a time %s one at a time; %d of %d prompts equal the CPU's\n", label,
+               same ? "==" : "!=", agree, NP);
+    }
+    collect_free(&one, NP);
+    collect_free(&many, NP);
+    collect_free(&cpu, NP);
+}
+
+/* transformers + peft's greedy completions (tests/golden/gen-s260-peft.json). */
+static void test_peft_golden(const llama_model *m)
+{
+    const char *top = getenv("TOP");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/tests/golden/gen-s260-peft.json", top && *top ? top : ".");
+    json_value *g;
+    if (!io_exists(path) || json_parse_file(path, &g) != 0) {
+        printf("skip peft golden: %s absent\n", path);
+        return;
+    }
+    /* the adapter: the same seeded one tests/unit/test_generate.c makes */
+    lora_config lc = {8, 16.0, 0.0, 0, LORA_ALL_LINEAR};
+    lora_adapter *a;
+    lora_new(&m->cfg, &lc, &a);
+    lora_init(a, 7);
+    for (size_t i = 0; i < a->n_params; i++)
+        if (a->params[i] == 0.0f)
+            a->params[i] = (lora_rand_uniform(0x5eed, i) - 0.5f) * 0.2f;
+    const json_value *ps = json_get(g, "prompts"), *cs = json_get(g, "completions");
+    size_t n = ps ? ps->u.array.n : 0;
+    gen_prompt *pr = calloc(n ? n : 1, sizeof *pr);
+    for (size_t i = 0; i < n; i++) {
+        const json_value *pa = ps->u.array.items[i];
+        int32_t *ids = malloc(pa->u.array.n * 4);
+        for (size_t j = 0; j < pa->u.array.n; j++)
+            ids[j] = (int32_t)pa->u.array.items[j]->u.number.integer;
+        pr[i].ids = ids;
+        pr[i].n = (int32_t)pa->u.array.n;
+    }
+    gen_params p;
+    gen_params_default(&p);
+    p.max_new = (int32_t)json_get_int(g, "max_new_tokens", 40);
+    p.eos_id = (int32_t)json_get_int(g, "eos_token_id", 2);
+    collect c;
+    int rc = run_gen(m, a, 1, 3, &p, pr, n, &c);
+    int agree = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const json_value *ca = cs->u.array.items[i];
+        int eq = (size_t)c.n[i] == ca->u.array.n;
+        for (size_t j = 0; eq && j < ca->u.array.n; j++)
+            eq = c.ids[i][j] == (int32_t)ca->u.array.items[j]->u.number.integer;
+        agree += eq;
+    }
+    char name[160];
+    snprintf(name, sizeof name, "GPU greedy with the adapter == transformers+peft on %zu prompts "
+             "(%d equal)", n, agree);
+    gt_check(rc == 0 && (size_t)agree == n && n > 0, name);
+    if (rc == 0)
+        collect_free(&c, n);
+    for (size_t i = 0; i < n; i++)
+        free((void *)pr[i].ids);
+    free(pr);
+    lora_free(a);
+    json_free(g);
+}
+
+static lora_adapter *random_adapter(const llama_model *m)
+{
+    lora_config lc = {8, 16.0, 0.0, 0, LORA_ALL_LINEAR};
+    lora_adapter *a;
+    if (lora_new(&m->cfg, &lc, &a) != 0)
+        return NULL;
+    lora_init(a, 3);
+    for (size_t i = 0; i < a->n_params; i++)
+        if (a->params[i] == 0.0f)
+            a->params[i] = gt_uniform(0.1f);
+    return a;
+}
+
+static void test_stories(void)
+{
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s/models/stories260K", shared_dir());
+    llama_model *m;
+    if (llama_load(dir, &m) != 0) {
+        printf("skip backend tests: %s not loadable (SHARED unset or absent)\n", dir);
+        return;
+    }
+    test_greedy_bos(m, "stories260K f32");
+    lora_adapter *a = random_adapter(m);
+    test_logits(m, NULL, TOL_LOGITS_F32, "TOL_LOGITS_F32", "stories260K f32");
+    test_logits(m, a, TOL_LOGITS_F32, "TOL_LOGITS_F32", "stories260K f32 + adapter");
+    test_batching(m, a, 1, "stories260K f32 + adapter");
+    test_peft_golden(m);
+    lora_free(a);
+    llama_free(m);
+
+    snprintf(dir, sizeof dir, "%s/golden/s260-nf4-f32", shared_dir());
+    if (llama_load(dir, &m) != 0) {
+        printf("skip NF4 backend tests: %s not loadable\n", dir);
+        return;
+    }
+    a = random_adapter(m);
+    test_logits(m, NULL, TOL_LOGITS_BF16, "TOL_LOGITS_BF16", "stories260K NF4 (bf16 compute)");
+    test_logits(m, a, TOL_LOGITS_BF16, "TOL_LOGITS_BF16", "stories260K NF4 + adapter");
+    test_batching(m, a, 0, "stories260K NF4 + adapter");
+    /* greedy from BOS: agreement with the CPU's NF4 greedy, reported */
+    {
+        gen_params p;
+        gen_params_default(&p);
+        p.max_new = 256;
+        int32_t bos = 1, stop = 1;
+        p.stop_ids = &stop;
+        p.n_stop_ids = 1;
+        gen_prompt pr = {&bos, 1};
+        collect g, c;
+        if (run_gen(m, NULL, 1, 1, &p, &pr, 1, &g) == 0 && run_gen(m, NULL, 0, 1, &p, &pr, 1, &c) == 0) {
+            int k = 0;
+            while (k < g.n[0] && k < c.n[0] && g.ids[0][k] == c.ids[0][k])
+                k++;
+            printf("# stories260K NF4 greedy from BOS: GPU (bf16) and CPU (fp32) agree on the "
+                   "first %d of %d tokens\n", k, c.n[0]);
+            collect_free(&g, 1);
+            collect_free(&c, 1);
+        }
+    }
+    lora_free(a);
+    llama_free(m);
+}
+
+/* ---- --bench: Llama 2 7B shape ---------------------------------------------------- */
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void fake_nf4(nf4_weight *w, int64_t rows, int64_t cols, const uint8_t *codes,
+                     const uint8_t *scodes, const float *nested)
+{
+    memset(w, 0, sizeof *w);
+    w->ndim = 2;
+    w->shape[0] = rows;
+    w->shape[1] = cols;
+    w->numel = rows * cols;
+    w->dtype = ST_BF16;
+    w->blocksize = 64;
+    w->nblocks = w->numel / 64;
+    w->packed = codes;
+    w->nested = 1;
+    w->absmax_code = scodes;
+    w->nested_blocksize = NF4_NESTED_BLOCKSIZE;
+    w->nested_nblocks = (w->nblocks + 255) / 256;
+    w->nested_absmax = nested;
+    w->nested_offset = 0.03f;
+    memcpy(w->quant_map, nf4_code, sizeof w->quant_map);
+    memcpy(w->nested_map, nf4_dynamic_map(), sizeof w->nested_map);
+}
+
+typedef struct mma_bench { kn_gen_lin op; const kn_bf16 *x; int n; void *ws; size_t wsb; } mma_bench;
+static void mma_bench_fn(void *p)
+{
+    mma_bench *b = p;
+    kn_gen_linear_mma(&b->op, 1, b->x, b->op.w.in, b->n, b->ws, b->wsb, 0);
+}
+
+static void bench_7b(void)
+{
+    enum { L = 32, DIM = 4096, HID = 11008, VOCAB = 32000, PROMPT = 300, NEW = 100 };
+    llama_model M;
+    memset(&M, 0, sizeof M);
+    llama_config *c = &M.cfg;
+    c->dim = DIM; c->hidden = HID; c->n_layers = L; c->n_heads = 32; c->n_kv_heads = 32;
+    c->head_dim = 128; c->vocab = VOCAB; c->max_pos = 4096; c->norm_eps = 1e-5f;
+    c->rope_theta = 10000.0f; c->tied = 0; c->bos_id = 1; c->eos_id = 2; c->quantized = 1;
+    M.dir = "random-llama2-7b";
+    size_t maxn = (size_t)HID * DIM;
+    uint8_t *codes = malloc(maxn / 2), *scodes = malloc(maxn / 64);
+    for (size_t i = 0; i < maxn / 2; i += 8) {
+        uint64_t r = gt_u64();
+        memcpy(codes + i, &r, 8);
+    }
+    for (size_t i = 0; i < maxn / 64; i++)
+        scodes[i] = (uint8_t)(128 + gt_u64() % 128);
+    float *nested = malloc((maxn / 64 / 256 + 1) * sizeof *nested);
+    for (size_t i = 0; i < maxn / 64 / 256 + 1; i++)
+        nested[i] = 0.02f;
+    float *ones = malloc(DIM * sizeof *ones);
+    for (int i = 0; i < DIM; i++)
+        ones[i] = 1.0f;
+    M.embed = gt_rand((int64_t)VOCAB * DIM, 0.02f);
+    M.norm = ones;
+    M.head.rows = VOCAB;
+    M.head.cols = DIM;
+    M.head.f32 = gt_rand((int64_t)VOCAB * DIM, 0.02f);
+    M.layers = calloc(L, sizeof *M.layers);
+    nf4_weight *q = calloc((size_t)L * LLAMA_NLINEAR, sizeof *q);
+    double wbytes = 0;
+    for (int i = 0; i < L; i++) {
+        M.layers[i].attn_norm = ones;
+        M.layers[i].ffn_norm = ones;
+        for (int l = 0; l < LLAMA_NLINEAR; l++) {
+            int64_t o, in;
+            llama_linear_shape(c, (llama_linear)l, &o, &in);
+            fake_nf4(&q[i * LLAMA_NLINEAR + l], o, in, codes, scodes, nested);
+            M.layers[i].lin[l].rows = o;
+            M.layers[i].lin[l].cols = in;
+            M.layers[i].lin[l].nf4 = &q[i * LLAMA_NLINEAR + l];
+            wbytes += o * in / 2.0 + o * in / 64.0 + o * in / 64.0 / 256.0 * 4;
+        }
+    }
+    M.max_lin_elems = (int64_t)maxn;
+    double head_bytes = (double)VOCAB * DIM * 2;
+
+    /* the fused product alone, on the 7B shapes */
+    {
+        int64_t shapes[3][2] = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
+        kn_gw w;
+        memset(&w, 0, sizeof w);
+        for (int si = 0; si < 3; si++) {
+            int64_t o = shapes[si][0], in = shapes[si][1];
+            nf4_weight fw;
+            fake_nf4(&fw, o, in, codes, scodes, nested);
+            w.kind = KN_GW_NF4;
+            w.out = o;
+            w.in = in;
+            nf4_to_device(&fw, &w.q);
+            for (int n = 1; n <= 64; n *= 64) {
+                float *x = gt_rand((int64_t)n * in, 1.0f);
+                mma_bench b;
+                b.op.w = w;
+                b.op.y = gt_dev((size_t)n * o * 4);
+                b.op.res = NULL;
+                b.op.ldy = o;
+                b.x = gt_up_bf16(x, (int64_t)n * in);
+                b.n = n;
+                b.ws = ws_for(&b.op, 1, n, &b.wsb);
+                char name[80];
+                snprintf(name, sizeof name, "nf4 linear %lldx%lld n=%d (weight bytes)",
+                         (long long)o, (long long)in, n);
+                gt_time(name, mma_bench_fn, &b, o * in / 2.0 + o * in / 64.0, 1);
+                free(x);
+                kn_free(b.op.y);
+                kn_free((void *)b.x);
+                kn_free(b.ws);
+            }
+            kn_free((void *)w.q.codes); kn_free((void *)w.q.absmax_q);
+            kn_free((void *)w.q.nested_absmax); kn_free((void *)w.q.nested_map);
+            kn_free((void *)w.q.quant_map);
+        }
+    }
+
+    int batches[2] = {1, 64};
+    for (int bi = 0; bi < 2; bi++) {
+        int B = batches[bi];
+        gen_backend be;
+        double t0 = now_s();
+        if (gen_gpu_backend(&M, NULL, B, PROMPT + NEW, &be) != 0) {
+            gt_check(0, "7B backend");
+            return;
+        }
+        double t_load = now_s() - t0;
+        int32_t *ids = malloc((size_t)B * PROMPT * 4);
+        gen_prompt *pr = malloc((size_t)B * sizeof *pr);
+        for (int i = 0; i < B; i++) {
+            for (int j = 0; j < PROMPT; j++)
+                ids[i * PROMPT + j] = j == 0 ? 1 : 3 + (int32_t)(gt_u64() % (VOCAB - 3));
+            pr[i].ids = ids + i * PROMPT;
+            pr[i].n = PROMPT;
+        }
+        gen_params p;
+        gen_params_default(&p);
+        p.ignore_eos = 1;
+        p.eos_id = 2;
+        /* warm-up: cuBLAS plans, the graph of this batch size */
+        p.max_new = 4;
+        gen_run(&be, &p, pr, (size_t)B, 4096, NULL, NULL, NULL);
+        p.max_new = NEW;
+        gen_stats st;
+        int rc = gen_run(&be, &p, pr, (size_t)B, 4096, NULL, NULL, &st);
+        double tps = st.new_tokens / st.seconds;
+        double step = st.decode_seconds / (double)st.decode_steps;
+        double dec_tps = (double)(st.new_tokens - (uint64_t)B) / st.decode_seconds;
+        /* bytes a step must read: the 4-bit weights, the bf16 head, the
+         * caches at the mean length */
+        double kv = (double)B * L * (PROMPT + NEW / 2.0) * 4096 * 2 * 2;
+        double bytes = wbytes + head_bytes + kv;
+        double bw = bytes / step / 1e9;
+        printf("# bench 7B batch %d: %.1f new tokens/s (%llu tokens in %.3f s; prefill %.3f s, "
+               "%lld steps of %.3f ms: %.1f tokens/s decoding), %.0f GB/s = %.0f%% of 3350 GB/s, "
+               "peak %.2f GiB, setup %.1f s\n",
+               B, tps, (unsigned long long)st.new_tokens, st.seconds, st.prefill_seconds,
+               (long long)st.decode_steps, step * 1e3, dec_tps, bw, bw / 3350 * 100,
+               (double)gen_gpu_peak_bytes(&be) / 1073741824.0, t_load);
+        printf("#json {\"stack\":\"ours\",\"batch\":%d,\"tokens_per_s\":%.1f,\"decode_tokens_per_s\""
+               ":%.1f,\"seconds\":%.4f,\"prefill_s\":%.4f,\"step_ms\":%.4f,\"gb_per_s\":%.1f,"
+               "\"bw_share\":%.3f,\"peak_gib\":%.3f,\"device\":\"%s\"}\n",
+               B, tps, dec_tps, st.seconds, st.prefill_seconds, step * 1e3, bw, bw / 3350,
+               (double)gen_gpu_peak_bytes(&be) / 1073741824.0, kn_device_name());
+        fflush(stdout);
+        gt_check(rc == 0 && st.new_tokens == (uint64_t)B * NEW, "7B bench runs");
+        be.free(be.ctx);
+        free(ids);
+        free(pr);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    gt_init("gen", argc, argv);
+    gt_seed(8);
+    test_mma(KN_GW_NF4, 1, 64, 64, 1);
+    test_mma(KN_GW_NF4, 1, 200, 128, 3);
+    test_mma(KN_GW_NF4, 0, 130, 4096, 9);
+    test_mma(KN_GW_NF4, 1, 1000, 256, 17);
+    test_mma(KN_GW_NF4, 1, 300, 1024, 64);
+    test_mma(KN_GW_NF4, 1, 4096, 512, 33);
+    test_mma(KN_GW_BF16, 0, 64, 172, 5);
+    test_mma(KN_GW_BF16, 0, 512, 64, 40);
+    test_mma(KN_GW_BF16, 0, 1000, 320, 1);
+    test_mma_group();
+    test_f32(77, 172, 9, 0);
+    test_f32(64, 64, 1, 1);
+    test_f32(300, 8, 20, 0);
+    test_attention(8, 4, 8, 50, 0);
+    test_attention(4, 2, 128, 300, 1);
+    test_attention(32, 32, 128, 20, 0);
+    test_rope_append(8, 4, 8, 0);
+    test_rope_append(4, 4, 128, 1);
+    test_elementwise();
+    test_stories();
+    if (gt_bench)
+        bench_7b();
+    return gt_done();
+}
