@@ -16,7 +16,7 @@
 # Environment:
 #   DEMO_DIR     output directory (default: demo/ in the project root)
 #   DEMO_EPOCHS  passes over the data (default: examples/demo/lora.yaml's)
-#   DEMO_SHOW    how many inputs to show side by side (default 4)
+#   DEMO_SHOW    how many results to show side by side (default 4)
 #   DEVICE       cpu or cuda (default: cuda when lora-train can use a GPU)
 #   BUILD        build directory holding mkfixture (default: build)
 set -u
@@ -68,8 +68,8 @@ say "the job, on built-in material; every file goes to $D/"
 if need format dolly-fmt; then
     say "format: Dolly records -> {prompt, completion} with the seed template"
     sh_run "dolly-fmt -o $D/train.jsonl examples/demo/train.jsonl"
-    # Generation inputs: the responses of the first records, prompts only.
-    sh_run "head -n $SHOW examples/demo/train.jsonl | dolly-fmt --prompt-only -o $D/inputs.jsonl"
+    # Generation inputs: the training responses, as prompts only.
+    sh_run "dolly-fmt --prompt-only -o $D/inputs.jsonl examples/demo/train.jsonl"
 fi
 
 if need tokenizer mkfixture "$D/train.jsonl"; then
@@ -128,16 +128,18 @@ if need generate lora-gen "$D/inputs.tok" "$D/base-nf4" "$D/adapter"; then
     sh_run "tok -d -m $D/tokenizer.model -o $D/gen-base.jsonl $D/gen-base.tok"
     sh_run "tok -d -m $D/tokenizer.model -o $D/gen-adapter.jsonl $D/gen-adapter.tok"
     # side by side: the response given, the true instruction, both outputs
-    head -n "$SHOW" examples/demo/train.jsonl | jq -c '{response, instruction}' >"$D/truth.jsonl"
-    jq -c '.completion // .text' "$D/gen-base.jsonl" >"$D/.base"
-    jq -c '.completion // .text' "$D/gen-adapter.jsonl" >"$D/.adapter"
-    paste -d '\t' "$D/truth.jsonl" "$D/.base" "$D/.adapter" | while IFS='	' read -r t b a; do
-        printf '\n  response:      %s\n' "$(printf '%s' "$t" | jq -r .response)"
-        printf '  true:          %s\n' "$(printf '%s' "$t" | jq -r .instruction)"
-        printf '  base model:    %s\n' "$(printf '%s' "$b" | jq -r 'gsub("\n"; "\\n")' | cut -c1-100)"
-        printf '  with adapter:  %s\n' "$(printf '%s' "$a" | jq -r 'gsub("\n"; "\\n")' | cut -c1-100)"
-    done
-    rm -f "$D/.base" "$D/.adapter"
+    jq -c '{response, instruction}' examples/demo/train.jsonl >"$D/truth.jsonl"
+    paste -d '\n' "$D/truth.jsonl" "$D/gen-base.jsonl" "$D/gen-adapter.jsonl" |
+        jq -r -n --argjson show "$SHOW" '
+            def clean: sub("\\s+$"; "") | gsub("\n"; " / ") | gsub("[\\p{Cc}\\x{FFFD}]"; "?") | .[:90];
+            [inputs] | [range(0; length; 3) as $i | .[$i:$i+3]] |
+            (.[:$show][] | "",
+                "  response:      \(.[0].response | clean)",
+                "  true:          \(.[0].instruction | clean)",
+                "  base model:    \(.[1].completion | clean)",
+                "  with adapter:  \(.[2].completion | clean)"),
+            "",
+            "  instructions written exactly: base model \(map(select((.[1].completion | clean) == (.[0].instruction | clean))) | length) of \(length), with the adapter \(map(select((.[2].completion | clean) == (.[0].instruction | clean))) | length) of \(length)"'
 fi
 
 if need merge lora-merge "$D/base-nf4" "$D/adapter"; then

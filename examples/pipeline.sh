@@ -21,13 +21,13 @@ TOKENIZER=${TOKENIZER:-$MODEL/tokenizer.model}
 [ -f "$TOKENIZER" ] || TOKENIZER=$SHARED/models/llama2-tokenizer/tokenizer.model
 CONFIG=${CONFIG:-$TOP/examples/seed.yaml}
 OUT=${OUT:-job}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) # adapters record the path
 DEVICE=${DEVICE:-cpu}
 SEQ_LEN=${SEQ_LEN:-$(jq '[.max_position_embeddings // 2048, 2048] | min' "$MODEL/config.json")}
 N_INPUTS=${N_INPUTS:-100}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
 GEN_FLAGS=${GEN_FLAGS:--n 100 --top-p 0.9 --temperature 0.9 --seed 0}
 PATH=$TOP/bin:$PATH
-mkdir -p "$OUT"
 set -x
 
 # training data: format, tokenize, pack

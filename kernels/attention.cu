@@ -747,15 +747,12 @@ static void check_shapes(int64_t n, int nh, int nkv, int hd)
     KN_REQUIRE(hd > 0 && hd <= 128 && hd % 2 == 0);
 }
 
-/* KN_ATTN_FWD_V1=1: the first forward kernel, for comparisons. */
+/* KN_ATTN_FWD_V1=1: the first forward kernel, for comparisons (read at
+ * every launch, so a benchmark can time both in one process). */
 static int fwd_v1(void)
 {
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("KN_ATTN_FWD_V1");
-        v = e && *e && strcmp(e, "0") != 0;
-    }
-    return v;
+    const char *e = getenv("KN_ATTN_FWD_V1");
+    return e && *e && strcmp(e, "0") != 0;
 }
 
 template <int HDP>

@@ -158,7 +158,9 @@ void kn_swiglu_backward(kn_bf16 *dg, kn_bf16 *du, const kn_bf16 *dh,
  * linear in n; bf16 tensor cores, fp32 softmax. hd <= 128, even.
  * Forward writes o (n, nh*hd) and lse (nh, n), the log-sum-exp of each
  * row's scaled scores, which the backward needs. The backward writes dq,
- * dk, dv (overwriting) and uses delta (nh, n floats) as scratch. */
+ * dk, dv (overwriting) and uses delta (nh, n floats) as scratch.
+ * KN_ATTN_FWD_V1=1 in the environment selects the first forward kernel
+ * (64 queries a block), kept for timing comparisons. */
 void kn_attention_forward(kn_bf16 *o, float *lse, const kn_bf16 *q,
                           const kn_bf16 *k, const kn_bf16 *v,
                           const int32_t *start, int64_t n, int nh, int nkv,

@@ -70,14 +70,26 @@ struct gpu_trainer {
     float *norm;              /* (dim) */
     /* adapter and optimizer */
     size_t np;
-    float *params, *grad, *mom1, *mom2;  /* (np) */
-    bf16 *pb;                 /* (np) bf16 copy for the products */
+    float *params, *grad;     /* (np) */
+    float *mom1, *mom2;       /* (np): device memory, or with paged pinned
+                                 host memory that the update reads and
+                                 writes over the bus (dmom1, dmom2) */
+    float *dmom1, *dmom2;
+    int paged;
+    bf16 *lpb;                /* one layer's adapter slice in bf16, the
+                                 operand of its products: layer pb_layer,
+                                 cast when first needed after an update */
+    int64_t *loff;            /* (n_layers + 1) where each layer's slice
+                                 starts in params */
+    int32_t pb_layer;
     double beta1, beta2, eps, wd;
     int64_t adam_step;
     /* activations */
     int64_t cap;
     int ckpt;
-    bf16 *xin;                /* (n_layers, cap, dim) every layer's input */
+    bf16 *xin;                /* (max(1, n_layers - 1), cap, dim) the
+                                 inputs of layers 1.. (layer 0's is the
+                                 embedding, redone into xl when needed) */
     gpu_acts *sets;           /* n_layers, or 1 with checkpointing */
     int nsets;
     bf16 *xl;                 /* (cap, dim) final hidden state */
@@ -91,8 +103,12 @@ struct gpu_trainer {
     bf16 *datt, *dq, *dk, *dv; /* only when no dead activation fits them */
     bf16 *wbuf;               /* the largest linear, dequantized */
     bf16 *xd, *tmp;           /* (dch, widest LoRA input): dropout input,
-                                 LoRA dx, a chunk of rows at a time */
+                                 LoRA dx, a chunk of rows at a time (only
+                                 for linears the fused products cannot
+                                 take) */
     int64_t dch;
+    int fuse;                 /* LoRA dropout through kernels/lora.cu */
+    void *lscratch;           /* kn_lora_scratch_bytes for the widest */
     bf16 *dlh;                /* (cap, r) */
     void *xent_scratch;
     int chunk;
@@ -100,6 +116,9 @@ struct gpu_trainer {
     int32_t *ids, *pos, *start, *tg;
     float *wt;
     size_t peak0;
+    size_t mem[GPU_MEM_NCAT]; /* bytes allocated per category (setup) */
+    const gpu_step_hooks *hooks; /* data parallel: set for the backward of
+                                    a step's last micro-batch */
 };
 
 /* ---- setup ---------------------------------------------------------------- */
@@ -197,9 +216,17 @@ static void acts_free(gpu_acts *s)
         kn_free(s->lh[l]);
 }
 
+/* KN_LORA_FUSED=0 in the environment: the unfused LoRA dropout path
+ * everywhere (dropout pass + cuBLAS over row chunks), for comparisons. */
+static int fuse_from_env(void)
+{
+    const char *e = getenv("KN_LORA_FUSED");
+    return !(e && !strcmp(e, "0"));
+}
+
 extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
                                         const lora_config *lc,
-                                        int64_t max_tokens, int checkpointing)
+                                        int64_t max_tokens, int flags)
 {
     if (kn_device_count() < 1) {
         msg_error("no CUDA device");
@@ -228,9 +255,17 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     G->scale = G->a->scale;
     G->p = (float)lc->dropout;
     G->cap = max_tokens;
-    G->ckpt = checkpointing;
+    G->ckpt = (flags & GPU_TRAINER_CHECKPOINT) != 0;
+    G->paged = (flags & GPU_TRAINER_PAGED_OPTIM) != 0;
+    G->fuse = fuse_from_env();
     CUDA_CHECK(cudaStreamCreateWithFlags(&G->s, cudaStreamNonBlocking));
     cudaStream_t s = G->s;
+    size_t mark = kn_mem_current();
+#define MEM_CAT(cat)                                                         \
+    do {                                                                     \
+        G->mem[cat] += kn_mem_current() - mark;                              \
+        mark = kn_mem_current();                                             \
+    } while (0)
 
     /* the frozen model */
     G->embed = upload_bf16(m->embed, (int64_t)c->vocab * c->dim, s);
@@ -239,7 +274,7 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
                   : upload_bf16(m->head.f32, (int64_t)c->vocab * c->dim, s);
     G->norm = (float *)upload(m->norm, (size_t)c->dim * 4, s);
     G->L = (gpu_layer *)xcalloc((size_t)c->n_layers, sizeof *G->L);
-    int64_t maxw = 0, maxin = 0;
+    int64_t maxw = 0;
     for (int32_t i = 0; i < c->n_layers; i++) {
         const llama_layer *L = &m->layers[i];
         G->L[i].attn_norm = (float *)upload(L->attn_norm, (size_t)c->dim * 4, s);
@@ -248,27 +283,51 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
             upload_linear(&G->L[i].lin[l], &L->lin[l], s);
             int64_t e = L->lin[l].rows * L->lin[l].cols;
             maxw = e > maxw ? e : maxw;
-            maxin = L->lin[l].cols > maxin ? L->lin[l].cols : maxin;
         }
     }
-    G->wbuf = (bf16 *)dalloc((size_t)maxw * 2);
+    MEM_CAT(GPU_MEM_WEIGHTS);
 
-    /* adapter, gradient, moments */
+    /* adapter, gradient, moments; the bf16 operand one layer at a time */
     G->np = G->a->n_params;
     G->params = (float *)dalloc(G->np * 4);
     G->grad = (float *)dalloc(G->np * 4);
-    G->mom1 = (float *)dalloc(G->np * 4);
-    G->mom2 = (float *)dalloc(G->np * 4);
-    G->pb = (bf16 *)dalloc(G->np * 2);
+    if (G->paged) {
+        CUDA_CHECK(cudaHostAlloc((void **)&G->mom1, G->np * 4 + 16, cudaHostAllocMapped));
+        CUDA_CHECK(cudaHostAlloc((void **)&G->mom2, G->np * 4 + 16, cudaHostAllocMapped));
+        CUDA_CHECK(cudaHostGetDevicePointer((void **)&G->dmom1, G->mom1, 0));
+        CUDA_CHECK(cudaHostGetDevicePointer((void **)&G->dmom2, G->mom2, 0));
+    } else {
+        G->mom1 = G->dmom1 = (float *)dalloc(G->np * 4);
+        G->mom2 = G->dmom2 = (float *)dalloc(G->np * 4);
+    }
+    G->loff = (int64_t *)xcalloc((size_t)c->n_layers + 1, sizeof *G->loff);
+    int64_t maxl = 0;
+    for (int32_t i = 0; i < c->n_layers; i++) {
+        G->loff[i] = -1;
+        for (int l = 0; l < LLAMA_NLINEAR && G->loff[i] < 0; l++)
+            G->loff[i] = lora_slot_of(G->a, i, (llama_linear)l)->a;
+    }
+    G->loff[c->n_layers] = (int64_t)G->np;
+    for (int32_t i = 0; i < c->n_layers; i++) {
+        KN_REQUIRE(G->loff[i] >= 0 && G->loff[i + 1] >= G->loff[i]);
+        maxl = G->loff[i + 1] - G->loff[i] > maxl ? G->loff[i + 1] - G->loff[i] : maxl;
+    }
+    G->lpb = (bf16 *)dalloc((size_t)maxl * 2);
+    G->pb_layer = -1;
+    MEM_CAT(GPU_MEM_ADAPTER);
 
     /* activations */
     int64_t n = G->cap, dim = c->dim;
     int64_t qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
-    G->xin = (bf16 *)dalloc((size_t)(c->n_layers * n * dim) * 2);
-    G->nsets = checkpointing ? 1 : c->n_layers;
+    int64_t nin = c->n_layers > 1 ? c->n_layers - 1 : 1;
+    G->xin = (bf16 *)dalloc((size_t)(nin * n * dim) * 2);
+    MEM_CAT(GPU_MEM_CHECKPOINTS);
+    G->nsets = G->ckpt ? 1 : c->n_layers;
     G->sets = (gpu_acts *)xcalloc((size_t)G->nsets, sizeof *G->sets);
     for (int i = 0; i < G->nsets; i++)
         acts_alloc(G, &G->sets[i]);
+    MEM_CAT(GPU_MEM_ACTIVATIONS);
+    G->wbuf = (bf16 *)dalloc((size_t)maxw * 2);
     G->xl = (bf16 *)dalloc((size_t)(n * dim) * 2);
     G->rstdf = (float *)dalloc((size_t)n * 4);
     G->dres = (float *)dalloc((size_t)(n * dim) * 4);
@@ -287,18 +346,26 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
         G->dk = (bf16 *)dalloc((size_t)(n * kvd) * 2);
         G->dv = (bf16 *)dalloc((size_t)(n * kvd) * 2);
     }
-    /* dropout scratch: as wide as the widest input of a targeted linear */
+    /* LoRA dropout: the fused products' scratch, and the unfused path's
+     * chunk buffers as wide as the widest input they serve */
     int64_t dropin = 0;
+    size_t lsb = 0;
     for (int l = 0; l < LLAMA_NLINEAR; l++) {
         int64_t o, in;
         llama_linear_shape(c, (llama_linear)l, &o, &in);
-        if ((lc->targets & (1u << l)) && in > dropin)
+        if (!(lc->targets & (1u << l)) || G->p <= 0)
+            continue;
+        if (G->fuse && kn_lora_fusable(G->r, in)) {
+            size_t b = kn_lora_scratch_bytes(n, G->r, in);
+            lsb = b > lsb ? b : lsb;
+        } else if (in > dropin) {
             dropin = in;
+        }
     }
-    (void)maxin;
     G->dch = n < 2048 ? n : 2048;
-    G->xd = G->p > 0 ? (bf16 *)dalloc((size_t)(G->dch * dropin) * 2) : NULL;
-    G->tmp = G->p > 0 ? (bf16 *)dalloc((size_t)(G->dch * dropin) * 2) : NULL;
+    G->lscratch = lsb ? dalloc(lsb) : NULL;
+    G->xd = dropin ? (bf16 *)dalloc((size_t)(G->dch * dropin) * 2) : NULL;
+    G->tmp = dropin ? (bf16 *)dalloc((size_t)(G->dch * dropin) * 2) : NULL;
     G->dlh = (bf16 *)dalloc((size_t)(n * G->r) * 2);
     /* head chunks of at most ~64 MiB of logits and their gradient */
     int64_t chunk = ((int64_t)64 << 20) / ((int64_t)c->vocab * 6);
@@ -311,6 +378,8 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     G->start = (int32_t *)dalloc((size_t)n * 4);
     G->tg = (int32_t *)dalloc((size_t)n * 4);
     G->wt = (float *)dalloc((size_t)n * 4);
+    MEM_CAT(GPU_MEM_SCRATCH);
+#undef MEM_CAT
     return G;
 }
 
@@ -333,13 +402,21 @@ extern "C" void gpu_trainer_free(gpu_trainer *G)
     for (int i = 0; i < G->nsets; i++)
         acts_free(&G->sets[i]);
     free(G->sets);
-    void *p[] = {G->wbuf, G->params, G->grad, G->mom1, G->mom2, G->pb, G->xin,
+    if (G->paged) {
+        CUDA_CHECK(cudaFreeHost(G->mom1));
+        CUDA_CHECK(cudaFreeHost(G->mom2));
+    } else {
+        kn_free(G->mom1);
+        kn_free(G->mom2);
+    }
+    void *p[] = {G->wbuf, G->params, G->grad, G->lpb, G->xin,
                  G->xl, G->rstdf, G->dres, G->dxn, G->delta,
                  G->dyb, G->datt, G->dq, G->dk, G->dv, G->xd, G->tmp, G->dlh,
-                 G->xent_scratch, G->stats, G->ids, G->pos, G->start, G->tg,
-                 G->wt};
+                 G->lscratch, G->xent_scratch, G->stats, G->ids, G->pos, G->start,
+                 G->tg, G->wt};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++)
         kn_free(p[i]);
+    free(G->loff);
     CUDA_CHECK(cudaStreamDestroy(G->s));
     lora_free(G->a);
     free(G);
@@ -349,10 +426,16 @@ extern "C" void gpu_trainer_load(gpu_trainer *G, const lora_adapter *a,
                                  const adamw *opt)
 {
     KN_REQUIRE(a->n_params == G->np && opt->n == G->np);
+    kn_stream_sync(G->s); /* nothing queued may still use the state */
     kn_memcpy_h2d(G->params, a->params, G->np * 4, G->s);
-    kn_memcpy_h2d(G->mom1, opt->m, G->np * 4, G->s);
-    kn_memcpy_h2d(G->mom2, opt->v, G->np * 4, G->s);
-    kn_cast_f32_bf16((kn_bf16 *)G->pb, G->params, (int64_t)G->np, G->s);
+    if (G->paged) {
+        memcpy(G->mom1, opt->m, G->np * 4);
+        memcpy(G->mom2, opt->v, G->np * 4);
+    } else {
+        kn_memcpy_h2d(G->mom1, opt->m, G->np * 4, G->s);
+        kn_memcpy_h2d(G->mom2, opt->v, G->np * 4, G->s);
+    }
+    G->pb_layer = -1;
     G->beta1 = opt->beta1;
     G->beta2 = opt->beta2;
     G->eps = opt->eps;
@@ -364,9 +447,14 @@ extern "C" void gpu_trainer_load(gpu_trainer *G, const lora_adapter *a,
 extern "C" void gpu_trainer_store(gpu_trainer *G, lora_adapter *a, adamw *opt)
 {
     KN_REQUIRE(a->n_params == G->np && opt->n == G->np);
-    kn_memcpy_d2h(a->params, G->params, G->np * 4, G->s);
-    kn_memcpy_d2h(opt->m, G->mom1, G->np * 4, G->s);
-    kn_memcpy_d2h(opt->v, G->mom2, G->np * 4, G->s);
+    kn_memcpy_d2h(a->params, G->params, G->np * 4, G->s); /* waits for the step */
+    if (G->paged) {
+        memcpy(opt->m, G->mom1, G->np * 4);
+        memcpy(opt->v, G->mom2, G->np * 4);
+    } else {
+        kn_memcpy_d2h(opt->m, G->mom1, G->np * 4, G->s);
+        kn_memcpy_d2h(opt->v, G->mom2, G->np * 4, G->s);
+    }
     opt->step = G->adam_step;
 }
 
@@ -382,6 +470,13 @@ extern "C" size_t gpu_trainer_peak_bytes(const gpu_trainer *G)
     return kn_mem_peak();
 }
 
+extern "C" void gpu_trainer_mem(const gpu_trainer *G, size_t bytes[GPU_MEM_NCAT],
+                                size_t *host_bytes)
+{
+    memcpy(bytes, G->mem, sizeof G->mem);
+    *host_bytes = G->paged ? 2 * G->np * 4 : 0;
+}
+
 /* ---- one linear ----------------------------------------------------------- */
 
 static const bf16 *weight(gpu_trainer *G, const gpu_lin *w)
@@ -395,9 +490,31 @@ static const bf16 *weight(gpu_trainer *G, const gpu_lin *w)
 #define KB(p) ((kn_bf16 *)(p))
 #define CKB(p) ((const kn_bf16 *)(p))
 
+/* Where the bf16 copy of the adapter value at params[off] (layer `layer`)
+ * is: the layer's slice is cast into lpb when another layer's is there
+ * (the forward, its recomputation and the backward of a layer follow one
+ * another, so once or twice per layer and pass). */
+static const bf16 *lora_w(gpu_trainer *G, int32_t layer, int64_t off)
+{
+    if (G->pb_layer != layer) {
+        int64_t b = G->loff[layer], e = G->loff[layer + 1];
+        kn_cast_f32_bf16(KB(G->lpb), G->params + b, e - b, G->s);
+        G->pb_layer = layer;
+    }
+    return G->lpb + (off - G->loff[layer]);
+}
+
+/* The fused LoRA products (kernels/lora.cu) take this linear's dropout. */
+static int fused(const gpu_trainer *G, int in)
+{
+    return G->fuse && kn_lora_fusable(G->r, in);
+}
+
 /* y (n, out) = res + x W^T + scale * (A xd)^T B^T, lh = A xd kept for the
  * backward. y NULL: only lh (a recomputation whose output is not needed).
- * res may be NULL (no residual). */
+ * res may be NULL (no residual). The adapter's term goes first (with the
+ * residual), so the large product adds itself to it in its epilogue
+ * rather than a skinny product reading and rewriting y after it. */
 static void lin_fwd(gpu_trainer *G, int32_t layer, int l, bf16 *y,
                     const bf16 *res, const bf16 *x, int64_t n, bf16 *lh,
                     int drop, uint64_t key)
@@ -405,28 +522,37 @@ static void lin_fwd(gpu_trainer *G, int32_t layer, int l, bf16 *y,
     const gpu_lin *w = &G->L[layer].lin[l];
     const lora_slot *sl = lora_slot_of(G->a, layer, (llama_linear)l);
     int in = (int)w->in, out = (int)w->out, r = G->r;
+    if (sl->a >= 0) {
+        const bf16 *A = lora_w(G, layer, sl->a);
+        if (drop && G->p > 0 && fused(G, in)) {
+            kn_lora_down(KB(lh), CKB(x), CKB(A), n, in, r, G->p,
+                         lora_dropout_stream(key, layer, (llama_linear)l), G->lscratch, G->s);
+        } else if (drop && G->p > 0) {
+            /* lh = A dropout(x), dch rows at a time through the xd scratch */
+            uint64_t stream = lora_dropout_stream(key, layer, (llama_linear)l);
+            for (int64_t t0 = 0; t0 < n; t0 += G->dch) {
+                int rows = (int)(n - t0 < G->dch ? n - t0 : G->dch);
+                kn_dropout_forward(KB(G->xd), CKB(x + t0 * in), (int64_t)rows * in, G->p,
+                                   stream, (uint64_t)(t0 * in), G->s);
+                kn_gemm(0, 1, rows, r, in, 1.0f, CKB(G->xd), in, CKB(A), in, 0.0f,
+                        lh + t0 * r, KN_BF16, r, G->s);
+            }
+        } else {
+            kn_gemm(0, 1, (int)n, r, in, 1.0f, CKB(x), in, CKB(A), in, 0.0f, lh, KN_BF16, r,
+                    G->s);
+        }
+        if (!y)
+            return;
+        kn_gemm_ex(0, 1, (int)n, out, r, G->scale, CKB(lh), r,
+                   CKB(lora_w(G, layer, sl->b)), r, res ? 1.0f : 0.0f, res, y, KN_BF16, out,
+                   G->s);
+        kn_gemm(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(weight(G, w)), in, 1.0f, y,
+                KN_BF16, out, G->s);
+        return;
+    }
     if (y)
         kn_gemm_ex(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(weight(G, w)), in,
                    res ? 1.0f : 0.0f, res, y, KN_BF16, out, G->s);
-    if (sl->a < 0)
-        return;
-    if (drop && G->p > 0) {
-        /* lh = A dropout(x), dch rows at a time through the xd scratch */
-        uint64_t stream = lora_dropout_stream(key, layer, (llama_linear)l);
-        for (int64_t t0 = 0; t0 < n; t0 += G->dch) {
-            int rows = (int)(n - t0 < G->dch ? n - t0 : G->dch);
-            kn_dropout_forward(KB(G->xd), CKB(x + t0 * in), (int64_t)rows * in, G->p,
-                               stream, (uint64_t)(t0 * in), G->s);
-            kn_gemm(0, 1, rows, r, in, 1.0f, CKB(G->xd), in, CKB(G->pb + sl->a), in,
-                    0.0f, lh + t0 * r, KN_BF16, r, G->s);
-        }
-    } else {
-        kn_gemm(0, 1, (int)n, r, in, 1.0f, CKB(x), in, CKB(G->pb + sl->a), in, 0.0f,
-                lh, KN_BF16, r, G->s);
-    }
-    if (y)
-        kn_gemm(0, 1, (int)n, out, r, G->scale, CKB(lh), r, CKB(G->pb + sl->b), r,
-                1.0f, y, KN_BF16, out, G->s);
 }
 
 /* The backward of lin_fwd: LoRA gradients added to grad, then (dx non-NULL)
@@ -441,15 +567,21 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
     const lora_slot *sl = lora_slot_of(G->a, layer, (llama_linear)l);
     int in = (int)w->in, out = (int)w->out, r = G->r, ni = (int)n;
     int lora = sl->a >= 0, dropping = lora && drop && G->p > 0;
+    int fuse = dropping && fused(G, in);
     uint64_t stream = dropping ? lora_dropout_stream(key, layer, (llama_linear)l) : 0;
+    const bf16 *A = lora ? lora_w(G, layer, sl->a) : NULL;
     if (lora) {
         /* dB (out, r) += scale dy^T lh; dlh (n, r) = scale dy B */
         kn_gemm(1, 0, out, r, ni, G->scale, CKB(dy), out, CKB(lh), r, 1.0f,
                 G->grad + sl->b, KN_F32, r, G->s);
-        kn_gemm(0, 0, ni, r, out, G->scale, CKB(dy), out, CKB(G->pb + sl->b), r,
+        kn_gemm(0, 0, ni, r, out, G->scale, CKB(dy), out, CKB(lora_w(G, layer, sl->b)), r,
                 0.0f, G->dlh, KN_BF16, r, G->s);
-        /* dA (r, in) += dlh^T xd, xd regenerated dch rows at a time */
-        if (dropping) {
+        /* dA (r, in) += dlh^T xd */
+        if (fuse) {
+            kn_lora_grad_a(G->grad + sl->a, CKB(G->dlh), CKB(x), n, in, r, G->p, stream,
+                           G->lscratch, G->s);
+        } else if (dropping) {
+            /* xd regenerated dch rows at a time */
             for (int64_t t0 = 0; t0 < n; t0 += G->dch) {
                 int rows = (int)(n - t0 < G->dch ? n - t0 : G->dch);
                 kn_dropout_forward(KB(G->xd), CKB(x + t0 * in), (int64_t)rows * in, G->p,
@@ -468,15 +600,16 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
             accumulate ? 1.0f : 0.0f, dx, dxt, in, G->s);
     if (!lora)
         return;
-    if (!dropping) {
-        kn_gemm(0, 0, ni, in, r, 1.0f, CKB(G->dlh), r, CKB(G->pb + sl->a), in,
-                1.0f, dx, dxt, in, G->s);
+    if (fuse) {
+        kn_lora_dx(dx, dxt, CKB(G->dlh), CKB(A), n, in, r, G->p, stream, G->s);
+    } else if (!dropping) {
+        kn_gemm(0, 0, ni, in, r, 1.0f, CKB(G->dlh), r, CKB(A), in, 1.0f, dx, dxt, in, G->s);
     } else {
         size_t es = dxt == KN_F32 ? 4 : 2;
         for (int64_t t0 = 0; t0 < n; t0 += G->dch) {
             int rows = (int)(n - t0 < G->dch ? n - t0 : G->dch);
-            kn_gemm(0, 0, rows, in, r, 1.0f, CKB(G->dlh + t0 * r), r, CKB(G->pb + sl->a),
-                    in, 0.0f, G->tmp, KN_BF16, in, G->s);
+            kn_gemm(0, 0, rows, in, r, 1.0f, CKB(G->dlh + t0 * r), r, CKB(A), in, 0.0f,
+                    G->tmp, KN_BF16, in, G->s);
             kn_dropout_backward_add((char *)dx + (size_t)(t0 * in) * es, dxt, CKB(G->tmp),
                                     (int64_t)rows * in, G->p, stream, (uint64_t)(t0 * in),
                                     G->s);
@@ -586,10 +719,24 @@ static int upload_batch(gpu_trainer *G, const llama_batch *b)
     return 0;
 }
 
+/* Layer i's input: xl for layer 0 (the embedding, written again before
+ * layer 0's backward: xl holds the final state in between), xin for the
+ * others. The last layer writes xl, or xin[0] when it is also the first. */
+static bf16 *layer_in(gpu_trainer *G, int32_t i)
+{
+    return i == 0 ? G->xl : G->xin + (int64_t)(i - 1) * G->cap * G->c.dim;
+}
+
+static bf16 *layer_out(gpu_trainer *G, int32_t i)
+{
+    int32_t nl = G->c.n_layers;
+    return i + 1 < nl ? layer_in(G, i + 1) : nl == 1 ? G->xin : G->xl;
+}
+
 static gpu_acts *acts_of(gpu_trainer *G, int32_t i)
 {
     gpu_acts *s = &G->sets[G->ckpt ? 0 : i];
-    s->x = G->xin + (int64_t)i * G->cap * G->c.dim;
+    s->x = layer_in(G, i);
     return s;
 }
 
@@ -600,24 +747,26 @@ static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scal
     const llama_config *c = &G->c;
     cudaStream_t st = G->s;
     int32_t nl = c->n_layers;
-    kn_embedding_forward(KB(G->xin), CKB(G->embed), G->ids, n, c->dim, st);
-    for (int32_t i = 0; i < nl; i++) {
-        gpu_acts *s = acts_of(G, i);
-        bf16 *out = i + 1 < nl ? G->xin + (int64_t)(i + 1) * G->cap * c->dim : G->xl;
-        layer_fwd(G, i, s, out, n, 1, key);
-    }
+    kn_embedding_forward(KB(layer_in(G, 0)), CKB(G->embed), G->ids, n, c->dim, st);
+    for (int32_t i = 0; i < nl; i++)
+        layer_fwd(G, i, acts_of(G, i), layer_out(G, i), n, 1, key);
     /* the head: normed state in dyb (free until the backward), gradient
      * into dres, then through the final norm in place; dyb = bf16(dres) */
-    kn_rmsnorm_forward(KB(G->dyb), G->rstdf, CKB(G->xl), G->norm, n, c->dim, c->norm_eps, st);
+    const bf16 *xf = layer_out(G, nl - 1);
+    kn_rmsnorm_forward(KB(G->dyb), G->rstdf, CKB(xf), G->norm, n, c->dim, c->norm_eps, st);
     kn_xent_forward_backward(G->stats, G->dres, CKB(G->dyb), CKB(G->head), G->tg, G->wt, n,
                              c->dim, c->vocab, scale, G->chunk, G->xent_scratch, st);
-    kn_rmsnorm_backward(G->dres, KB(G->dyb), G->dres, CKB(G->xl), G->norm, G->rstdf, n,
+    kn_rmsnorm_backward(G->dres, KB(G->dyb), G->dres, CKB(xf), G->norm, G->rstdf, n,
                         c->dim, 0, st);
     for (int32_t i = nl - 1; i >= 0; i--) {
         gpu_acts *s = acts_of(G, i);
+        if (i == 0 && nl > 1)
+            kn_embedding_forward(KB(layer_in(G, 0)), CKB(G->embed), G->ids, n, c->dim, st);
         if (G->ckpt)
             layer_fwd(G, i, s, NULL, n, 1, key);
         layer_bwd(G, i, s, n, 1, key, i > 0);
+        if (G->hooks)
+            G->hooks->layer_done(G->hooks->ctx, i, G->grad, G->s);
     }
 }
 
@@ -629,9 +778,23 @@ extern "C" int gpu_trainer_step(gpu_trainer *G, const train_batch *micro,
     double wsum = 0;
     for (size_t k = 0; k < nm; k++)
         wsum += micro[k].weight_sum;
+    return gpu_trainer_step_shard(G, micro, NULL, nm, wsum, NULL, lr, max_norm, seed,
+                                  step, loss, norm);
+}
+
+extern "C" int gpu_trainer_step_shard(gpu_trainer *G, const train_batch *micro,
+                                      const int64_t *index, size_t nm, double wsum,
+                                      const gpu_step_hooks *hooks, double lr,
+                                      double max_norm, uint64_t seed, int64_t step,
+                                      double *loss, double *norm)
+{
     float scale = wsum > 0 ? (float)(1.0 / wsum) : 0.0f;
     kn_memset(G->grad, 0, G->np * 4, G->s);
     kn_memset(G->stats, 0, 2 * sizeof(float), G->s);
+    size_t last = nm; /* its backward finishes each layer's gradient */
+    for (size_t k = 0; k < nm; k++)
+        if (micro[k].b.n > 0)
+            last = k;
     for (size_t k = 0; k < nm; k++) {
         if (micro[k].b.n == 0)
             continue;
@@ -639,8 +802,13 @@ extern "C" int gpu_trainer_step(gpu_trainer *G, const train_batch *micro,
             return msg_error("training batch without targets");
         if (upload_batch(G, &micro[k].b) != 0)
             return -1;
-        forward_backward(G, micro[k].b.n, train_dropout_key(seed, step, (int64_t)k), scale);
+        G->hooks = k == last ? hooks : NULL;
+        forward_backward(G, micro[k].b.n,
+                         train_dropout_key(seed, step, index ? index[k] : (int64_t)k), scale);
+        G->hooks = NULL;
     }
+    if (hooks)
+        hooks->grads_done(hooks->ctx, G->grad, G->stats, G->s);
     kn_sumsq(G->stats + 1, G->grad, (int64_t)G->np, G->s);
     G->adam_step++;
     kn_adamw h;
@@ -651,8 +819,9 @@ extern "C" int gpu_trainer_step(gpu_trainer *G, const train_batch *micro,
     h.weight_decay = G->wd;
     h.step = G->adam_step;
     h.max_grad_norm = max_norm;
-    kn_adamw_step(G->params, KB(G->pb), G->mom1, G->mom2, G->grad, (int64_t)G->np,
+    kn_adamw_step(G->params, NULL, G->dmom1, G->dmom2, G->grad, (int64_t)G->np,
                   &h, G->stats + 1, G->s);
+    G->pb_layer = -1; /* the bf16 slices are cast again from the new values */
     float st[2];
     kn_memcpy_d2h(st, G->stats, sizeof st, G->s);
     *loss = wsum > 0 ? st[0] / wsum : NAN;

@@ -646,17 +646,18 @@ int gen_run(gen_backend *be, const gen_params *p, const gen_prompt *prompts,
     int rc = 0;
     R.t0 = now_s();
     while (rc == 0 && (next < n || R.next_emit < n)) {
-        /* admit prompts into free slots */
-        int32_t nfree = 0, nact = 0;
+        /* admit prompts into free slots: a round starts once be->refill
+         * slots are free (or nothing runs) and goes on, one prefill call
+         * per max_prefill tokens, until the slots or the prompts run out */
+        int32_t nfree = 0;
         for (int32_t k = 0; k < S; k++)
             if (R.s[k].rec < 0)
                 nfree++;
-        nact = S - nfree;
-        size_t left = n - next;
         int32_t want = be->refill > 1 ? be->refill : 1;
-        if ((size_t)want > left)
-            want = (int32_t)left;
-        if (next < n && nfree > 0 && (nfree >= want || nact == 0)) {
+        if ((size_t)want > n - next)
+            want = (int32_t)(n - next);
+        int round = next < n && nfree > 0 && (nfree >= want || nfree == S);
+        while (rc == 0 && round && next < n && nfree > 0) {
             int32_t na = 0;
             int64_t ntok = 0;
             for (int32_t k = 0; k < S && next < n; k++) {
@@ -695,9 +696,14 @@ int gen_run(gen_backend *be, const gen_params *p, const gen_prompt *prompts,
             if (rc != 0)
                 break;
             take_tokens(&R, na, slot, logits, greedy ? amax : NULL);
-            if ((rc = flush_done(&R)) != 0)
-                break;
+            rc = flush_done(&R);
+            nfree = 0;
+            for (int32_t k = 0; k < S; k++)
+                if (R.s[k].rec < 0)
+                    nfree++;
         }
+        if (rc != 0)
+            break;
         /* one step for every running sequence */
         int32_t nd = 0;
         for (int32_t k = 0; k < S; k++)

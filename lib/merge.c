@@ -1,14 +1,14 @@
 /* merge.c: lora-merge's logic, folding an adapter into a checkpoint.
  *
- * Built as a stream: the base checkpoint is mmap'ed (st_model), the output
- * is declared tensor by tensor up front (st_writer needs every header
- * before the first byte), then each tensor flows through a chunk of rows:
- * source -> fp32 (converted, or NF4-dequantized) -> + scale * B A for those
- * rows -> rounded to the output dtype -> written. The next chunk is
- * prefetched with madvise(WILLNEED) and finished chunks are dropped from
- * the mapping (MADV_DONTNEED), so the resident set stays near one chunk
- * while the disk reads ahead: on a large model the merge runs at the speed
- * of the disk.
+ * Built as a stream: the output is declared tensor by tensor up front
+ * (st_writer needs every header before the first byte), then each tensor
+ * flows through a chunk of rows: source bytes (pread from the base's files,
+ * the next chunk read ahead by the kernel) -> fp32 (converted, or
+ * NF4-dequantized) -> + scale * B A for those rows -> rounded to the output
+ * dtype -> written. Tensors that need no change are copied as bytes. Memory
+ * stays near the chunk buffers whatever the model's size, and reading,
+ * merging and the kernel's write-back overlap, so on a large model the
+ * merge runs at the speed of the disk.
  *
  * Everything that can be wrong with the inputs is checked before the
  * output directory exists. --requantize merges into a temporary plain
@@ -16,10 +16,13 @@
  * exactly what nf4-quant writes for the merged model.
  */
 #define _DEFAULT_SOURCE
+#define _FILE_OFFSET_BITS 64
 #include "merge.h"
 
 #include <ctype.h>
 #include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,8 +45,10 @@
 #include <omp.h>
 #endif
 
-/* Elements per chunk: 4 Mi floats (16 MiB of fp32). */
+/* Elements per chunk: 4 Mi floats (16 MiB of fp32), read through a buffer
+ * of RAW_BYTES (8 bytes an element at most, F64). */
 #define CHUNK_ELEMS (1 << 22)
+#define RAW_BYTES ((uint64_t)CHUNK_ELEMS * 8)
 
 /* nf4-quant's defaults, used for --from-nf4 on a float base and for
  * --requantize unless the base says otherwise. */
@@ -429,60 +434,6 @@ static int plan_build(const st_model *m, const llama_config *mc,
 
 /* ---- streaming ------------------------------------------------------ */
 
-/* The mapping of the file that holds t's data. */
-static void map_of(const st_model *m, const void *ptr, const char **base,
-                   size_t *len)
-{
-    *base = NULL;
-    *len = 0;
-    for (size_t j = 0; j < m->nfiles; j++) {
-        const char *b = m->files[j]->map;
-        if ((const char *)ptr >= b &&
-            (const char *)ptr < b + m->files[j]->map_len) {
-            *base = b;
-            *len = m->files[j]->map_len;
-            return;
-        }
-    }
-}
-
-/* madvise on the pages of [p, p + n) inside the mapping [base, base+len):
- * WILLNEED over-covers (whole pages), DONTNEED covers whole pages only. */
-static void advise(const char *base, size_t len, const void *ptr, size_t n,
-                   int advice)
-{
-    if (!base || n == 0)
-        return;
-    uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t lo = (uintptr_t)ptr, hi = lo + n;
-    uintptr_t mlo = (uintptr_t)base, mhi = mlo + len;
-    if (advice == MADV_DONTNEED) {
-        lo = (lo + pg - 1) / pg * pg;
-        hi = hi / pg * pg;
-    } else {
-        lo = lo / pg * pg;
-        hi = (hi + pg - 1) / pg * pg;
-    }
-    if (lo < mlo)
-        lo = mlo;
-    if (hi > (mhi + pg - 1) / pg * pg)
-        hi = (mhi + pg - 1) / pg * pg;
-    if (hi > lo)
-        madvise((void *)lo, hi - lo, advice);
-}
-
-/* Reads ahead the first chunk of a tensor (the next one, while this one is
- * merged). */
-static void prefetch_start(const st_model *m, const st_tensor *t)
-{
-    const char *mbase;
-    size_t mlen;
-    map_of(m, t->data, &mbase, &mlen);
-    uint64_t n = (uint64_t)CHUNK_ELEMS * st_dtype_size(t->dtype);
-    advise(mbase, mlen, t->data, (size_t)(t->nbytes < n ? t->nbytes : n),
-           MADV_WILLNEED);
-}
-
 /* Rounds x[0..n) in place as the dtype would store them (NF4 weights are
  * dequantized in fp32 then rounded to their own dtype, as bitsandbytes
  * does). */
@@ -554,21 +505,79 @@ static int dequant(const nf4_weight *q, int64_t e0, int64_t n, float *dst,
     return 0;
 }
 
-/* Streams one tensor into the writer. */
-static int write_item(st_writer *w, const st_model *m, const item *it,
-                      const lora_adapter *a, float *buf, void *obuf,
+/* Where float tensors' bytes come from: the base's files through pread
+ * into one buffer, with the kernel reading the next chunk ahead
+ * (POSIX_FADV_WILLNEED). Copying through read costs less than faulting
+ * the mapping in page by page, and leaves nothing resident. */
+typedef struct src_files {
+    const st_model *m;
+    int *fd; /* per file of m, -1 until opened */
+    size_t nfd;
+} src_files;
+
+/* The descriptor and file offset of byte off of t. */
+static int src_locate(src_files *s, const st_tensor *t, uint64_t off, int *fd,
+                      off_t *pos)
+{
+    for (size_t j = 0; j < s->m->nfiles; j++) {
+        const st_file *f = s->m->files[j];
+        const char *b = f->map;
+        if ((const char *)t->data < b ||
+            (const char *)t->data >= b + f->map_len)
+            continue;
+        if (s->fd[j] < 0 && (s->fd[j] = open(f->path, O_RDONLY)) < 0)
+            return msg_error("cannot open '%s': %s", f->path, strerror(errno));
+        *fd = s->fd[j];
+        *pos = (off_t)((const char *)t->data - b) + (off_t)off;
+        return 0;
+    }
+    return msg_error("tensor '%s' is in no file of '%s'", t->name, s->m->dir);
+}
+
+static int src_read(src_files *s, const st_tensor *t, uint64_t off, uint64_t n,
+                    void *dst)
+{
+    int fd;
+    off_t pos;
+    if (src_locate(s, t, off, &fd, &pos) != 0)
+        return -1;
+    char *p = dst;
+    while (n > 0) {
+        ssize_t k = pread(fd, p, n > (1u << 30) ? (1u << 30) : (size_t)n, pos);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return msg_error("cannot read tensor '%s' of '%s': %s", t->name,
+                             s->m->dir, k < 0 ? strerror(errno) : "short file");
+        p += k;
+        pos += k;
+        n -= (uint64_t)k;
+    }
+    return 0;
+}
+
+static void src_ahead(src_files *s, const st_tensor *t, uint64_t off,
+                      uint64_t n)
+{
+    int fd;
+    off_t pos;
+    if (n && src_locate(s, t, off, &fd, &pos) == 0)
+        posix_fadvise(fd, pos, (off_t)n, POSIX_FADV_WILLNEED);
+}
+
+/* Streams one tensor into the writer. raw holds RAW_BYTES (or one row). */
+static int write_item(st_writer *w, src_files *sf, const item *it,
+                      const lora_adapter *a, float *buf, void *obuf, void *raw,
                       int nthreads, uint64_t *bytes_in)
 {
     const st_tensor *t = it->t;
-    const char *mbase;
-    size_t mlen;
-    map_of(m, t->data, &mbase, &mlen);
     if (it->kind == SRC_COPY) {
         *bytes_in += t->nbytes;
-        uint64_t step = (uint64_t)CHUNK_ELEMS * 4;
+        uint64_t step = RAW_BYTES;
         for (uint64_t off = 0; off < t->nbytes; off += step) {
             uint64_t k = t->nbytes - off < step ? t->nbytes - off : step;
-            if (st_writer_write(w, (const char *)t->data + off, k) != 0)
+            if (src_read(sf, t, off, k, raw) != 0 ||
+                st_writer_write(w, raw, k) != 0)
                 return -1;
         }
         return 0;
@@ -591,7 +600,7 @@ static int write_item(st_writer *w, const st_model *m, const item *it,
                          NF4_DEFAULT_BLOCKSIZE, 1, nthreads, &sim) != 0)
             return -1;
         q = &sim;
-        advise(mbase, mlen, t->data, t->nbytes, MADV_DONTNEED);
+        st_tensor_release(t);
     }
     size_t esz = st_dtype_size(t->dtype);
     size_t osz = st_dtype_size(it->dtype);
@@ -602,29 +611,30 @@ static int write_item(st_writer *w, const st_model *m, const item *it,
     for (int64_t r0 = 0; r0 < rows && rc == 0; r0 += chunk) {
         int64_t nr = rows - r0 < chunk ? rows - r0 : chunk;
         int64_t e0 = r0 * cols, n = nr * cols;
-        const char *src = (const char *)t->data + (size_t)e0 * esz;
-        if (it->kind == SRC_FLOAT && r0 + nr < rows) {
+        if (it->kind == SRC_FLOAT) {
+            uint64_t off = (uint64_t)e0 * esz, len = (uint64_t)n * esz;
             int64_t nn = rows - r0 - nr < chunk ? rows - r0 - nr : chunk;
-            advise(mbase, mlen, src + (size_t)n * esz,
-                   (size_t)(nn * cols) * esz, MADV_WILLNEED);
-        }
-        if (direct) {
-            rc = st_writer_write(w, src, (uint64_t)n * osz);
-        } else {
-            if (it->kind == SRC_FLOAT)
-                rc = load_float(t, e0, n, buf, nthreads);
-            else
-                rc = dequant(q, e0, n, buf, nthreads);
-            if (rc == 0 && A)
-                merge_add_delta(buf, A, B, r0, nr, cols, a->cfg.r, a->scale,
-                                nthreads);
-            if (rc == 0) {
-                convert_out(buf, n, it->dtype, obuf, nthreads);
-                rc = st_writer_write(w, obuf, (uint64_t)n * osz);
+            src_ahead(sf, t, off + len, (uint64_t)(nn * cols) * esz);
+            rc = src_read(sf, t, off, len, raw);
+            if (rc == 0 && direct) {
+                rc = st_writer_write(w, raw, len);
+                continue;
             }
+            st_tensor view = *t; /* the chunk, as a tensor */
+            view.data = raw;
+            view.numel = n;
+            if (rc == 0)
+                rc = load_float(&view, 0, n, buf, nthreads);
+        } else {
+            rc = dequant(q, e0, n, buf, nthreads);
         }
-        if (it->kind == SRC_FLOAT)
-            advise(mbase, mlen, src, (size_t)n * esz, MADV_DONTNEED);
+        if (rc == 0 && A)
+            merge_add_delta(buf, A, B, r0, nr, cols, a->cfg.r, a->scale,
+                            nthreads);
+        if (rc == 0) {
+            convert_out(buf, n, it->dtype, obuf, nthreads);
+            rc = st_writer_write(w, obuf, (uint64_t)n * osz);
+        }
     }
     if (it->kind == SRC_SIM_NF4)
         nf4_weight_free(&sim);
@@ -914,7 +924,8 @@ int merge_checkpoint(const merge_opts *o, merge_stats *stats)
     st_writer *w = NULL;
     plan p = {0};
     float *buf = NULL;
-    void *obuf = NULL;
+    void *obuf = NULL, *raw = NULL;
+    src_files sf = {NULL, NULL, 0};
     int rc = -1, nthreads = threads_for(o->nthreads);
     llama_config mc;
 
@@ -962,7 +973,14 @@ int merge_checkpoint(const merge_opts *o, merge_stats *stats)
     free(scratch_final);
     if (!tmp)
         goto out;
-    w = st_writer_new(tmp, "model", o->requantize ? 0 : o->shard_bytes);
+    /* shards only when one file would exceed the size, as save_pretrained
+     * writes a lone model.safetensors then */
+    uint64_t total = 0, shard_bytes = o->requantize ? 0 : o->shard_bytes;
+    for (size_t i = 0; i < p.n; i++)
+        total += (uint64_t)p.v[i].numel * st_dtype_size(p.v[i].dtype);
+    if (total <= shard_bytes)
+        shard_bytes = 0;
+    w = st_writer_new(tmp, "model", shard_bytes);
     st_writer_metadata(w, "format", "pt");
     for (size_t i = 0; i < p.n; i++)
         st_writer_declare(w, p.v[i].name, p.v[i].dtype, p.v[i].ndim,
@@ -971,6 +989,12 @@ int merge_checkpoint(const merge_opts *o, merge_stats *stats)
         goto out;
     buf = xmalloc((size_t)CHUNK_ELEMS * sizeof(float));
     obuf = xmalloc((size_t)CHUNK_ELEMS * sizeof(float));
+    raw = xmalloc((size_t)RAW_BYTES);
+    sf.m = m;
+    sf.nfd = m->nfiles;
+    sf.fd = xmalloc(sf.nfd * sizeof *sf.fd);
+    for (size_t j = 0; j < sf.nfd; j++)
+        sf.fd[j] = -1;
     for (size_t i = 0; i < p.n; i++) {
         /* a row longer than a chunk: the buffers grow to one row */
         int64_t rows = p.v[i].ndim >= 1 ? p.v[i].shape[0] : 1;
@@ -978,13 +1002,16 @@ int merge_checkpoint(const merge_opts *o, merge_stats *stats)
         if (cols > CHUNK_ELEMS) {
             buf = xrealloc(buf, (size_t)cols * sizeof(float));
             obuf = xrealloc(obuf, (size_t)cols * sizeof(float));
+            raw = xrealloc(raw, (size_t)cols * 8);
         }
         if (o->on_tensor)
             o->on_tensor(o->ctx, i, p.n, p.v[i].name);
-        if (i + 1 < p.n && p.v[i + 1].kind == SRC_FLOAT)
-            prefetch_start(m, p.v[i + 1].t);
-        if (write_item(w, m, &p.v[i], a, buf, obuf, nthreads, &st.bytes_in) !=
-            0)
+        if (i + 1 < p.n && p.v[i + 1].kind == SRC_FLOAT) /* read ahead */
+            src_ahead(&sf, p.v[i + 1].t, 0,
+                      p.v[i + 1].t->nbytes < RAW_BYTES ? p.v[i + 1].t->nbytes
+                                                       : RAW_BYTES);
+        if (write_item(w, &sf, &p.v[i], a, buf, obuf, raw, nthreads,
+                       &st.bytes_in) != 0)
             goto out;
         st.tensors++;
         st.merged += p.v[i].layer >= 0;
@@ -995,8 +1022,7 @@ int merge_checkpoint(const merge_opts *o, merge_stats *stats)
     st.shards = 1;
     for (size_t i = 0; i < p.n; i++) {
         uint64_t nb = (uint64_t)p.v[i].numel * st_dtype_size(p.v[i].dtype);
-        if (!o->requantize && o->shard_bytes && size > 0 &&
-            size + nb > o->shard_bytes) {
+        if (shard_bytes && size > 0 && size + nb > shard_bytes) {
             st.shards++;
             size = 0;
         }
@@ -1048,6 +1074,11 @@ out:
     }
     free(buf);
     free(obuf);
+    free(raw);
+    for (size_t j = 0; j < sf.nfd; j++)
+        if (sf.fd[j] >= 0)
+            close(sf.fd[j]);
+    free(sf.fd);
     plan_free(&p);
     st_model_close(m);
     lora_free(a);

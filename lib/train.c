@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "adapter.h"
+#include "dist.h"
 #include "io.h"
 #include "json.h"
 #include "msg.h"
@@ -253,6 +254,28 @@ void train_batch_build(train_batch *tb, const pack_data *d,
     tb->b.weights = tb->weights;
 }
 
+/* What train_batch_build counts for these rows, without building: adds
+ * their tokens to *tokens and returns their weight sum (the same double,
+ * summed in the same order). */
+static double rows_weight(const pack_data *d, const uint64_t *rows, size_t n,
+                          int64_t *tokens)
+{
+    double ws = 0;
+    for (size_t k = 0; k < n; k++) {
+        uint32_t ns;
+        const pack_span *sp = pack_row_spans(d, rows[k], &ns);
+        const uint8_t *w = pack_row_weights(d, rows[k]);
+        for (uint32_t s = 0; s < ns; s++) {
+            *tokens += sp[s].len;
+            for (uint32_t p = 0; p < sp[s].len; p++) {
+                float wt = p + 1 < sp[s].len ? (float)w[sp[s].start + p + 1] : 0.0f;
+                ws += wt;
+            }
+        }
+    }
+    return ws;
+}
+
 void train_batch_free(train_batch *tb)
 {
     free(tb->ids);
@@ -375,7 +398,7 @@ static void data_fingerprint(const pack_data *d, char out[17])
 }
 
 static void state_json(strbuf *sb, const train_config *c, const pack_data *d,
-                       const run_state *st, int64_t total, int64_t spe)
+                       const run_state *st, int64_t total, int64_t spe, int world)
 {
     char fp[17];
     data_fingerprint(d, fp);
@@ -387,9 +410,12 @@ static void state_json(strbuf *sb, const train_config *c, const pack_data *d,
               "\"seed\": %lld},\n  \"log\": {\"loss_sum\": ", (long long)c->seed);
     json_append_number(sb, st->log_loss);
     sb_printf(sb, ", \"steps\": %lld, \"tokens\": %lld},\n  \"skipped_steps\": %lld,"
-              "\n  \"data\": {\"rows\": %llu, \"fingerprint\": \"%s\"},\n  \"config\": ",
+              "\n  \"data\": {\"rows\": %llu, \"fingerprint\": \"%s\"},\n  ",
               (long long)st->log_steps, (long long)st->log_tokens,
               (long long)st->skipped, (unsigned long long)d->h.n_rows, fp);
+    if (world > 1) /* absent: 1 */
+        sb_printf(sb, "\"world_size\": %d,\n  ", world);
+    sb_puts(sb, "\"config\": ");
     cfg_to_json(train_fields, train_nfields, c, sb);
     sb_puts(sb, "\n}\n");
 }
@@ -533,7 +559,7 @@ static int save_checkpoint(const train_inputs *in, const lora_adapter *a,
     }
     if (rc == 0) {
         strbuf sb = STRBUF_INIT;
-        state_json(&sb, c, in->train, st, total, spe);
+        state_json(&sb, c, in->train, st, total, spe, in->world > 1 ? in->world : 1);
         char *p = io_path_join(tmp, "trainer_state.json");
         io_writer *w = io_writer_open(p, IO_TEXT);
         free(p);
@@ -686,6 +712,13 @@ static int load_checkpoint(const train_inputs *in, lora_adapter *a,
         if (!same)
             goto out;
     }
+    /* the world size changes which micro-batches make a step */
+    int64_t ow = json_get_int(js, "world_size", 1), nw = in->world > 1 ? in->world : 1;
+    if (ow != nw) {
+        msg_error("%s: the checkpoint was made by %lld ranks, now %lld (resume with "
+                  "as many)", dir, (long long)ow, (long long)nw);
+        goto out;
+    }
     st->step = json_get_int(js, "global_step", -1);
     const json_value *log = json_get(js, "log");
     st->log_loss = json_get_number(log, "loss_sum", 0);
@@ -741,7 +774,7 @@ static double now_s(void)
 
 static void emit(const train_inputs *in, train_event *ev)
 {
-    if (in->cb)
+    if (in->cb && (in->world <= 1 || in->rank == 0))
         in->cb(ev, in->cb_ctx);
 }
 
@@ -766,9 +799,15 @@ int train_run(const train_inputs *in)
     if (d->h.seq_len > (uint32_t)m->cfg.max_pos)
         msg_warn("rows of %u tokens exceed max_position_embeddings (%d)",
                  d->h.seq_len, m->cfg.max_pos);
+    const train_backend *be = in->backend;
+    int world = in->world > 1 ? in->world : 1, rank = world > 1 ? in->rank : 0;
+    if (world > 1 && (!be || !be->step_shard))
+        return msg_error("data-parallel training (%d ranks) runs on CUDA devices only",
+                         world);
     int64_t bs = c->per_device_train_batch_size, acc = c->gradient_accumulation_steps;
+    int64_t gacc = acc * world; /* micro-batches of a step, all ranks together */
     int64_t nmicro = (int64_t)((nrows + (uint64_t)bs - 1) / (uint64_t)bs);
-    int64_t spe = (nmicro + acc - 1) / acc;
+    int64_t spe = (nmicro + gacc - 1) / gacc;
     int64_t total = c->max_steps > 0 ? c->max_steps
                                      : (int64_t)ceil(c->num_train_epochs * (double)spe);
     if (total < 1)
@@ -785,16 +824,16 @@ int train_run(const train_inputs *in)
                c->weight_decay);
     float *grad = xcalloc(a->n_params ? a->n_params : 1, sizeof(float));
     uint64_t *perm = xmalloc((size_t)nrows * sizeof(uint64_t));
-    train_batch *micro = xcalloc((size_t)acc, sizeof *micro);
+    train_batch *micro = xcalloc((size_t)acc, sizeof *micro), dump = {0};
+    int64_t *index = xcalloc((size_t)acc, sizeof *index);
     run_state st = {0};
     int rc = -1;
-    if (mkdir(c->output_dir, 0777) != 0 && !io_exists(c->output_dir)) {
+    if (rank == 0 && mkdir(c->output_dir, 0777) != 0 && !io_exists(c->output_dir)) {
         msg_error("cannot create directory '%s'", c->output_dir);
         goto out;
     }
     if (in->resume && load_checkpoint(in, a, &opt, &st) != 0)
         goto out;
-    const train_backend *be = in->backend;
     if (be)
         be->load(be->ctx, a, &opt);
     if (st.step > total) {
@@ -811,40 +850,55 @@ int train_run(const train_inputs *in)
             train_shuffle(perm, nrows, (uint64_t)c->seed, e);
             cur_epoch = e;
         }
-        int64_t k0 = j * acc, k1 = k0 + acc < nmicro ? k0 + acc : nmicro;
-        size_t nm = (size_t)(k1 - k0);
+        /* the step's micro-batches k0 .. k1-1; this rank builds its own,
+         * and counts every rank's tokens and weight */
+        int64_t k0 = j * gacc, k1 = k0 + gacc < nmicro ? k0 + gacc : nmicro;
+        size_t nm = (size_t)(k1 - k0), mine = dist_shard((int64_t)nm, world, rank, index);
         int64_t tokens = 0;
+        double wsum = 0;
         for (size_t k = 0; k < nm; k++) {
             uint64_t r0 = (uint64_t)(k0 + (int64_t)k) * (uint64_t)bs;
             uint64_t r1 = r0 + (uint64_t)bs < nrows ? r0 + (uint64_t)bs : nrows;
-            train_batch_build(&micro[k], d, perm + r0, (size_t)(r1 - r0));
-            tokens += micro[k].b.n;
+            wsum += rows_weight(d, perm + r0, (size_t)(r1 - r0), &tokens);
         }
-        if (in->want_batches)
+        for (size_t i = 0; i < mine; i++) {
+            uint64_t r0 = (uint64_t)(k0 + index[i]) * (uint64_t)bs;
+            uint64_t r1 = r0 + (uint64_t)bs < nrows ? r0 + (uint64_t)bs : nrows;
+            train_batch_build(&micro[i], d, perm + r0, (size_t)(r1 - r0));
+        }
+        if (in->want_batches && rank == 0)
             for (size_t k = 0; k < nm; k++) {
                 uint64_t r0 = (uint64_t)(k0 + (int64_t)k) * (uint64_t)bs;
                 uint64_t r1 = r0 + (uint64_t)bs < nrows ? r0 + (uint64_t)bs : nrows;
+                const train_batch *tb = &micro[k / (size_t)world];
+                if (k % (size_t)world != 0) { /* another rank's */
+                    train_batch_build(&dump, d, perm + r0, (size_t)(r1 - r0));
+                    tb = &dump;
+                }
                 memset(&ev, 0, sizeof ev);
                 ev.rows = perm + r0;
                 ev.n_rows = (size_t)(r1 - r0);
                 ev.kind = TRAIN_EV_BATCH;
                 ev.step = s + 1;
                 ev.total_steps = total;
-                ev.batch = &micro[k];
+                ev.batch = tb;
                 ev.micro = (int64_t)k;
                 ev.learning_rate = train_lr(c, s, total);
                 emit(in, &ev);
             }
         double lr = train_lr(c, s, total), loss, norm;
-        if (be ? be->step(be->ctx, micro, nm, lr, c->max_grad_norm,
-                          (uint64_t)c->seed, s, &loss, &norm) != 0
-               : train_step(m, a, &opt, grad, micro, nm, lr, c->max_grad_norm,
-                            c->gradient_checkpointing, (uint64_t)c->seed, s,
-                            &loss, &norm) != 0)
+        int src;
+        if (world > 1)
+            src = be->step_shard(be->ctx, micro, index, mine, wsum, lr, c->max_grad_norm,
+                                 (uint64_t)c->seed, s, &loss, &norm);
+        else if (be)
+            src = be->step(be->ctx, micro, nm, lr, c->max_grad_norm, (uint64_t)c->seed, s,
+                           &loss, &norm);
+        else
+            src = train_step(m, a, &opt, grad, micro, nm, lr, c->max_grad_norm,
+                             c->gradient_checkpointing, (uint64_t)c->seed, s, &loss, &norm);
+        if (src != 0)
             goto out;
-        double wsum = 0;
-        for (size_t k = 0; k < nm; k++)
-            wsum += micro[k].weight_sum;
         if (!isfinite(norm) || (wsum > 0 && !isfinite(loss))) {
             /* train_step changed nothing; the GPU step has already applied
              * it, so there the run can only stop */
@@ -903,7 +957,8 @@ int train_run(const train_inputs *in)
             last_eval_step = st.step;
             t_log = now_s(); /* evaluation time is not training time */
         }
-        if (c->save_steps > 0 && st.step % c->save_steps == 0 && st.step < total) {
+        if (c->save_steps > 0 && st.step % c->save_steps == 0 && st.step < total &&
+            rank == 0) {
             char *p;
             if (be)
                 be->store(be->ctx, a, &opt);
@@ -922,12 +977,16 @@ int train_run(const train_inputs *in)
     (void)last_eval_step;
     if (be)
         be->store(be->ctx, a, &opt);
-    if (adapter_write(c->output_dir, a, m->dir) != 0)
+    if (be && be->finish && be->finish(be->ctx, a, &opt) != 0)
+        goto out;
+    if (rank == 0 && adapter_write(c->output_dir, a, m->dir) != 0)
         goto out;
     rc = 0;
 out:
     for (int64_t k = 0; k < acc; k++)
         train_batch_free(&micro[k]);
+    train_batch_free(&dump);
+    free(index);
     free(micro);
     free(perm);
     free(grad);

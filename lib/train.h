@@ -11,6 +11,12 @@
  *   total steps              max_steps when > 0, else
  *                            ceil(num_train_epochs * steps per epoch)
  *
+ * Data parallel over `world` ranks (train_inputs.world > 1), a step takes
+ * gradient_accumulation_steps * world micro-batches, those that one
+ * process would take with that accumulation, in the same row order, and
+ * micro-batch k of a step goes to rank k % world (dist_shard): the result
+ * is a single-process run's with the same global batch.
+ *
  * Each epoch visits the rows in a fresh order: a Fisher-Yates shuffle
  * drawing lora_rand_u64(train_shuffle_key(seed, epoch), i) for its i-th
  * swap. A step's loss is sum w*CE over its micro-batches divided by the
@@ -163,6 +169,18 @@ typedef struct train_backend {
     void (*load)(void *ctx, const lora_adapter *a, const adamw *opt);
     void (*store)(void *ctx, lora_adapter *a, adamw *opt);
     double (*peak_bytes)(void *ctx);
+    /* Data parallel (dist.h; needed when train_inputs.world > 1): one
+     * rank's share of a step, micro[i] being micro-batch index[i] of the
+     * step (dropout key train_dropout_key(seed, step, index[i])) and
+     * weight_sum the whole step's total weight; *loss and *norm are the
+     * whole step's, the same on every rank. n may be 0. */
+    int (*step_shard)(void *ctx, const train_batch *micro, const int64_t *index,
+                      size_t n, double weight_sum, double lr, double max_norm,
+                      uint64_t seed, int64_t step, double *loss, double *norm);
+    /* May be NULL. Called on every rank after the last step with the
+     * state just stored, before the adapter is written: data parallel
+     * checks that every rank holds the same. */
+    int (*finish)(void *ctx, const lora_adapter *a, const adamw *opt);
 } train_backend;
 
 typedef struct train_inputs {
@@ -175,6 +193,9 @@ typedef struct train_inputs {
     void *cb_ctx;
     int want_batches;          /* emit TRAIN_EV_BATCH events */
     const train_backend *backend; /* NULL: the CPU */
+    int world;                 /* data-parallel ranks (dist.h); 0 or 1: none */
+    int rank;                  /* this one: only rank 0 emits events and
+                                  writes files */
 } train_inputs;
 
 /* Runs the whole training: initial adapter (or the checkpoint's state),
@@ -184,6 +205,8 @@ typedef struct train_inputs {
  * each directory written atomically) every save_steps, and finally the
  * adapter in output_dir. A non-finite step stops the run (-1, nothing more
  * written) or, with on_nonfinite "skip" on the CPU, is skipped and counted.
+ * Data parallel, every rank calls it (the backend's steps, evaluations and
+ * finish are collective) and only rank 0 creates output_dir and writes.
  * 0 ok, -1 error. */
 int train_run(const train_inputs *in);
 

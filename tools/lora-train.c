@@ -17,6 +17,7 @@
 
 #include "adapter.h"
 #include "config.h"
+#include "dist.h"
 #include "io.h"
 #include "json.h"
 #include "llama.h"
@@ -27,11 +28,12 @@
 #ifdef QLORA_CUDA /* ---- GPU path (kernels/), built when nvcc is present ---- */
 #include "../kernels/kernels.h"
 #include "../kernels/train_gpu.h"
+#include "../kernels/dist_gpu.h"
 #endif
 
 static const char usage_text[] =
     "usage: lora-train [-hqVv] [-c config] [-e file] [-m model] [-o dir] "
-    "[-s key=value] [--device cpu|cuda] [--dump-batches file] [--init-only] "
+    "[-s key=value] [--device cpu|cuda] [--dump-batches file] [--gpus n] [--init-only] "
     "[--print-config] [--progress] [--resume[=checkpoint]] [file]\n";
 
 static void usage(FILE *f) { fputs(usage_text, f); }
@@ -55,6 +57,8 @@ static void help(void)
           "  -v, --verbose            more messages on stderr\n"
           "      --device dev         cpu (default) or cuda\n"
           "      --dump-batches file  write every micro-batch as JSON Lines\n"
+          "      --gpus n             data parallel: one process per GPU, n GPUs\n"
+          "                           (or RANK, WORLD_SIZE, ... from a launcher)\n"
           "      --init-only          write the initial adapter and stop\n"
           "      --print-config       print the resolved configuration as JSON\n"
           "      --progress           a progress bar on stderr even when it is\n"
@@ -157,7 +161,9 @@ int main(int argc, char **argv)
     size_t nsets = 0;
 
     msg_init(argv[0]);
-    enum { OPT_DEVICE = 256, OPT_DUMP, OPT_INIT, OPT_PRINT, OPT_PROGRESS, OPT_RESUME };
+    enum { OPT_DEVICE = 256, OPT_DUMP, OPT_GPUS, OPT_INIT, OPT_PRINT, OPT_PROGRESS,
+           OPT_RESUME };
+    int gpus = 1;
     static const struct option longs[] = {
         {"config", required_argument, NULL, 'c'},
         {"eval", required_argument, NULL, 'e'},
@@ -170,6 +176,7 @@ int main(int argc, char **argv)
         {"verbose", no_argument, NULL, 'v'},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"dump-batches", required_argument, NULL, OPT_DUMP},
+        {"gpus", required_argument, NULL, OPT_GPUS},
         {"init-only", no_argument, NULL, OPT_INIT},
         {"print-config", no_argument, NULL, OPT_PRINT},
         {"progress", no_argument, NULL, OPT_PROGRESS},
@@ -199,6 +206,14 @@ int main(int argc, char **argv)
         case 'v': msg_verbosity++; break;
         case OPT_DEVICE: sb_printf(&kv, "device=%s", optarg); break;
         case OPT_DUMP: dump_path = optarg; break;
+        case OPT_GPUS: {
+            char *end;
+            long n = strtol(optarg, &end, 10);
+            if (end == optarg || *end || n < 1 || n > 4096)
+                bad_usage("--gpus needs a number of GPUs, got '%s'", optarg);
+            gpus = (int)n;
+            break;
+        }
         case OPT_INIT: init_only = 1; break;
         case OPT_PRINT: print_config = 1; break;
         case OPT_PROGRESS: progress = 1; break;
@@ -319,8 +334,13 @@ int main(int argc, char **argv)
         int64_t cap = cfg.per_device_train_batch_size * (int64_t)train.h.seq_len;
         if (eval_path && cfg.per_device_eval_batch_size * (int64_t)eval.h.seq_len > cap)
             cap = cfg.per_device_eval_batch_size * (int64_t)eval.h.seq_len;
+        /* paged_adamw_32bit: the moments may live off the device */
+        int flags = (cfg.gradient_checkpointing ? GPU_TRAINER_CHECKPOINT : 0) |
+                    (cfg.optim && !strcmp(cfg.optim, "paged_adamw_32bit")
+                         ? GPU_TRAINER_PAGED_OPTIM
+                         : 0);
         if (train_lora_config(&cfg, &lc) != 0 ||
-            !(gpu = gpu_trainer_new(model, &lc, cap, cfg.gradient_checkpointing))) {
+            !(gpu = gpu_trainer_new(model, &lc, cap, flags))) {
             io_writer_abort(u.metrics);
             u.metrics = NULL;
             goto done;

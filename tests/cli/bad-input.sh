@@ -13,7 +13,7 @@
 #                            is valid, exit 0; the rest refuse)
 #   non-UTF-8 text           dolly-fmt, tok, lora-train's YAML
 #   NaN in weights           nf4-quant, lora-train (base model), lora-merge
-#                            (adapter): refused, naming the tensor
+#                            (adapter), lora-gen: refused, naming the tensor
 #   out-of-range token ids   tok -d, pack, lora-train
 #   read-only output dir     every tool that writes files
 #   full output dir          the same, on a 64 KiB tmpfs (root only)
@@ -46,6 +46,7 @@ refuse() {
         ls -d "$left".tmp-* "$(dirname "$left")"/*.tmp-* >/dev/null 2>&1 &&
             why="temporary file left behind"
     fi
+    [ -n "${BAD_INPUT_SHOW:-}" ] && sed "s|^|    [$n] |" err
     if [ -z "$why" ]; then
         ok "$n"
     else
@@ -130,6 +131,18 @@ mkmodel m-nan && cp "$S260/model.safetensors" m-nan/model.safetensors &&
     poke m-nan/model.safetensors \
         $(($(st_offset m-nan/model.safetensors model.layers.1.self_attn.q_proj.weight) + 40)) "$NAN"
 mkdir m-none
+# adapters: one made by lora-train, cut, foreign and with a NaN
+if have_tool lora-train; then
+    lora-train -q --init-only -m "$S260" -s r=2 -o ad >/dev/null 2>&1
+    mkad() { mkdir "$1" && cp ad/adapter_config.json "$1/"; }
+    mkad a-cut && head -c 3000 ad/adapter_model.safetensors >a-cut/adapter_model.safetensors
+    mkad a-magic && cp garbage a-magic/adapter_model.safetensors
+    mkad a-nan && cp ad/adapter_model.safetensors a-nan/ && chmod u+w a-nan/adapter_model.safetensors &&
+        poke a-nan/adapter_model.safetensors \
+            $(st_offset a-nan/adapter_model.safetensors \
+                base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight) "$NAN"
+    mkdir a-empty
+fi
 
 # --- dolly-fmt ----------------------------------------------------------------
 if have_tool dolly-fmt; then
@@ -256,16 +269,7 @@ else
 fi
 
 # --- lora-merge -----------------------------------------------------------------
-if have_tool lora-merge && have_tool lora-train; then
-    lora-train -q --init-only -m "$S260" -s r=2 -o ad >/dev/null 2>&1
-    mkad() { mkdir "$1" && cp ad/adapter_config.json "$1/"; }
-    mkad a-cut && head -c 3000 ad/adapter_model.safetensors >a-cut/adapter_model.safetensors
-    mkad a-magic && cp garbage a-magic/adapter_model.safetensors
-    mkad a-nan && cp ad/adapter_model.safetensors a-nan/ && chmod u+w a-nan/adapter_model.safetensors &&
-        poke a-nan/adapter_model.safetensors \
-            $(st_offset a-nan/adapter_model.safetensors \
-                base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight) "$NAN"
-    mkdir a-empty
+if have_tool lora-merge && [ -d ad ]; then
     M="lora-merge -b $S260"
     refuse "lora-merge: truncated adapter" mm $M -o mm a-cut
     refuse "lora-merge: adapter not safetensors" mm $M -o mm a-magic
@@ -279,4 +283,36 @@ else
     skip "bad-input: lora-merge not built"
 fi
 
-have_tool lora-gen || skip "bad-input: lora-gen not built"
+# --- lora-gen -------------------------------------------------------------------
+if have_tool lora-gen && [ -s s.toks ]; then
+    have_tool dolly-fmt && dolly-fmt -p d20.jsonl | head -n 3 |
+        tok -m "$S260/tokenizer.model" >prompts.toks
+    G="lora-gen -m $S260 -n 4"
+    refuse "lora-gen: truncated stream" g.toks $G -o g.toks s-cut.toks
+    refuse "lora-gen: wrong magic" g.toks $G -o g.toks s-magic.toks
+    refuse "lora-gen: a packed file" g.toks $G -o g.toks s.packed
+    refuse "lora-gen: future version" g.toks $G -o g.toks s-v9.toks
+    refuse "lora-gen: empty file" g.toks $G -o g.toks empty
+    refuse "lora-gen: another vocabulary" g.toks $G -o g.toks l.toks
+    refuse "lora-gen: out-of-range token id" g.toks $G -o g.toks s-oor.toks
+    refuse "lora-gen: truncated model" g.toks lora-gen -m m-cut -n 4 -o g.toks prompts.toks
+    refuse "lora-gen: NaN in the model" g.toks lora-gen -m m-nan -n 4 -o g.toks prompts.toks
+    if [ -d ad ]; then
+        refuse "lora-gen: truncated adapter" g.toks $G -a a-cut -o g.toks prompts.toks
+        refuse "lora-gen: adapter not safetensors" g.toks $G -a a-magic -o g.toks prompts.toks
+        refuse "lora-gen: empty adapter directory" g.toks $G -a a-empty -o g.toks prompts.toks
+        refuse "lora-gen: NaN in the adapter" g.toks $G -a a-nan -o g.toks prompts.toks
+    fi
+    [ -n "$RO" ] && refuse "lora-gen: read-only output directory" "$RO/g.toks" \
+        $G -o "$RO/g.toks" prompts.toks
+    if [ -n "$FULL" ]; then
+        # 300 prompts of up to 600 characters: more than the tmpfs holds
+        jq -c '{prompt: (.instruction + " " + .context)[0:600]}' d300.jsonl |
+            tok -m "$S260/tokenizer.model" >p300.toks
+        refuse "lora-gen: full output directory" full/g.toks \
+            $G -n 1 -o full/g.toks p300.toks
+    fi
+    refuse "lora-gen: stdout on /dev/full" - sh -c '"$0" "$@" prompts.toks >/dev/full' $G
+else
+    skip "bad-input: lora-gen not built"
+fi

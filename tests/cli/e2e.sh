@@ -142,6 +142,11 @@ if [ -s "$d/metrics.jsonl" ]; then
         skip "plot-loss.sh: no gnuplot"
     fi
 fi
+if [ -x "$TOP/bin/lora-gen" ]; then
+    check "demo: generation side by side" grep -q '^  with adapter:  ' demo.out
+    check "demo: counts the instructions written exactly" \
+        grep -q '^  instructions written exactly: base model [0-9]* of 32, with the adapter [0-9]* of 32$' demo.out
+fi
 check "demo: prints how to inspect the files" grep -q "jq . $d/adapter/adapter_config.json" demo.out
 check "demo: lists the stages run" grep -q '^== done in [0-9]* s; stages run: format tokenizer' demo.out
 
@@ -157,7 +162,8 @@ if all_built dolly-fmt tok pack nf4-quant lora-train lora-merge && [ -d "$d/base
     targets="format tokenize pack quantize train merge"
     all_built lora-gen && targets="$targets generate"
     exm TRAIN_FLAGS="-s max_steps=4 -s save_steps=2" $targets >make.out 2>&1
-    check "examples/Makefile: the stages run" [ $? -eq 0 -a -s job/merged/config.json \
+    rc=$?; [ $rc -eq 0 ] || sed "s/^/    /" make.out
+    check "examples/Makefile: the stages run" [ $rc -eq 0 -a -s job/merged/config.json \
         -a -s job/adapter/adapter_config.json -a -s job/eval.pack ]
     exm -q $targets
     check "examples/Makefile: then everything is up to date" [ $? -eq 0 ]

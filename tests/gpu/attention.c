@@ -2,7 +2,10 @@
  * ops_attention_* (double precision on the same bf16 inputs): multi-head
  * and grouped-query, head sizes 8 (stories260K), 30 (not a multiple of 8),
  * 64, 96 (padded) and 128, ragged documents, a single token, and lengths
- * that are not multiples of the 64-token tile. */
+ * that are not multiples of the 64-token tile or the 128-query block; the
+ * first forward kernel (KN_ATTN_FWD_V1) on two shapes. --bench times both
+ * forward kernels and the backward. */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include "gpu_test.h"
 
 #define TOL_LSE 1e-4  /* fp32 softmax statistics of exact bf16 inputs */
@@ -114,6 +117,11 @@ static void bench(int rows, int row, int nh, int nkv, int hd)
     char what[96];
     snprintf(what, sizeof what, "attention forward %dx%d nh=%d hd=%d", rows, row, nh, hd);
     gt_time(what, run_fwd, &c, flops, 0);
+    setenv("KN_ATTN_FWD_V1", "1", 1);
+    snprintf(what, sizeof what, "attention forward v1 (64-query blocks) %dx%d nh=%d hd=%d", rows,
+             row, nh, hd);
+    gt_time(what, run_fwd, &c, flops, 0);
+    unsetenv("KN_ATTN_FWD_V1");
     run_fwd(&c);
     snprintf(what, sizeof what, "attention backward %dx%d nh=%d hd=%d", rows, row, nh, hd);
     gt_time(what, run_bwd, &c, 2.5 * flops, 0);
@@ -133,6 +141,14 @@ int main(int argc, char **argv)
     one(257, 4, 2, 128, 257);
     one(77, 3, 1, 30, 20);
     one(500, 2, 2, 64, 3);      /* many tiny documents */
+    one(700, 2, 1, 128, 300);   /* several 128-query blocks, documents across them */
+    one(384, 3, 3, 128, 384);   /* one causal document, whole blocks */
+    if (getenv("KN_ATTN_FWD_V1") == NULL) { /* the first forward kernel too */
+        setenv("KN_ATTN_FWD_V1", "1", 1);
+        one(300, 4, 4, 64, 200);
+        one(257, 4, 2, 128, 257);
+        unsetenv("KN_ATTN_FWD_V1");
+    }
     if (gt_bench) {
         bench(6, 2048, 32, 32, 128);   /* Llama 2 7B, micro-batch 6 */
         bench(4, 2048, 8, 8, 64);

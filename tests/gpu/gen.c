@@ -19,7 +19,7 @@
  *   - with tests/golden/gen-s260-peft.json: greedy completions with its
  *     adapter equal transformers + peft's.
  *
- * --bench: a Llama 2 7B-shaped NF4 model with random weights built in
+ * --bench (after the tests; --bench-only: alone): a Llama 2 7B-shaped NF4 model with random weights built in
  * memory (double quantization, bf16 head), 300-token prompts, 100 new
  * tokens, greedy, batch 1 and 64; prints "#json {...}" lines for
  * bench/gen, and the fused product's bandwidth on the 7B shapes.
@@ -816,8 +816,18 @@ static void bench_7b(void)
 
 int main(int argc, char **argv)
 {
+    int bench_only = 0;
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--bench-only")) {
+            bench_only = 1;
+            argv[i] = "--bench";
+        }
     gt_init("gen", argc, argv);
     gt_seed(8);
+    if (bench_only) {
+        bench_7b();
+        return gt_done();
+    }
     test_mma(KN_GW_NF4, 1, 64, 64, 1);
     test_mma(KN_GW_NF4, 1, 200, 128, 3);
     test_mma(KN_GW_NF4, 0, 130, 4096, 9);

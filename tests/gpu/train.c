@@ -3,11 +3,15 @@
  * F32 and in its NF4 form:
  *   - the adapter gradient of one packed batch (all seven linears, LoRA
  *     dropout on, B randomised so every gradient is non-zero), with and
- *     without gradient checkpointing (which must not change a bit);
+ *     without gradient checkpointing (which must not change a bit), at
+ *     r = 8 (the unfused dropout path everywhere) and r = 16 (the fused
+ *     products of kernels/lora.cu for the 64-wide inputs, the unfused
+ *     path for down_proj's 172);
  *   - a whole run of optimizer steps from the same initial adapter and the
  *     same micro-batches: every step's loss within TOL_STEP_LOSS (the
  *     issue's criterion, bf16 against fp32), the gradient norms, the
- *     trained adapter;
+ *     trained adapter, its first moments; once more with the moments in
+ *     pinned host memory (GPU_TRAINER_PAGED_OPTIM);
  *   - the evaluation loss.
  * The data are random tokens in random documents with padding, packed as
  * pack writes them. */
@@ -29,6 +33,8 @@
 #define TOL_PARAM_DELTA 1e-1  /* what training changed in the adapter */
 #define TOL_EVAL 1e-2         /* evaluation loss */
 #define TOL_CHUNK 1e-3        /* the same sums in another order (bf16 lh) */
+#define TOL_MOMENTS 0.5       /* first moments after two runs drifted apart
+                                 (a lost or garbled copy gives >= 1) */
 
 #define SEQ 128
 #define ROWS 12
@@ -67,11 +73,11 @@ static void make_data(pack_data *d, int vocab)
     d->h.n_spans = ns;
 }
 
-static lora_config lcfg(double dropout)
+static lora_config lcfg(double dropout, int r)
 {
     lora_config lc;
     memset(&lc, 0, sizeof lc);
-    lc.r = 8;
+    lc.r = r;
     lc.alpha = 16;
     lc.dropout = dropout;
     lc.targets = LORA_ALL_LINEAR;
@@ -80,9 +86,11 @@ static lora_config lcfg(double dropout)
 
 static double rel(double a, double b) { return fabs(a - b) / (fabs(b) > 0 ? fabs(b) : 1); }
 
-static void grad_test(const llama_model *m, const pack_data *d, const char *tag)
+static void grad_test(const llama_model *m, const pack_data *d, const char *tag0, int r)
 {
-    lora_config lc = lcfg(0.1);
+    lora_config lc = lcfg(0.1, r);
+    char tag[96];
+    snprintf(tag, sizeof tag, "%s r=%d", tag0, r);
     lora_adapter *a;
     if (lora_new(&m->cfg, &lc, &a) != 0) {
         gt_check(0, "lora_new");
@@ -110,7 +118,7 @@ static void grad_test(const llama_model *m, const pack_data *d, const char *tag)
     llama_forward_backward(m, a, &tb.b, &o, scale, gc, &lc_sum);
     adamw opt;
     adamw_init(&opt, a->n_params, 0.9, 0.999, 1e-8, 0.0);
-    char what[160];
+    char what[256];
     /* 0: plain, 1: checkpointed, 2: the dropout path in chunks of 37 rows */
     for (int ck = 0; ck < 3; ck++) {
         gpu_trainer *G = gpu_trainer_new(m, &lc, (int64_t)4 * SEQ, ck == 1);
@@ -146,10 +154,14 @@ static void grad_test(const llama_model *m, const pack_data *d, const char *tag)
     lora_free(a);
 }
 
-static void train_test(const llama_model *m, const pack_data *d, const char *tag,
-                       int ckpt, int steps)
+static void train_test(const llama_model *m, const pack_data *d, const char *tag0,
+                       int flags, int steps)
 {
-    lora_config lc = lcfg(0.1);
+    lora_config lc = lcfg(0.1, 8);
+    char tag[96];
+    snprintf(tag, sizeof tag, "%s%s%s", tag0,
+             flags & GPU_TRAINER_CHECKPOINT ? " checkpointed" : "",
+             flags & GPU_TRAINER_PAGED_OPTIM ? " paged moments" : "");
     lora_adapter *ac, *ag;
     lora_new(&m->cfg, &lc, &ac);
     lora_new(&m->cfg, &lc, &ag);
@@ -160,7 +172,7 @@ static void train_test(const llama_model *m, const pack_data *d, const char *tag
     adamw oc, og;
     adamw_init(&oc, ac->n_params, 0.9, 0.999, 1e-8, 0.01);
     adamw_init(&og, ac->n_params, 0.9, 0.999, 1e-8, 0.01);
-    gpu_trainer *G = gpu_trainer_new(m, &lc, (int64_t)2 * SEQ, ckpt);
+    gpu_trainer *G = gpu_trainer_new(m, &lc, (int64_t)2 * SEQ, flags);
     if (!G) {
         gt_check(0, "gpu_trainer_new");
         return;
@@ -170,7 +182,7 @@ static void train_test(const llama_model *m, const pack_data *d, const char *tag
     train_batch tb[2];
     memset(tb, 0, sizeof tb);
     double worst = 0, worst_norm = 0;
-    char what[160];
+    char what[256];
     for (int s = 0; s < steps; s++) {
         for (int k = 0; k < 2; k++) {
             uint64_t rows[2] = {(uint64_t)(s * 4 + k * 2) % ROWS,
@@ -188,23 +200,34 @@ static void train_test(const llama_model *m, const pack_data *d, const char *tag
         worst = fmax(worst, isfinite(lgpu) ? rel(lgpu, lcpu) : INFINITY);
         worst_norm = fmax(worst_norm, isfinite(ngpu) ? rel(ngpu, ncpu) : INFINITY);
     }
-    snprintf(what, sizeof what, "%s%s: %d steps, per-step loss rel err %.2e <= TOL_STEP_LOSS %.0e",
-             tag, ckpt ? " checkpointed" : "", steps, worst, TOL_STEP_LOSS);
+    snprintf(what, sizeof what, "%s: %d steps, per-step loss rel err %.2e <= TOL_STEP_LOSS %.0e",
+             tag, steps, worst, TOL_STEP_LOSS);
     gt_check(worst <= TOL_STEP_LOSS, what);
-    snprintf(what, sizeof what, "%s%s: per-step gradient norm rel err %.2e <= TOL_GRAD_NORM %.0e",
-             tag, ckpt ? " checkpointed" : "", worst_norm, TOL_GRAD_NORM);
+    snprintf(what, sizeof what, "%s: per-step gradient norm rel err %.2e <= TOL_GRAD_NORM %.0e",
+             tag, worst_norm, TOL_GRAD_NORM);
     gt_check(worst_norm <= TOL_GRAD_NORM, what);
     gpu_trainer_store(G, ag, &og);
     for (size_t i = 0; i < ac->n_params; i++) {
         ac->params[i] -= p0[i];
         ag->params[i] -= p0[i];
     }
-    snprintf(what, sizeof what, "%s%s: trained adapter change", tag, ckpt ? " checkpointed" : "");
+    snprintf(what, sizeof what, "%s: trained adapter change", tag);
     gt_compare(what, ag->params, ac->params, (int64_t)ac->n_params, TOL_PARAM_DELTA,
                "TOL_PARAM_DELTA");
     for (size_t i = 0; i < ac->n_params; i++)
         ac->params[i] += p0[i];
-    gt_check(og.step == oc.step, "optimizer step count comes back from the device");
+    snprintf(what, sizeof what, "%s: optimizer step count comes back from the device", tag);
+    gt_check(og.step == oc.step, what);
+    {
+        double md = 0, mv = 0;
+        for (size_t i = 0; i < oc.n; i++) {
+            md += ((double)og.m[i] - oc.m[i]) * ((double)og.m[i] - oc.m[i]);
+            mv += (double)oc.m[i] * oc.m[i];
+        }
+        snprintf(what, sizeof what, "%s: first moments come back from the device (rel %.2e)",
+                 tag, mv > 0 ? sqrt(md / mv) : INFINITY);
+        gt_check(mv > 0 && sqrt(md / mv) <= TOL_MOMENTS, what);
+    }
     /* evaluation with the CPU's adapter on both */
     gpu_trainer_load(G, ac, &oc);
     double ec, eg;
@@ -343,9 +366,17 @@ static void bench_7b(void)
     double attn = 3.5 * 4.0 * (T + 1) / 2.0 * DIM * L;
     const char *names[2] = {"q_proj,v_proj", "all-linear"};
     uint32_t masks[2] = {LORA_DEFAULT_TARGETS, LORA_ALL_LINEAR};
+    /* the reference's optimizer is bitsandbytes' PagedAdamW32bit: moments
+     * off the device here too, unless GPU_TRAIN_PAGED=0 */
+    const char *pe = getenv("GPU_TRAIN_PAGED");
+    int paged = !(pe && !strcmp(pe, "0"));
+    int flags = GPU_TRAINER_CHECKPOINT | (paged ? GPU_TRAINER_PAGED_OPTIM : 0);
+    const char *fe = getenv("KN_LORA_FUSED"), *ae = getenv("KN_ATTN_FWD_V1");
     printf("# bench 7B: %s, seq %d, micro-batch %d, accumulation %d, NF4 double quant, "
-           "bf16, LoRA r=64 alpha=16 dropout 0.1, gradient checkpointing\n",
-           kn_device_name(), T, BS, ACC);
+           "bf16, LoRA r=64 alpha=16 dropout 0.1, gradient checkpointing, AdamW moments %s, "
+           "LoRA dropout %s, attention forward %s\n",
+           kn_device_name(), T, BS, ACC, paged ? "in pinned host memory (paged)" : "on the device",
+           fe && !strcmp(fe, "0") ? "unfused" : "fused", ae && strcmp(ae, "0") ? "v1" : "v2");
     for (int v = 0; v < 2; v++) {
         lora_config lc;
         memset(&lc, 0, sizeof lc);
@@ -359,7 +390,7 @@ static void bench_7b(void)
         adamw opt;
         adamw_init(&opt, a->n_params, 0.9, 0.999, 1e-8, 0.0);
         double t0 = now_s();
-        gpu_trainer *G = gpu_trainer_new(&M, &lc, (int64_t)BS * T, 1);
+        gpu_trainer *G = gpu_trainer_new(&M, &lc, (int64_t)BS * T, flags);
         gpu_trainer_load(G, a, &opt);
         double tload = now_s() - t0, loss, norm, best = 1e30, sum = 0;
         enum { WARM = 1, STEPS = 3 };
@@ -387,6 +418,16 @@ static void bench_7b(void)
                "\"device\":\"%s\"}\n",
                names[v], tokens / step, step, gpu_trainer_peak_bytes(G) / 1073741824.0,
                tokens * (4.0 * nlin + attn) / step / 989e12, a->n_params, kn_device_name());
+        size_t mb[GPU_MEM_NCAT], hostb;
+        gpu_trainer_mem(G, mb, &hostb);
+        printf("# bench 7B %-13s memory GiB: weights %.3f, adapter+optimizer %.3f, "
+               "checkpoints %.3f, activations %.3f, scratch %.3f, cuBLAS and later %.3f; "
+               "host pinned moments %.3f\n",
+               names[v], mb[0] / 1073741824.0, mb[1] / 1073741824.0, mb[2] / 1073741824.0,
+               mb[3] / 1073741824.0, mb[4] / 1073741824.0,
+               (gpu_trainer_peak_bytes(G) - mb[0] - mb[1] - mb[2] - mb[3] - mb[4]) /
+                   1073741824.0,
+               hostb / 1073741824.0);
         fflush(stdout);
         gpu_trainer_free(G);
         adamw_free(&opt);
@@ -422,12 +463,15 @@ int main(int argc, char **argv)
     }
     pack_data d;
     make_data(&d, m->cfg.vocab);
-    grad_test(m, &d, "stories260K f32");
+    grad_test(m, &d, "stories260K f32", 8);
+    grad_test(m, &d, "stories260K f32", 16);
     train_test(m, &d, "stories260K f32", 0, 12);
-    train_test(m, &d, "stories260K f32", 1, 6);
+    train_test(m, &d, "stories260K f32", GPU_TRAINER_CHECKPOINT, 6);
+    train_test(m, &d, "stories260K f32", GPU_TRAINER_CHECKPOINT | GPU_TRAINER_PAGED_OPTIM, 6);
     if (llama_load(nf4dir, &mq) == 0) {
-        grad_test(mq, &d, "stories260K nf4");
-        train_test(mq, &d, "stories260K nf4", 1, 12);
+        grad_test(mq, &d, "stories260K nf4", 8);
+        grad_test(mq, &d, "stories260K nf4", 16);
+        train_test(mq, &d, "stories260K nf4", GPU_TRAINER_CHECKPOINT, 12);
         llama_free(mq);
     } else {
         printf("skip train nf4: %s not loadable\n", nf4dir);
