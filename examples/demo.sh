@@ -171,6 +171,7 @@ cat <<EOF
   jq -c . $D/gen-adapter.jsonl                    # generated instructions
   jq . $D/merged/config.json
 EOF
+[ -f "$D/loss.svg" ] && echo "  $D/loss.svg                                   # the loss curve"
 
 t1=$(date +%s)
 say "done in $((t1 - t0)) s; stages run:${ran:- none}${skipped:+; skipped:$skipped}"

@@ -1,16 +1,16 @@
 /* decode_attn.cu: RoPE with the key/value cache append, and attention of a
  * few new tokens over their sequences' caches.
  *
- * Attention: one block of 4 warps per (token, head). Scores go to shared
- * memory (one float per cached position): each warp takes groups of 4
- * consecutive keys, a lane holding 4 of the head's dimensions, so one key
- * row is one coalesced load across the warp and 4 are in flight; a warp
- * reduction gives each score. Softmax in fp32 over the block, then the
- * same walk over the values, the 4 warps' partial outputs added in warp
- * order. Memory-bound: each cached key and value row of the head is read
- * once per step. The shared memory is sized by the cache (not the
- * sequence), so a step's launch shape is the same every time and can be
- * replayed as a CUDA graph; positions and slots are read from the device.
+ * Attention (split over the keys, as flash-decoding): one block of 4 warps
+ * per (token, head, 64 cached positions). A lane holds 4 of the head's
+ * dimensions, so one key row is one coalesced load across the warp; a warp
+ * loads its 16 rows before using any; a warp reduction gives each score. Each block leaves its split's
+ * max score, sum of exponentials and unnormalized output; a second kernel
+ * combines the splits in order. Memory-bound: each cached key and value row
+ * is read once per step, by many blocks at once even for one token. The
+ * grid depends on the cache size, not the sequence (splits past the
+ * position end at once), so a step's launches are the same every time and
+ * replay as a CUDA graph; positions and slots are read from the device.
  */
 #include "common.cuh"
 #include "gen_kernels.h"
@@ -105,20 +105,37 @@ extern "C" void kn_gen_rope_append(float *q, int64_t ldq, float *k, int64_t ldk,
 /* ---- attention ------------------------------------------------------------- */
 
 #define ATT_WARPS 4
+#define ATT_SPLIT 64 /* keys per block */
 
+static int att_splits(int cap) { return (cap + ATT_SPLIT - 1) / ATT_SPLIT; }
+
+/* Block (t, h, sp): keys sp*64 .. of token t's sequence, up to pos[t];
+ * leaves the split's max score, sum of exponentials and unnormalized
+ * output in part (n, nh, S, hd + 2). */
 template <typename TC>
-__global__ void __launch_bounds__(128) attn_kernel(float *o32, bf16 *o16, const float *q,
-                                                   int64_t ldq, const TC *__restrict__ kc,
-                                                   const TC *__restrict__ vc,
-                                                   const int32_t *slot, const int32_t *pos,
-                                                   int nh, int nkv, int hd, int cap, float scale)
+__global__ void __launch_bounds__(128) attn_split_kernel(float *part, const float *q,
+                                                         int64_t ldq, const TC *__restrict__ kc,
+                                                         const TC *__restrict__ vc,
+                                                         const int32_t *slot, const int32_t *pos,
+                                                         int nh, int nkv, int hd, int cap,
+                                                         float scale)
 {
-    extern __shared__ float sc[]; /* (cap) */
-    __shared__ float part[ATT_WARPS][128];
+    __shared__ float sc[ATT_SPLIT];
+    __shared__ float pv[ATT_WARPS][128];
     __shared__ float tmp[32];
-    const int t = blockIdx.x, h = blockIdx.y;
+    const int t = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, S = gridDim.z;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int s = slot[t], P = pos[t];
+    const int j_lo = sp * ATT_SPLIT;
+    float *pp = part + (((int64_t)t * nh + h) * S + sp) * (hd + 2);
+    if (j_lo > P) {
+        if (tid == 0) {
+            pp[hd] = -INFINITY;
+            pp[hd + 1] = 0.0f;
+        }
+        return;
+    }
+    const int j_hi = j_lo + ATT_SPLIT - 1 < P ? j_lo + ATT_SPLIT - 1 : P;
     const int kvd = nkv * hd, kvh = h / (nh / nkv);
     const TC *kb = kc + (int64_t)s * cap * kvd + (int64_t)kvh * hd + lane * 4;
     const TC *vb = vc + (int64_t)s * cap * kvd + (int64_t)kvh * hd + lane * 4;
@@ -128,52 +145,52 @@ __global__ void __launch_bounds__(128) attn_kernel(float *o32, bf16 *o16, const 
         const float *qp = q + (int64_t)t * ldq + (int64_t)h * hd + lane * 4;
         qv[0] = qp[0]; qv[1] = qp[1]; qv[2] = qp[2]; qv[3] = qp[3];
     }
-    for (int j0 = warp * 4; j0 <= P; j0 += 4 * ATT_WARPS) {
-        float kv[4][4];
+    /* warp w: keys j_lo + 16w .. + 15, all 16 rows loaded before use */
+    const int jw = j_lo + warp * 16;
+    {
+        float kv[16][4];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            if (act && j0 + u <= P)
-                ld4(kb + (int64_t)(j0 + u) * kvd, kv[u]);
+        for (int u = 0; u < 16; u++) {
+            if (act && jw + u <= j_hi)
+                ld4(kb + (int64_t)(jw + u) * kvd, kv[u]);
             else
                 kv[u][0] = kv[u][1] = kv[u][2] = kv[u][3] = 0.0f;
         }
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < 16; u++) {
             float d = qv[0] * kv[u][0];
             d = fmaf(qv[1], kv[u][1], d);
             d = fmaf(qv[2], kv[u][2], d);
             d = fmaf(qv[3], kv[u][3], d);
             d = warp_sum(d);
-            if (lane == 0 && j0 + u <= P)
-                sc[j0 + u] = d * scale;
+            if (lane == 0 && jw + u <= j_hi)
+                sc[jw + u - j_lo] = d * scale;
         }
     }
     __syncthreads();
-    float m = -INFINITY;
-    for (int j = tid; j <= P; j += blockDim.x)
-        m = fmaxf(m, sc[j]);
+    const int nk = j_hi - j_lo + 1;
+    float m = tid < nk ? sc[tid] : -INFINITY;
     m = block_max(m, tmp);
-    float sum = 0.0f;
-    for (int j = tid; j <= P; j += blockDim.x) {
-        const float e = expf(sc[j] - m);
-        sc[j] = e;
-        sum += e;
+    float e = 0.0f;
+    if (tid < nk) {
+        e = expf(sc[tid] - m);
+        sc[tid] = e;
     }
-    sum = block_sum(sum, tmp);
+    const float l = block_sum(e, tmp);
     __syncthreads();
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int j0 = warp * 4; j0 <= P; j0 += 4 * ATT_WARPS) {
-        float vv[4][4];
+    {
+        float vv[16][4];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            if (act && j0 + u <= P)
-                ld4(vb + (int64_t)(j0 + u) * kvd, vv[u]);
+        for (int u = 0; u < 16; u++) {
+            if (act && jw + u <= j_hi)
+                ld4(vb + (int64_t)(jw + u) * kvd, vv[u]);
             else
                 vv[u][0] = vv[u][1] = vv[u][2] = vv[u][3] = 0.0f;
         }
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            const float p = j0 + u <= P ? sc[j0 + u] : 0.0f;
+        for (int u = 0; u < 16; u++) {
+            const float p = jw + u <= j_hi ? sc[jw + u - j_lo] : 0.0f;
 #pragma unroll
             for (int i = 0; i < 4; i++)
                 acc[i] = fmaf(p, vv[u][i], acc[i]);
@@ -182,15 +199,45 @@ __global__ void __launch_bounds__(128) attn_kernel(float *o32, bf16 *o16, const 
     if (act) {
 #pragma unroll
         for (int i = 0; i < 4; i++)
-            part[warp][lane * 4 + i] = acc[i];
+            pv[warp][lane * 4 + i] = acc[i];
     }
     __syncthreads();
-    const float inv = 1.0f / sum;
     for (int d = tid; d < hd; d += blockDim.x) {
-        float r = part[0][d];
+        float r = pv[0][d];
 #pragma unroll
         for (int w = 1; w < ATT_WARPS; w++)
-            r += part[w][d];
+            r += pv[w][d];
+        pp[d] = r;
+    }
+    if (tid == 0) {
+        pp[hd] = m;
+        pp[hd + 1] = l;
+    }
+}
+
+/* The splits of (t, h) combined in split order. */
+__global__ void attn_combine_kernel(float *o32, bf16 *o16, const float *part, int nh, int hd,
+                                    int S)
+{
+    const int t = blockIdx.x, h = blockIdx.y;
+    const float *pp = part + ((int64_t)t * nh + h) * S * (hd + 2);
+    float M = -INFINITY;
+    for (int sp = 0; sp < S; sp++)
+        M = fmaxf(M, pp[(int64_t)sp * (hd + 2) + hd]);
+    float L = 0.0f;
+    for (int sp = 0; sp < S; sp++) {
+        const float ms = pp[(int64_t)sp * (hd + 2) + hd];
+        if (ms != -INFINITY)
+            L += pp[(int64_t)sp * (hd + 2) + hd + 1] * expf(ms - M);
+    }
+    const float inv = 1.0f / L;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float r = 0.0f;
+        for (int sp = 0; sp < S; sp++) {
+            const float ms = pp[(int64_t)sp * (hd + 2) + hd];
+            if (ms != -INFINITY)
+                r += pp[(int64_t)sp * (hd + 2) + d] * expf(ms - M);
+        }
         r *= inv;
         const int64_t oi = (int64_t)t * nh * hd + (int64_t)h * hd + d;
         if (o32)
@@ -200,37 +247,31 @@ __global__ void __launch_bounds__(128) attn_kernel(float *o32, bf16 *o16, const 
     }
 }
 
-extern "C" void kn_gen_attention_setup(int cap)
+extern "C" size_t kn_gen_attention_ws(int n, int nh, int hd, int cap)
 {
-    size_t bytes = (size_t)cap * sizeof(float);
-    KN_REQUIRE(bytes + 4 * 128 * 4 + 32 * 4 <= kn_smem_optin());
-    if (bytes > 48 * 1024) {
-        CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<float>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)bytes));
-        CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<bf16>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)bytes));
-    }
+    return (size_t)n * nh * att_splits(cap) * (hd + 2) * sizeof(float);
 }
+
+extern "C" void kn_gen_attention_setup(int cap) { (void)cap; }
 
 extern "C" void kn_gen_attention(float *o32, kn_bf16 *o16, const float *q, int64_t ldq,
                                  const void *kc, const void *vc, int cache_bf16,
                                  const int32_t *slot, const int32_t *pos, int n, int nh,
-                                 int nkv, int hd, int cap, cudaStream_t s)
+                                 int nkv, int hd, int cap, float *ws, cudaStream_t s)
 {
     KN_REQUIRE(n >= 1 && nh >= 1 && nkv >= 1 && nh % nkv == 0 && hd % 4 == 0 && hd <= 128);
-    KN_REQUIRE(q && kc && vc && slot && pos && (o32 || o16) && ldq % 4 == 0);
-    dim3 grid((unsigned)n, (unsigned)nh);
-    size_t smem = (size_t)cap * sizeof(float);
+    KN_REQUIRE(q && kc && vc && slot && pos && (o32 || o16) && ldq % 4 == 0 && ws);
+    const int S = att_splits(cap);
+    dim3 grid((unsigned)n, (unsigned)nh, (unsigned)S);
     float scale = 1.0f / sqrtf((float)hd);
     if (cache_bf16)
-        attn_kernel<bf16><<<grid, 32 * ATT_WARPS, smem, s>>>(
-            o32, (bf16 *)o16, q, ldq, (const bf16 *)kc, (const bf16 *)vc, slot, pos, nh, nkv,
-            hd, cap, scale);
+        attn_split_kernel<bf16><<<grid, 32 * ATT_WARPS, 0, s>>>(
+            ws, q, ldq, (const bf16 *)kc, (const bf16 *)vc, slot, pos, nh, nkv, hd, cap, scale);
     else
-        attn_kernel<float><<<grid, 32 * ATT_WARPS, smem, s>>>(
-            o32, (bf16 *)o16, q, ldq, (const float *)kc, (const float *)vc, slot, pos, nh, nkv,
-            hd, cap, scale);
+        attn_split_kernel<float><<<grid, 32 * ATT_WARPS, 0, s>>>(
+            ws, q, ldq, (const float *)kc, (const float *)vc, slot, pos, nh, nkv, hd, cap, scale);
     KN_CHECK_LAUNCH("gen_attention");
+    attn_combine_kernel<<<dim3((unsigned)n, (unsigned)nh), 128, 0, s>>>(o32, (bf16 *)o16, ws, nh,
+                                                                        hd, S);
+    KN_CHECK_LAUNCH("gen_attention_combine");
 }

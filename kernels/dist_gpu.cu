@@ -17,7 +17,11 @@
 #define _Noreturn [[noreturn]]
 extern "C" {
 #include "adamw.h"
+#include "dist.h"
+#include "llama.h"
+#include "lora.h"
 #include "msg.h"
+#include "train.h"
 }
 #include "common.cuh"
 #include "dist_gpu.h"
@@ -32,6 +36,7 @@ struct dist_gpu {
     gpu_trainer *g;
     cudaStream_t cs;           /* the reductions */
     cudaEvent_t ready, done;
+    int nl;                    /* layers */
     int64_t per_layer;         /* gradient floats per layer */
     int nb;                    /* buckets, from the top layer down */
     int *lo, *hi;              /* bucket b: layers lo[b] .. hi[b] */
@@ -145,17 +150,10 @@ extern "C" dist_gpu *dist_gpu_new(const dist_nccl *nccl, const dist_env *e,
         }
         mb = (int)x;
     }
-    int64_t want = ((int64_t)mb << 20) / 4; /* floats a bucket aims for */
+    d->nl = nl;
     d->lo = (int *)xmalloc((size_t)nl * sizeof(int));
     d->hi = (int *)xmalloc((size_t)nl * sizeof(int));
-    for (int top = nl - 1; top >= 0;) {
-        int bottom = top;
-        while (bottom > 0 && (int64_t)(top - bottom + 1) * per_layer < want)
-            bottom--;
-        d->hi[d->nb] = top;
-        d->lo[d->nb++] = bottom;
-        top = bottom - 1;
-    }
+    dist_gpu_set_buckets(d, (size_t)mb << 20);
     dist_nccl_id nid;
     memcpy(nid.internal, id, DIST_ID_BYTES);
     int r = nccl->comm_init_rank(&d->comm, e->world, nid, e->rank);
@@ -199,6 +197,20 @@ extern "C" void dist_gpu_free(dist_gpu *d, int failed)
 }
 
 extern "C" int dist_gpu_buckets(const dist_gpu *d) { return d->nb; }
+
+extern "C" void dist_gpu_set_buckets(dist_gpu *d, size_t bytes)
+{
+    int64_t want = (int64_t)(bytes / 4); /* floats a bucket aims for */
+    d->nb = 0;
+    for (int top = d->nl - 1; top >= 0;) {
+        int bottom = top;
+        while (bottom > 0 && (int64_t)(top - bottom + 1) * d->per_layer < want)
+            bottom--;
+        d->hi[d->nb] = top;
+        d->lo[d->nb++] = bottom;
+        top = bottom - 1;
+    }
+}
 
 /* ---- train_run's backend ----------------------------------------------------- */
 

@@ -48,6 +48,9 @@ int dist_gpu_sum(dist_gpu *d, double *x, size_t n);
 
 /* Buckets made, for messages and tests. */
 int dist_gpu_buckets(const dist_gpu *d);
+/* Buckets of about `bytes` (at least a layer each; 0: one layer each),
+ * as QLORA_DIST_BUCKET_MB sets them. Every rank must use the same. */
+void dist_gpu_set_buckets(dist_gpu *d, size_t bytes);
 
 #ifdef __cplusplus
 }

@@ -12,7 +12,8 @@
  * dequantization per matrix and cuBLAS, attention among the prompt's own
  * tokens with the flash attention of attention.cu. Decoding (one token per
  * sequence): the fused products of nf4_gemv.cu and the cache attention of
- * decode_attn.cu, captured once per batch size as a CUDA graph and
+ * decode_attn.cu (split over the cached positions), captured once per
+ * batch size as a CUDA graph and
  * replayed (a 7B step is ~300 launches: too many to issue one by one at
  * batch 1). f32 mode does everything on CUDA cores in fp32.
  */
@@ -57,6 +58,7 @@ typedef struct gen_gpu {
     bf16 *xn16, *q16, *k16, *v16, *att16, *h16, *lh16, *wbuf;
     void *ws;
     size_t ws_bytes;
+    float *att_ws;          /* the split attention's partial results */
     int32_t *d_meta, *h_meta, *d_amax, *h_amax;
     int32_t *len;           /* (slots) positions filled, host */
     int use_graphs;
@@ -256,7 +258,7 @@ static void forward(gen_gpu *G, const call *c)
         else
             kn_gen_attention(G->bf ? NULL : G->att32, (kn_bf16 *)(G->bf ? G->att16 : NULL),
                              G->q, G->qd, G->kc[li], G->vc[li], G->bf, c->slot, c->pos, n,
-                             G->nh, G->nkv, G->hd, G->cap, s);
+                             G->nh, G->nkv, G->hd, G->cap, G->att_ws, s);
         {
             int ls[1] = {LLAMA_O};
             float *y[1] = {G->x};
@@ -636,6 +638,8 @@ extern "C" int gen_gpu_backend(const llama_model *m, const lora_adapter *a, int3
         G->vc[li] = dalloc(G, (size_t)slots * cap * G->kvd * esz);
     }
     G->logits = (float *)dalloc(G, (size_t)slots * G->vocab * f4);
+    G->att_ws = (float *)dalloc(
+        G, kn_gen_attention_ws(G->bf ? slots : (int)(T > slots ? T : slots), G->nh, G->hd, cap));
     G->d_amax = (int32_t *)dalloc(G, (size_t)slots * sizeof(int32_t));
     size_t meta = (size_t)(5 * T + slots + 8) * sizeof(int32_t);
     G->d_meta = (int32_t *)dalloc(G, meta);

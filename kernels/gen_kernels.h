@@ -88,13 +88,15 @@ void kn_gen_rope_append(float *q, int64_t ldq, float *k, int64_t ldk,
 /* o (n, nh*hd) = softmax(q k^T / sqrt(hd)) v over cache positions
  * 0 .. pos[t] of slot[t], per head (grouped-query: head h reads kv head
  * h / (nh / nkv)). Writes o32 (fp32) and/or o16 (bf16) (either may be
- * NULL). hd % 4 == 0, hd <= 128; pos[t] < cap. */
+ * NULL). hd % 4 == 0, hd <= 128; pos[t] < cap. ws: device scratch of
+ * kn_gen_attention_ws(n, nh, hd, cap) bytes (the splits' partial results;
+ * the order of the sums depends on cap, never on n). */
 void kn_gen_attention(float *o32, kn_bf16 *o16, const float *q, int64_t ldq,
                       const void *kc, const void *vc, int cache_bf16,
                       const int32_t *slot, const int32_t *pos, int n, int nh,
-                      int nkv, int hd, int cap, cudaStream_t s);
-/* Call once before capturing graphs: raises the kernel's shared memory
- * limit for caches of cap positions. */
+                      int nkv, int hd, int cap, float *ws, cudaStream_t s);
+size_t kn_gen_attention_ws(int n, int nh, int hd, int cap);
+/* Kept for callers: nothing to set up any more. */
 void kn_gen_attention_setup(int cap);
 
 /* --- element-wise (gen_ops.cu) --------------------------------------------- */

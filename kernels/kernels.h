@@ -218,17 +218,22 @@ void kn_dropout_backward_add(void *dx, kn_dtype dt, const kn_bf16 *g,
  * 0 .. n-1 of the batch). Long sums are split over blocks and their parts
  * added in a fixed order through `scratch` (kn_lora_scratch_bytes(n, r,
  * in) bytes, shared by down and grad_a; NULL when that is 0), so results
- * are deterministic. */
+ * are deterministic.
+ * bits (kn_lora_bits_bytes(n, in) bytes; may be NULL): kn_lora_down writes
+ * the keep bits there (element i: bit i % 8 of byte i / 8), and grad_a and
+ * dx given them read the mask instead of computing it (same key, same
+ * shapes: the caller's promise). */
 int kn_lora_fusable(int r, int64_t in);
 size_t kn_lora_scratch_bytes(int64_t n, int r, int64_t in);
-void kn_lora_down(kn_bf16 *lh, const kn_bf16 *x, const kn_bf16 *A, int64_t n,
-                  int in, int r, float p, uint64_t key, void *scratch,
+size_t kn_lora_bits_bytes(int64_t n, int64_t in);
+void kn_lora_down(kn_bf16 *lh, uint8_t *bits, const kn_bf16 *x, const kn_bf16 *A,
+                  int64_t n, int in, int r, float p, uint64_t key, void *scratch,
                   cudaStream_t s);
-void kn_lora_grad_a(float *ga, const kn_bf16 *dlh, const kn_bf16 *x, int64_t n,
-                    int in, int r, float p, uint64_t key, void *scratch,
-                    cudaStream_t s);
-void kn_lora_dx(void *dx, kn_dtype dt, const kn_bf16 *dlh, const kn_bf16 *A,
-                int64_t n, int in, int r, float p, uint64_t key,
+void kn_lora_grad_a(float *ga, const uint8_t *bits, const kn_bf16 *dlh,
+                    const kn_bf16 *x, int64_t n, int in, int r, float p,
+                    uint64_t key, void *scratch, cudaStream_t s);
+void kn_lora_dx(void *dx, kn_dtype dt, const uint8_t *bits, const kn_bf16 *dlh,
+                const kn_bf16 *A, int64_t n, int in, int r, float p, uint64_t key,
                 cudaStream_t s);
 
 /* --- optimizer (adamw.cu) ------------------------------------------------ */

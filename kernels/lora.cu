@@ -16,7 +16,13 @@
  * next tile of x loaded into registers while the current one is used.
  * Long reductions (over in for lh, over the tokens for dA) are split over
  * blocks for parallelism; the partial sums go to scratch and are added in
- * a fixed order, so results are deterministic. */
+ * a fixed order, so results are deterministic.
+ *
+ * The mask itself costs as much as the memory traffic (SplitMix64 is some
+ * 35 integer instructions an element; 50 M elements take ~120 us of an
+ * H100's integer pipes), so kn_lora_down can leave the keep bits behind
+ * (1 bit an element) for kn_lora_grad_a and kn_lora_dx of the same
+ * micro-batch, which then hash nothing. */
 #include "common.cuh"
 
 #define LT 64           /* rows (tokens) of a tile */
@@ -40,23 +46,43 @@ __device__ __forceinline__ void xtile_load(uint4 *r, const bf16 *x, int64_t t0,
     }
 }
 
+/* The keep bits of elements e .. e+7 (e a multiple of 8): bit j of the
+ * result is element e + j's. */
+__device__ __forceinline__ unsigned keep8(uint64_t stream, uint64_t e, float p)
+{
+    unsigned b = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        b |= (unsigned)drop_keep(stream, e + j, p) << j;
+    return b;
+}
+
 /* The dropout of those registers (element t * in + column of the stream),
- * rounded to bf16 as kn_dropout_forward does, into the shared tile. */
-__device__ __forceinline__ void xtile_store(bf16 *sX, const uint4 *r, int64_t t0, int in,
-                                            int c0, float p, float inv, uint64_t stream)
+ * rounded to bf16 as kn_dropout_forward does, into the shared tile. The
+ * keep bits come from bits_in when given (one byte per 8 elements,
+ * element i at bit i % 8 of byte i / 8), else from the stream; bits_out
+ * (may be NULL) receives them. Rows at and past lim are zeros. */
+__device__ __forceinline__ void xtile_store(bf16 *sX, const uint4 *r, int64_t t0, int64_t lim,
+                                            int in, int c0, float p, float inv,
+                                            uint64_t stream, const uint8_t *bits_in,
+                                            uint8_t *bits_out)
 {
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         int c = threadIdx.x + 128 * i;
         int row = c >> 3, col = (c & 7) * 8;
         uint64_t e = (uint64_t)(t0 + row) * (uint64_t)in + (uint64_t)(c0 + col);
+        bool live = t0 + row < lim;
+        unsigned kb = !live ? 0u : bits_in ? (unsigned)bits_in[e >> 3] : keep8(stream, e, p);
+        if (bits_out && live)
+            bits_out[e >> 3] = (uint8_t)kb;
         const bf16 *v = (const bf16 *)&r[i];
         uint4 o;
         bf16 *ov = (bf16 *)&o;
 #pragma unroll
         for (int j = 0; j < 8; j++)
-            ov[j] = drop_keep(stream, e + j, p) ? __float2bfloat16(__bfloat162float(v[j]) * inv)
-                                               : __float2bfloat16(0.0f);
+            ov[j] = (kb >> j) & 1 ? __float2bfloat16(__bfloat162float(v[j]) * inv)
+                                  : __float2bfloat16(0.0f);
         *(uint4 *)(sX + row * LLD + col) = o;
     }
 }
@@ -67,8 +93,8 @@ __device__ __forceinline__ void xtile_store(bf16 *sX, const uint4 *r, int64_t t0
  * lh directly; several: fp32 partials part[split][t][R]. */
 template <int R>
 __global__ void __launch_bounds__(128)
-lora_down_kernel(bf16 *lh, float *part, const bf16 *x, const bf16 *A, int64_t n,
-                 int in, float p, float inv, uint64_t stream)
+lora_down_kernel(bf16 *lh, float *part, uint8_t *bits, const bf16 *x, const bf16 *A,
+                 int64_t n, int in, float p, float inv, uint64_t stream)
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *sX = (bf16 *)smem_raw;     /* 2 x (LT, LLD) */
@@ -93,7 +119,7 @@ lora_down_kernel(bf16 *lh, float *part, const bf16 *x, const bf16 *A, int64_t n,
             cp_async16(bA + row * LLD + col, A + (int64_t)row * in + c0 + col, 16);
         }
         cp_async_commit();
-        xtile_store(bX, xr, t0, in, c0, p, inv, stream);
+        xtile_store(bX, xr, t0, n, in, c0, p, inv, stream, NULL, bits);
         if (it + 1 < ntile)
             xtile_load(xr, x, t0, n, in, c0 + LK);
         cp_async_wait<0>();
@@ -150,8 +176,8 @@ __global__ void lora_down_reduce_kernel(bf16 *lh, const float *part, int64_t npa
  * part[split][R][in]. */
 template <int R>
 __global__ void __launch_bounds__(128)
-lora_grad_a_kernel(float *ga, float *part, const bf16 *dlh, const bf16 *x, int64_t n,
-                   int in, float p, float inv, uint64_t stream)
+lora_grad_a_kernel(float *ga, float *part, const uint8_t *bits, const bf16 *dlh,
+                   const bf16 *x, int64_t n, int in, float p, float inv, uint64_t stream)
 {
     constexpr int DLD = R + 8, MT = R / 16, MTW = (MT + 3) / 4;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -180,7 +206,7 @@ lora_grad_a_kernel(float *ga, float *part, const bf16 *dlh, const bf16 *x, int64
             cp_async16(bD + row * DLD + col, t < te ? dlh + t * R + col : dlh, t < te ? 16 : 0);
         }
         cp_async_commit();
-        xtile_store(bX, xr, t0, in, c0, p, inv, stream);
+        xtile_store(bX, xr, t0, te, in, c0, p, inv, stream, bits, NULL);
         if (it + 1 < ntile)
             xtile_load(xr, x, t0 + LT, te, in, c0);
         cp_async_wait<0>();
@@ -252,25 +278,49 @@ __global__ void lora_grad_a_reduce_kernel(float *ga, const float *part, int64_t 
 
 /* ---- dx += mask (dlh A) / (1 - p) -----------------------------------------
  * Block (row tile, DXCOLS columns): the dlh rows staged once, A's column
- * tiles double-buffered; the accumulators are masked and added to dx. */
-template <typename T> __device__ __forceinline__ void add_pair(T *d, float a, float b);
-template <> __device__ __forceinline__ void add_pair<float>(float *d, float a, float b)
-{
-    float2 o = *(float2 *)d;
-    o.x += a;
-    o.y += b;
-    *(float2 *)d = o;
-}
-template <> __device__ __forceinline__ void add_pair<bf16>(bf16 *d, float a, float b)
-{
-    float2 o = __bfloat1622float2(*(__nv_bfloat162 *)d);
-    *(__nv_bfloat162 *)d = __floats2bfloat162_rn(o.x + a, o.y + b);
-}
+ * tiles double-buffered. Each warp's 16 x 64 product goes through shared
+ * memory so that dx is read and written row-contiguously, 8 elements a
+ * lane, every load of a tile issued before the first use (the fragment
+ * layout would make each lane wait on 16 scattered 8-byte accesses). */
+#define CLD (LK + 4) /* the staged product's row (floats) */
+
+template <typename T> struct dx8;
+template <> struct dx8<float> {
+    float4 a, b;
+    __device__ __forceinline__ void load(const float *p)
+    {
+        a = *(const float4 *)p;
+        b = *(const float4 *)(p + 4);
+    }
+    __device__ __forceinline__ void add_store(float *p, const float *u)
+    {
+        float4 o = make_float4(a.x + u[0], a.y + u[1], a.z + u[2], a.w + u[3]);
+        float4 q = make_float4(b.x + u[4], b.y + u[5], b.z + u[6], b.w + u[7]);
+        *(float4 *)p = o;
+        *(float4 *)(p + 4) = q;
+    }
+};
+template <> struct dx8<bf16> {
+    uint4 a;
+    __device__ __forceinline__ void load(const bf16 *p) { a = *(const uint4 *)p; }
+    __device__ __forceinline__ void add_store(bf16 *p, const float *u)
+    {
+        const __nv_bfloat162 *h = (const __nv_bfloat162 *)&a;
+        uint4 o;
+        __nv_bfloat162 *oh = (__nv_bfloat162 *)&o;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float2 f = __bfloat1622float2(h[j]);
+            oh[j] = __floats2bfloat162_rn(f.x + u[2 * j], f.y + u[2 * j + 1]);
+        }
+        *(uint4 *)p = o;
+    }
+};
 
 template <int R, typename T>
 __global__ void __launch_bounds__(128)
-lora_dx_kernel(T *dx, const bf16 *dlh, const bf16 *A, int64_t n, int in, float p,
-               float inv, uint64_t stream)
+lora_dx_kernel(T *dx, const uint8_t *bits, const bf16 *dlh, const bf16 *A, int64_t n, int in,
+               float p, float inv, uint64_t stream)
 {
     constexpr int DLD = R + 8, KS = R / 16;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -278,6 +328,7 @@ lora_dx_kernel(T *dx, const bf16 *dlh, const bf16 *A, int64_t n, int in, float p
     bf16 *sA = sD + LT * DLD;        /* 2 x (R, LLD) */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
+    float *sC = (float *)(sA + 2 * R * LLD) + warp * 16 * CLD; /* (16, CLD) */
     const int64_t t0 = (int64_t)blockIdx.x * LT;
     const int cb = blockIdx.y * DXCOLS;
     const int ntile = ((cb + DXCOLS < in ? cb + DXCOLS : in) - cb) / LK;
@@ -312,6 +363,15 @@ lora_dx_kernel(T *dx, const bf16 *dlh, const bf16 *A, int64_t n, int in, float p
             for (int kk = 0; kk < KS; kk++)
                 frag_a<DLD>(af[kk], sD, warp * 16, kk * 16, lane);
         }
+        /* this lane's 4 groups of 8: row (lane / 8) + 4 q, columns 8 (lane % 8) .. */
+        const int col8 = (lane & 7) * 8;
+        dx8<T> d[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            int64_t t = t0 + warp * 16 + (lane >> 3) + 4 * q;
+            if (t < n)
+                d[q].load(dx + t * in + c0 + col8);
+        }
         float acc[8][4];
 #pragma unroll
         for (int i = 0; i < 8; i++)
@@ -326,18 +386,27 @@ lora_dx_kernel(T *dx, const bf16 *dlh, const bf16 *A, int64_t n, int in, float p
                 mma_bf16_16816(acc[2 * j + 1], af[kk], b + 2);
             }
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            int64_t t = t0 + warp * 16 + g + 8 * hf;
+        for (int i = 0; i < 8; i++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++)
+                *(float2 *)(sC + (g + 8 * hf) * CLD + i * 8 + 2 * t4) =
+                    make_float2(acc[i][2 * hf], acc[i][2 * hf + 1]);
+        __syncwarp();
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            int row = (lane >> 3) + 4 * q;
+            int64_t t = t0 + warp * 16 + row;
             if (t >= n)
                 continue;
+            uint64_t e = (uint64_t)t * (uint64_t)in + (uint64_t)(c0 + col8);
+            unsigned kb = bits ? (unsigned)bits[e >> 3] : keep8(stream, e, p);
+            float u[8];
+            *(float4 *)u = *(const float4 *)(sC + row * CLD + col8);
+            *(float4 *)(u + 4) = *(const float4 *)(sC + row * CLD + col8 + 4);
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                int col = c0 + i * 8 + 2 * t4;
-                uint64_t e = (uint64_t)t * (uint64_t)in + (uint64_t)col;
-                float a = drop_keep(stream, e, p) ? acc[i][2 * hf] * inv : 0.0f;
-                float b = drop_keep(stream, e + 1, p) ? acc[i][2 * hf + 1] * inv : 0.0f;
-                add_pair<T>(dx + t * in + col, a, b);
-            }
+            for (int j = 0; j < 8; j++)
+                u[j] = (kb >> j) & 1 ? u[j] * inv : 0.0f;
+            d[q].add_store(dx + t * in + c0 + col8, u);
         }
         __syncthreads();
     }
@@ -369,7 +438,10 @@ static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
 static size_t down_smem(int r) { return (size_t)2 * (LT + r) * LLD * sizeof(bf16); }
 static size_t grad_smem(int r) { return (size_t)2 * LT * (LLD + r + 8) * sizeof(bf16); }
-static size_t dx_smem(int r) { return (size_t)(LT * (r + 8) + 2 * r * LLD) * sizeof(bf16); }
+static size_t dx_smem(int r)
+{
+    return (size_t)(LT * (r + 8) + 2 * r * LLD) * sizeof(bf16) + (size_t)4 * 16 * CLD * 4;
+}
 
 /* Raises a kernel's dynamic shared-memory limit once. */
 static void smem_attr(const void *fn, size_t bytes, int *done)
@@ -382,8 +454,8 @@ static void smem_attr(const void *fn, size_t bytes, int *done)
 }
 
 template <int R>
-static void down_launch(kn_bf16 *lh, const kn_bf16 *x, const kn_bf16 *A, int64_t n, int in,
-                        float p, uint64_t key, void *scratch, cudaStream_t s)
+static void down_launch(kn_bf16 *lh, uint8_t *bits, const kn_bf16 *x, const kn_bf16 *A,
+                        int64_t n, int in, float p, uint64_t key, void *scratch, cudaStream_t s)
 {
     static int attr;
     size_t sm = down_smem(R);
@@ -391,7 +463,7 @@ static void down_launch(kn_bf16 *lh, const kn_bf16 *x, const kn_bf16 *A, int64_t
     int S = down_splits(in);
     float *part = S > 1 ? (float *)scratch : NULL;
     dim3 grid(kn_cdiv(n, LT), S);
-    lora_down_kernel<R><<<grid, 128, sm, s>>>((bf16 *)lh, part, (const bf16 *)x,
+    lora_down_kernel<R><<<grid, 128, sm, s>>>((bf16 *)lh, part, bits, (const bf16 *)x,
                                               (const bf16 *)A, n, in, p, 1.0f / (1.0f - p), key);
     KN_CHECK_LAUNCH("lora_down");
     if (part) {
@@ -402,8 +474,9 @@ static void down_launch(kn_bf16 *lh, const kn_bf16 *x, const kn_bf16 *A, int64_t
 }
 
 template <int R>
-static void grad_a_launch(float *ga, const kn_bf16 *dlh, const kn_bf16 *x, int64_t n, int in,
-                          float p, uint64_t key, void *scratch, cudaStream_t s)
+static void grad_a_launch(float *ga, const uint8_t *bits, const kn_bf16 *dlh, const kn_bf16 *x,
+                          int64_t n, int in, float p, uint64_t key, void *scratch,
+                          cudaStream_t s)
 {
     static int attr;
     size_t sm = grad_smem(R);
@@ -412,8 +485,9 @@ static void grad_a_launch(float *ga, const kn_bf16 *dlh, const kn_bf16 *x, int64
     KN_REQUIRE(S2 <= 65535);
     float *part = S2 > 1 ? (float *)scratch : NULL;
     dim3 grid(in / LK, (unsigned)S2);
-    lora_grad_a_kernel<R><<<grid, 128, sm, s>>>(ga, part, (const bf16 *)dlh, (const bf16 *)x, n,
-                                                in, p, 1.0f / (1.0f - p), key);
+    lora_grad_a_kernel<R><<<grid, 128, sm, s>>>(ga, part, bits, (const bf16 *)dlh,
+                                                (const bf16 *)x, n, in, p, 1.0f / (1.0f - p),
+                                                key);
     KN_CHECK_LAUNCH("lora_grad_a");
     if (part) {
         int64_t np2 = (int64_t)R * in / 2;
@@ -423,15 +497,15 @@ static void grad_a_launch(float *ga, const kn_bf16 *dlh, const kn_bf16 *x, int64
 }
 
 template <int R, typename T>
-static void dx_launch(T *dx, const kn_bf16 *dlh, const kn_bf16 *A, int64_t n, int in, float p,
-                      uint64_t key, cudaStream_t s)
+static void dx_launch(T *dx, const uint8_t *bits, const kn_bf16 *dlh, const kn_bf16 *A,
+                      int64_t n, int in, float p, uint64_t key, cudaStream_t s)
 {
     static int attr;
     size_t sm = dx_smem(R);
     smem_attr((const void *)lora_dx_kernel<R, T>, sm, &attr);
     dim3 grid(kn_cdiv(n, LT), kn_cdiv(in, DXCOLS));
-    lora_dx_kernel<R, T><<<grid, 128, sm, s>>>(dx, (const bf16 *)dlh, (const bf16 *)A, n, in, p,
-                                               1.0f / (1.0f - p), key);
+    lora_dx_kernel<R, T><<<grid, 128, sm, s>>>(dx, bits, (const bf16 *)dlh, (const bf16 *)A, n,
+                                               in, p, 1.0f / (1.0f - p), key);
     KN_CHECK_LAUNCH("lora_dx");
 }
 
@@ -443,52 +517,55 @@ static void check(int64_t n, int in, int r, float p, const void *a, const void *
     KN_REQUIRE(aligned16(a) && aligned16(b) && aligned16(c));
 }
 
-extern "C" void kn_lora_down(kn_bf16 *lh, const kn_bf16 *x, const kn_bf16 *A, int64_t n,
-                             int in, int r, float p, uint64_t key, void *scratch,
+extern "C" void kn_lora_down(kn_bf16 *lh, uint8_t *bits, const kn_bf16 *x, const kn_bf16 *A,
+                             int64_t n, int in, int r, float p, uint64_t key, void *scratch,
                              cudaStream_t s)
 {
     check(n, in, r, p, lh, x, A);
     KN_REQUIRE(down_splits(in) == 1 || scratch);
     switch (r) {
-    case 16: down_launch<16>(lh, x, A, n, in, p, key, scratch, s); break;
-    case 32: down_launch<32>(lh, x, A, n, in, p, key, scratch, s); break;
-    case 64: down_launch<64>(lh, x, A, n, in, p, key, scratch, s); break;
-    default: down_launch<128>(lh, x, A, n, in, p, key, scratch, s); break;
+    case 16: down_launch<16>(lh, bits, x, A, n, in, p, key, scratch, s); break;
+    case 32: down_launch<32>(lh, bits, x, A, n, in, p, key, scratch, s); break;
+    case 64: down_launch<64>(lh, bits, x, A, n, in, p, key, scratch, s); break;
+    default: down_launch<128>(lh, bits, x, A, n, in, p, key, scratch, s); break;
     }
 }
 
-extern "C" void kn_lora_grad_a(float *ga, const kn_bf16 *dlh, const kn_bf16 *x, int64_t n,
-                               int in, int r, float p, uint64_t key, void *scratch,
-                               cudaStream_t s)
+extern "C" void kn_lora_grad_a(float *ga, const uint8_t *bits, const kn_bf16 *dlh,
+                               const kn_bf16 *x, int64_t n, int in, int r, float p,
+                               uint64_t key, void *scratch, cudaStream_t s)
 {
     check(n, in, r, p, ga, dlh, x);
     KN_REQUIRE(grad_splits(n) == 1 || scratch);
     switch (r) {
-    case 16: grad_a_launch<16>(ga, dlh, x, n, in, p, key, scratch, s); break;
-    case 32: grad_a_launch<32>(ga, dlh, x, n, in, p, key, scratch, s); break;
-    case 64: grad_a_launch<64>(ga, dlh, x, n, in, p, key, scratch, s); break;
-    default: grad_a_launch<128>(ga, dlh, x, n, in, p, key, scratch, s); break;
+    case 16: grad_a_launch<16>(ga, bits, dlh, x, n, in, p, key, scratch, s); break;
+    case 32: grad_a_launch<32>(ga, bits, dlh, x, n, in, p, key, scratch, s); break;
+    case 64: grad_a_launch<64>(ga, bits, dlh, x, n, in, p, key, scratch, s); break;
+    default: grad_a_launch<128>(ga, bits, dlh, x, n, in, p, key, scratch, s); break;
     }
 }
 
 template <typename T>
-static void dx_dispatch(T *dx, const kn_bf16 *dlh, const kn_bf16 *A, int64_t n, int in, int r,
-                        float p, uint64_t key, cudaStream_t s)
+static void dx_dispatch(T *dx, const uint8_t *bits, const kn_bf16 *dlh, const kn_bf16 *A,
+                        int64_t n, int in, int r, float p, uint64_t key, cudaStream_t s)
 {
     switch (r) {
-    case 16: dx_launch<16, T>(dx, dlh, A, n, in, p, key, s); break;
-    case 32: dx_launch<32, T>(dx, dlh, A, n, in, p, key, s); break;
-    case 64: dx_launch<64, T>(dx, dlh, A, n, in, p, key, s); break;
-    default: dx_launch<128, T>(dx, dlh, A, n, in, p, key, s); break;
+    case 16: dx_launch<16, T>(dx, bits, dlh, A, n, in, p, key, s); break;
+    case 32: dx_launch<32, T>(dx, bits, dlh, A, n, in, p, key, s); break;
+    case 64: dx_launch<64, T>(dx, bits, dlh, A, n, in, p, key, s); break;
+    default: dx_launch<128, T>(dx, bits, dlh, A, n, in, p, key, s); break;
     }
 }
 
-extern "C" void kn_lora_dx(void *dx, kn_dtype dt, const kn_bf16 *dlh, const kn_bf16 *A,
-                           int64_t n, int in, int r, float p, uint64_t key, cudaStream_t s)
+extern "C" void kn_lora_dx(void *dx, kn_dtype dt, const uint8_t *bits, const kn_bf16 *dlh,
+                           const kn_bf16 *A, int64_t n, int in, int r, float p, uint64_t key,
+                           cudaStream_t s)
 {
     check(n, in, r, p, dx, dlh, A);
     if (dt == KN_F32)
-        dx_dispatch<float>((float *)dx, dlh, A, n, in, r, p, key, s);
+        dx_dispatch<float>((float *)dx, bits, dlh, A, n, in, r, p, key, s);
     else
-        dx_dispatch<bf16>((bf16 *)dx, dlh, A, n, in, r, p, key, s);
+        dx_dispatch<bf16>((bf16 *)dx, bits, dlh, A, n, in, r, p, key, s);
 }
+
+extern "C" size_t kn_lora_bits_bytes(int64_t n, int64_t in) { return (size_t)(n * in / 8); }

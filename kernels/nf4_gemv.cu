@@ -35,13 +35,11 @@ struct lin_desc {
     const float *nested_map;
     const float *quant_map;
     float offset;
-    int blocksize, nested_blocksize;
+    int lbs, lnbs; /* log2 of blocksize and nested_blocksize (no divisions) */
     const bf16 *w16;
     float *y;
     const float *res;
     int64_t ldy;
-    int ks_n;   /* splits of the input dimension */
-    float *part; /* (ks_n, n, out) partial sums when ks_n > 1 */
 };
 
 struct lin_pack {
@@ -64,10 +62,9 @@ __device__ __forceinline__ void load_raw(wraw<KN_GW_NF4> &r, const lin_desc &D,
 {
     int64_t e0 = row * D.in + (int64_t)c * 64;
     r.c = __ldg((const uint2 *)(D.codes + (e0 >> 1)) + t);
-    int64_t b = e0 / D.blocksize;
+    int64_t b = e0 >> D.lbs;
     if (D.absmax_q)
-        r.sc = nmap[__ldg(D.absmax_q + b)] * __ldg(D.nested_absmax + b / D.nested_blocksize) +
-               D.offset;
+        r.sc = nmap[__ldg(D.absmax_q + b)] * __ldg(D.nested_absmax + (b >> D.lnbs)) + D.offset;
     else
         r.sc = __ldg(D.absmax + b);
 }
@@ -80,219 +77,193 @@ __device__ __forceinline__ void load_raw(wraw<KN_GW_BF16> &r, const lin_desc &D,
     r.b = __ldg(p + 1);
 }
 
-__device__ __forceinline__ void unpack_raw(const wraw<KN_GW_NF4> &r, const float *qmap,
-                                           uint32_t *w)
+/* Chunks of 64 are dealt to the 8 warps of a block in groups of 4:
+ * chunk c goes to warp (c / 4) % 8, and each warp takes its chunks in
+ * increasing order. The assignment, hence the order of every sum, is the
+ * same for every launch shape (MT, NT, prefetch depth D). */
+#define LIN_GROUP 4
+
+__device__ __forceinline__ int warp_chunk(int i, int warp)
 {
-    uint32_t lo = r.c.x, hi = r.c.y;
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        uint32_t b0 = (lo >> (8 * j)) & 255u, b1 = (hi >> (8 * j)) & 255u;
-        w[j] = pack_bf16x2(qmap[b0 >> 4] * r.sc, qmap[b0 & 15] * r.sc);
-        w[4 + j] = pack_bf16x2(qmap[b1 >> 4] * r.sc, qmap[b1 & 15] * r.sc);
-    }
+    return ((i / LIN_GROUP) * LIN_WARPS + warp) * LIN_GROUP + i % LIN_GROUP;
 }
 
-__device__ __forceinline__ void unpack_raw(const wraw<KN_GW_BF16> &r, const float *,
-                                           uint32_t *w)
+/* Two bf16 pairs (k-tile kk) of a row's 16 weights. */
+__device__ __forceinline__ void pair_words(const wraw<KN_GW_NF4> &r, const float *qmap, int kk,
+                                           uint32_t &w0, uint32_t &w1)
 {
-    w[0] = r.a.x; w[1] = r.a.y; w[2] = r.a.z; w[3] = r.a.w;
-    w[4] = r.b.x; w[5] = r.b.y; w[6] = r.b.z; w[7] = r.b.w;
+    const uint32_t word = kk < 2 ? r.c.x : r.c.y;
+    const uint32_t b0 = (word >> (16 * (kk & 1))) & 255u, b1 = (word >> (16 * (kk & 1) + 8)) & 255u;
+    w0 = pack_bf16x2(qmap[b0 >> 4] * r.sc, qmap[b0 & 15] * r.sc);
+    w1 = pack_bf16x2(qmap[b1 >> 4] * r.sc, qmap[b1 & 15] * r.sc);
 }
 
-/* Rows of W per block: 8 warps of 16. */
-#define LIN_ROWS (16 * LIN_WARPS)
+__device__ __forceinline__ void pair_words(const wraw<KN_GW_BF16> &r, const float *, int kk,
+                                           uint32_t &w0, uint32_t &w1)
+{
+    const uint4 &v = kk < 2 ? r.a : r.b;
+    w0 = (kk & 1) ? v.z : v.x;
+    w1 = (kk & 1) ? v.w : v.y;
+}
 
-template <int WK, int NT>
+template <int WK, int MT, int NT, int D>
 __global__ void __launch_bounds__(256) lin_mma_kernel(lin_pack P, const bf16 *__restrict__ x,
-                                                      int64_t ldx, int n, int *counters)
+                                                      int64_t ldx, int n)
 {
-    const int op = blockIdx.y, ks = blockIdx.z;
-    const lin_desc &D = P.d[op];
-    const int ks_n = D.ks_n;
-    if (ks >= ks_n)
-        return;
+    const lin_desc &D_ = P.d[blockIdx.y];
     __shared__ float qmap[16];
     __shared__ float nmap[256];
-    __shared__ int last;
-    const int64_t out = D.out;
-    const int64_t blk0 = (int64_t)blockIdx.x * LIN_ROWS;
-    if (blk0 >= out)
+    __shared__ float red[LIN_WARPS][NT * 4][32];
+    const int64_t out = D_.out;
+    const int64_t row0 = (int64_t)blockIdx.x * (16 * MT);
+    if (row0 >= out)
         return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     if (WK == KN_GW_NF4) {
         if (tid < 16)
-            qmap[tid] = D.quant_map[tid];
-        if (D.absmax_q)
-            nmap[tid] = D.nested_map[tid]; /* 256 threads, 256 entries */
+            qmap[tid] = D_.quant_map[tid];
+        if (D_.absmax_q)
+            nmap[tid] = D_.nested_map[tid]; /* 256 threads, 256 entries */
         __syncthreads();
     }
-    const int K = (int)D.in;
+    const int K = (int)D_.in;
     const int nch = (K + 63) >> 6;
-    const int c0 = (int)((int64_t)nch * ks / ks_n), c1 = (int)((int64_t)nch * (ks + 1) / ks_n);
-    const int64_t row0 = blk0 + warp * 16;
-    float acc[NT][4];
+    float acc[MT][NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++)
+    for (int m = 0; m < MT; m++)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
-            acc[nt][j] = 0.0f;
-    if (row0 < out) {
-        int64_t rows[2];
-        rows[0] = row0 + g < out ? row0 + g : out - 1;
-        rows[1] = row0 + g + 8 < out ? row0 + g + 8 : out - 1;
-        wraw<WK> cur[2], nxt[2];
-        if (c0 < c1) {
-            load_raw(cur[0], D, nmap, rows[0], c0, t);
-            load_raw(cur[1], D, nmap, rows[1], c0, t);
-        }
-        for (int c = c0; c < c1; c++) {
-            if (c + 1 < c1) {
-                load_raw(nxt[0], D, nmap, rows[0], c + 1, t);
-                load_raw(nxt[1], D, nmap, rows[1], c + 1, t);
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                acc[m][nt][j] = 0.0f;
+    int64_t rows[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        const int64_t r = row0 + m * 16 + g;
+        rows[m][0] = r < out ? r : out - 1;
+        rows[m][1] = r + 8 < out ? r + 8 : out - 1;
+    }
+    for (int i0 = 0; warp_chunk(i0, warp) < nch; i0 += D) {
+        /* D chunks' weights in flight at once */
+        wraw<WK> raw[D][MT][2];
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int c = warp_chunk(i0 + d, warp);
+            if (c < nch) {
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+                        load_raw(raw[d][m][h], D_, nmap, rows[m][h], c, t);
             }
-            uint32_t w[2][8];
-            unpack_raw(cur[0], qmap, w[0]);
-            unpack_raw(cur[1], qmap, w[1]);
+        }
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int c = warp_chunk(i0 + d, warp);
+            if (c >= nch)
+                break;
             const int kbase = c * 64 + 16 * t;
 #pragma unroll
             for (int kk = 0; kk < 4; kk++) {
                 const int kx = kbase + 4 * kk;
-                uint32_t af[4] = {w[0][2 * kk], w[1][2 * kk], w[0][2 * kk + 1],
-                                  w[1][2 * kk + 1]};
+                uint32_t bf[NT][2];
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
                     const int col = nt * 8 + g;
                     uint2 bv = make_uint2(0u, 0u);
                     if (col < n && kx < K)
                         bv = __ldg((const uint2 *)(x + (int64_t)col * ldx + kx));
-                    uint32_t bf[2] = {bv.x, bv.y};
-                    mma_bf16_16816(acc[nt], af, bf);
+                    bf[nt][0] = bv.x;
+                    bf[nt][1] = bv.y;
+                }
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    uint32_t af[4];
+                    pair_words(raw[d][m][0], qmap, kk, af[0], af[2]);
+                    pair_words(raw[d][m][1], qmap, kk, af[1], af[3]);
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+                        mma_bf16_16816(acc[m][nt], af, bf[nt]);
                 }
             }
-            cur[0] = nxt[0];
-            cur[1] = nxt[1];
         }
     }
-    if (ks_n == 1) {
-        if (row0 < out) {
+    /* the warps' partial sums, added in warp order, one m-tile at a time */
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int64_t row = row0 + g + ((j & 2) ? 8 : 0);
-                    const int col = nt * 8 + 2 * t + (j & 1);
-                    if (row < out && col < n) {
-                        const int64_t i = (int64_t)col * D.ldy + row;
-                        D.y[i] = (D.res ? D.res[i] : 0.0f) + acc[nt][j];
-                    }
-                }
-        }
-        return;
-    }
-    /* split k: every block leaves its partial sums; the last of a row block
-     * to finish adds them in split order (deterministic) */
-    float *mine = D.part + (int64_t)ks * n * out;
-    if (row0 < out) {
+    for (int m = 0; m < MT; m++) {
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int64_t row = row0 + g + ((j & 2) ? 8 : 0);
-                const int col = nt * 8 + 2 * t + (j & 1);
-                if (row < out && col < n)
-                    mine[(int64_t)col * out + row] = acc[nt][j];
+            for (int j = 0; j < 4; j++)
+                red[warp][nt * 4 + j][lane] = acc[m][nt][j];
+        __syncthreads();
+        for (int e = tid; e < NT * 4 * 32; e += 256) {
+            const int q = e >> 5, ln = e & 31;
+            float s = red[0][q][ln];
+#pragma unroll
+            for (int wi = 1; wi < LIN_WARPS; wi++)
+                s += red[wi][q][ln];
+            const int nt = q >> 2, j = q & 3, gg = ln >> 2, tt = ln & 3;
+            const int64_t row = row0 + m * 16 + gg + ((j & 2) ? 8 : 0);
+            const int col = nt * 8 + 2 * tt + (j & 1);
+            if (row < out && col < n) {
+                const int64_t i = (int64_t)col * D_.ldy + row;
+                D_.y[i] = (D_.res ? D_.res[i] : 0.0f) + s;
             }
+        }
+        __syncthreads();
     }
-    __threadfence();
-    __syncthreads();
-    int *cnt = counters + (int64_t)op * gridDim.x + blockIdx.x;
-    if (tid == 0)
-        last = atomicAdd(cnt, 1) == ks_n - 1;
-    __syncthreads();
-    if (!last)
-        return;
-    __threadfence();
-    const float *base = D.part;
-    const int64_t rows_here = out - blk0 < LIN_ROWS ? out - blk0 : LIN_ROWS;
-    for (int64_t e = tid; e < rows_here * n; e += blockDim.x) {
-        const int64_t row = blk0 + e % rows_here;
-        const int col = (int)(e / rows_here);
-        float s = 0.0f;
-        for (int k2 = 0; k2 < ks_n; k2++)
-            s += __ldcg(base + ((int64_t)k2 * n + col) * out + row);
-        const int64_t i = (int64_t)col * D.ldy + row;
-        D.y[i] = (D.res ? D.res[i] : 0.0f) + s;
-    }
-    if (tid == 0)
-        *cnt = 0;
-}
-
-/* The split of the input dimension: enough blocks to keep every SM busy
- * with several, at least 4 chunks of 64 per split. Depends on the shape
- * only (never on n), so a sum's order does not either. */
-static int lin_splits(int64_t out, int64_t in)
-{
-    int64_t rb = (out + LIN_ROWS - 1) / LIN_ROWS, nch = (in + 63) / 64;
-    int64_t want = (4 * (int64_t)kn_sm_count() + rb - 1) / rb;
-    int64_t cap = nch / 4 > 1 ? nch / 4 : 1;
-    if (want > cap)
-        want = cap;
-    if (want > 64)
-        want = 64;
-    return (int)(want < 1 ? 1 : want);
-}
-
-static size_t counter_bytes(const kn_gen_lin *ops, int nops)
-{
-    int64_t maxout = 0;
-    for (int i = 0; i < nops; i++)
-        if (ops[i].w.out > maxout)
-            maxout = ops[i].w.out;
-    int64_t rb = (maxout + LIN_ROWS - 1) / LIN_ROWS;
-    return ((size_t)(nops * rb) * sizeof(int) + 255) / 256 * 256;
 }
 
 extern "C" size_t kn_gen_linear_mma_ws(const kn_gen_lin *ops, int nops, int n)
 {
-    size_t bytes = counter_bytes(ops, nops);
-    for (int i = 0; i < nops; i++) {
-        int ks = lin_splits(ops[i].w.out, ops[i].w.in);
-        if (ks > 1)
-            bytes += (size_t)ks * (size_t)n * (size_t)ops[i].w.out * sizeof(float);
-    }
-    return bytes;
+    (void)ops;
+    (void)nops;
+    (void)n;
+    return 0;
 }
 
-template <int WK>
-static void dispatch_mma(const lin_pack &P, int nops, int64_t maxout, int ks, const bf16 *x,
-                         int64_t ldx, int n, int *cnt, cudaStream_t s)
+template <int WK, int MT, int NT, int D>
+static void launch_mma(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
+                       int n, cudaStream_t s)
 {
-    dim3 grid((unsigned)((maxout + LIN_ROWS - 1) / LIN_ROWS), (unsigned)nops, (unsigned)ks);
-    if (n <= 8)
-        lin_mma_kernel<WK, 1><<<grid, 256, 0, s>>>(P, x, ldx, n, cnt);
-    else if (n <= 16)
-        lin_mma_kernel<WK, 2><<<grid, 256, 0, s>>>(P, x, ldx, n, cnt);
-    else if (n <= 32)
-        lin_mma_kernel<WK, 4><<<grid, 256, 0, s>>>(P, x, ldx, n, cnt);
-    else
-        lin_mma_kernel<WK, 8><<<grid, 256, 0, s>>>(P, x, ldx, n, cnt);
+    dim3 grid((unsigned)((maxout + 16 * MT - 1) / (16 * MT)), (unsigned)nops);
+    lin_mma_kernel<WK, MT, NT, D><<<grid, 256, 0, s>>>(P, x, ldx, n);
     KN_CHECK_LAUNCH("lin_mma");
+}
+
+/* Larger n: more rows per warp, so that each x fragment loaded feeds more
+ * products; but enough blocks for every SM. */
+template <int WK>
+static void dispatch_mma(const lin_pack &P, int nops, int64_t maxout, const bf16 *x,
+                         int64_t ldx, int n, cudaStream_t s)
+{
+    int wide = WK == KN_GW_NF4 && maxout * nops >= 64 * (int64_t)kn_sm_count();
+    if (n <= 8)
+        launch_mma<WK, 1, 1, 4>(P, nops, maxout, x, ldx, n, s);
+    else if (n <= 16)
+        launch_mma<WK, 1, 2, 4>(P, nops, maxout, x, ldx, n, s);
+    else if (n <= 32)
+        launch_mma<WK, 2, 4, 2>(P, nops, maxout, x, ldx, n, s);
+    else if (wide)
+        launch_mma<KN_GW_NF4, 4, 8, 2>(P, nops, maxout, x, ldx, n, s);
+    else
+        launch_mma<WK, 2, 8, (WK == KN_GW_NF4 ? 2 : 1)>(P, nops, maxout, x, ldx, n, s);
 }
 
 extern "C" void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16 *x,
                                   int64_t ldx, int n, void *ws, size_t ws_bytes,
                                   cudaStream_t s)
 {
+    (void)ws;
+    (void)ws_bytes;
     KN_REQUIRE(ops && nops >= 1 && nops <= 3 && x && n >= 1 && n <= 64);
     KN_REQUIRE(ldx % 4 == 0 && ((uintptr_t)x & 7) == 0);
-    KN_REQUIRE(ws && ws_bytes >= kn_gen_linear_mma_ws(ops, nops, n));
     lin_pack P;
     memset(&P, 0, sizeof P);
-    int kind = ops[0].w.kind, ksmax = 1;
+    int kind = ops[0].w.kind;
     int64_t maxout = 0;
-    int *cnt = (int *)ws;
-    char *part = (char *)ws + counter_bytes(ops, nops);
     for (int i = 0; i < nops; i++) {
         const kn_gw &w = ops[i].w;
         KN_REQUIRE(w.kind == kind && (kind == KN_GW_NF4 || kind == KN_GW_BF16));
@@ -304,12 +275,6 @@ extern "C" void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16
         d.y = ops[i].y;
         d.res = ops[i].res;
         d.ldy = ops[i].ldy;
-        d.ks_n = lin_splits(w.out, w.in);
-        d.part = (float *)part;
-        if (d.ks_n > 1)
-            part += (size_t)d.ks_n * (size_t)n * (size_t)w.out * sizeof(float);
-        if (d.ks_n > ksmax)
-            ksmax = d.ks_n;
         if (kind == KN_GW_NF4) {
             KN_REQUIRE(w.in % 64 == 0 && w.q.blocksize % 64 == 0 && w.q.codes && w.q.quant_map);
             KN_REQUIRE(((uintptr_t)w.q.codes & 7) == 0);
@@ -321,8 +286,10 @@ extern "C" void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16
             d.nested_map = w.q.nested_map;
             d.quant_map = w.q.quant_map;
             d.offset = w.q.offset;
-            d.blocksize = w.q.blocksize;
-            d.nested_blocksize = w.q.nested_blocksize > 0 ? w.q.nested_blocksize : 256;
+            int nbs = w.q.nested_blocksize > 0 ? w.q.nested_blocksize : 256;
+            KN_REQUIRE((w.q.blocksize & (w.q.blocksize - 1)) == 0 && (nbs & (nbs - 1)) == 0);
+            d.lbs = __builtin_ctz((unsigned)w.q.blocksize);
+            d.lnbs = __builtin_ctz((unsigned)nbs);
         } else {
             KN_REQUIRE(w.bf16 && w.ld % 64 == 0 && w.ld >= w.in &&
                        ((uintptr_t)w.bf16 & 15) == 0);
@@ -333,9 +300,9 @@ extern "C" void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16
             maxout = w.out;
     }
     if (kind == KN_GW_NF4)
-        dispatch_mma<KN_GW_NF4>(P, nops, maxout, ksmax, (const bf16 *)x, ldx, n, cnt, s);
+        dispatch_mma<KN_GW_NF4>(P, nops, maxout, (const bf16 *)x, ldx, n, s);
     else
-        dispatch_mma<KN_GW_BF16>(P, nops, maxout, ksmax, (const bf16 *)x, ldx, n, cnt, s);
+        dispatch_mma<KN_GW_BF16>(P, nops, maxout, (const bf16 *)x, ldx, n, s);
 }
 
 /* ---- fp32 on CUDA cores ----------------------------------------------------- */

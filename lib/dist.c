@@ -84,7 +84,8 @@ static int env_int(const char *name, long def, long lo, long hi, int *out)
     errno = 0;
     long x = strtol(v, &end, 10);
     if (errno || *end || x < lo || x > hi)
-        return msg_error("%s='%s': expected an integer in %ld..%ld", name, v, lo, hi);
+        return msg_error("%s='%s': expected an integer in %ld..%ld", name, v,
+                         lo, hi);
     *out = (int)x;
     return 0;
 }
@@ -104,7 +105,8 @@ int dist_env_read(dist_env *e)
         env_int("RANK", 0, 0, e->world - 1, &e->rank) != 0 ||
         env_int("LOCAL_RANK", e->rank, 0, 65535, &e->local_rank) != 0 ||
         env_int("MASTER_PORT", 29500, 1, 65535, &e->master_port) != 0 ||
-        env_int("QLORA_DIST_PORT", e->master_port, 1, 65535, &e->master_port) != 0)
+        env_int("QLORA_DIST_PORT", e->master_port, 1, 65535, &e->master_port) !=
+            0)
         return -1;
     int t;
     if (env_int("QLORA_DIST_TIMEOUT", 300, 1, 86400, &t) != 0)
@@ -132,14 +134,14 @@ int dist_share_id(const dist_env *e, unsigned char id[DIST_ID_BYTES])
     if (e->world <= 1)
         return 0;
     if (e->id_file)
-        return e->rank == 0 ? dist_file_publish(e->id_file, e->world, e->tag, id)
-                            : dist_file_fetch(e->id_file, e->world, e->tag, id,
-                                              e->timeout_s);
-    return e->rank == 0
-               ? dist_tcp_serve(e->master_addr, e->master_port, e->world, id,
-                                e->timeout_s)
-               : dist_tcp_fetch(e->master_addr, e->master_port, e->world, e->rank,
-                                id, e->timeout_s);
+        return e->rank == 0
+                   ? dist_file_publish(e->id_file, e->world, e->tag, id)
+                   : dist_file_fetch(e->id_file, e->world, e->tag, id,
+                                     e->timeout_s);
+    return e->rank == 0 ? dist_tcp_serve(e->master_addr, e->master_port,
+                                         e->world, id, e->timeout_s)
+                        : dist_tcp_fetch(e->master_addr, e->master_port,
+                                         e->world, e->rank, id, e->timeout_s);
 }
 
 /* ---- TCP ----------------------------------------------------------------- */
@@ -148,7 +150,8 @@ int dist_share_id(const dist_env *e, unsigned char id[DIST_ID_BYTES])
  * (0 ok, 1 other job size), the id. Little-endian. */
 enum { HELLO_BYTES = 16, REPLY_BYTES = 16 + DIST_ID_BYTES };
 
-static int resolve(const char *addr, int port, int passive, struct addrinfo **res)
+static int resolve(const char *addr, int port, int passive,
+                   struct addrinfo **res)
 {
     struct addrinfo hints;
     memset(&hints, 0, sizeof hints);
@@ -159,7 +162,8 @@ static int resolve(const char *addr, int port, int passive, struct addrinfo **re
     snprintf(ps, sizeof ps, "%d", port);
     int rc = getaddrinfo(addr, ps, &hints, res);
     if (rc != 0) {
-        msg_error("cannot resolve MASTER_ADDR '%s': %s", addr, gai_strerror(rc));
+        msg_error("cannot resolve MASTER_ADDR '%s': %s", addr,
+                  gai_strerror(rc));
         return -1;
     }
     return 0;
@@ -188,7 +192,8 @@ static int sock_io(int fd, void *buf, size_t n, int writing, double deadline)
             return -1;
         }
         ssize_t k = writing ? send(fd, p, n, MSG_NOSIGNAL) : recv(fd, p, n, 0);
-        if (k < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
+        if (k < 0 &&
+            (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
             continue;
         if (k < 0)
             return -1;
@@ -217,14 +222,16 @@ int dist_tcp_serve(const char *addr, int port, int world,
         return -1;
     int lfd = -1, err = 0;
     for (ai = res; ai && lfd < 0; ai = ai->ai_next) {
-        lfd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        lfd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+                     ai->ai_protocol);
         if (lfd < 0) {
             err = errno;
             continue;
         }
         int one = 1;
         setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(lfd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(lfd, 128) != 0) {
+        if (bind(lfd, ai->ai_addr, ai->ai_addrlen) != 0 ||
+            listen(lfd, 128) != 0) {
             err = errno;
             close(lfd);
             lfd = -1;
@@ -232,9 +239,12 @@ int dist_tcp_serve(const char *addr, int port, int world,
     }
     freeaddrinfo(res);
     if (lfd < 0)
-        return msg_error("cannot listen on MASTER_ADDR:MASTER_PORT %s:%d: %s (it must "
-                         "be an address of rank 0's host; under torchrun, whose store holds MASTER_PORT, "
-                         "set QLORA_DIST_PORT)", addr, port, strerror(err));
+        return msg_error(
+            "cannot listen on MASTER_ADDR:MASTER_PORT %s:%d: %s (it must "
+            "be an address of rank 0's host; under torchrun, whose store holds "
+            "MASTER_PORT, "
+            "set QLORA_DIST_PORT)",
+            addr, port, strerror(err));
     set_nonblocking(lfd);
     unsigned char *seen = xcalloc((size_t)world, 1);
     int joined = 0, rc = 0;
@@ -269,8 +279,10 @@ int dist_tcp_serve(const char *addr, int port, int world,
         int sent = sock_io(fd, reply, sizeof reply, 1, d) == 0;
         close(fd);
         if (w != (uint32_t)world) {
-            rc = msg_error("rank %u of a job of %u ranks reached rank 0 at %s:%d, "
-                           "whose job has %d", r, w, addr, port, world);
+            rc = msg_error(
+                "rank %u of a job of %u ranks reached rank 0 at %s:%d, "
+                "whose job has %d",
+                r, w, addr, port, world);
             break;
         }
         if (sent && r >= 1 && r < (uint32_t)world && !seen[r]) {
@@ -299,7 +311,8 @@ static int connect_once(const char *addr, int port, double deadline)
     }
     int fd = -1, err = ECONNREFUSED;
     for (ai = res; ai && fd < 0; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+                    ai->ai_protocol);
         if (fd < 0) {
             err = errno;
             continue;
@@ -350,23 +363,26 @@ int dist_tcp_fetch(const char *addr, int port, int world, int rank,
             close(fd);
             if (ok && memcmp(reply, magic, sizeof magic) == 0) {
                 if (get_u32(reply + 12) != 0)
-                    return msg_error("rank 0 at %s:%d runs a job of %u ranks, this "
-                                     "rank (%d) one of %d", addr, port,
-                                     get_u32(reply + 8), rank, world);
+                    return msg_error(
+                        "rank 0 at %s:%d runs a job of %u ranks, this "
+                        "rank (%d) one of %d",
+                        addr, port, get_u32(reply + 8), rank, world);
                 memcpy(id, reply + 16, DIST_ID_BYTES);
                 return 0;
             }
         } else {
             err = errno;
         }
-        if (now_s() + pause >= deadline)
+        double left = deadline - now_s();
+        if (left <= 0)
             break;
-        sleep_s(pause); /* rank 0 not listening yet: try again */
+        sleep_s(pause < left ? pause : left); /* rank 0 not listening yet */
         pause = pause < 0.5 ? pause * 2 : 0.5;
     }
-    return msg_error("rank %d: cannot reach rank 0 at MASTER_ADDR:MASTER_PORT %s:%d "
-                     "within %.0f s: %s", rank, addr, port, timeout_s,
-                     strerror(err ? err : ETIMEDOUT));
+    return msg_error(
+        "rank %d: cannot reach rank 0 at MASTER_ADDR:MASTER_PORT %s:%d "
+        "within %.0f s: %s",
+        rank, addr, port, timeout_s, strerror(err ? err : ETIMEDOUT));
 }
 
 /* ---- the id file --------------------------------------------------------- */
@@ -397,7 +413,8 @@ int dist_file_publish(const char *path, int world, uint64_t tag,
         err = errno ? errno : err;
         unlink(tmp);
         free(tmp);
-        return msg_error("cannot write QLORA_NCCL_ID_FILE '%s': %s", path, strerror(err));
+        return msg_error("cannot write QLORA_NCCL_ID_FILE '%s': %s", path,
+                         strerror(err));
     }
     free(tmp);
     return 0;
@@ -414,8 +431,10 @@ int dist_file_fetch(const char *path, int world, uint64_t tag,
             unsigned char buf[FILE_BYTES];
             ssize_t k = read(fd, buf, sizeof buf);
             close(fd);
-            if (k == (ssize_t)sizeof buf && memcmp(buf, magic, sizeof magic) == 0) {
-                if (get_u32(buf + 8) == (uint32_t)world && get_u64(buf + 16) == tag) {
+            if (k == (ssize_t)sizeof buf &&
+                memcmp(buf, magic, sizeof magic) == 0) {
+                if (get_u32(buf + 8) == (uint32_t)world &&
+                    get_u64(buf + 16) == tag) {
                     memcpy(id, buf + 24, DIST_ID_BYTES);
                     return 0;
                 }
@@ -424,13 +443,15 @@ int dist_file_fetch(const char *path, int world, uint64_t tag,
                 why = "it is not an id file";
             }
         }
-        if (now_s() + pause >= deadline)
+        double left = deadline - now_s();
+        if (left <= 0)
             break;
-        sleep_s(pause);
+        sleep_s(pause < left ? pause : left);
         pause = pause < 0.2 ? pause * 2 : 0.2;
     }
-    return msg_error("QLORA_NCCL_ID_FILE '%s': no id from rank 0 within %.0f s (%s)",
-                     path, timeout_s, why);
+    return msg_error(
+        "QLORA_NCCL_ID_FILE '%s': no id from rank 0 within %.0f s (%s)", path,
+        timeout_s, why);
 }
 
 void dist_file_remove(const char *path)
@@ -439,7 +460,8 @@ void dist_file_remove(const char *path)
         unlink(path);
 }
 
-/* ---- the launcher --------------------------------------------------------- */
+/* ---- the launcher ---------------------------------------------------------
+ */
 
 static pid_t *launch_pids;
 static volatile sig_atomic_t launch_n;
@@ -473,7 +495,8 @@ int dist_launch(int gpus, char **argv)
     int have_rdv = (ma && *ma) || (idf && *idf);
     if (nnodes > 1 && !have_rdv) {
         msg_error("NNODES=%d: set MASTER_ADDR (rank 0's host) or a "
-                  "QLORA_NCCL_ID_FILE on a shared file system", nnodes);
+                  "QLORA_NCCL_ID_FILE on a shared file system",
+                  nnodes);
         return 2;
     }
     char *tmpdir = NULL, *idpath = NULL;
@@ -483,29 +506,30 @@ int dist_launch(int gpus, char **argv)
         tmpdir = xmalloc(n);
         snprintf(tmpdir, n, "%s/lora-train-dist-XXXXXX", t && *t ? t : "/tmp");
         if (!mkdtemp(tmpdir)) {
-            msg_error("cannot create a directory in '%s': %s", t && *t ? t : "/tmp",
-                      strerror(errno));
+            msg_error("cannot create a directory in '%s': %s",
+                      t && *t ? t : "/tmp", strerror(errno));
             free(tmpdir);
             return 2;
         }
         idpath = xmalloc(n + 16);
         snprintf(idpath, n + 16, "%s/nccl-id", tmpdir);
-        setenv("QLORA_NCCL_ID_FILE", idpath, 1);
     }
-    if (!getenv("OMP_NUM_THREADS")) {
-        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-        set_env_int("OMP_NUM_THREADS", cpus / gpus > 1 ? (int)(cpus / gpus) : 1);
-    }
-    set_env_int("WORLD_SIZE", world);
-    set_env_int("LOCAL_WORLD_SIZE", gpus);
-    setenv("QLORA_DIST_LAUNCHED", "1", 1);
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int threads = cpus / gpus > 1 ? (int)(cpus / gpus) : 1;
     pid_t *pids = xcalloc((size_t)gpus, sizeof *pids);
     int failed = 0;
     fflush(stdout);
     fflush(stderr);
     for (int i = 0; i < gpus; i++) {
         pid_t pid = fork();
-        if (pid == 0) {
+        if (pid == 0) { /* the rank's environment; the launcher's stays */
+            if (idpath)
+                setenv("QLORA_NCCL_ID_FILE", idpath, 1);
+            if (!getenv("OMP_NUM_THREADS"))
+                set_env_int("OMP_NUM_THREADS", threads);
+            set_env_int("WORLD_SIZE", world);
+            set_env_int("LOCAL_WORLD_SIZE", gpus);
+            setenv("QLORA_DIST_LAUNCHED", "1", 1);
             set_env_int("RANK", node_rank * gpus + i);
             set_env_int("LOCAL_RANK", i);
             if (node_rank * gpus + i != 0) {
@@ -521,7 +545,8 @@ int dist_launch(int gpus, char **argv)
             _exit(127);
         }
         if (pid < 0) {
-            msg_error("cannot start rank %d: %s", node_rank * gpus + i, strerror(errno));
+            msg_error("cannot start rank %d: %s", node_rank * gpus + i,
+                      strerror(errno));
             failed = 1;
             break;
         }
@@ -560,8 +585,9 @@ int dist_launch(int gpus, char **argv)
             failed = 1;
             /* a rank exiting 2 has said why; anything else is said here */
             if (WIFSIGNALED(st))
-                msg_error("rank %d was killed by signal %d; stopping the others",
-                          node_rank * gpus + i, WTERMSIG(st));
+                msg_error(
+                    "rank %d was killed by signal %d; stopping the others",
+                    node_rank * gpus + i, WTERMSIG(st));
             else if (WEXITSTATUS(st) != 2)
                 msg_error("rank %d exited with status %d; stopping the others",
                           node_rank * gpus + i, WEXITSTATUS(st));
@@ -609,8 +635,9 @@ int dist_select_device(int local_rank)
             break;
         p = end + 1;
     }
-    return msg_error("LOCAL_RANK=%d, but CUDA_VISIBLE_DEVICES='%s' lists %d device%s",
-                     local_rank, v, k, k == 1 ? "" : "s");
+    return msg_error(
+        "LOCAL_RANK=%d, but CUDA_VISIBLE_DEVICES='%s' lists %d device%s",
+        local_rank, v, k, k == 1 ? "" : "s");
 }
 
 /* ---- sharding ------------------------------------------------------------ */
@@ -625,7 +652,8 @@ size_t dist_shard(int64_t n, int world, int rank, int64_t *index)
     return m;
 }
 
-/* ---- NCCL ------------------------------------------------------------------ */
+/* ---- NCCL ------------------------------------------------------------------
+ */
 
 static void *open_lib(const char *path, char *err, size_t errlen)
 {
@@ -641,8 +669,8 @@ static void *open_lib(const char *path, char *err, size_t errlen)
 /* The copy a pip-installed PyTorch carries (package nvidia-nccl-cu*). */
 static void *open_in_python(char *path, size_t len)
 {
-    const char *roots[5] = {getenv("VIRTUAL_ENV"), getenv("CONDA_PREFIX"), "/usr/local",
-                            "/usr", NULL};
+    const char *roots[5] = {getenv("VIRTUAL_ENV"), getenv("CONDA_PREFIX"),
+                            "/usr/local", "/usr", NULL};
     char home[1024];
     const char *h = getenv("HOME");
     if (h && *h) {
@@ -654,7 +682,8 @@ static void *open_in_python(char *path, size_t len)
             continue;
         for (int dp = 0; dp < 2; dp++) {
             char pat[1200];
-            snprintf(pat, sizeof pat, "%s/lib/python3*/%s/nvidia/nccl/lib/libnccl.so.2",
+            snprintf(pat, sizeof pat,
+                     "%s/lib/python3*/%s/nvidia/nccl/lib/libnccl.so.2",
                      roots[i], dp ? "dist-packages" : "site-packages");
             glob_t g;
             if (glob(pat, 0, NULL, &g) != 0)
@@ -678,7 +707,8 @@ static int sym(dist_nccl *n, void *fp, const char *name)
 {
     void *s = dlsym(n->lib, name);
     if (!s)
-        return msg_error("'%s' is not a usable NCCL library: no %s", n->path, name);
+        return msg_error("'%s' is not a usable NCCL library: no %s", n->path,
+                         name);
     memcpy(fp, &s, sizeof s);
     return 0;
 }
@@ -698,20 +728,26 @@ int dist_nccl_load(dist_nccl *n)
             snprintf(n->path, sizeof n->path, "%s", want);
         n->lib = open_lib(n->path, err, sizeof err);
         if (!n->lib)
-            return msg_error("cannot load NCCL from QLORA_NCCL='%s': %s", want, err);
+            return msg_error("cannot load NCCL from QLORA_NCCL='%s': %s", want,
+                             err);
     } else {
         snprintf(n->path, sizeof n->path, "libnccl.so.2");
         n->lib = open_lib(n->path, err, sizeof err);
         if (!n->lib)
             n->lib = open_in_python(n->path, sizeof n->path);
         if (!n->lib)
-            return msg_error("cannot load NCCL: libnccl.so.2 is neither on the loader's "
-                             "path nor in a PyTorch install; set QLORA_NCCL to its path");
+            return msg_error(
+                "cannot load NCCL: libnccl.so.2 is neither on the loader's "
+                "path nor in a PyTorch install; set QLORA_NCCL to its path");
     }
-    if (sym(n, &n->get_version, "ncclGetVersion") || sym(n, &n->get_unique_id, "ncclGetUniqueId") ||
-        sym(n, &n->comm_init_rank, "ncclCommInitRank") || sym(n, &n->all_reduce, "ncclAllReduce") ||
-        sym(n, &n->group_start, "ncclGroupStart") || sym(n, &n->group_end, "ncclGroupEnd") ||
-        sym(n, &n->comm_destroy, "ncclCommDestroy") || sym(n, &n->comm_abort, "ncclCommAbort") ||
+    if (sym(n, &n->get_version, "ncclGetVersion") ||
+        sym(n, &n->get_unique_id, "ncclGetUniqueId") ||
+        sym(n, &n->comm_init_rank, "ncclCommInitRank") ||
+        sym(n, &n->all_reduce, "ncclAllReduce") ||
+        sym(n, &n->group_start, "ncclGroupStart") ||
+        sym(n, &n->group_end, "ncclGroupEnd") ||
+        sym(n, &n->comm_destroy, "ncclCommDestroy") ||
+        sym(n, &n->comm_abort, "ncclCommAbort") ||
         sym(n, &n->error_string, "ncclGetErrorString")) {
         dist_nccl_unload(n);
         return -1;

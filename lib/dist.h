@@ -33,14 +33,14 @@
 #define DIST_ID_BYTES 128 /* NCCL_UNIQUE_ID_BYTES */
 
 typedef struct dist_env {
-    int world;              /* 1: a single process */
+    int world; /* 1: a single process */
     int rank;
     int local_rank;
-    int launched;           /* started by dist_launch (QLORA_DIST_LAUNCHED) */
+    int launched;            /* started by dist_launch (QLORA_DIST_LAUNCHED) */
     const char *master_addr; /* NULL when unset */
-    int master_port;        /* QLORA_DIST_PORT, MASTER_PORT, or 29500 */
-    const char *id_file;    /* NULL when unset */
-    uint64_t tag;           /* run identity for the id file (see dist_file_*) */
+    int master_port;         /* QLORA_DIST_PORT, MASTER_PORT, or 29500 */
+    const char *id_file;     /* NULL when unset */
+    uint64_t tag; /* run identity for the id file (see dist_file_*) */
     double timeout_s;
 } dist_env;
 
@@ -127,8 +127,8 @@ typedef struct dist_nccl_id {
  * are pointers, here void *). */
 typedef struct dist_nccl {
     void *lib;
-    char path[1024];   /* what was loaded */
-    int version;       /* ncclGetVersion, e.g. 22703 for 2.27.3 */
+    char path[1024]; /* what was loaded */
+    int version;     /* ncclGetVersion, e.g. 22703 for 2.27.3 */
     int (*get_version)(int *version);
     int (*get_unique_id)(dist_nccl_id *id);
     int (*comm_init_rank)(void **comm, int nranks, dist_nccl_id id, int rank);

@@ -112,6 +112,8 @@ static void on_event(const train_event *ev, void *ctx)
         break;
     case TRAIN_EV_LOG:
     case TRAIN_EV_EVAL:
+        if (!u->metrics)
+            break;
         train_event_json(ev, &u->sb);
         sb_putc(&u->sb, '\n');
         io_write(u->metrics, u->sb.buf, u->sb.len);
@@ -150,6 +152,58 @@ static void passive_omp(char **argv)
     execv("/proc/self/exe", argv);
     /* no /proc: carry on as we are */
 }
+
+#ifdef QLORA_CUDA /* ---- data parallel (lib/dist.h, kernels/dist_gpu.h) ---- */
+/* --gpus n: checks what each rank would find missing, once, then starts
+ * them and waits. Returns the exit status. */
+static int launch(int gpus, const dist_env *de, const train_config *cfg,
+                  const char *train_path, char **argv)
+{
+    if (de->world > 1)
+        return msg_error("--gpus %d, and WORLD_SIZE=%d from a launcher: use one or the "
+                         "other", gpus, de->world), 2;
+    if (strcmp(cfg->device, "cpu") == 0)
+        return msg_error("--gpus %d: data-parallel training runs on CUDA devices, "
+                         "not device 'cpu'", gpus), 2;
+    if (!train_path || strcmp(train_path, "-") == 0)
+        return msg_error("--gpus %d: every rank reads the packed file: name it "
+                         "(not stdin)", gpus), 2;
+    dist_nccl nccl;
+    if (dist_nccl_load(&nccl) != 0)
+        return 2;
+    dist_nccl_unload(&nccl);
+    /* no context is made here: the ranks are new processes (exec) */
+    int have = kn_device_count();
+    if (have < gpus)
+        return msg_error("--gpus %d: %d CUDA device%s visible", gpus, have,
+                         have == 1 ? "" : "s"), 2;
+    msg_info("starting %d ranks", gpus);
+    return dist_launch(gpus, argv);
+}
+
+/* One rank of a job: its GPU, NCCL, the unique id from rank 0. */
+static int join(dist_env *de, const train_config *cfg, const char *train_path,
+                dist_nccl *nccl, unsigned char id[DIST_ID_BYTES])
+{
+    if (strcmp(cfg->device, "cpu") == 0)
+        return msg_error("WORLD_SIZE=%d: data-parallel training runs on CUDA devices, "
+                         "not device 'cpu'", de->world);
+    if (!train_path || strcmp(train_path, "-") == 0)
+        return msg_error("WORLD_SIZE=%d: every rank reads the packed file: name it "
+                         "(not stdin)", de->world);
+    if (dist_select_device(de->local_rank) != 0 || dist_nccl_load(nccl) != 0)
+        return -1;
+    msg_info("NCCL %d from '%s'", nccl->version, nccl->path);
+    if (de->rank == 0) {
+        dist_nccl_id nid;
+        int r = nccl->get_unique_id(&nid);
+        if (r != DIST_NCCL_SUCCESS)
+            return dist_nccl_error(nccl, "ncclGetUniqueId", r);
+        memcpy(id, nid.internal, DIST_ID_BYTES);
+    }
+    return dist_share_id(de, id);
+}
+#endif
 
 int main(int argc, char **argv)
 {
@@ -256,10 +310,7 @@ int main(int argc, char **argv)
         sb_free(&sb);
         return io_writer_commit(w) < 0 ? 2 : 0;
     }
-#ifdef QLORA_CUDA /* ---- GPU path: auto takes the GPU when one is present ---- */
-    int use_cuda = strcmp(cfg.device, "cuda") == 0 ||
-                   (strcmp(cfg.device, "auto") == 0 && kn_device_count() > 0);
-#else
+#ifndef QLORA_CUDA
     if (strcmp(cfg.device, "cuda") == 0)
         msg_die("device 'cuda': not built with CUDA");
 #endif
@@ -267,6 +318,43 @@ int main(int argc, char **argv)
         bad_usage("no model: give -m dir or model_name_or_path%s", "");
     if (!init_only && !train_path && isatty(0))
         bad_usage("no packed file (and stdin is a terminal)%s", "");
+
+    /* data parallel (lib/dist.h): start the ranks, or be one */
+    dist_env de;
+    if (dist_env_read(&de) != 0) {
+        cfg_free(train_fields, train_nfields, &cfg);
+        return 2;
+    }
+    if (init_only) /* one process writes the initial adapter */
+        de.world = 1, de.rank = 0, gpus = 1;
+    if (de.world > 1 && de.rank > 0 && !init_only) {
+        static char name[64];
+        snprintf(name, sizeof name, "lora-train[rank %d]", de.rank);
+        msg_init(name);
+        if (msg_verbosity > 0) /* rank 0 warns for everyone */
+            msg_verbosity--;
+    }
+#ifdef QLORA_CUDA /* ---- GPU path: auto takes the GPU when one is present ---- */
+    if (gpus > 1 && !de.launched) {
+        rc = launch(gpus, &de, &cfg, train_path, argv);
+        cfg_free(train_fields, train_nfields, &cfg);
+        return rc;
+    }
+    dist_nccl nccl;
+    unsigned char nccl_id[DIST_ID_BYTES];
+    memset(&nccl, 0, sizeof nccl);
+    memset(nccl_id, 0, sizeof nccl_id);
+    if (de.world > 1 && join(&de, &cfg, train_path, &nccl, nccl_id) != 0) {
+        dist_nccl_unload(&nccl);
+        cfg_free(train_fields, train_nfields, &cfg);
+        return 2;
+    }
+    int use_cuda = de.world > 1 || strcmp(cfg.device, "cuda") == 0 ||
+                   (strcmp(cfg.device, "auto") == 0 && kn_device_count() > 0);
+#else
+    if (gpus > 1 || de.world > 1)
+        msg_die("data-parallel training (--gpus, WORLD_SIZE): not built with CUDA");
+#endif
 
     /* from here on, every exit goes through done: */
     llama_model *model = NULL;
@@ -308,9 +396,11 @@ int main(int argc, char **argv)
         msg_info("resuming from '%s'", ckpt);
     }
     u.progress = progress && msg_verbosity > 0;
-    if (dump_path && !(u.batches = io_writer_open(dump_path, IO_TEXT)))
+    /* data parallel, rank 0 alone writes */
+    if (de.rank == 0 && dump_path && !(u.batches = io_writer_open(dump_path, IO_TEXT)))
         goto done;
-    u.metrics = io_writer_open(NULL, IO_TEXT);
+    if (de.rank == 0)
+        u.metrics = io_writer_open(NULL, IO_TEXT);
     train_inputs in = {
         .cfg = &cfg,
         .model = model,
@@ -328,6 +418,7 @@ int main(int argc, char **argv)
                  1048576.0);
 #ifdef QLORA_CUDA /* ---- GPU path: steps and evaluations on the device ---- */
     gpu_trainer *gpu = NULL;
+    dist_gpu *dg = NULL;
     train_backend gpu_be;
     if (use_cuda) {
         lora_config lc;
@@ -340,18 +431,31 @@ int main(int argc, char **argv)
                          ? GPU_TRAINER_PAGED_OPTIM
                          : 0);
         if (train_lora_config(&cfg, &lc) != 0 ||
-            !(gpu = gpu_trainer_new(model, &lc, cap, flags))) {
-            io_writer_abort(u.metrics);
+            !(gpu = gpu_trainer_new(model, &lc, cap, flags)) ||
+            (de.world > 1 &&
+             !(dg = dist_gpu_new(&nccl, &de, nccl_id, gpu, &model->cfg, &lc)))) {
+            gpu_trainer_free(gpu);
+            if (u.metrics)
+                io_writer_abort(u.metrics);
             u.metrics = NULL;
             goto done;
         }
         gpu_trainer_backend(gpu, &gpu_be);
+        if (dg) {
+            dist_gpu_backend(dg, &gpu_be);
+            in.world = de.world;
+            in.rank = de.rank;
+            msg_info("rank %d of %d, CUDA device '%s' (CUDA_VISIBLE_DEVICES=%s), %d "
+                     "gradient buckets", de.rank, de.world, kn_device_name(),
+                     getenv("CUDA_VISIBLE_DEVICES"), dist_gpu_buckets(dg));
+        }
         in.backend = &gpu_be;
         msg_info("training on CUDA device '%s'", kn_device_name());
     }
 #endif
     rc = train_run(&in);
 #ifdef QLORA_CUDA
+    dist_gpu_free(dg, rc != 0);
     gpu_trainer_free(gpu);
 #endif
     if (u.batches) {
@@ -361,7 +465,7 @@ int main(int argc, char **argv)
             io_writer_abort(u.batches);
         u.batches = NULL;
     }
-    if (io_writer_commit(u.metrics) != 0)
+    if (u.metrics && io_writer_commit(u.metrics) != 0)
         rc = -1;
     u.metrics = NULL;
     rc = rc ? 2 : 0;
@@ -375,6 +479,9 @@ done:
     if (have_eval)
         pack_data_free(&eval);
     llama_free(model);
+#ifdef QLORA_CUDA
+    dist_nccl_unload(&nccl);
+#endif
     cfg_free(train_fields, train_nfields, &cfg);
     return rc;
 }

@@ -221,8 +221,9 @@ static void test_attention(int nh, int nkv, int hd, int cap, int bf)
     int32_t *ds = gt_up(slot, sizeof slot), *dp = gt_up(pos, sizeof pos);
     float *o32 = gt_dev((size_t)n * nh * hd * 4);
     kn_bf16 *o16 = gt_dev((size_t)n * nh * hd * 2);
-    kn_gen_attention_setup(cap);
-    kn_gen_attention(o32, o16, dq, nh * hd, dk, dv, bf, ds, dp, n, nh, nkv, hd, cap, 0);
+    float *ws = kn_malloc(kn_gen_attention_ws(n, nh, hd, cap));
+    kn_gen_attention(o32, o16, dq, nh * hd, dk, dv, bf, ds, dp, n, nh, nkv, hd, cap, ws, 0);
+    kn_free(ws);
     float *got = gt_down_f32(o32, n * nh * hd), *got16 = gt_down_bf16(o16, n * nh * hd);
     float *ref = malloc((size_t)n * nh * hd * 4);
     for (int t = 0; t < n; t++)
@@ -673,6 +674,19 @@ static void mma_bench_fn(void *p)
     kn_gen_linear_mma(&b->op, 1, b->x, b->op.w.in, b->n, b->ws, b->wsb, 0);
 }
 
+typedef struct att_bench {
+    void *kc, *vc, *o;
+    float *q, *ws;
+    int32_t *slot, *pos;
+    int n, cap;
+} att_bench;
+static void att_bench_fn(void *p)
+{
+    att_bench *b = p;
+    kn_gen_attention(NULL, b->o, b->q, 4096, b->kc, b->vc, 1, b->slot, b->pos, b->n, 32, 32, 128,
+                     b->cap, b->ws, 0);
+}
+
 static void bench_7b(void)
 {
     enum { L = 32, DIM = 4096, HID = 11008, VOCAB = 32000, PROMPT = 300, NEW = 100 };
@@ -756,6 +770,38 @@ static void bench_7b(void)
             kn_free((void *)w.q.codes); kn_free((void *)w.q.absmax_q);
             kn_free((void *)w.q.nested_absmax); kn_free((void *)w.q.nested_map);
             kn_free((void *)w.q.quant_map);
+        }
+    }
+
+    /* the cache attention alone: 350 cached positions, 32 heads of 128 */
+    {
+        int cap = PROMPT + NEW, P = 350;
+        for (int n = 1; n <= 64; n *= 64) {
+            size_t csz = (size_t)n * cap * DIM;
+            att_bench b;
+            b.kc = gt_dev(csz * 2);
+            b.vc = gt_dev(csz * 2);
+            kn_memset(b.kc, 0, csz * 2, 0);
+            kn_memset(b.vc, 0, csz * 2, 0);
+            float *qh = gt_rand((int64_t)n * DIM, 1.0f);
+            b.q = gt_up_f32(qh, (int64_t)n * DIM);
+            int32_t *sl = malloc((size_t)n * 4), *ps = malloc((size_t)n * 4);
+            for (int i = 0; i < n; i++) {
+                sl[i] = i;
+                ps[i] = P;
+            }
+            b.slot = gt_up(sl, (size_t)n * 4);
+            b.pos = gt_up(ps, (size_t)n * 4);
+            b.o = gt_dev((size_t)n * DIM * 2);
+            b.ws = kn_malloc(kn_gen_attention_ws(n, 32, 128, cap));
+            b.n = n;
+            b.cap = cap;
+            char name[80];
+            snprintf(name, sizeof name, "cache attention n=%d P=%d (cache bytes)", n, P);
+            gt_time(name, att_bench_fn, &b, (double)n * (P + 1) * DIM * 2 * 2, 1);
+            free(qh); free(sl); free(ps);
+            kn_free(b.kc); kn_free(b.vc); kn_free(b.q); kn_free(b.slot); kn_free(b.pos);
+            kn_free(b.o); kn_free(b.ws);
         }
     }
 

@@ -3,8 +3,10 @@
  * same counter-based mask as lib/lora.h (lora_rand_uniform): lh = xd A^T,
  * dA += dlh^T xd, dx += mask (dlh A) / (1 - p) into fp32 and bf16, for
  * every supported r, rows that are not a multiple of the 64-row tile, and
- * inputs wide or long enough that the sums are split over blocks. --bench
- * times them against the unfused path (a dropout pass and cuBLAS). */
+ * inputs wide or long enough that the sums are split over blocks; the keep
+ * bits kn_lora_down leaves behind (the CPU's mask bit for bit) and grad_a
+ * and dx reading them (the same bits as hashing). --bench times them
+ * against the unfused path (a dropout pass and cuBLAS). */
 #include "gpu_test.h"
 #include "lora.h"
 
@@ -57,13 +59,15 @@ static void one(int64_t n, int in, int r, float p, uint64_t key)
     kn_bf16 *d_x = gt_up_bf16(x, nx), *d_A = gt_up_bf16(A, na), *d_dlh = gt_up_bf16(dlh, nd);
     kn_bf16 *d_lh = gt_dev((size_t)nd * 2), *d_dxb = gt_up_bf16(dxb0, nx);
     float *d_ga = gt_up_f32(ga0, na), *d_dx = gt_up_f32(dx0, nx);
-    size_t sb = kn_lora_scratch_bytes(n, r, in);
+    size_t sb = kn_lora_scratch_bytes(n, r, in), nb = kn_lora_bits_bytes(n, in);
     void *scratch = sb ? gt_dev(sb) : NULL;
+    uint8_t *d_bits = gt_dev(nb);
     kn_memset(d_lh, 0xff, (size_t)nd * 2, 0); /* NaN: every element must be written */
-    kn_lora_down(d_lh, d_x, d_A, n, in, r, p, key, scratch, 0);
-    kn_lora_grad_a(d_ga, d_dlh, d_x, n, in, r, p, key, scratch, 0);
-    kn_lora_dx(d_dx, KN_F32, d_dlh, d_A, n, in, r, p, key, 0);
-    kn_lora_dx(d_dxb, KN_BF16, d_dlh, d_A, n, in, r, p, key, 0);
+    kn_memset(d_bits, 0x5a, nb, 0);
+    kn_lora_down(d_lh, d_bits, d_x, d_A, n, in, r, p, key, scratch, 0);
+    kn_lora_grad_a(d_ga, NULL, d_dlh, d_x, n, in, r, p, key, scratch, 0);
+    kn_lora_dx(d_dx, KN_F32, NULL, d_dlh, d_A, n, in, r, p, key, 0);
+    kn_lora_dx(d_dxb, KN_BF16, d_bits, d_dlh, d_A, n, in, r, p, key, 0);
     float *g_lh = gt_down_bf16(d_lh, nd), *g_ga = gt_down_f32(d_ga, na);
     float *g_dx = gt_down_f32(d_dx, nx), *g_dxb = gt_down_bf16(d_dxb, nx);
     char what[128], tag[80];
@@ -76,18 +80,31 @@ static void one(int64_t n, int in, int r, float p, uint64_t key)
     gt_compare(what, g_dx, dx, nx, TOL_MMA, "TOL_MMA");
     snprintf(what, sizeof what, "lora dx += mask (dlh A) bf16 %s", tag);
     gt_compare(what, g_dxb, dxb, nx, TOL_BF16_OUT, "TOL_BF16_OUT");
-    /* deterministic: the same call twice gives the same bits */
+    /* the keep bits: the CPU's mask */
+    uint8_t *hb = calloc(nb ? nb : 1, 1), *gb = malloc(nb ? nb : 1);
+    for (int64_t i = 0; i < nx; i++)
+        hb[i >> 3] |= (uint8_t)(keep[i] << (i & 7));
+    kn_memcpy_d2h(gb, d_bits, nb, 0);
+    snprintf(what, sizeof what, "lora down keep bits are the CPU's mask %s", tag);
+    gt_check(memcmp(gb, hb, nb) == 0, what);
+    free(hb);
+    free(gb);
+    /* grad_a and dx from the bits: the same numbers as hashing, twice */
     float *again = malloc((size_t)na * 4);
     kn_memcpy_h2d(d_ga, ga0, (size_t)na * 4, 0);
-    kn_lora_grad_a(d_ga, d_dlh, d_x, n, in, r, p, key, scratch, 0);
+    kn_lora_grad_a(d_ga, d_bits, d_dlh, d_x, n, in, r, p, key, scratch, 0);
     kn_memcpy_d2h(again, d_ga, (size_t)na * 4, 0);
-    kn_memcpy_h2d(d_ga, ga0, (size_t)na * 4, 0);
-    kn_lora_grad_a(d_ga, d_dlh, d_x, n, in, r, p, key, scratch, 0);
-    free(g_ga);
-    g_ga = gt_down_f32(d_ga, na);
-    snprintf(what, sizeof what, "lora grad A is deterministic %s", tag);
-    gt_compare(what, g_ga, again, na, TOL_EXACT, "TOL_EXACT");
+    snprintf(what, sizeof what, "lora grad A from the keep bits, deterministic %s", tag);
+    gt_compare(what, again, g_ga, na, TOL_EXACT, "TOL_EXACT");
     free(again);
+    again = malloc((size_t)nx * 4);
+    kn_memcpy_h2d(d_dx, dx0, (size_t)nx * 4, 0);
+    kn_lora_dx(d_dx, KN_F32, d_bits, d_dlh, d_A, n, in, r, p, key, 0);
+    kn_memcpy_d2h(again, d_dx, (size_t)nx * 4, 0);
+    snprintf(what, sizeof what, "lora dx from the keep bits, deterministic %s", tag);
+    gt_compare(what, again, g_dx, nx, TOL_EXACT, "TOL_EXACT");
+    free(again);
+    kn_free(d_bits);
     free(x); free(A); free(dlh); free(ga0); free(dx0); free(xd); free(keep);
     free(lh); free(ga); free(dx); free(dxb0); free(dxb);
     free(g_lh); free(g_ga); free(g_dx); free(g_dxb);
@@ -100,6 +117,7 @@ typedef struct {
     kn_bf16 *x, *A, *dlh, *lh, *xd, *tmp;
     float *ga, *dx;
     void *scratch;
+    uint8_t *bits;
     int64_t n;
     int in, r;
 } bench_ctx;
@@ -110,7 +128,7 @@ static const uint64_t BKEY = 0x1234;
 static void b_down(void *p)
 {
     bench_ctx *c = p;
-    kn_lora_down(c->lh, c->x, c->A, c->n, c->in, c->r, BP, BKEY, c->scratch, 0);
+    kn_lora_down(c->lh, c->bits, c->x, c->A, c->n, c->in, c->r, BP, BKEY, c->scratch, 0);
 }
 static void b_down_ref(void *p)
 {
@@ -122,7 +140,12 @@ static void b_down_ref(void *p)
 static void b_grad(void *p)
 {
     bench_ctx *c = p;
-    kn_lora_grad_a(c->ga, c->dlh, c->x, c->n, c->in, c->r, BP, BKEY, c->scratch, 0);
+    kn_lora_grad_a(c->ga, NULL, c->dlh, c->x, c->n, c->in, c->r, BP, BKEY, c->scratch, 0);
+}
+static void b_grad_bits(void *p)
+{
+    bench_ctx *c = p;
+    kn_lora_grad_a(c->ga, c->bits, c->dlh, c->x, c->n, c->in, c->r, BP, BKEY, c->scratch, 0);
 }
 static void b_grad_ref(void *p)
 {
@@ -134,7 +157,12 @@ static void b_grad_ref(void *p)
 static void b_dx(void *p)
 {
     bench_ctx *c = p;
-    kn_lora_dx(c->dx, KN_F32, c->dlh, c->A, c->n, c->in, c->r, BP, BKEY, 0);
+    kn_lora_dx(c->dx, KN_F32, NULL, c->dlh, c->A, c->n, c->in, c->r, BP, BKEY, 0);
+}
+static void b_dx_bits(void *p)
+{
+    bench_ctx *c = p;
+    kn_lora_dx(c->dx, KN_F32, c->bits, c->dlh, c->A, c->n, c->in, c->r, BP, BKEY, 0);
 }
 static void b_dx_ref(void *p)
 {
@@ -162,6 +190,7 @@ static void bench(int64_t n, int in, int r)
     c.dx = gt_up_f32(h, nx);
     size_t sb = kn_lora_scratch_bytes(n, r, in);
     c.scratch = sb ? gt_dev(sb) : NULL;
+    c.bits = gt_dev(kn_lora_bits_bytes(n, in));
     char what[96];
     double xb = (double)nx * 2;
     snprintf(what, sizeof what, "lora down fused n=%lld in=%d r=%d", (long long)n, in, r);
@@ -170,15 +199,21 @@ static void bench(int64_t n, int in, int r)
     gt_time(what, b_down_ref, &c, xb, 1);
     snprintf(what, sizeof what, "lora grad A fused n=%lld in=%d r=%d", (long long)n, in, r);
     gt_time(what, b_grad, &c, xb, 1);
+    snprintf(what, sizeof what, "lora grad A fused, keep bits n=%lld in=%d r=%d", (long long)n,
+             in, r);
+    gt_time(what, b_grad_bits, &c, xb, 1);
     snprintf(what, sizeof what, "lora grad A unfused n=%lld in=%d r=%d", (long long)n, in, r);
     gt_time(what, b_grad_ref, &c, xb, 1);
     snprintf(what, sizeof what, "lora dx fp32 fused n=%lld in=%d r=%d", (long long)n, in, r);
     gt_time(what, b_dx, &c, xb * 4, 1);
+    snprintf(what, sizeof what, "lora dx fp32 fused, keep bits n=%lld in=%d r=%d", (long long)n,
+             in, r);
+    gt_time(what, b_dx_bits, &c, xb * 4, 1);
     snprintf(what, sizeof what, "lora dx fp32 unfused n=%lld in=%d r=%d", (long long)n, in, r);
     gt_time(what, b_dx_ref, &c, xb * 4, 1);
     free(h);
     kn_free(c.x); kn_free(c.A); kn_free(c.dlh); kn_free(c.lh); kn_free(c.xd);
-    kn_free(c.tmp); kn_free(c.ga); kn_free(c.dx); kn_free(c.scratch);
+    kn_free(c.tmp); kn_free(c.ga); kn_free(c.dx); kn_free(c.scratch); kn_free(c.bits);
 }
 
 int main(int argc, char **argv)

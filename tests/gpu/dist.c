@@ -1,0 +1,601 @@
+/* dist.c (gpu_dist): data-parallel training over several GPUs
+ * (kernels/dist_gpu.cu, lib/dist.c) against one GPU.
+ *
+ *   gpu_dist [--gpus n] [--bench]
+ *
+ * Starts n ranks (default 2) of itself with dist_launch, one per GPU,
+ * which join through NCCL; skips (77) with fewer GPUs or without NCCL.
+ *
+ * The check (default): a small random Llama (4 layers, grouped-query
+ * attention, every linear adapted, LoRA dropout on) and random packed
+ * rows. Each rank runs a global step of 5 micro-batches twice: on one
+ * trainer the single-GPU way (gpu_trainer_step over all 5), on another,
+ * with gradient checkpointing, its share through the data-parallel
+ * backend (the gradient reduced in buckets while the backward runs). Over
+ * 5 steps (buckets of one layer, then one bucket for all; the last step
+ * has a single micro-batch, so some rank has none), the losses, gradient
+ * norms, trained adapters and moments must agree within TOL_DP (the same
+ * sums in another order), the ranks must hold identical adapters
+ * (finish), and the sharded evaluation must give the single-GPU loss.
+ * Rank 0 prints the results, summed over the ranks.
+ *
+ * --bench: the 7B seed configuration of bench/train (Llama 2 7B shapes,
+ * random NF4 with double quantization, sequence 2048, micro-batch 6 and
+ * accumulation 2 per GPU, r=64, dropout 0.1, gradient checkpointing,
+ * paged moments unless GPU_TRAIN_PAGED=0), for q_proj,v_proj and
+ * all-linear: rank 0 prints the step time and the tokens per second of all
+ * ranks together (#json lines, which bench/multi-gpu tabulates). With
+ * --gpus 1 it runs the single-GPU path without NCCL, the baseline.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "gpu_test.h"
+
+#include "../../kernels/dist_gpu.h"
+#include "../../kernels/train_gpu.h"
+#include "adamw.h"
+#include "dist.h"
+#include "llama.h"
+#include "lora.h"
+#include "msg.h"
+#include "nf4.h"
+#include "packfile.h"
+#include "safetensors.h"
+#include "train.h"
+
+#include <time.h>
+#include <unistd.h>
+
+#define TOL_DP                                                                 \
+    1e-4 /* data parallel against one GPU: the same fp32 sums,                 \
+            added in another order */
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double rel(double a, double b)
+{
+    return fabs(a - b) / (fabs(b) > 0 ? fabs(b) : 1);
+}
+
+/* ---- joining the job ------------------------------------------------------
+ */
+
+typedef struct job {
+    dist_env e;
+    dist_nccl nc;
+    unsigned char id[DIST_ID_BYTES];
+} job;
+
+static int join(job *j)
+{
+    if (dist_env_read(&j->e) != 0 || dist_select_device(j->e.local_rank) != 0 ||
+        kn_init(0) != 0)
+        return -1;
+    if (j->e.world == 1)
+        return 0;
+    if (dist_nccl_load(&j->nc) != 0)
+        return -1;
+    memset(j->id, 0, sizeof j->id);
+    if (j->e.rank == 0) {
+        dist_nccl_id nid;
+        int r = j->nc.get_unique_id(&nid);
+        if (r != DIST_NCCL_SUCCESS)
+            return dist_nccl_error(&j->nc, "ncclGetUniqueId", r);
+        memcpy(j->id, nid.internal, DIST_ID_BYTES);
+    }
+    return dist_share_id(&j->e, j->id);
+}
+
+/* ---- the check --------------------------------------------------------------
+ */
+
+#define SEQ 64
+#define ROWS 10
+#define MICRO 5 /* micro-batches of a step, 2 rows each */
+
+static float *ones(int n)
+{
+    float *x = xmalloc((size_t)n * sizeof *x);
+    for (int i = 0; i < n; i++)
+        x[i] = 1.0f;
+    return x;
+}
+
+static llama_model *tiny_model(void)
+{
+    llama_model *M = xcalloc(1, sizeof *M);
+    llama_config *c = &M->cfg;
+    c->dim = 128;
+    c->hidden = 384;
+    c->n_layers = 4;
+    c->n_heads = 4;
+    c->n_kv_heads = 2;
+    c->head_dim = 32;
+    c->vocab = 300;
+    c->max_pos = 512;
+    c->norm_eps = 1e-5f;
+    c->rope_theta = 10000.0f;
+    c->bos_id = 1;
+    c->eos_id = 2;
+    M->dir = (char *)"random-tiny";
+    M->embed = gt_rand((int64_t)c->vocab * c->dim, 1.0f);
+    M->norm = ones(c->dim);
+    M->head.rows = c->vocab;
+    M->head.cols = c->dim;
+    M->head.f32 = gt_rand((int64_t)c->vocab * c->dim, 0.1f);
+    M->layers = xcalloc((size_t)c->n_layers, sizeof *M->layers);
+    for (int i = 0; i < c->n_layers; i++) {
+        M->layers[i].attn_norm = ones(c->dim);
+        M->layers[i].ffn_norm = ones(c->dim);
+        for (int l = 0; l < LLAMA_NLINEAR; l++) {
+            int64_t o, in;
+            llama_linear_shape(c, (llama_linear)l, &o, &in);
+            M->layers[i].lin[l].rows = o;
+            M->layers[i].lin[l].cols = in;
+            M->layers[i].lin[l].f32 =
+                gt_rand(o * in, (float)(1.7 / sqrt((double)in)));
+            M->max_lin_elems =
+                o * in > M->max_lin_elems ? o * in : M->max_lin_elems;
+        }
+    }
+    return M;
+}
+
+static void tiny_free(llama_model *M)
+{
+    for (int i = 0; i < M->cfg.n_layers; i++) {
+        free(M->layers[i].attn_norm);
+        free(M->layers[i].ffn_norm);
+        for (int l = 0; l < LLAMA_NLINEAR; l++)
+            free(M->layers[i].lin[l].f32);
+    }
+    free(M->layers);
+    free(M->embed);
+    free(M->norm);
+    free(M->head.f32);
+    free(M);
+}
+
+/* Random documents packed into rows, some tokens without a loss. */
+static void make_data(pack_data *d, int vocab)
+{
+    memset(d, 0, sizeof *d);
+    d->h.version = PACK_VERSION;
+    d->h.seq_len = SEQ;
+    d->h.vocab_size = (uint32_t)vocab;
+    d->h.n_rows = ROWS;
+    d->ids = xcalloc((size_t)ROWS * SEQ, sizeof *d->ids);
+    d->weights = xcalloc((size_t)ROWS * SEQ, 1);
+    d->row_spans = xcalloc(ROWS + 1, sizeof *d->row_spans);
+    d->spans = xcalloc((size_t)ROWS * SEQ, sizeof *d->spans);
+    uint64_t ns = 0;
+    for (int r = 0; r < ROWS; r++) {
+        d->row_spans[r] = ns;
+        uint32_t pos = 0, end = SEQ - (uint32_t)(r % 3) * 7;
+        while (pos + 2 <= end) {
+            uint32_t len = 2 + (uint32_t)(gt_u64() % 40);
+            len = len > end - pos ? end - pos : len;
+            d->spans[ns].start = pos;
+            d->spans[ns].len = len;
+            ns++;
+            uint32_t prompt = (uint32_t)(gt_u64() % (len / 2 + 1));
+            for (uint32_t p = 0; p < len; p++) {
+                size_t i = (size_t)r * SEQ + pos + p;
+                d->ids[i] = 3 + (uint32_t)(gt_u64() % (uint64_t)(vocab - 3));
+                d->weights[i] = p > 0 && p >= prompt;
+            }
+            pos += len;
+        }
+    }
+    d->row_spans[ROWS] = ns;
+    d->h.n_spans = ns;
+}
+
+enum { C_LOSS, C_NORM, C_PARAMS, C_MOMENTS, C_FINISH, C_EVAL, C_SUM, C_N };
+
+static int check_rank(job *j)
+{
+    int world = j->e.world, rank = j->e.rank;
+    gt_seed(7); /* every rank builds the same model and data */
+    llama_model *M = tiny_model();
+    pack_data d;
+    make_data(&d, M->cfg.vocab);
+    lora_config lc;
+    memset(&lc, 0, sizeof lc);
+    lc.r = 16;
+    lc.alpha = 32;
+    lc.dropout = 0.1;
+    lc.targets = LORA_ALL_LINEAR;
+    gpu_trainer *R = gpu_trainer_new(M, &lc, 2 * SEQ, 0);
+    gpu_trainer *D = gpu_trainer_new(M, &lc, 2 * SEQ, GPU_TRAINER_CHECKPOINT);
+    dist_gpu *dg =
+        R && D ? dist_gpu_new(&j->nc, &j->e, j->id, D, &M->cfg, &lc) : NULL;
+    if (!dg)
+        return -1;
+    train_backend be;
+    dist_gpu_backend(dg, &be);
+    /* a trained-looking start: A and B random, so every gradient counts */
+    lora_adapter *a, *a1, *a2;
+    lora_new(&M->cfg, &lc, &a);
+    lora_new(&M->cfg, &lc, &a1);
+    lora_new(&M->cfg, &lc, &a2);
+    for (size_t i = 0; i < a->n_params; i++)
+        a->params[i] = gt_uniform(0.05f);
+    adamw opt, o1, o2;
+    adamw_init(&opt, a->n_params, 0.9, 0.999, 1e-8, 0.01);
+    adamw_init(&o1, a->n_params, 0.9, 0.999, 1e-8, 0.01);
+    adamw_init(&o2, a->n_params, 0.9, 0.999, 1e-8, 0.01);
+    gpu_trainer_load(R, a, &opt);
+    be.load(be.ctx, a, &opt);
+    train_batch tb[MICRO], sub[MICRO];
+    memset(tb, 0, sizeof tb);
+    for (int k = 0; k < MICRO; k++) {
+        uint64_t rows[2] = {(uint64_t)(2 * k), (uint64_t)(2 * k + 1)};
+        train_batch_build(&tb[k], &d, rows, 2);
+    }
+    double c[C_N] = {0}, worst_loss = 0, worst_norm = 0;
+    for (int s = 0; s < 5; s++) {
+        dist_gpu_set_buckets(dg, s < 2 ? 0 : (size_t)1 << 30);
+        int nm = s == 4 ? 1 : MICRO;
+        double wsum = 0, l1, n1, l2, n2;
+        for (int k = 0; k < nm; k++)
+            wsum += tb[k].weight_sum;
+        int64_t idx[MICRO];
+        size_t mine = dist_shard(nm, world, rank, idx);
+        for (size_t i = 0; i < mine; i++)
+            sub[i] = tb[idx[i]];
+        gpu_trainer_step(R, tb, (size_t)nm, 1e-3, 1.0, 42, s, &l1, &n1);
+        be.step_shard(be.ctx, sub, idx, mine, wsum, 1e-3, 1.0, 42, s, &l2, &n2);
+        worst_loss = fmax(worst_loss, rel(l2, l1));
+        worst_norm = fmax(worst_norm, rel(n2, n1));
+    }
+    c[C_LOSS] = !(worst_loss <= TOL_DP);
+    c[C_NORM] = !(worst_norm <= TOL_DP);
+    gpu_trainer_store(R, a1, &o1);
+    be.store(be.ctx, a2, &o2);
+    c[C_PARAMS] =
+        !(gt_rel_err(a2->params, a1->params, (int64_t)a->n_params) <= TOL_DP);
+    c[C_MOMENTS] = !(gt_rel_err(o2.m, o1.m, (int64_t)o1.n) <= TOL_DP &&
+                     gt_rel_err(o2.v, o1.v, (int64_t)o1.n) <= TOL_DP);
+    c[C_FINISH] = be.finish(be.ctx, a2, &o2) != 0;
+    double e1, e2;
+    gpu_trainer_eval(R, &d, 3, &e1);
+    be.eval(be.ctx, &d, 3, &e2);
+    c[C_EVAL] = !(rel(e2, e1) <= TOL_DP);
+    double x = rank + 1;
+    dist_gpu_sum(dg, &x, 1);
+    c[C_SUM] = x != world * (world + 1) / 2.0;
+    if (rank == 0)
+        printf("# rank 0: worst step loss %.2e, gradient norm %.2e; eval %.6f "
+               "vs %.6f\n",
+               worst_loss, worst_norm, e2, e1);
+    dist_gpu_sum(dg, c, C_N); /* failures over the ranks */
+    if (rank == 0) {
+        char w[32];
+        snprintf(w, sizeof w, "%d ranks", world);
+        const char *what[C_N] = {
+            "per-step loss equals one GPU's (TOL_DP)",
+            "per-step gradient norm equals one GPU's (TOL_DP)",
+            "trained adapter equals one GPU's (TOL_DP)",
+            "AdamW moments equal one GPU's (TOL_DP)",
+            "every rank holds the same adapter and moments",
+            "sharded evaluation loss equals one GPU's (TOL_DP)",
+            "dist_gpu_sum adds over the ranks",
+        };
+        for (int k = 0; k < C_N; k++) {
+            char line[200];
+            snprintf(line, sizeof line,
+                     "dist %s: %s (buckets of 1 layer and of all; a "
+                     "rank with no micro-batch)",
+                     w, what[k]);
+            gt_check(c[k] == 0, line);
+        }
+    }
+    for (int k = 0; k < MICRO; k++)
+        train_batch_free(&tb[k]);
+    dist_gpu_free(dg, 0);
+    gpu_trainer_free(R);
+    gpu_trainer_free(D);
+    lora_free(a);
+    lora_free(a1);
+    lora_free(a2);
+    adamw_free(&opt);
+    adamw_free(&o1);
+    adamw_free(&o2);
+    pack_data_free(&d);
+    tiny_free(M);
+    return gt_failures ? 1 : 0;
+}
+
+/* ---- --bench: the 7B seed configuration (as tests/gpu/train.c's) -----------
+ */
+
+/* Random NF4 weights with double quantization built in memory (tests/gpu/
+ * train.c does the same for bench/train): random codes, one pool shared
+ * by every matrix on the host, each matrix its own copy on the device. */
+static void fake_nf4(nf4_weight *w, int64_t rows, int64_t cols,
+                     const uint8_t *codes, const uint8_t *scodes,
+                     const float *nested)
+{
+    memset(w, 0, sizeof *w);
+    w->ndim = 2;
+    w->shape[0] = rows;
+    w->shape[1] = cols;
+    w->numel = rows * cols;
+    w->dtype = ST_BF16;
+    w->blocksize = 64;
+    w->nblocks = w->numel / 64;
+    w->packed = codes;
+    w->nested = 1;
+    w->absmax_code = scodes;
+    w->nested_blocksize = NF4_NESTED_BLOCKSIZE;
+    w->nested_nblocks = (w->nblocks + 255) / 256;
+    w->nested_absmax = nested;
+    w->nested_offset = 0.03f;
+    memcpy(w->quant_map, nf4_code, sizeof w->quant_map);
+    memcpy(w->nested_map, nf4_dynamic_map(), sizeof w->nested_map);
+}
+
+/* A communicator serves one trainer: the next one's id, from rank 0
+ * through this one (a byte per double: the sum is exact). */
+static void next_id(job *j, dist_gpu *dg)
+{
+    double x[DIST_ID_BYTES] = {0};
+    dist_nccl_id nid;
+    if (j->e.rank == 0) {
+        int r = j->nc.get_unique_id(&nid);
+        if (r != DIST_NCCL_SUCCESS) {
+            dist_nccl_error(&j->nc, "ncclGetUniqueId", r);
+            exit(2);
+        }
+        for (int i = 0; i < DIST_ID_BYTES; i++)
+            x[i] = (unsigned char)nid.internal[i];
+    }
+    dist_gpu_sum(dg, x, DIST_ID_BYTES);
+    for (int i = 0; i < DIST_ID_BYTES; i++)
+        j->id[i] = (unsigned char)x[i];
+}
+
+static int bench_rank(job *j)
+{
+    enum {
+        L = 32,
+        DIM = 4096,
+        HID = 11008,
+        VOCAB = 32000,
+        T = 2048,
+        BS = 6,
+        ACC = 2
+    };
+    int world = j->e.world, rank = j->e.rank;
+    gt_seed(11);
+    llama_model M;
+    memset(&M, 0, sizeof M);
+    llama_config *c = &M.cfg;
+    c->dim = DIM;
+    c->hidden = HID;
+    c->n_layers = L;
+    c->n_heads = 32;
+    c->n_kv_heads = 32;
+    c->head_dim = 128;
+    c->vocab = VOCAB;
+    c->max_pos = 4096;
+    c->norm_eps = 1e-5f;
+    c->rope_theta = 10000.0f;
+    c->bos_id = 1;
+    c->eos_id = 2;
+    c->quantized = 1;
+    M.dir = (char *)"random-llama2-7b";
+    size_t maxn = (size_t)HID * DIM;
+    uint8_t *codes = xmalloc(maxn / 2), *scodes = xmalloc(maxn / 64);
+    for (size_t i = 0; i < maxn / 2; i += 8) {
+        uint64_t r = gt_u64();
+        memcpy(codes + i, &r, 8);
+    }
+    for (size_t i = 0; i < maxn / 64; i++)
+        scodes[i] = (uint8_t)(128 + gt_u64() % 128);
+    float *nested = xmalloc((maxn / 64 / 256 + 1) * sizeof *nested);
+    for (size_t i = 0; i < maxn / 64 / 256 + 1; i++)
+        nested[i] = 0.02f;
+    float *one = ones(DIM);
+    M.embed = gt_rand((int64_t)VOCAB * DIM, 0.02f);
+    M.norm = one;
+    M.head.rows = VOCAB;
+    M.head.cols = DIM;
+    M.head.f32 = gt_rand((int64_t)VOCAB * DIM, 0.02f);
+    M.layers = xcalloc(L, sizeof *M.layers);
+    nf4_weight *q = xcalloc((size_t)L * LLAMA_NLINEAR, sizeof *q);
+    for (int i = 0; i < L; i++) {
+        M.layers[i].attn_norm = one;
+        M.layers[i].ffn_norm = one;
+        for (int l = 0; l < LLAMA_NLINEAR; l++) {
+            int64_t o, in;
+            llama_linear_shape(c, (llama_linear)l, &o, &in);
+            fake_nf4(&q[i * LLAMA_NLINEAR + l], o, in, codes, scodes, nested);
+            M.layers[i].lin[l].rows = o;
+            M.layers[i].lin[l].cols = in;
+            M.layers[i].lin[l].nf4 = &q[i * LLAMA_NLINEAR + l];
+        }
+    }
+    M.max_lin_elems = (int64_t)maxn;
+    /* the global step: world * ACC micro-batches of BS one-span rows */
+    int nmicro = world * ACC, nrows = nmicro * BS;
+    pack_data d;
+    memset(&d, 0, sizeof d);
+    d.h.seq_len = T;
+    d.h.vocab_size = VOCAB;
+    d.h.n_rows = (uint64_t)nrows;
+    d.ids = xmalloc((size_t)nrows * T * 4);
+    d.weights = xmalloc((size_t)nrows * T);
+    d.row_spans = xmalloc(((size_t)nrows + 1) * sizeof *d.row_spans);
+    d.spans = xmalloc((size_t)nrows * sizeof *d.spans);
+    for (int r = 0; r < nrows; r++) {
+        for (int t = 0; t < T; t++) {
+            d.ids[(size_t)r * T + t] = 3 + (uint32_t)(gt_u64() % (VOCAB - 3));
+            d.weights[(size_t)r * T + t] = t > 0;
+        }
+        d.row_spans[r] = (uint64_t)r;
+        d.spans[r].start = 0;
+        d.spans[r].len = T;
+    }
+    d.row_spans[nrows] = (uint64_t)nrows;
+    d.h.n_spans = (uint64_t)nrows;
+    int64_t idx[64];
+    size_t mine = dist_shard(nmicro, world, rank, idx);
+    train_batch tb[64];
+    memset(tb, 0, sizeof tb);
+    double wsum = 0;
+    for (int k = 0; k < nmicro; k++) {
+        uint64_t rows[BS];
+        for (int r = 0; r < BS; r++)
+            rows[r] = (uint64_t)(k * BS + r);
+        train_batch tmp;
+        memset(&tmp, 0, sizeof tmp);
+        train_batch_build(&tmp, &d, rows, BS);
+        wsum += tmp.weight_sum;
+        train_batch_free(&tmp);
+    }
+    for (size_t i = 0; i < mine; i++) {
+        uint64_t rows[BS];
+        for (int r = 0; r < BS; r++)
+            rows[r] = (uint64_t)(idx[i] * BS + r);
+        train_batch_build(&tb[i], &d, rows, BS);
+    }
+    double tokens = (double)nrows * T;
+    const char *names[2] = {"q_proj,v_proj", "all-linear"};
+    uint32_t masks[2] = {LORA_DEFAULT_TARGETS, LORA_ALL_LINEAR};
+    const char *pe = getenv("GPU_TRAIN_PAGED");
+    int paged = !(pe && !strcmp(pe, "0"));
+    int flags = GPU_TRAINER_CHECKPOINT | (paged ? GPU_TRAINER_PAGED_OPTIM : 0);
+    if (rank == 0)
+        printf("# bench 7B data parallel: %d x %s, seq %d, micro-batch %d, "
+               "accumulation %d "
+               "per GPU (global batch %d rows), NF4 double quant, LoRA r=64 "
+               "dropout 0.1, "
+               "gradient checkpointing, moments %s, NCCL %d\n",
+               world, kn_device_name(), T, BS, ACC, nrows,
+               paged ? "paged" : "on the device", j->nc.version);
+    int rc = 0;
+    for (int v = 0; v < 2 && rc == 0; v++) {
+        lora_config lc;
+        memset(&lc, 0, sizeof lc);
+        lc.r = 64;
+        lc.alpha = 16;
+        lc.dropout = 0.1;
+        lc.targets = masks[v];
+        lora_adapter *a;
+        lora_new(c, &lc, &a);
+        lora_init(a, 42);
+        adamw opt;
+        adamw_init(&opt, a->n_params, 0.9, 0.999, 1e-8, 0.0);
+        gpu_trainer *G = gpu_trainer_new(&M, &lc, (int64_t)BS * T, flags);
+        dist_gpu *dg = NULL;
+        train_backend be;
+        if (!G)
+            return -1;
+        gpu_trainer_backend(G, &be);
+        if (world > 1) {
+            if (!(dg = dist_gpu_new(&j->nc, &j->e, j->id, G, c, &lc)))
+                return -1;
+            dist_gpu_backend(dg, &be);
+        }
+        be.load(be.ctx, a, &opt);
+        double loss, norm, best = 1e30, sum = 0;
+        enum { WARM = 1, STEPS = 3 };
+        for (int s = 0; s < WARM + STEPS && rc == 0; s++) {
+            double ts = now_s();
+            rc = world > 1 ? be.step_shard(be.ctx, tb, idx, mine, wsum, 2e-4,
+                                           0.3, 42, s, &loss, &norm)
+                           : gpu_trainer_step(G, tb, mine, 2e-4, 0.3, 42, s,
+                                              &loss, &norm);
+            double dt = now_s() - ts;
+            if (rank == 0)
+                printf("#   %s step %d: %.3f s, loss %.4f, grad norm %.4f\n",
+                       names[v], s + 1, dt, loss, norm);
+            if (s >= WARM) {
+                sum += dt;
+                best = dt < best ? dt : best;
+            }
+        }
+        double step = sum / STEPS;
+        if (rank == 0) {
+            printf("# bench 7B %-13s on %d GPU%s: %.0f tokens/s, step %.3f s "
+                   "(best %.3f), "
+                   "peak %.2f GiB, %d gradient buckets\n",
+                   names[v], world, world > 1 ? "s" : "", tokens / step, step,
+                   best, gpu_trainer_peak_bytes(G) / 1073741824.0,
+                   dg ? dist_gpu_buckets(dg) : 0);
+            printf("#json "
+                   "{\"stack\":\"lora-train\",\"gpus\":%d,\"targets\":\"%s\","
+                   "\"tokens_per_s\":%.1f,\"step_s\":%.4f,\"peak_gib\":%.3f,"
+                   "\"device\":\"%s\"}\n",
+                   world, names[v], tokens / step, step,
+                   gpu_trainer_peak_bytes(G) / 1073741824.0, kn_device_name());
+            fflush(stdout);
+        }
+        if (dg && v == 0 && rc == 0)
+            next_id(j, dg);
+        dist_gpu_free(dg, rc != 0);
+        gpu_trainer_free(G);
+        adamw_free(&opt);
+        lora_free(a);
+    }
+    for (size_t i = 0; i < mine; i++)
+        train_batch_free(&tb[i]);
+    pack_data_free(&d);
+    free(M.embed);
+    free((void *)M.head.f32);
+    free(M.layers);
+    free(q);
+    free(codes);
+    free(scodes);
+    free(nested);
+    free(one);
+    return rc ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+    int gpus = 2, bench = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--bench"))
+            bench = 1;
+        else if (!strcmp(argv[i], "--gpus") && i + 1 < argc)
+            gpus = atoi(argv[++i]);
+    }
+    const char *launched = getenv("QLORA_DIST_LAUNCHED");
+    if (launched && !strcmp(launched, "1")) { /* a rank */
+        static char name[48];
+        snprintf(name, sizeof name, "gpu_dist[rank %s]", getenv("RANK"));
+        msg_init(name);
+        job j;
+        memset(&j, 0, sizeof j);
+        if (join(&j) != 0)
+            return 2;
+        int rc = bench ? bench_rank(&j) : check_rank(&j);
+        dist_nccl_unload(&j.nc);
+        return rc < 0 ? 2 : rc;
+    }
+    msg_init("gpu_dist");
+    /* the launcher: no CUDA context here, the ranks make theirs */
+    int have = kn_device_count();
+    if (gpus < 1 || have < gpus || (!bench && gpus < 2)) {
+        printf("skip dist: %d GPU%s for %d ranks\n", have, have == 1 ? "" : "s",
+               gpus);
+        return 77;
+    }
+    if (gpus > 1) {
+        dist_nccl nc;
+        if (dist_nccl_load(&nc) != 0) {
+            printf("skip dist: no NCCL (set QLORA_NCCL)\n");
+            return 77;
+        }
+        dist_nccl_unload(&nc);
+    }
+    fflush(stdout);
+    return dist_launch(gpus, argv);
+}
