@@ -33,19 +33,35 @@ __device__ __forceinline__ void st1(bf16 *p, float v) { *p = __float2bfloat16(v)
 
 /* ---- RoPE + append ------------------------------------------------------- */
 
+/* Block (t, y): y < nh rotates q head y; y < nh + nkv rotates k head
+ * y - nh and appends it; else appends v head y - nh - nkv. One thread
+ * per rotated pair: no loop, so every load of the block is in flight at
+ * once. */
 template <typename TC>
-__global__ void rope_append_kernel(float *q, int64_t ldq, float *k, int64_t ldk,
-                                   const float *v, int64_t ldv, TC *kc, TC *vc,
-                                   const int32_t *slot, const int32_t *pos, int nh,
-                                   int nkv, int hd, int cap, const float *cos_t,
-                                   const float *sin_t, bf16 *q16, bf16 *k16, bf16 *v16)
+__global__ void rope_append_kernel(float *__restrict__ q, int64_t ldq, float *__restrict__ k,
+                                   int64_t ldk, const float *__restrict__ v, int64_t ldv,
+                                   TC *__restrict__ kc, TC *__restrict__ vc,
+                                   const int32_t *__restrict__ slot,
+                                   const int32_t *__restrict__ pos, int nh, int nkv, int hd,
+                                   int cap, const float *__restrict__ cos_t,
+                                   const float *__restrict__ sin_t, bf16 *__restrict__ q16,
+                                   bf16 *__restrict__ k16, bf16 *__restrict__ v16)
 {
-    const int t = blockIdx.x;
+    const int t = blockIdx.x, hh = blockIdx.y;
     const int half = hd / 2, kvd = nkv * hd;
     const int32_t s = slot[t], p = pos[t];
     const int64_t cbase = ((int64_t)s * cap + p) * kvd;
-    for (int idx = threadIdx.x; idx < (nh + nkv) * half; idx += blockDim.x) {
-        const int hh = idx / half, i = idx % half;
+    if (hh >= nh + nkv) {
+        const int kh = hh - nh - nkv;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+            const float x = v[(int64_t)t * ldv + (int64_t)kh * hd + i];
+            st1(vc + cbase + (int64_t)kh * hd + i, x);
+            if (v16)
+                v16[(int64_t)t * kvd + (int64_t)kh * hd + i] = __float2bfloat16(x);
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float *vec = hh < nh ? q + (int64_t)t * ldq + (int64_t)hh * hd
                              : k + (int64_t)t * ldk + (int64_t)(hh - nh) * hd;
         const float c = cos_t[(int64_t)p * half + i], sn = sin_t[(int64_t)p * half + i];
@@ -72,12 +88,6 @@ __global__ void rope_append_kernel(float *q, int64_t ldq, float *k, int64_t ldk,
             }
         }
     }
-    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
-        const float x = v[(int64_t)t * ldv + i];
-        st1(vc + cbase + i, x);
-        if (v16)
-            v16[(int64_t)t * kvd + i] = __float2bfloat16(x);
-    }
 }
 
 extern "C" void kn_gen_rope_append(float *q, int64_t ldq, float *k, int64_t ldk,
@@ -89,16 +99,18 @@ extern "C" void kn_gen_rope_append(float *q, int64_t ldq, float *k, int64_t ldk,
 {
     KN_REQUIRE(n >= 1 && nh >= 1 && nkv >= 1 && nh % nkv == 0 && hd % 2 == 0 && cap >= 1);
     KN_REQUIRE(q && k && v && kc && vc && slot && pos && cos_t && sin_t);
+    dim3 grid((unsigned)n, (unsigned)(nh + 2 * nkv));
+    int threads = hd / 2 < 32 ? 32 : (hd / 2 + 31) / 32 * 32;
     if (cache_bf16)
-        rope_append_kernel<bf16><<<n, 128, 0, s>>>(q, ldq, k, ldk, v, ldv, (bf16 *)kc,
-                                                   (bf16 *)vc, slot, pos, nh, nkv, hd, cap,
-                                                   cos_t, sin_t, (bf16 *)q16, (bf16 *)k16,
-                                                   (bf16 *)v16);
+        rope_append_kernel<bf16><<<grid, threads, 0, s>>>(q, ldq, k, ldk, v, ldv, (bf16 *)kc,
+                                                          (bf16 *)vc, slot, pos, nh, nkv, hd, cap,
+                                                          cos_t, sin_t, (bf16 *)q16, (bf16 *)k16,
+                                                          (bf16 *)v16);
     else
-        rope_append_kernel<float><<<n, 128, 0, s>>>(q, ldq, k, ldk, v, ldv, (float *)kc,
-                                                    (float *)vc, slot, pos, nh, nkv, hd, cap,
-                                                    cos_t, sin_t, (bf16 *)q16, (bf16 *)k16,
-                                                    (bf16 *)v16);
+        rope_append_kernel<float><<<grid, threads, 0, s>>>(q, ldq, k, ldk, v, ldv, (float *)kc,
+                                                           (float *)vc, slot, pos, nh, nkv, hd,
+                                                           cap, cos_t, sin_t, (bf16 *)q16,
+                                                           (bf16 *)k16, (bf16 *)v16);
     KN_CHECK_LAUNCH("rope_append");
 }
 
@@ -112,7 +124,7 @@ static int att_splits(int cap) { return (cap + ATT_SPLIT - 1) / ATT_SPLIT; }
 /* Block (t, h, sp): keys sp*64 .. of token t's sequence, up to pos[t];
  * leaves the split's max score, sum of exponentials and unnormalized
  * output in part (n, nh, S, hd + 2). */
-template <typename TC>
+template <typename TC, int AHEAD>
 __global__ void __launch_bounds__(128) attn_split_kernel(float *part, const float *q,
                                                          int64_t ldq, const TC *__restrict__ kc,
                                                          const TC *__restrict__ vc,
@@ -145,26 +157,27 @@ __global__ void __launch_bounds__(128) attn_split_kernel(float *part, const floa
         const float *qp = q + (int64_t)t * ldq + (int64_t)h * hd + lane * 4;
         qv[0] = qp[0]; qv[1] = qp[1]; qv[2] = qp[2]; qv[3] = qp[3];
     }
-    /* warp w: keys j_lo + 16w .. + 15, all 16 rows loaded before use */
+    /* warp w: keys j_lo + 16w .. + 15, AHEAD rows loaded before use (16
+     * when few tokens run: latency; 4 when many: occupancy) */
     const int jw = j_lo + warp * 16;
-    {
-        float kv[16][4];
+    for (int j0 = jw; j0 < jw + 16 && j0 <= j_hi; j0 += AHEAD) {
+        float kv[AHEAD][4];
 #pragma unroll
-        for (int u = 0; u < 16; u++) {
-            if (act && jw + u <= j_hi)
-                ld4(kb + (int64_t)(jw + u) * kvd, kv[u]);
+        for (int u = 0; u < AHEAD; u++) {
+            if (act && j0 + u <= j_hi)
+                ld4(kb + (int64_t)(j0 + u) * kvd, kv[u]);
             else
                 kv[u][0] = kv[u][1] = kv[u][2] = kv[u][3] = 0.0f;
         }
 #pragma unroll
-        for (int u = 0; u < 16; u++) {
+        for (int u = 0; u < AHEAD; u++) {
             float d = qv[0] * kv[u][0];
             d = fmaf(qv[1], kv[u][1], d);
             d = fmaf(qv[2], kv[u][2], d);
             d = fmaf(qv[3], kv[u][3], d);
             d = warp_sum(d);
-            if (lane == 0 && jw + u <= j_hi)
-                sc[jw + u - j_lo] = d * scale;
+            if (lane == 0 && j0 + u <= j_hi)
+                sc[j0 + u - j_lo] = d * scale;
         }
     }
     __syncthreads();
@@ -179,18 +192,18 @@ __global__ void __launch_bounds__(128) attn_split_kernel(float *part, const floa
     const float l = block_sum(e, tmp);
     __syncthreads();
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    {
-        float vv[16][4];
+    for (int j0 = jw; j0 < jw + 16 && j0 <= j_hi; j0 += AHEAD) {
+        float vv[AHEAD][4];
 #pragma unroll
-        for (int u = 0; u < 16; u++) {
-            if (act && jw + u <= j_hi)
-                ld4(vb + (int64_t)(jw + u) * kvd, vv[u]);
+        for (int u = 0; u < AHEAD; u++) {
+            if (act && j0 + u <= j_hi)
+                ld4(vb + (int64_t)(j0 + u) * kvd, vv[u]);
             else
                 vv[u][0] = vv[u][1] = vv[u][2] = vv[u][3] = 0.0f;
         }
 #pragma unroll
-        for (int u = 0; u < 16; u++) {
-            const float p = jw + u <= j_hi ? sc[jw + u - j_lo] : 0.0f;
+        for (int u = 0; u < AHEAD; u++) {
+            const float p = j0 + u <= j_hi ? sc[j0 + u - j_lo] : 0.0f;
 #pragma unroll
             for (int i = 0; i < 4; i++)
                 acc[i] = fmaf(p, vv[u][i], acc[i]);
@@ -215,29 +228,36 @@ __global__ void __launch_bounds__(128) attn_split_kernel(float *part, const floa
     }
 }
 
-/* The splits of (t, h) combined in split order. */
-__global__ void attn_combine_kernel(float *o32, bf16 *o16, const float *part, int nh, int hd,
-                                    int S)
+/* The splits of (t, h) combined in split order (S <= 1024). */
+__global__ void attn_combine_kernel(float *__restrict__ o32, bf16 *__restrict__ o16,
+                                    const float *__restrict__ part, int nh, int hd, int S)
 {
+    extern __shared__ float wts[]; /* (S) weight of each split */
+    __shared__ float tot;
     const int t = blockIdx.x, h = blockIdx.y;
     const float *pp = part + ((int64_t)t * nh + h) * S * (hd + 2);
-    float M = -INFINITY;
-    for (int sp = 0; sp < S; sp++)
-        M = fmaxf(M, pp[(int64_t)sp * (hd + 2) + hd]);
-    float L = 0.0f;
-    for (int sp = 0; sp < S; sp++) {
-        const float ms = pp[(int64_t)sp * (hd + 2) + hd];
-        if (ms != -INFINITY)
-            L += pp[(int64_t)sp * (hd + 2) + hd + 1] * expf(ms - M);
+    for (int sp = threadIdx.x; sp < S; sp += blockDim.x)
+        wts[sp] = pp[(int64_t)sp * (hd + 2) + hd];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = -INFINITY;
+        for (int sp = 0; sp < S; sp++)
+            M = fmaxf(M, wts[sp]);
+        float L = 0.0f;
+        for (int sp = 0; sp < S; sp++) {
+            const float w = wts[sp] == -INFINITY ? 0.0f : expf(wts[sp] - M);
+            wts[sp] = w;
+            L += pp[(int64_t)sp * (hd + 2) + hd + 1] * w;
+        }
+        tot = L;
     }
-    const float inv = 1.0f / L;
+    __syncthreads();
+    const float inv = 1.0f / tot;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float r = 0.0f;
-        for (int sp = 0; sp < S; sp++) {
-            const float ms = pp[(int64_t)sp * (hd + 2) + hd];
-            if (ms != -INFINITY)
-                r += pp[(int64_t)sp * (hd + 2) + d] * expf(ms - M);
-        }
+#pragma unroll 8
+        for (int sp = 0; sp < S; sp++)
+            r += pp[(int64_t)sp * (hd + 2) + d] * wts[sp];
         r *= inv;
         const int64_t oi = (int64_t)t * nh * hd + (int64_t)h * hd + d;
         if (o32)
@@ -264,14 +284,21 @@ extern "C" void kn_gen_attention(float *o32, kn_bf16 *o16, const float *q, int64
     const int S = att_splits(cap);
     dim3 grid((unsigned)n, (unsigned)nh, (unsigned)S);
     float scale = 1.0f / sqrtf((float)hd);
-    if (cache_bf16)
-        attn_split_kernel<bf16><<<grid, 32 * ATT_WARPS, 0, s>>>(
+    KN_REQUIRE(S <= 1024);
+    if (cache_bf16 && n <= 8)
+        attn_split_kernel<bf16, 16><<<grid, 32 * ATT_WARPS, 0, s>>>(
             ws, q, ldq, (const bf16 *)kc, (const bf16 *)vc, slot, pos, nh, nkv, hd, cap, scale);
+    else if (cache_bf16)
+        attn_split_kernel<bf16, 4><<<grid, 32 * ATT_WARPS, 0, s>>>(
+            ws, q, ldq, (const bf16 *)kc, (const bf16 *)vc, slot, pos, nh, nkv, hd, cap, scale);
+    else if (n <= 8)
+        attn_split_kernel<float, 16><<<grid, 32 * ATT_WARPS, 0, s>>>(
+            ws, q, ldq, (const float *)kc, (const float *)vc, slot, pos, nh, nkv, hd, cap, scale);
     else
-        attn_split_kernel<float><<<grid, 32 * ATT_WARPS, 0, s>>>(
+        attn_split_kernel<float, 4><<<grid, 32 * ATT_WARPS, 0, s>>>(
             ws, q, ldq, (const float *)kc, (const float *)vc, slot, pos, nh, nkv, hd, cap, scale);
     KN_CHECK_LAUNCH("gen_attention");
-    attn_combine_kernel<<<dim3((unsigned)n, (unsigned)nh), 128, 0, s>>>(o32, (bf16 *)o16, ws, nh,
-                                                                        hd, S);
+    attn_combine_kernel<<<dim3((unsigned)n, (unsigned)nh), 128, (size_t)S * sizeof(float), s>>>(
+        o32, (bf16 *)o16, ws, nh, hd, S);
     KN_CHECK_LAUNCH("gen_attention_combine");
 }

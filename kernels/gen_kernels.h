@@ -43,9 +43,8 @@ typedef struct kn_gw {
  * ldx), W_i BF16 or NF4 with in % 4 == 0; n <= 64 (larger n: call again
  * with x and y advanced). Each output element is summed in an order that
  * depends only on the weight's shape, never on n or on the other rows of
- * x. ws: device workspace of kn_gen_linear_mma_ws bytes whose first bytes
- * (the counters) are zero before the first call; calls leave them zero,
- * so one workspace serves every call of a stream, graphs included. */
+ * x. ws: a device workspace of kn_gen_linear_mma_ws bytes (0 at present:
+ * the sums are split inside a block; kept for a split across blocks). */
 typedef struct kn_gen_lin {
     kn_gw w;
     float *y;

@@ -7,7 +7,8 @@
 #include "common.cuh"
 #include "gen_kernels.h"
 
-__global__ void gen_embed_kernel(float *x, const float *table, const int32_t *ids, int d)
+__global__ void gen_embed_kernel(float *__restrict__ x, const float *__restrict__ table,
+                                 const int32_t *__restrict__ ids, int d)
 {
     const int t = blockIdx.x;
     const float *src = table + (int64_t)ids[t] * d;
@@ -19,7 +20,7 @@ extern "C" void kn_gen_embed(float *x, const float *table, const int32_t *ids, i
                              cudaStream_t s)
 {
     KN_REQUIRE(x && table && ids && n >= 1 && d >= 1);
-    gen_embed_kernel<<<n, 256, 0, s>>>(x, table, ids, d);
+    gen_embed_kernel<<<n, d >= 2048 ? 1024 : 256, 0, s>>>(x, table, ids, d);
     KN_CHECK_LAUNCH("gen_embed");
 }
 
@@ -30,8 +31,9 @@ __device__ __forceinline__ double warp_sum_d(double v)
     return v;
 }
 
-__global__ void gen_rmsnorm_kernel(float *y32, bf16 *y16, const float *x, const int32_t *rows,
-                                   const float *w, int d, float eps)
+__global__ void gen_rmsnorm_kernel(float *__restrict__ y32, bf16 *__restrict__ y16,
+                                   const float *__restrict__ x, const int32_t *__restrict__ rows,
+                                   const float *__restrict__ w, int d, float eps)
 {
     __shared__ double part[32];
     const int r = blockIdx.x;
@@ -62,11 +64,12 @@ extern "C" void kn_gen_rmsnorm(float *y32, kn_bf16 *y16, const float *x, const i
                                const float *w, int n, int d, float eps, cudaStream_t s)
 {
     KN_REQUIRE(x && w && (y32 || y16) && n >= 1 && d >= 1);
-    gen_rmsnorm_kernel<<<n, 256, 0, s>>>(y32, (bf16 *)y16, x, rows, w, d, eps);
+    gen_rmsnorm_kernel<<<n, d >= 2048 ? 1024 : 256, 0, s>>>(y32, (bf16 *)y16, x, rows, w, d, eps);
     KN_CHECK_LAUNCH("gen_rmsnorm");
 }
 
-__global__ void gen_swiglu_kernel(float *h32, bf16 *h16, const float *g, const float *u,
+__global__ void gen_swiglu_kernel(float *__restrict__ h32, bf16 *__restrict__ h16,
+                                  const float *__restrict__ g, const float *__restrict__ u,
                                   int64_t ldgu, int d)
 {
     const int t = blockIdx.y;

@@ -3,20 +3,27 @@
  * stored form.
  *
  * kn_gen_linear_mma: tensor cores on NF4 (or bf16) weights. A block of 8
- * warps owns 128 output rows, 16 per warp, and one contiguous range of the
- * input dimension (split k: the grid's z), cut into chunks of 64 (one NF4
- * block). The 8 warps read the same chunk of x at the same time (L1 hits).
- * With several splits, each block leaves partial sums in a workspace and
- * the last block of a row range to finish (an atomic counter, reset after
- * use) adds them in split order, so the order of every sum depends on the
- * weight's shape only, never on n. Per chunk a lane loads 16 consecutive
- * weights of two rows (8 bytes of NF4 codes each, one 8-byte load),
- * dequantizes them in registers (quant_map[code] * scale, scale from the
- * 8-bit nested code, as bitsandbytes) and feeds mma.sync m16n8k16 with x
- * as the n side. The k index inside a chunk is permuted (lane t of a
- * quad takes elements 16t .. 16t+15) identically for W and x, which keeps
- * every load contiguous and leaves the dot products unchanged. The next
- * chunk's codes are loaded before the current one is multiplied.
+ * warps owns 16*MT output rows (MT = 1 for up to 16 rows of x, 2 or 4
+ * beyond, so that each x fragment feeds more products). The input
+ * dimension is cut into chunks of 64 (one NF4 block), dealt to the 8 warps
+ * in groups of 4 (chunk c to warp (c / 4) % 8); each warp walks its chunks
+ * in order, D of them loaded before any is used, and the warps' partial
+ * sums are added in warp order in shared memory. That assignment is the
+ * same for every launch shape, so the order of every sum depends on the
+ * weight's shape only, never on n: a sequence's result does not depend on
+ * what else is in the batch. Per chunk a lane loads 16 consecutive weights
+ * of two rows (8 bytes of NF4 codes each, one 8-byte load), dequantizes
+ * them in registers (quant_map[code] * scale, the scale from the 8-bit
+ * nested code, as bitsandbytes; block sizes are powers of two, so no
+ * divisions) and feeds mma.sync m16n8k16 with x as the n side. The k
+ * index inside a chunk is permuted (lane t of a quad takes elements
+ * 16t .. 16t+15) identically for W and x, which keeps every load
+ * contiguous and leaves the dot products unchanged.
+ *
+ * Measured on an H100 (bench/RESULTS.md): 0.6 to 1.0 TB/s on the 7B shapes
+ * at one row of x, about a third of the memory's bandwidth; ncu shows it
+ * latency-bound (too few bytes in flight per SM), which is where the next
+ * gains are.
  *
  * kn_gen_linear_f32: CUDA cores, one warp per output row, fp32 weights
  * (f32 checkpoints, LoRA matrices).
@@ -165,26 +172,46 @@ __global__ void __launch_bounds__(256) lin_mma_kernel(lin_pack P, const bf16 *__
                 break;
             const int kbase = c * 64 + 16 * t;
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                const int kx = kbase + 4 * kk;
-                uint32_t bf[NT][2];
+            for (int k2 = 0; k2 < 2; k2++) {
+                /* x fragments of two k-tiles: 8 consecutive bf16, one load */
+                const int kx = kbase + 8 * k2;
+                uint4 xb[NT];
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
                     const int col = nt * 8 + g;
-                    uint2 bv = make_uint2(0u, 0u);
-                    if (col < n && kx < K)
-                        bv = __ldg((const uint2 *)(x + (int64_t)col * ldx + kx));
-                    bf[nt][0] = bv.x;
-                    bf[nt][1] = bv.y;
+                    xb[nt] = make_uint4(0u, 0u, 0u, 0u);
+                    if (col < n) {
+                        const bf16 *xp = x + (int64_t)col * ldx + kx;
+                        if (kx + 8 <= K && (((uintptr_t)xp) & 15) == 0) {
+                            xb[nt] = __ldg((const uint4 *)xp);
+                        } else {
+                            if (kx < K) {
+                                uint2 lo = __ldg((const uint2 *)xp);
+                                xb[nt].x = lo.x;
+                                xb[nt].y = lo.y;
+                            }
+                            if (kx + 4 < K) {
+                                uint2 hi = __ldg((const uint2 *)(xp + 4));
+                                xb[nt].z = hi.x;
+                                xb[nt].w = hi.y;
+                            }
+                        }
+                    }
                 }
 #pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    uint32_t af[4];
-                    pair_words(raw[d][m][0], qmap, kk, af[0], af[2]);
-                    pair_words(raw[d][m][1], qmap, kk, af[1], af[3]);
+                for (int kh = 0; kh < 2; kh++) {
+                    const int kk = 2 * k2 + kh;
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++)
-                        mma_bf16_16816(acc[m][nt], af, bf[nt]);
+                    for (int m = 0; m < MT; m++) {
+                        uint32_t af[4];
+                        pair_words(raw[d][m][0], qmap, kk, af[0], af[2]);
+                        pair_words(raw[d][m][1], qmap, kk, af[1], af[3]);
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            uint32_t bf[2] = {kh ? xb[nt].z : xb[nt].x, kh ? xb[nt].w : xb[nt].y};
+                            mma_bf16_16816(acc[m][nt], af, bf);
+                        }
+                    }
                 }
             }
         }

@@ -109,8 +109,17 @@ struct gpu_trainer {
     int64_t dch;
     int fuse;                 /* LoRA dropout through kernels/lora.cu */
     void *lscratch;           /* kn_lora_scratch_bytes for the widest */
+    uint8_t *mbits;           /* with checkpointing: the dropout keep bits
+                                 of one layer's fused linears, left by its
+                                 recomputation for its backward (boff[l]:
+                                 linear l's, -1 when none) */
+    int64_t boff[LLAMA_NLINEAR];
+    int32_t bits_layer;       /* the layer whose bits mbits holds, or -1 */
     bf16 *dlh;                /* (cap, r) */
-    void *xent_scratch;
+    void *xent_scratch;       /* with checkpointing: the gate buffer of the
+                                 one activation set, dead while the head
+                                 runs (xent_own 0) */
+    int xent_own;
     int chunk;
     float *stats;             /* [0] loss sum, [1] gradient sum of squares */
     int32_t *ids, *pos, *start, *tg;
@@ -348,20 +357,27 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     }
     /* LoRA dropout: the fused products' scratch, and the unfused path's
      * chunk buffers as wide as the widest input they serve */
-    int64_t dropin = 0;
+    int64_t dropin = 0, nbits = 0;
     size_t lsb = 0;
     for (int l = 0; l < LLAMA_NLINEAR; l++) {
         int64_t o, in;
         llama_linear_shape(c, (llama_linear)l, &o, &in);
+        G->boff[l] = -1;
         if (!(lc->targets & (1u << l)) || G->p <= 0)
             continue;
         if (G->fuse && kn_lora_fusable(G->r, in)) {
             size_t b = kn_lora_scratch_bytes(n, G->r, in);
             lsb = b > lsb ? b : lsb;
+            if (G->ckpt) {
+                G->boff[l] = nbits;
+                nbits += (int64_t)kn_lora_bits_bytes(n, in);
+            }
         } else if (in > dropin) {
             dropin = in;
         }
     }
+    G->mbits = nbits ? (uint8_t *)dalloc((size_t)nbits) : NULL;
+    G->bits_layer = -1;
     G->dch = n < 2048 ? n : 2048;
     G->lscratch = lsb ? dalloc(lsb) : NULL;
     G->xd = dropin ? (bf16 *)dalloc((size_t)(G->dch * dropin) * 2) : NULL;
@@ -371,7 +387,9 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     int64_t chunk = ((int64_t)64 << 20) / ((int64_t)c->vocab * 6);
     chunk = chunk < 64 ? 64 : chunk;
     G->chunk = (int)(chunk < n ? chunk : n);
-    G->xent_scratch = dalloc(kn_xent_scratch_bytes(G->chunk, c->vocab));
+    size_t xsb = kn_xent_scratch_bytes(G->chunk, c->vocab);
+    G->xent_own = !(G->ckpt && xsb <= (size_t)(n * c->hidden) * 2);
+    G->xent_scratch = G->xent_own ? dalloc(xsb) : (void *)G->sets[0].g;
     G->stats = (float *)dalloc(2 * sizeof(float));
     G->ids = (int32_t *)dalloc((size_t)n * 4);
     G->pos = (int32_t *)dalloc((size_t)n * 4);
@@ -412,8 +430,8 @@ extern "C" void gpu_trainer_free(gpu_trainer *G)
     void *p[] = {G->wbuf, G->params, G->grad, G->lpb, G->xin,
                  G->xl, G->rstdf, G->dres, G->dxn, G->delta,
                  G->dyb, G->datt, G->dq, G->dk, G->dv, G->xd, G->tmp, G->dlh,
-                 G->lscratch, G->xent_scratch, G->stats, G->ids, G->pos, G->start,
-                 G->tg, G->wt};
+                 G->lscratch, G->mbits, G->xent_own ? G->xent_scratch : NULL, G->stats,
+                 G->ids, G->pos, G->start, G->tg, G->wt};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++)
         kn_free(p[i]);
     free(G->loff);
@@ -525,8 +543,12 @@ static void lin_fwd(gpu_trainer *G, int32_t layer, int l, bf16 *y,
     if (sl->a >= 0) {
         const bf16 *A = lora_w(G, layer, sl->a);
         if (drop && G->p > 0 && fused(G, in)) {
-            kn_lora_down(KB(lh), CKB(x), CKB(A), n, in, r, G->p,
+            /* a recomputation leaves the mask for the backward that follows */
+            uint8_t *bits = !y && G->mbits && G->boff[l] >= 0 ? G->mbits + G->boff[l] : NULL;
+            kn_lora_down(KB(lh), bits, CKB(x), CKB(A), n, in, r, G->p,
                          lora_dropout_stream(key, layer, (llama_linear)l), G->lscratch, G->s);
+            if (bits)
+                G->bits_layer = layer;
         } else if (drop && G->p > 0) {
             /* lh = A dropout(x), dch rows at a time through the xd scratch */
             uint64_t stream = lora_dropout_stream(key, layer, (llama_linear)l);
@@ -569,6 +591,9 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
     int lora = sl->a >= 0, dropping = lora && drop && G->p > 0;
     int fuse = dropping && fused(G, in);
     uint64_t stream = dropping ? lora_dropout_stream(key, layer, (llama_linear)l) : 0;
+    const uint8_t *bits = fuse && G->bits_layer == layer && G->boff[l] >= 0
+                              ? G->mbits + G->boff[l]
+                              : NULL;
     const bf16 *A = lora ? lora_w(G, layer, sl->a) : NULL;
     if (lora) {
         /* dB (out, r) += scale dy^T lh; dlh (n, r) = scale dy B */
@@ -578,7 +603,7 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
                 0.0f, G->dlh, KN_BF16, r, G->s);
         /* dA (r, in) += dlh^T xd */
         if (fuse) {
-            kn_lora_grad_a(G->grad + sl->a, CKB(G->dlh), CKB(x), n, in, r, G->p, stream,
+            kn_lora_grad_a(G->grad + sl->a, bits, CKB(G->dlh), CKB(x), n, in, r, G->p, stream,
                            G->lscratch, G->s);
         } else if (dropping) {
             /* xd regenerated dch rows at a time */
@@ -601,7 +626,7 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
     if (!lora)
         return;
     if (fuse) {
-        kn_lora_dx(dx, dxt, CKB(G->dlh), CKB(A), n, in, r, G->p, stream, G->s);
+        kn_lora_dx(dx, dxt, bits, CKB(G->dlh), CKB(A), n, in, r, G->p, stream, G->s);
     } else if (!dropping) {
         kn_gemm(0, 0, ni, in, r, 1.0f, CKB(G->dlh), r, CKB(A), in, 1.0f, dx, dxt, in, G->s);
     } else {
@@ -747,6 +772,7 @@ static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scal
     const llama_config *c = &G->c;
     cudaStream_t st = G->s;
     int32_t nl = c->n_layers;
+    G->bits_layer = -1; /* another micro-batch: another mask */
     kn_embedding_forward(KB(layer_in(G, 0)), CKB(G->embed), G->ids, n, c->dim, st);
     for (int32_t i = 0; i < nl; i++)
         layer_fwd(G, i, acts_of(G, i), layer_out(G, i), n, 1, key);

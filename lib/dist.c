@@ -255,7 +255,8 @@ int dist_tcp_serve(const char *addr, int port, int world,
         if (pr < 0 && errno == EINTR)
             continue;
         if (pr <= 0) {
-            rc = msg_error("rank 0: %d of %d ranks reached %s:%d within %.0f s",
+            rc = msg_error("only %d of the other %d ranks reached rank 0 at "
+                           "%s:%d within %.0f s",
                            joined, world - 1, addr, port, timeout_s);
             break;
         }
@@ -380,9 +381,9 @@ int dist_tcp_fetch(const char *addr, int port, int world, int rank,
         pause = pause < 0.5 ? pause * 2 : 0.5;
     }
     return msg_error(
-        "rank %d: cannot reach rank 0 at MASTER_ADDR:MASTER_PORT %s:%d "
-        "within %.0f s: %s",
-        rank, addr, port, timeout_s, strerror(err ? err : ETIMEDOUT));
+        "cannot reach rank 0 at MASTER_ADDR:MASTER_PORT %s:%d within %.0f s: "
+        "%s",
+        addr, port, timeout_s, strerror(err ? err : ETIMEDOUT));
 }
 
 /* ---- the id file --------------------------------------------------------- */
@@ -683,8 +684,8 @@ static void *open_in_python(char *path, size_t len)
         for (int dp = 0; dp < 2; dp++) {
             char pat[1200];
             snprintf(pat, sizeof pat,
-                     "%s/lib/python3*/%s/nvidia/nccl/lib/libnccl.so.2",
-                     roots[i], dp ? "dist-packages" : "site-packages");
+                     "%s/lib/python3*/%s/nvidia/*/lib/libnccl.so.2", roots[i],
+                     dp ? "dist-packages" : "site-packages");
             glob_t g;
             if (glob(pat, 0, NULL, &g) != 0)
                 continue;

@@ -144,8 +144,9 @@ typedef struct dist_nccl {
 /* Loads NCCL: the file QLORA_NCCL names when set (a path to the library,
  * or a directory holding libnccl.so.2), and nothing else then; otherwise
  * libnccl.so.2 on the loader's path (LD_LIBRARY_PATH, ldconfig), then the
- * copy a PyTorch install carries (nvidia/nccl/lib/libnccl.so.2 under the
- * site-packages of $VIRTUAL_ENV, $CONDA_PREFIX, /usr/local and /usr).
+ * copy a pip-installed PyTorch carries (the nvidia-nccl wheel's
+ * nvidia/NAME/lib/libnccl.so.2 in the site- or dist-packages of
+ * $VIRTUAL_ENV, $CONDA_PREFIX, /usr/local, /usr and ~/.local).
  * Sets NCCL_NVLS_ENABLE=0 unless the environment sets it (NVLink SHARP is
  * off unless asked for). 0 ok; -1 with one line saying what was tried. */
 int dist_nccl_load(dist_nccl *n);

@@ -20,8 +20,8 @@ void gen_ref_linear(float *y, const float *res, int64_t ldy, const float *x,
         }
 }
 
-void gen_ref_attention(float *o, const float *q, const float *k,
-                       const float *v, int32_t p, int nh, int nkv, int hd)
+void gen_ref_attention(float *o, const float *q, const float *k, const float *v,
+                       int32_t p, int nh, int nkv, int hd)
 {
     int64_t kvd = (int64_t)nkv * hd;
     int grp = nh / nkv;

@@ -16,7 +16,7 @@ void gen_ref_linear(float *y, const float *res, int64_t ldy, const float *x,
 
 /* One token's attention over a cache: q (nh*hd), positions 0..p of k and v
  * (rows of nkv*hd), scale 1/sqrt(hd), grouped-query heads; o (nh*hd). */
-void gen_ref_attention(float *o, const float *q, const float *k,
-                       const float *v, int32_t p, int nh, int nkv, int hd);
+void gen_ref_attention(float *o, const float *q, const float *k, const float *v,
+                       int32_t p, int nh, int nkv, int hd);
 
 #endif

@@ -29,10 +29,14 @@
 const char *gen_finish_name(gen_finish f)
 {
     switch (f) {
-    case GEN_FINISH_LENGTH: return "length";
-    case GEN_FINISH_EOS: return "eos";
-    case GEN_FINISH_STOP: return "stop";
-    case GEN_FINISH_CONTEXT: return "context";
+    case GEN_FINISH_LENGTH:
+        return "length";
+    case GEN_FINISH_EOS:
+        return "eos";
+    case GEN_FINISH_STOP:
+        return "stop";
+    case GEN_FINISH_CONTEXT:
+        return "context";
     }
     return "?";
 }
@@ -76,7 +80,8 @@ int gen_params_plain_greedy(const gen_params *p)
     return p->temperature <= 0.0 && p->repetition_penalty == 1.0;
 }
 
-/* ---- the sampler ---------------------------------------------------------- */
+/* ---- the sampler ----------------------------------------------------------
+ */
 
 int32_t gen_argmax(const float *x, int32_t n)
 {
@@ -261,7 +266,7 @@ typedef struct cpu_be {
     const lora_adapter *a;
     llama_kv_cache **kc; /* (slots) */
     int32_t slots;
-    float *scratch;      /* (slots, vocab) logits when only argmax is wanted */
+    float *scratch; /* (slots, vocab) logits when only argmax is wanted */
 } cpu_be;
 
 static int cpu_run(cpu_be *c, int32_t n, const int32_t *slot,
@@ -313,7 +318,8 @@ static int cpu_decode(void *ctx, int32_t n, const int32_t *slot,
         starts[i] = ids + i;
         ones[i] = 1;
     }
-    int rc = cpu_run(ctx, n, slot, starts, ones, 0, vocab_limit, logits, argmax);
+    int rc =
+        cpu_run(ctx, n, slot, starts, ones, 0, vocab_limit, logits, argmax);
     free(ones);
     free(starts);
     return rc;
@@ -359,7 +365,8 @@ int gen_cpu_backend(const llama_model *m, const lora_adapter *a, int32_t slots,
     return 0;
 }
 
-/* ---- inputs ---------------------------------------------------------------- */
+/* ---- inputs ----------------------------------------------------------------
+ */
 
 int gen_inputs_read(const char *path, gen_inputs *in)
 {
@@ -439,13 +446,14 @@ int32_t gen_cache_cap(const gen_inputs *in, int32_t max_new, int32_t max_pos)
     return (int32_t)cap;
 }
 
-/* ---- the scheduler -------------------------------------------------------- */
+/* ---- the scheduler --------------------------------------------------------
+ */
 
 typedef struct seq {
-    int64_t rec;      /* record index, -1 when the slot is free */
-    int32_t *out;     /* (max_new) the completion */
+    int64_t rec;  /* record index, -1 when the slot is free */
+    int32_t *out; /* (max_new) the completion */
     int32_t n;
-    uint8_t *seen;    /* (vocab) for the repetition penalty, or NULL */
+    uint8_t *seen; /* (vocab) for the repetition penalty, or NULL */
     double t_start, t_first;
 } seq;
 
@@ -472,8 +480,8 @@ typedef struct run {
     int32_t max_pos;
     int32_t vocab_limit;
     gen_sampler *sampler;
-    seq *s;            /* (slots) */
-    done_rec *done;    /* (n) */
+    seq *s;         /* (slots) */
+    done_rec *done; /* (n) */
     size_t next_emit;
     gen_emit_fn emit;
     void *ctx;
@@ -569,8 +577,8 @@ static int flush_done(run *R)
 }
 
 /* Samples one token per sequence from the backend's output and pushes it. */
-static void take_tokens(run *R, int32_t n, const int32_t *slot,
-                        float *logits, const int32_t *argmax)
+static void take_tokens(run *R, int32_t n, const int32_t *slot, float *logits,
+                        const int32_t *argmax)
 {
     int32_t vocab = R->be->vocab;
     for (int32_t i = 0; i < n; i++) {
@@ -639,7 +647,8 @@ int gen_run(gen_backend *be, const gen_params *p, const gen_prompt *prompts,
     int32_t *len = xmalloc((size_t)S * sizeof *len);
     int32_t *tok = xmalloc((size_t)S * sizeof *tok);
     int32_t *amax = xmalloc((size_t)S * sizeof *amax);
-    float *logits = greedy ? NULL : xmalloc((size_t)S * (size_t)V * sizeof(float));
+    float *logits =
+        greedy ? NULL : xmalloc((size_t)S * (size_t)V * sizeof(float));
     int32_t *pids = NULL;
     size_t pcap = 0;
     size_t next = 0;

@@ -53,21 +53,21 @@ typedef enum gen_finish {
 const char *gen_finish_name(gen_finish f);
 
 typedef struct gen_params {
-    int32_t max_new;          /* new tokens at most, >= 1 */
-    double temperature;       /* <= 0: greedy */
-    int32_t top_k;            /* keep the k most likely (ties kept); 0 off */
-    double top_p;             /* nucleus mass in (0, 1]; 1 off */
+    int32_t max_new;           /* new tokens at most, >= 1 */
+    double temperature;        /* <= 0: greedy */
+    int32_t top_k;             /* keep the k most likely (ties kept); 0 off */
+    double top_p;              /* nucleus mass in (0, 1]; 1 off */
     double repetition_penalty; /* > 0; 1 off (CTRL's, as transformers) */
     uint64_t seed;
-    int32_t eos_id;           /* -1: none */
-    int ignore_eos;           /* do not stop at EOS */
-    const int32_t *stop_ids;  /* (n_stop_ids) tokens that end a sequence */
+    int32_t eos_id;          /* -1: none */
+    int ignore_eos;          /* do not stop at EOS */
+    const int32_t *stop_ids; /* (n_stop_ids) tokens that end a sequence */
     size_t n_stop_ids;
     const char *const *stop_texts; /* (n_stop_texts), need sp */
     size_t n_stop_texts;
-    const sp_model *sp;       /* decodes completions for stop_texts */
-    int32_t vocab_limit;      /* only ids < vocab_limit are ever produced
-                                 (the tokenizer's vocabulary); 0: all */
+    const sp_model *sp;  /* decodes completions for stop_texts */
+    int32_t vocab_limit; /* only ids < vocab_limit are ever produced
+                            (the tokenizer's vocabulary); 0: all */
 } gen_params;
 
 /* Defaults: max_new 256, greedy, top_k 0, top_p 1, penalty 1, seed 0,
@@ -107,8 +107,7 @@ void gen_sampler_free(gen_sampler *s);
  *             decreasing order of probability when top-k or top-p is on,
  *             else in id order. */
 int32_t gen_sample(gen_sampler *s, const gen_params *p, float *logits,
-                   int32_t n, const uint8_t *seen, uint64_t key,
-                   uint64_t draw);
+                   int32_t n, const uint8_t *seen, uint64_t key, uint64_t draw);
 
 /* ---- backends ----------------------------------------------------------- */
 
@@ -119,9 +118,9 @@ int32_t gen_sample(gen_sampler *s, const gen_params *p, float *logits,
  * 0 ok, -1 error (message printed). */
 typedef struct gen_backend {
     void *ctx;
-    const char *name;    /* "cpu", "cuda" */
-    int32_t slots;       /* sequences in flight at most */
-    int32_t cap;         /* positions per sequence */
+    const char *name; /* "cpu", "cuda" */
+    int32_t slots;    /* sequences in flight at most */
+    int32_t cap;      /* positions per sequence */
     int32_t vocab;
     int64_t max_prefill; /* tokens one prefill call takes at most (>= cap) */
     int32_t refill;      /* admit new prompts once this many slots are free
@@ -132,9 +131,8 @@ typedef struct gen_backend {
                    const int32_t *ids, const int32_t *len, int32_t vocab_limit,
                    float *logits, int32_t *argmax);
     /* Appends ids[i] to the sequence in slot[i], for n running slots. */
-    int (*decode)(void *ctx, int32_t n, const int32_t *slot,
-                  const int32_t *ids, int32_t vocab_limit, float *logits,
-                  int32_t *argmax);
+    int (*decode)(void *ctx, int32_t n, const int32_t *slot, const int32_t *ids,
+                  int32_t vocab_limit, float *logits, int32_t *argmax);
     void (*free)(void *ctx);
 } gen_backend;
 
@@ -153,7 +151,7 @@ typedef struct gen_prompt {
 
 typedef struct gen_inputs {
     toks_header h;
-    gen_prompt *p;  /* (n) */
+    gen_prompt *p; /* (n) */
     size_t n;
     int32_t max_len; /* longest prompt */
     int32_t *store_; /* private */
@@ -173,12 +171,12 @@ typedef struct gen_result {
     uint64_t index;        /* the record's place in the input, from 0 */
     const int32_t *prompt; /* (n_prompt) */
     int32_t n_prompt;
-    const int32_t *ids;    /* (n) the completion */
+    const int32_t *ids; /* (n) the completion */
     int32_t n;
     gen_finish finish;
-    double t_start;        /* seconds from the run's start: prefill begins */
-    double t_first;        /* the first new token is known */
-    double t_end;          /* the last */
+    double t_start; /* seconds from the run's start: prefill begins */
+    double t_first; /* the first new token is known */
+    double t_end;   /* the last */
 } gen_result;
 
 /* Receives each result, in input order; non-zero stops the run (error). */

@@ -32,7 +32,8 @@
 #include "sentencepiece.h"
 #include "strbuf.h"
 #include "tokstream.h"
-#ifdef QLORA_CUDA /* ---- GPU path (kernels/), built when nvcc is present ---- */
+#ifdef QLORA_CUDA /* ---- GPU path (kernels/), built when nvcc is present ---- \
+                   */
 #include "../kernels/gen_gpu.h"
 #include "../kernels/kernels.h"
 #endif
@@ -43,46 +44,51 @@ static const char usage_text[] =
     "[-T tokenizer] [-t temperature] [--device dev] [--ignore-eos] "
     "[--progress] [--stop-id id] -m model [file]\n";
 
-static void usage(FILE *f) { fputs(usage_text, f); }
+static void usage(FILE *f)
+{
+    fputs(usage_text, f);
+}
 
 static void help(void)
 {
     usage(stdout);
-    fputs("\n"
-          "Generates a completion for every prompt of a token stream (from\n"
-          "`dolly-fmt --prompt-only | tok -m MODEL`) with a Llama model and an\n"
-          "optional LoRA adapter. Writes a token stream with one record per\n"
-          "prompt, in input order: the prompt, then the completion\n"
-          "(`tok -d` shows {\"prompt\", \"completion\"}).\n"
-          "\n"
-          "  -a, --adapter dir          PEFT LoRA adapter directory\n"
-          "  -b, --batch n              prompts in flight at once (CPU: the\n"
-          "                             threads; GPU: 64)\n"
-          "  -h, --help                 this help\n"
-          "  -J, --json                 JSON Lines (ids, text, timing) instead\n"
-          "                             of a token stream\n"
-          "  -j, --threads n            CPU threads (all cores)\n"
-          "  -k, --top-k n              sample among the n most likely (0: off)\n"
-          "  -m, --model dir            model directory (Hugging Face or\n"
-          "                             nf4-quant)\n"
-          "  -n, --max-new-tokens n     new tokens per prompt at most (256)\n"
-          "  -o, --output file          write to file (atomically)\n"
-          "  -p, --top-p p              nucleus sampling mass (1: off)\n"
-          "  -q, --quiet                no warnings\n"
-          "  -r, --repetition-penalty r penalize tokens already present (1: off)\n"
-          "  -S, --seed n               random seed (0)\n"
-          "  -s, --stop text            stop once the completion contains text\n"
-          "                             (repeatable; needs the tokenizer)\n"
-          "  -T, --tokenizer file       tokenizer.model (default: the model's)\n"
-          "  -t, --temperature t        sampling temperature (0: greedy)\n"
-          "  -V, --version              print the version\n"
-          "  -v, --verbose              more messages on stderr\n"
-          "      --device dev           auto (default), cpu or cuda\n"
-          "      --ignore-eos           do not stop at EOS\n"
-          "      --progress             progress on stderr even when it is not\n"
-          "                             a terminal\n"
-          "      --stop-id id           stop at token id (repeatable)\n",
-          stdout);
+    fputs(
+        "\n"
+        "Generates a completion for every prompt of a token stream (from\n"
+        "`dolly-fmt --prompt-only | tok -m MODEL`) with a Llama model and an\n"
+        "optional LoRA adapter. Writes a token stream with one record per\n"
+        "prompt, in input order: the prompt, then the completion\n"
+        "(`tok -d` shows {\"prompt\", \"completion\"}).\n"
+        "\n"
+        "  -a, --adapter dir          PEFT LoRA adapter directory\n"
+        "  -b, --batch n              prompts in flight at once (CPU: the\n"
+        "                             threads; GPU: 64)\n"
+        "  -h, --help                 this help\n"
+        "  -J, --json                 JSON Lines (ids, text, timing) instead\n"
+        "                             of a token stream\n"
+        "  -j, --threads n            CPU threads (all cores)\n"
+        "  -k, --top-k n              sample among the n most likely (0: off)\n"
+        "  -m, --model dir            model directory (Hugging Face or\n"
+        "                             nf4-quant)\n"
+        "  -n, --max-new-tokens n     new tokens per prompt at most (256)\n"
+        "  -o, --output file          write to file (atomically)\n"
+        "  -p, --top-p p              nucleus sampling mass (1: off)\n"
+        "  -q, --quiet                no warnings\n"
+        "  -r, --repetition-penalty r penalize tokens already present (1: "
+        "off)\n"
+        "  -S, --seed n               random seed (0)\n"
+        "  -s, --stop text            stop once the completion contains text\n"
+        "                             (repeatable; needs the tokenizer)\n"
+        "  -T, --tokenizer file       tokenizer.model (default: the model's)\n"
+        "  -t, --temperature t        sampling temperature (0: greedy)\n"
+        "  -V, --version              print the version\n"
+        "  -v, --verbose              more messages on stderr\n"
+        "      --device dev           auto (default), cpu or cuda\n"
+        "      --ignore-eos           do not stop at EOS\n"
+        "      --progress             progress on stderr even when it is not\n"
+        "                             a terminal\n"
+        "      --stop-id id           stop at token id (repeatable)\n",
+        stdout);
 }
 
 static _Noreturn void bad_usage(const char *fmt, const char *arg)
@@ -226,32 +232,46 @@ int main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "a:b:hJj:k:m:n:o:p:qr:S:s:T:t:Vv",
                             longs, NULL)) != -1) {
         switch (c) {
-        case 'a': adapter_dir = optarg; break;
+        case 'a':
+            adapter_dir = optarg;
+            break;
         case 'b':
             batch = (int)parse_int(optarg, "bad batch size '%s'", 1, 65536);
             break;
-        case 'h': help(); return 0;
-        case 'J': json = 1; break;
+        case 'h':
+            help();
+            return 0;
+        case 'J':
+            json = 1;
+            break;
         case 'j':
             threads = (int)parse_int(optarg, "bad thread count '%s'", 1, 1024);
             break;
         case 'k':
-            p.top_k = (int32_t)parse_int(optarg, "bad top-k '%s'", 0, INT32_MAX);
+            p.top_k =
+                (int32_t)parse_int(optarg, "bad top-k '%s'", 0, INT32_MAX);
             break;
-        case 'm': model_dir = optarg; break;
+        case 'm':
+            model_dir = optarg;
+            break;
         case 'n':
             p.max_new = (int32_t)parse_int(optarg, "bad max new tokens '%s'", 1,
                                            1 << 24);
             break;
-        case 'o': output = optarg; break;
+        case 'o':
+            output = optarg;
+            break;
         case 'p':
             p.top_p = parse_num(optarg, "bad top-p '%s'");
             if (!(p.top_p > 0 && p.top_p <= 1))
                 bad_usage("top-p must be in (0, 1], got '%s'", optarg);
             break;
-        case 'q': msg_verbosity = 0; break;
+        case 'q':
+            msg_verbosity = 0;
+            break;
         case 'r':
-            p.repetition_penalty = parse_num(optarg, "bad repetition penalty '%s'");
+            p.repetition_penalty =
+                parse_num(optarg, "bad repetition penalty '%s'");
             if (!(p.repetition_penalty > 0))
                 bad_usage("repetition penalty must be > 0, got '%s'", optarg);
             break;
@@ -263,27 +283,39 @@ int main(int argc, char **argv)
                 bad_usage("empty stop text%s", "");
             stops[nstops++] = optarg;
             break;
-        case 'T': tok_path = optarg; break;
+        case 'T':
+            tok_path = optarg;
+            break;
         case 't':
             p.temperature = parse_num(optarg, "bad temperature '%s'");
             if (p.temperature < 0)
                 bad_usage("temperature must be >= 0, got '%s'", optarg);
             break;
-        case 'V': printf("lora-gen %s\n", QLORA_VERSION); return 0;
-        case 'v': msg_verbosity++; break;
+        case 'V':
+            printf("lora-gen %s\n", QLORA_VERSION);
+            return 0;
+        case 'v':
+            msg_verbosity++;
+            break;
         case OPT_DEVICE:
             if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") &&
                 strcmp(optarg, "cuda"))
                 bad_usage("unknown device '%s' (auto, cpu or cuda)", optarg);
             device = optarg;
             break;
-        case OPT_IGNORE_EOS: p.ignore_eos = 1; break;
-        case OPT_PROGRESS: progress = 1; break;
+        case OPT_IGNORE_EOS:
+            p.ignore_eos = 1;
+            break;
+        case OPT_PROGRESS:
+            progress = 1;
+            break;
         case OPT_STOP_ID:
             stop_ids[nstop_ids++] =
                 (int32_t)parse_int(optarg, "bad stop id '%s'", 0, INT32_MAX);
             break;
-        default: usage(stderr); exit(2);
+        default:
+            usage(stderr);
+            exit(2);
         }
     }
     if (argc - optind > 1)
@@ -335,14 +367,18 @@ int main(int argc, char **argv)
     if (adapter_dir && adapter_read(adapter_dir, mc, &ad, NULL) != 0)
         goto done;
     /* the tokenizer: for stop texts and the JSON text */
-    tpath = tok_path ? xstrdup(tok_path) : io_path_join(model_dir, "tokenizer.model");
+    tpath = tok_path ? xstrdup(tok_path)
+                     : io_path_join(model_dir, "tokenizer.model");
     if (tok_path || io_exists(tpath)) {
         if (!(sp = sp_model_load(tpath)))
             goto done;
-        if (in.h.tokenizer[0] && strcmp(in.h.tokenizer, sp_model_fingerprint(sp)))
-            msg_warn("'%s' is not the tokenizer the input was made with", tpath);
+        if (in.h.tokenizer[0] &&
+            strcmp(in.h.tokenizer, sp_model_fingerprint(sp)))
+            msg_warn("'%s' is not the tokenizer the input was made with",
+                     tpath);
     } else if (nstops) {
-        msg_error("stop texts need a tokenizer: '%s' is missing (give -T)", tpath);
+        msg_error("stop texts need a tokenizer: '%s' is missing (give -T)",
+                  tpath);
         goto done;
     }
     p.eos_id = in.h.eos_id >= 0 ? in.h.eos_id : mc->eos_id;
@@ -410,7 +446,8 @@ int main(int argc, char **argv)
              " calls, %" PRId64 " decode steps in %.3f s): %.1f new tokens/s",
              st.records, st.prompt_tokens, st.new_tokens, st.seconds,
              st.prefill_seconds, st.prefill_calls, st.decode_steps,
-             st.decode_seconds, st.seconds > 0 ? st.new_tokens / st.seconds : 0.0);
+             st.decode_seconds,
+             st.seconds > 0 ? st.new_tokens / st.seconds : 0.0);
     rc = 0;
 done:
     if (o.w)

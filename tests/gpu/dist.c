@@ -210,8 +210,8 @@ static int check_rank(job *j)
     lc.alpha = 32;
     lc.dropout = 0.1;
     lc.targets = LORA_ALL_LINEAR;
-    gpu_trainer *R = gpu_trainer_new(M, &lc, 2 * SEQ, 0);
-    gpu_trainer *D = gpu_trainer_new(M, &lc, 2 * SEQ, GPU_TRAINER_CHECKPOINT);
+    gpu_trainer *R = gpu_trainer_new(M, &lc, 3 * SEQ, 0);
+    gpu_trainer *D = gpu_trainer_new(M, &lc, 3 * SEQ, GPU_TRAINER_CHECKPOINT);
     dist_gpu *dg =
         R && D ? dist_gpu_new(&j->nc, &j->e, j->id, D, &M->cfg, &lc) : NULL;
     if (!dg)

@@ -24,7 +24,8 @@
 #include "sentencepiece.h"
 #include "strbuf.h"
 
-/* ---- the sampler ------------------------------------------------------------ */
+/* ---- the sampler ------------------------------------------------------------
+ */
 
 static void test_sampler(void)
 {
@@ -40,9 +41,11 @@ static void test_sampler(void)
     float l1[3] = {3.0f, 2.5f, -1.0f};
     uint8_t seen[3] = {1, 0, 0};
     p.repetition_penalty = 2.0;
-    CHECK(gen_sample(s, &p, l1, 3, seen, 1, 0) == 1, "repetition penalty divides a positive logit");
+    CHECK(gen_sample(s, &p, l1, 3, seen, 1, 0) == 1,
+          "repetition penalty divides a positive logit");
     float l2[3] = {-1.0f, -1.5f, -3.0f};
-    CHECK(gen_sample(s, &p, l2, 3, seen, 1, 0) == 1, "repetition penalty multiplies a negative one");
+    CHECK(gen_sample(s, &p, l2, 3, seen, 1, 0) == 1,
+          "repetition penalty multiplies a negative one");
     p.repetition_penalty = 1.0;
 
     /* sampling frequencies follow softmax(l / T) */
@@ -55,10 +58,12 @@ static void test_sampler(void)
         memcpy(l, base, sizeof l);
         cnt[gen_sample(s, &p, l, 4, NULL, gen_record_key(1, 0), (uint64_t)i)]++;
     }
-    CHECK(fabs(cnt[0] / (double)N - 0.5) < 0.02 && fabs(cnt[1] / (double)N - 0.3) < 0.02 &&
-              fabs(cnt[3] / (double)N - 0.05) < 0.01,
-          "temperature 1: frequencies %d %d %d %d of %d match 0.5 0.3 0.15 0.05", cnt[0],
-          cnt[1], cnt[2], cnt[3], N);
+    CHECK(
+        fabs(cnt[0] / (double)N - 0.5) < 0.02 &&
+            fabs(cnt[1] / (double)N - 0.3) < 0.02 &&
+            fabs(cnt[3] / (double)N - 0.05) < 0.01,
+        "temperature 1: frequencies %d %d %d %d of %d match 0.5 0.3 0.15 0.05",
+        cnt[0], cnt[1], cnt[2], cnt[3], N);
     /* top-k 2: only the two most likely, renormalized (0.5 : 0.3) */
     p.top_k = 2;
     memset(cnt, 0, sizeof cnt);
@@ -68,8 +73,10 @@ static void test_sampler(void)
         cnt[gen_sample(s, &p, l, 4, NULL, 5, (uint64_t)i)]++;
     }
     CHECK(cnt[2] == 0 && cnt[3] == 0 && fabs(cnt[0] / (double)N - 0.625) < 0.02,
-          "top-k 2 keeps the two most likely (%d %d %d %d)", cnt[0], cnt[1], cnt[2], cnt[3]);
-    /* top-p 0.75: 0.5 (before: 0) and 0.3 (before: 0.5 < 0.75) kept, 0.15 not */
+          "top-k 2 keeps the two most likely (%d %d %d %d)", cnt[0], cnt[1],
+          cnt[2], cnt[3]);
+    /* top-p 0.75: 0.5 (before: 0) and 0.3 (before: 0.5 < 0.75) kept, 0.15 not
+     */
     p.top_k = 0;
     p.top_p = 0.75;
     memset(cnt, 0, sizeof cnt);
@@ -78,8 +85,9 @@ static void test_sampler(void)
         memcpy(l, base, sizeof l);
         cnt[gen_sample(s, &p, l, 4, NULL, 9, (uint64_t)i)]++;
     }
-    CHECK(cnt[2] == 0 && cnt[3] == 0 && cnt[1] > 0, "top-p 0.75 keeps 0.5 and 0.3 (%d %d %d %d)",
-          cnt[0], cnt[1], cnt[2], cnt[3]);
+    CHECK(cnt[2] == 0 && cnt[3] == 0 && cnt[1] > 0,
+          "top-p 0.75 keeps 0.5 and 0.3 (%d %d %d %d)", cnt[0], cnt[1], cnt[2],
+          cnt[3]);
     p.top_p = 0.4;
     int only0 = 1;
     for (int i = 0; i < 200; i++) {
@@ -105,9 +113,11 @@ static void test_sampler(void)
     float l3[4], l4[4];
     memcpy(l3, base, sizeof l3);
     memcpy(l4, base, sizeof l4);
-    CHECK(gen_sample(s, &p, l3, 4, NULL, 77, 3) == gen_sample(s, &p, l4, 4, NULL, 77, 3),
+    CHECK(gen_sample(s, &p, l3, 4, NULL, 77, 3) ==
+              gen_sample(s, &p, l4, 4, NULL, 77, 3),
           "a draw depends on (key, index) only");
-    CHECK(gen_record_key(1, 0) != gen_record_key(1, 1) && gen_record_key(1, 0) != gen_record_key(2, 0),
+    CHECK(gen_record_key(1, 0) != gen_record_key(1, 1) &&
+              gen_record_key(1, 0) != gen_record_key(2, 0),
           "record keys differ by seed and index");
     gen_sampler_free(s);
 
@@ -120,18 +130,20 @@ static void test_sampler(void)
     CHECK(gen_params_check(&q) != 0, "max new 0 is refused");
 }
 
-/* ---- the scheduler with a scripted backend ------------------------------------- */
+/* ---- the scheduler with a scripted backend
+ * ------------------------------------- */
 
 /* The next token is (last + 1) % V, logit 10 against 0 elsewhere: a
  * sequence counts up from its last prompt token. */
 typedef struct fake {
     int32_t V, slots;
-    int32_t *last;      /* (slots) */
-    int32_t *len;       /* (slots) */
+    int32_t *last; /* (slots) */
+    int32_t *len;  /* (slots) */
     int calls, max_in_flight;
 } fake;
 
-static void fake_out(fake *f, int32_t i, int32_t t, float *logits, int32_t *amax, int32_t limit)
+static void fake_out(fake *f, int32_t i, int32_t t, float *logits,
+                     int32_t *amax, int32_t limit)
 {
     int32_t next = (t + 1) % f->V;
     if (amax) {
@@ -142,8 +154,9 @@ static void fake_out(fake *f, int32_t i, int32_t t, float *logits, int32_t *amax
         logits[(int64_t)i * f->V + j] = j == next ? 10.0f : 0.0f;
 }
 
-static int fake_prefill(void *ctx, int32_t n, const int32_t *slot, const int32_t *ids,
-                        const int32_t *len, int32_t limit, float *logits, int32_t *amax)
+static int fake_prefill(void *ctx, int32_t n, const int32_t *slot,
+                        const int32_t *ids, const int32_t *len, int32_t limit,
+                        float *logits, int32_t *amax)
 {
     fake *f = ctx;
     int64_t off = 0;
@@ -157,8 +170,9 @@ static int fake_prefill(void *ctx, int32_t n, const int32_t *slot, const int32_t
     return 0;
 }
 
-static int fake_decode(void *ctx, int32_t n, const int32_t *slot, const int32_t *ids,
-                       int32_t limit, float *logits, int32_t *amax)
+static int fake_decode(void *ctx, int32_t n, const int32_t *slot,
+                       const int32_t *ids, int32_t limit, float *logits,
+                       int32_t *amax)
 {
     fake *f = ctx;
     if (n > f->max_in_flight)
@@ -209,13 +223,14 @@ static void test_scheduler(void)
     be.prefill = fake_prefill;
     be.decode = fake_decode;
     /* prompts ending in 10, 40, 3, 45, 20 */
-    int32_t p0[] = {1, 10}, p1[] = {1, 2, 40}, p2[] = {3}, p3[] = {1, 45}, p4[] = {1, 5, 20};
+    int32_t p0[] = {1, 10}, p1[] = {1, 2, 40}, p2[] = {3}, p3[] = {1, 45},
+            p4[] = {1, 5, 20};
     gen_prompt pr[5] = {{p0, 2}, {p1, 3}, {p2, 1}, {p3, 2}, {p4, 3}};
     gen_params p;
     gen_params_default(&p);
     p.max_new = 6;
-    p.eos_id = 44;     /* reached by prompt 1 (41 42 43 44) */
-    int32_t stop = 5;  /* reached by prompt 2 (4 5) */
+    p.eos_id = 44;    /* reached by prompt 1 (41 42 43 44) */
+    int32_t stop = 5; /* reached by prompt 2 (4 5) */
     p.stop_ids = &stop;
     p.n_stop_ids = 1;
     got g = {0};
@@ -226,7 +241,8 @@ static void test_scheduler(void)
     for (int i = 0; i < g.n; i++)
         order &= g.index[i] == (uint64_t)i;
     CHECK(order, "scheduler: results in input order");
-    CHECK(g.len[0] == 6 && g.first[0] == 11 && g.lastid[0] == 16 && g.fin[0] == GEN_FINISH_LENGTH,
+    CHECK(g.len[0] == 6 && g.first[0] == 11 && g.lastid[0] == 16 &&
+              g.fin[0] == GEN_FINISH_LENGTH,
           "max new tokens ends a sequence ('length')");
     CHECK(g.len[1] == 4 && g.lastid[1] == 44 && g.fin[1] == GEN_FINISH_EOS,
           "EOS ends a sequence and is kept ('eos')");
@@ -251,16 +267,19 @@ static void test_scheduler(void)
     rc = gen_run(&be, &p, &big, 1, 40, got_emit, &g, NULL);
     CHECK(rc != 0, "a prompt longer than the context is an error");
     gen_prompt empty = {longp, 0};
-    CHECK(gen_run(&be, &p, &empty, 1, 60, NULL, NULL, NULL) != 0, "an empty prompt is an error");
+    CHECK(gen_run(&be, &p, &empty, 1, 60, NULL, NULL, NULL) != 0,
+          "an empty prompt is an error");
     /* sampled path (logits) gives the same as greedy here */
     memset(&g, 0, sizeof g);
     p.temperature = 0.5;
     p.top_k = 3;
     rc = gen_run(&be, &p, pr, 2, 60, got_emit, &g, NULL);
-    CHECK(rc == 0 && g.first[0] == 11 && g.first[1] == 41, "sampling path: a certain token is drawn");
+    CHECK(rc == 0 && g.first[0] == 11 && g.first[1] == 41,
+          "sampling path: a certain token is drawn");
 }
 
-/* ---- the CPU backend on stories260K ---------------------------------------------- */
+/* ---- the CPU backend on stories260K
+ * ---------------------------------------------- */
 
 typedef struct col {
     int32_t *ids[16];
@@ -284,8 +303,9 @@ static void col_free(col *c, size_t n)
         free(c->ids[i]);
 }
 
-static int run_cpu(const llama_model *m, const lora_adapter *a, int slots, const gen_params *p,
-                   const gen_prompt *pr, size_t n, col *out)
+static int run_cpu(const llama_model *m, const lora_adapter *a, int slots,
+                   const gen_params *p, const gen_prompt *pr, size_t n,
+                   col *out)
 {
     int32_t maxlen = 0;
     for (size_t i = 0; i < n; i++)
@@ -306,7 +326,8 @@ static int run_cpu(const llama_model *m, const lora_adapter *a, int slots, const
 static int same(const col *a, const col *b, size_t n)
 {
     for (size_t i = 0; i < n; i++)
-        if (a->n[i] != b->n[i] || memcmp(a->ids[i], b->ids[i], (size_t)a->n[i] * 4))
+        if (a->n[i] != b->n[i] ||
+            memcmp(a->ids[i], b->ids[i], (size_t)a->n[i] * 4))
             return 0;
     return 1;
 }
@@ -335,18 +356,20 @@ static const char *fixture_texts[] = {
 };
 #define N_FIXTURE (sizeof fixture_texts / sizeof *fixture_texts)
 
-static int fixture_prompts(const char *shared, gen_prompt *pr, int32_t store[][64])
+static int fixture_prompts(const char *shared, gen_prompt *pr,
+                           int32_t store[][64])
 {
     char path[1024];
-    snprintf(path, sizeof path, "%s/models/stories260K/tokenizer.model", shared);
+    snprintf(path, sizeof path, "%s/models/stories260K/tokenizer.model",
+             shared);
     sp_model *sp = sp_model_load(path);
     if (!sp)
         return -1;
     sp_encoder *e = sp_encoder_new(sp);
     for (size_t i = 0; i < N_FIXTURE; i++) {
         sp_ids ids = {0};
-        sp_encode(e, fixture_texts[i], strlen(fixture_texts[i]), strlen(fixture_texts[i]), &ids,
-                  NULL);
+        sp_encode(e, fixture_texts[i], strlen(fixture_texts[i]),
+                  strlen(fixture_texts[i]), &ids, NULL);
         store[i][0] = sp_model_bos_id(sp);
         for (size_t j = 0; j < ids.n && j < 63; j++)
             store[i][j + 1] = (int32_t)ids.ids[j];
@@ -377,7 +400,8 @@ static int make_fixtures(const char *dir)
         return 2;
     char *pp = io_path_join(dir, "prompts.json");
     io_writer *w = io_writer_open(pp, IO_TEXT);
-    io_printf(w, "{\"max_new_tokens\": 40, \"eos_token_id\": 2, \"prompts\": [");
+    io_printf(w,
+              "{\"max_new_tokens\": 40, \"eos_token_id\": 2, \"prompts\": [");
     for (size_t i = 0; i < N_FIXTURE; i++) {
         io_printf(w, i ? ", [" : "[");
         for (int32_t j = 0; j < pr[i].n; j++)
@@ -429,7 +453,8 @@ static void test_stories(void)
             sp_decode(sp, (const uint32_t *)c.ids[0], (size_t)c.n[0], &sb);
         sb_putc(&sb, '\n');
         CHECK(rc == 0 && sb.len == wlen && !memcmp(sb.buf, want, wlen),
-              "CPU greedy from BOS reproduces greedy-from-bos.txt (%d tokens)", c.n[0]);
+              "CPU greedy from BOS reproduces greedy-from-bos.txt (%d tokens)",
+              c.n[0]);
         sb_free(&sb);
         col_free(&c, 1);
         free(want);
@@ -449,7 +474,8 @@ static void test_stories(void)
     rc |= run_cpu(m, NULL, 2, &p, pr, N_FIXTURE, &base);
     CHECK(rc == 0 && same(&one, &three, N_FIXTURE),
           "greedy: 3 prompts in flight give what 1 at a time gives");
-    CHECK(rc == 0 && !same(&one, &base, N_FIXTURE), "the adapter changes the completions");
+    CHECK(rc == 0 && !same(&one, &base, N_FIXTURE),
+          "the adapter changes the completions");
     col_free(&one, N_FIXTURE);
     col_free(&three, N_FIXTURE);
     col_free(&base, N_FIXTURE);
@@ -465,8 +491,10 @@ static void test_stories(void)
     rc |= run_cpu(m, a, 3, &p, pr, N_FIXTURE, &s3);
     p.seed = 43;
     rc |= run_cpu(m, a, 3, &p, pr, N_FIXTURE, &s4);
-    CHECK(rc == 0 && same(&s1, &s3, N_FIXTURE), "sampling with a seed: same with 1 or 3 in flight");
-    CHECK(rc == 0 && !same(&s1, &s4, N_FIXTURE), "another seed, other completions");
+    CHECK(rc == 0 && same(&s1, &s3, N_FIXTURE),
+          "sampling with a seed: same with 1 or 3 in flight");
+    CHECK(rc == 0 && !same(&s1, &s4, N_FIXTURE),
+          "another seed, other completions");
     col_free(&s1, N_FIXTURE);
     col_free(&s3, N_FIXTURE);
     col_free(&s4, N_FIXTURE);
@@ -486,26 +514,30 @@ static void test_stories(void)
     if (rc == 0)
         sp_decode(sp, (const uint32_t *)st.ids[0], (size_t)st.n[0], &sb);
     const char *hit = strstr(sb_str(&sb), "Lily");
-    CHECK(rc == 0 && st.fin[0] == GEN_FINISH_STOP && hit && hit + 4 == sb_str(&sb) + sb.len,
+    CHECK(rc == 0 && st.fin[0] == GEN_FINISH_STOP && hit &&
+              hit + 4 == sb_str(&sb) + sb.len,
           "stop text: the completion ends with it ('%s')", sb_str(&sb));
     sb_free(&sb);
     col_free(&st, 1);
 
     /* transformers + peft's greedy completions with the fixture adapter */
     const char *top = getenv("TOP");
-    snprintf(path, sizeof path, "%s/tests/golden/gen-s260-peft.json", top && *top ? top : ".");
+    snprintf(path, sizeof path, "%s/tests/golden/gen-s260-peft.json",
+             top && *top ? top : ".");
     json_value *g;
     if (!io_exists(path)) {
         SKIP("peft golden: %s absent", path);
     } else if (json_parse_file(path, &g) == 0) {
-        const json_value *ps = json_get(g, "prompts"), *cs = json_get(g, "completions");
+        const json_value *ps = json_get(g, "prompts"),
+                         *cs = json_get(g, "completions");
         size_t n = ps && ps->type == JSON_ARRAY ? ps->u.array.n : 0;
         int prompts_same = n == N_FIXTURE;
         for (size_t i = 0; prompts_same && i < n; i++) {
             const json_value *pa = ps->u.array.items[i];
             prompts_same = pa->u.array.n == (size_t)pr[i].n;
             for (size_t j = 0; prompts_same && j < pa->u.array.n; j++)
-                prompts_same = pa->u.array.items[j]->u.number.integer == pr[i].ids[j];
+                prompts_same =
+                    pa->u.array.items[j]->u.number.integer == pr[i].ids[j];
         }
         CHECK(prompts_same, "peft golden: the fixture's prompts");
         gen_params_default(&p);
@@ -518,12 +550,14 @@ static void test_stories(void)
             const json_value *ca = cs->u.array.items[i];
             int eq = (size_t)c.n[i] == ca->u.array.n;
             for (size_t j = 0; eq && j < ca->u.array.n; j++)
-                eq = c.ids[i][j] == (int32_t)ca->u.array.items[j]->u.number.integer;
+                eq = c.ids[i][j] ==
+                     (int32_t)ca->u.array.items[j]->u.number.integer;
             agree += eq;
         }
         CHECK(rc == 0 && agree == (int)N_FIXTURE,
-              "CPU greedy with the adapter == transformers+peft greedy (%d of %zu prompts)", agree,
-              N_FIXTURE);
+              "CPU greedy with the adapter == transformers+peft greedy (%d of "
+              "%zu prompts)",
+              agree, N_FIXTURE);
         col_free(&c, N_FIXTURE);
         json_free(g);
     }
