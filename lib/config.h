@@ -10,16 +10,16 @@
 #ifndef CONFIG_H
 #define CONFIG_H
 
+#include "strbuf.h"
 #include <stddef.h>
 #include <stdint.h>
-#include "strbuf.h"
 
 typedef enum {
-    CFG_INT,      /* int64_t */
-    CFG_FLOAT,    /* double */
-    CFG_BOOL,     /* int: true/false (YAML 1.1 yes/no/on/off accepted) */
-    CFG_STRING,   /* char * (malloc'ed; NULL for a null/empty default) */
-    CFG_STRLIST,  /* cfg_strlist: a YAML sequence, or a comma-separated string */
+    CFG_INT,     /* int64_t */
+    CFG_FLOAT,   /* double */
+    CFG_BOOL,    /* int: true/false (YAML 1.1 yes/no/on/off accepted) */
+    CFG_STRING,  /* char * (malloc'ed; NULL for a null/empty default) */
+    CFG_STRLIST, /* cfg_strlist: a YAML sequence, or a comma-separated string */
 } cfg_type;
 
 typedef struct cfg_strlist {
@@ -28,11 +28,11 @@ typedef struct cfg_strlist {
 } cfg_strlist;
 
 typedef struct cfg_field {
-    const char *key;      /* Hugging Face's name where one exists */
+    const char *key; /* Hugging Face's name where one exists */
     cfg_type type;
-    size_t offset;        /* offsetof(struct, member) */
-    const char *def;      /* default as text, or NULL */
-    const char *help;     /* one line, for --help and the man page */
+    size_t offset;    /* offsetof(struct, member) */
+    const char *def;  /* default as text, or NULL */
+    const char *help; /* one line, for --help and the man page */
 } cfg_field;
 
 /* Sets every field to its default. 0 ok, -1 when a default does not parse

@@ -25,16 +25,16 @@ struct io_reader {
     int is_stdin;
     int is_zstd;
     ZSTD_DCtx *dctx;
-    unsigned char *zin;     /* compressed input buffer */
+    unsigned char *zin; /* compressed input buffer */
     ZSTD_inBuffer zib;
     size_t zin_cap;
-    int zeof;               /* no more compressed bytes */
-    int frame_done;         /* last decompress call finished a frame */
-    unsigned char peek[4];  /* bytes read to sniff the magic */
+    int zeof;              /* no more compressed bytes */
+    int frame_done;        /* last decompress call finished a frame */
+    unsigned char peek[4]; /* bytes read to sniff the magic */
     size_t npeek, peek_pos;
     /* line reading */
     char *lbuf;
-    size_t lcap, llen;      /* buffered decompressed bytes in lbuf[lpos..llen) */
+    size_t lcap, llen; /* buffered decompressed bytes in lbuf[lpos..llen) */
     size_t lpos;
     char *line;
     size_t line_cap;
@@ -87,7 +87,10 @@ io_reader *io_reader_open(const char *path)
     return r;
 }
 
-const char *io_reader_name(const io_reader *r) { return r->name; }
+const char *io_reader_name(const io_reader *r)
+{
+    return r->name;
+}
 
 static ptrdiff_t raw_read(io_reader *r, unsigned char *buf, size_t n)
 {
@@ -109,7 +112,8 @@ static ptrdiff_t zstd_read(io_reader *r, unsigned char *buf, size_t n)
         if (r->zib.pos == r->zib.size && !r->zeof) {
             size_t got = fread(r->zin, 1, r->zin_cap, r->fp);
             if (ferror(r->fp))
-                return msg_error("cannot read '%s': %s", r->name, strerror(errno));
+                return msg_error("cannot read '%s': %s", r->name,
+                                 strerror(errno));
             if (got == 0)
                 r->zeof = 1;
             r->zib.src = r->zin;
@@ -226,7 +230,10 @@ int io_read_line(io_reader *r, char **line, size_t *len)
     return 1;
 }
 
-long io_reader_lineno(const io_reader *r) { return r->lineno; }
+long io_reader_lineno(const io_reader *r)
+{
+    return r->lineno;
+}
 
 void io_reader_close(io_reader *r)
 {
@@ -275,8 +282,8 @@ int io_read_file(const char *path, char **data, size_t *len)
 struct io_writer {
     FILE *fp;
     char *name;
-    char *tmp;       /* NULL for stdout */
-    int err;         /* first errno seen, sticky */
+    char *tmp; /* NULL for stdout */
+    int err;   /* first errno seen, sticky */
     uint64_t written;
 };
 
@@ -313,7 +320,10 @@ io_writer *io_writer_open(const char *path, int flags)
     return w;
 }
 
-const char *io_writer_name(const io_writer *w) { return w->name; }
+const char *io_writer_name(const io_writer *w)
+{
+    return w->name;
+}
 
 void io_write(io_writer *w, const void *buf, size_t n)
 {
@@ -338,7 +348,10 @@ void io_printf(io_writer *w, const char *fmt, ...)
         w->written += (uint64_t)n;
 }
 
-uint64_t io_writer_tell(const io_writer *w) { return w->written; }
+uint64_t io_writer_tell(const io_writer *w)
+{
+    return w->written;
+}
 
 static void writer_free(io_writer *w)
 {

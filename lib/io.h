@@ -15,10 +15,10 @@
 #ifndef IO_H
 #define IO_H
 
+#include "msg.h"
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
-#include "msg.h"
 
 typedef struct io_reader io_reader;
 

@@ -10,9 +10,9 @@
 #ifndef JSON_H
 #define JSON_H
 
+#include "strbuf.h"
 #include <stddef.h>
 #include <stdint.h>
-#include "strbuf.h"
 
 typedef enum {
     JSON_NULL,
@@ -31,11 +31,11 @@ struct json_value {
     union {
         struct {
             double value;
-            int64_t integer;  /* exact when is_integer */
-            int is_integer;   /* no fraction/exponent and fits int64 */
+            int64_t integer; /* exact when is_integer */
+            int is_integer;  /* no fraction/exponent and fits int64 */
         } number;
         struct {
-            char *s;          /* decoded UTF-8, NUL-terminated, may hold NULs */
+            char *s; /* decoded UTF-8, NUL-terminated, may hold NULs */
             size_t len;
         } string;
         struct {
@@ -43,7 +43,7 @@ struct json_value {
             size_t n;
         } array;
         struct {
-            char **keys;      /* NUL-terminated */
+            char **keys; /* NUL-terminated */
             size_t *key_lens;
             json_value **values;
             size_t n;
@@ -69,7 +69,8 @@ int json_parse_file(const char *path, json_value **out);
  * when obj is not an object. */
 const json_value *json_get(const json_value *obj, const char *key);
 /* Typed lookups: NULL / fallback when absent or of another type. */
-const char *json_get_string(const json_value *obj, const char *key, size_t *len);
+const char *json_get_string(const json_value *obj, const char *key,
+                            size_t *len);
 double json_get_number(const json_value *obj, const char *key, double fallback);
 int64_t json_get_int(const json_value *obj, const char *key, int64_t fallback);
 const char *json_type_name(json_type t);

@@ -15,7 +15,10 @@ void msg_init(const char *prog)
     prog_name = slash ? slash + 1 : prog;
 }
 
-const char *msg_prog(void) { return prog_name; }
+const char *msg_prog(void)
+{
+    return prog_name;
+}
 
 static void vmsg(const char *kind, const char *fmt, va_list ap)
 {
@@ -103,7 +106,10 @@ void *xrealloc(void *p, size_t n)
     return q;
 }
 
-char *xstrdup(const char *s) { return xstrndup(s, strlen(s)); }
+char *xstrdup(const char *s)
+{
+    return xstrndup(s, strlen(s));
+}
 
 char *xstrndup(const char *s, size_t n)
 {

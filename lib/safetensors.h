@@ -13,20 +13,28 @@
 #ifndef SAFETENSORS_H
 #define SAFETENSORS_H
 
+#include "json.h"
 #include <stddef.h>
 #include <stdint.h>
-#include "json.h"
 
 typedef enum {
-    ST_F64, ST_F32, ST_F16, ST_BF16,
-    ST_I64, ST_I32, ST_I16, ST_I8, ST_U8, ST_BOOL,
+    ST_F64,
+    ST_F32,
+    ST_F16,
+    ST_BF16,
+    ST_I64,
+    ST_I32,
+    ST_I16,
+    ST_I8,
+    ST_U8,
+    ST_BOOL,
     ST_NDTYPES
 } st_dtype;
 
 #define ST_MAX_DIMS 8
 
 size_t st_dtype_size(st_dtype t);
-const char *st_dtype_name(st_dtype t);          /* "F32", ... */
+const char *st_dtype_name(st_dtype t);               /* "F32", ... */
 int st_dtype_parse(const char *name, st_dtype *out); /* 0 ok, -1 unknown */
 
 typedef struct st_tensor {
@@ -35,18 +43,18 @@ typedef struct st_tensor {
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     int64_t numel;
-    const void *data;       /* into the mapping */
+    const void *data; /* into the mapping */
     uint64_t nbytes;
-    uint64_t offset;        /* data offset from the start of the data area */
+    uint64_t offset; /* data offset from the start of the data area */
 } st_tensor;
 
 typedef struct st_file {
     char *path;
     void *map;
     size_t map_len;
-    st_tensor *tensors;     /* in file (offset) order */
+    st_tensor *tensors; /* in file (offset) order */
     size_t n;
-    json_value *metadata;   /* the "__metadata__" object or NULL */
+    json_value *metadata; /* the "__metadata__" object or NULL */
 } st_file;
 
 /* Opens and validates one file. 0 ok, -1 error (message names the file). */
@@ -88,16 +96,17 @@ int st_to_f32(const st_tensor *t, float *dst, int64_t offset, int64_t n);
  * Files go to dir (which must exist) through temporary names. */
 typedef struct st_writer st_writer;
 
-st_writer *st_writer_new(const char *dir, const char *base, uint64_t shard_bytes);
-void st_writer_declare(st_writer *w, const char *name, st_dtype dtype,
-                       int ndim, const int64_t *shape);
+st_writer *st_writer_new(const char *dir, const char *base,
+                         uint64_t shard_bytes);
+void st_writer_declare(st_writer *w, const char *name, st_dtype dtype, int ndim,
+                       const int64_t *shape);
 void st_writer_metadata(st_writer *w, const char *key, const char *value);
 int st_writer_begin(st_writer *w);
 /* Appends bytes of the current tensor; a tensor may be written in pieces.
  * Writing past the declared size is an error. */
 int st_writer_write(st_writer *w, const void *data, uint64_t nbytes);
-int st_writer_finish(st_writer *w);  /* checks all bytes came; frees w */
-void st_writer_abort(st_writer *w);  /* removes partial files; frees w */
+int st_writer_finish(st_writer *w); /* checks all bytes came; frees w */
+void st_writer_abort(st_writer *w); /* removes partial files; frees w */
 
 /* Writes one small file in one call: tensors with their data (nbytes and
  * offset are ignored; the size comes from dtype and shape), in the order

@@ -26,9 +26,15 @@ void sb_append(strbuf *sb, const void *data, size_t n)
     sb->buf[sb->len] = '\0';
 }
 
-void sb_puts(strbuf *sb, const char *s) { sb_append(sb, s, strlen(s)); }
+void sb_puts(strbuf *sb, const char *s)
+{
+    sb_append(sb, s, strlen(s));
+}
 
-void sb_putc(strbuf *sb, char c) { sb_append(sb, &c, 1); }
+void sb_putc(strbuf *sb, char c)
+{
+    sb_append(sb, &c, 1);
+}
 
 void sb_printf(strbuf *sb, const char *fmt, ...)
 {
@@ -59,4 +65,7 @@ void sb_free(strbuf *sb)
     sb->len = sb->cap = 0;
 }
 
-const char *sb_str(const strbuf *sb) { return sb->buf ? sb->buf : ""; }
+const char *sb_str(const strbuf *sb)
+{
+    return sb->buf ? sb->buf : "";
+}

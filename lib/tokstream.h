@@ -19,8 +19,8 @@
 #ifndef TOKSTREAM_H
 #define TOKSTREAM_H
 
-#include <stdint.h>
 #include "io.h"
+#include <stdint.h>
 
 #define TOKS_FORMAT "qlora-tokens"
 #define TOKS_VERSION 1
@@ -32,10 +32,10 @@
 typedef struct toks_header {
     int version;
     uint32_t vocab_size;
-    int32_t bos_id;         /* -1 when the vocabulary has none */
+    int32_t bos_id; /* -1 when the vocabulary has none */
     int32_t eos_id;
-    char tokenizer[32];     /* hex fingerprint of the tokenizer model, or "" */
-    char producer[64];      /* "tok 0.1" */
+    char tokenizer[32]; /* hex fingerprint of the tokenizer model, or "" */
+    char producer[64];  /* "tok 0.1" */
 } toks_header;
 
 typedef struct toks_record {

@@ -9,26 +9,26 @@
 
 static int check_failures;
 
-#define CHECK(cond, ...)                                                      \
-    do {                                                                      \
-        if (cond) {                                                           \
-            printf("ok ");                                                    \
-            printf(__VA_ARGS__);                                              \
-            printf("\n");                                                     \
-        } else {                                                              \
-            printf("not ok ");                                                \
-            printf(__VA_ARGS__);                                              \
-            printf(" (%s:%d: %s)\n", __FILE__, __LINE__, #cond);              \
-            check_failures++;                                                 \
-        }                                                                     \
-        fflush(stdout);                                                       \
+#define CHECK(cond, ...)                                                       \
+    do {                                                                       \
+        if (cond) {                                                            \
+            printf("ok ");                                                     \
+            printf(__VA_ARGS__);                                               \
+            printf("\n");                                                      \
+        } else {                                                               \
+            printf("not ok ");                                                 \
+            printf(__VA_ARGS__);                                               \
+            printf(" (%s:%d: %s)\n", __FILE__, __LINE__, #cond);               \
+            check_failures++;                                                  \
+        }                                                                      \
+        fflush(stdout);                                                        \
     } while (0)
 
-#define SKIP(...)                                                             \
-    do {                                                                      \
-        printf("skip ");                                                      \
-        printf(__VA_ARGS__);                                                  \
-        printf("\n");                                                         \
+#define SKIP(...)                                                              \
+    do {                                                                       \
+        printf("skip ");                                                       \
+        printf(__VA_ARGS__);                                                   \
+        printf("\n");                                                          \
     } while (0)
 
 #define CHECK_DONE() (check_failures ? 1 : 0)

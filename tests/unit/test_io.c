@@ -14,7 +14,10 @@
 
 static char dir[] = "/tmp/test_io.XXXXXX";
 
-static char *path(const char *name) { return io_path_join(dir, name); }
+static char *path(const char *name)
+{
+    return io_path_join(dir, name);
+}
 
 static void write_raw(const char *p, const void *data, size_t n)
 {
