@@ -76,6 +76,16 @@ _Noreturn void msg_die(const char *fmt, ...)
     exit(2);
 }
 
+_Noreturn void msg_usage_die(void (*usage)(FILE *), const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vmsg("", fmt, ap);
+    va_end(ap);
+    usage(stderr);
+    exit(2);
+}
+
 static _Noreturn void oom(size_t n)
 {
     fprintf(stderr, "%s: out of memory (asked for %zu bytes)\n", prog_name, n);

@@ -9,6 +9,7 @@
 #define MSG_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 #if defined(__GNUC__)
 #define MSG_PRINTF(a, b) __attribute__((format(printf, a, b)))
@@ -32,6 +33,9 @@ void msg_hint(const char *fmt, ...) MSG_PRINTF(1, 2);
 void msg_info(const char *fmt, ...) MSG_PRINTF(1, 2);
 
 /* For tools only (the library never calls it): message, exit status 2. */
+_Noreturn void msg_usage_die(void (*usage)(FILE *), const char *fmt, ...)
+    MSG_PRINTF(2, 3);
+/* ^ a bad command line: the message, then usage(stderr), exit status 2. */
 _Noreturn void msg_die(const char *fmt, ...) MSG_PRINTF(1, 2);
 
 /* Allocation that never returns NULL: on failure it reports "out of memory"

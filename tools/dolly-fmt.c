@@ -43,14 +43,7 @@ static void help(void)
           stdout);
 }
 
-static _Noreturn void bad_usage(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "%s: ", msg_prog());
-    fprintf(stderr, fmt, arg); /* fmt is one of ours, with one %s */
-    fputc('\n', stderr);
-    usage(stderr);
-    exit(2);
-}
+#define bad_usage(...) msg_usage_die(usage, __VA_ARGS__)
 
 /* --print-template: the text of a built-in template, or of a template file
  * once it compiles. Returns the exit status. */

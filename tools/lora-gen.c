@@ -91,14 +91,7 @@ static void help(void)
         stdout);
 }
 
-static _Noreturn void bad_usage(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "%s: ", msg_prog());
-    fprintf(stderr, fmt, arg);
-    fputc('\n', stderr);
-    usage(stderr);
-    exit(2);
-}
+#define bad_usage(...) msg_usage_die(usage, __VA_ARGS__)
 
 static long long parse_int(const char *s, const char *what, long long lo,
                            long long hi)

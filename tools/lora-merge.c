@@ -48,14 +48,7 @@ static void help(void)
           stdout);
 }
 
-static _Noreturn void bad_usage(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "%s: ", msg_prog());
-    fprintf(stderr, fmt, arg); /* fmt is one of ours, with one %s */
-    fputc('\n', stderr);
-    usage(stderr);
-    exit(2);
-}
+#define bad_usage(...) msg_usage_die(usage, __VA_ARGS__)
 
 static void progress(void *ctx, size_t i, size_t n, const char *name)
 {

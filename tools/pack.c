@@ -68,14 +68,7 @@ static void help(void)
           stdout);
 }
 
-static _Noreturn void bad_usage(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "%s: ", msg_prog());
-    fprintf(stderr, fmt, arg); /* fmt is one of ours, with one %s */
-    fputc('\n', stderr);
-    usage(stderr);
-    exit(2);
-}
+#define bad_usage(...) msg_usage_die(usage, __VA_ARGS__)
 
 /* A whole decimal number in [0, max], or bad usage naming the option. */
 static uint64_t parse_uint(const char *s, uint64_t max, const char *opt)

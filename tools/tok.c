@@ -53,14 +53,7 @@ static void help(void)
           stdout);
 }
 
-static _Noreturn void bad_usage(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "%s: ", msg_prog());
-    fprintf(stderr, fmt, arg); /* fmt is one of ours, with one %s */
-    fputc('\n', stderr);
-    usage(stderr);
-    exit(2);
-}
+#define bad_usage(...) msg_usage_die(usage, __VA_ARGS__)
 
 /* Encodes every file (stdin when none) into one token stream. */
 static int encode_all(const char *model_path, const char *output,
