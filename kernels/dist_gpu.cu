@@ -225,14 +225,15 @@ static int be_step_shard(void *ctx, const train_batch *micro, const int64_t *ind
 }
 
 /* train_eval's batches (batch_rows consecutive rows each), batch b on rank
- * b % world; the sums reduced. */
+ * b % world; the sums reduced, with a failure count, so that a rank whose
+ * own batch fails still joins the reduction the others wait in. */
 static int be_eval(void *ctx, const pack_data *pd, int64_t batch_rows, double *loss)
 {
     dist_gpu *d = (dist_gpu *)ctx;
     train_batch tb;
     memset(&tb, 0, sizeof tb);
     uint64_t *rows = (uint64_t *)xmalloc((size_t)batch_rows * sizeof(uint64_t));
-    double s[2] = {0, 0};
+    double s[3] = {0, 0, 0};
     int rc = 0;
     uint64_t b = 0;
     for (uint64_t r0 = 0; r0 < pd->h.n_rows && rc == 0; r0 += (uint64_t)batch_rows, b++) {
@@ -251,9 +252,10 @@ static int be_eval(void *ctx, const pack_data *pd, int64_t batch_rows, double *l
     }
     free(rows);
     train_batch_free(&tb);
-    if (rc != 0)
-        return rc; /* the same data fails on every rank */
-    dist_gpu_sum(d, s, 2);
+    s[2] = rc != 0;
+    dist_gpu_sum(d, s, 3);
+    if (s[2] > 0)
+        return rc != 0 ? rc : msg_error("evaluation failed on another rank");
     *loss = s[1] > 0 ? s[0] / s[1] : NAN;
     return 0;
 }

@@ -115,6 +115,8 @@ struct gpu_trainer {
                                  linear l's, -1 when none) */
     int64_t boff[LLAMA_NLINEAR];
     int32_t bits_layer;       /* the layer whose bits mbits holds, or -1 */
+    int recomp;               /* layer_fwd is recomputing for the backward:
+                                 every fused linear leaves its bits */
     bf16 *dlh;                /* (cap, r) */
     void *xent_scratch;       /* with checkpointing: the gate buffer of the
                                  one activation set, dead while the head
@@ -543,8 +545,12 @@ static void lin_fwd(gpu_trainer *G, int32_t layer, int l, bf16 *y,
     if (sl->a >= 0) {
         const bf16 *A = lora_w(G, layer, sl->a);
         if (drop && G->p > 0 && fused(G, in)) {
-            /* a recomputation leaves the mask for the backward that follows */
-            uint8_t *bits = !y && G->mbits && G->boff[l] >= 0 ? G->mbits + G->boff[l] : NULL;
+            /* a recomputation leaves the mask for the backward that follows,
+             * of every fused linear: once bits_layer names the layer,
+             * lin_bwd reads them all (not only down's, the one linear whose
+             * y is NULL in a recomputation) */
+            uint8_t *bits =
+                G->recomp && G->mbits && G->boff[l] >= 0 ? G->mbits + G->boff[l] : NULL;
             kn_lora_down(KB(lh), bits, CKB(x), CKB(A), n, in, r, G->p,
                          lora_dropout_stream(key, layer, (llama_linear)l), G->lscratch, G->s);
             if (bits)
@@ -653,6 +659,7 @@ static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
     const gpu_layer *L = &G->L[i];
     cudaStream_t st = G->s;
     int dim = c->dim, hd = c->head_dim;
+    G->recomp = out == NULL && drop;
     kn_rmsnorm_forward(KB(s->xn1), s->rstd1, CKB(s->x), L->attn_norm, n, dim, c->norm_eps, st);
     lin_fwd(G, i, LLAMA_Q, s->q, NULL, s->xn1, n, s->lh[LLAMA_Q], drop, key);
     lin_fwd(G, i, LLAMA_K, s->k, NULL, s->xn1, n, s->lh[LLAMA_K], drop, key);
@@ -669,6 +676,7 @@ static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
     if (out || (G->a->cfg.targets & (1u << LLAMA_DOWN)))
         kn_swiglu_forward(KB(s->hm), CKB(s->g), CKB(s->u), n * c->hidden, st);
     lin_fwd(G, i, LLAMA_DOWN, out, s->x2, s->hm, n, s->lh[LLAMA_DOWN], drop, key);
+    G->recomp = 0;
 }
 
 /* G->dres holds dL/d(layer output) on entry and dL/d(layer input) on exit

@@ -1668,8 +1668,15 @@ static void *qpool_worker(void *arg)
         pthread_mutex_unlock(&p->mu);
         const st_tensor *t = p->ws[p->order[pos]].t;
         qslot *s = &p->slot[pos];
-        int rc = nf4_quantize(t->data, t->dtype, t->ndim, t->shape,
-                              p->o->blocksize, p->o->nested, 1, &s->w);
+        /* NaN or infinity has no NF4 code (bitsandbytes would quietly
+         * quantize the rest of the block): refused (issue 11) */
+        int64_t bad = st_find_nonfinite(t->data, t->dtype, t->numel);
+        int rc = bad >= 0
+                     ? msg_error("tensor '%s' holds a non-finite value (NaN or "
+                                 "infinity) at element %lld",
+                                 t->name, (long long)bad)
+                     : nf4_quantize(t->data, t->dtype, t->ndim, t->shape,
+                                    p->o->blocksize, p->o->nested, 1, &s->w);
         if (rc == 0 && p->o->on_stats)
             nf4_error_stats(t->data, t->dtype, &s->w, 1, &s->st);
         st_tensor_release(t);

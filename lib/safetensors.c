@@ -187,6 +187,43 @@ int st_to_f32(const st_tensor *t, float *dst, int64_t offset, int64_t n)
     }
 }
 
+int64_t st_find_nonfinite(const void *data, st_dtype dtype, int64_t n)
+{
+    /* all exponent bits set: infinity or NaN */
+    const unsigned char *p = data;
+    switch (dtype) {
+    case ST_F64:
+        for (int64_t i = 0; i < n; i++) {
+            uint64_t u;
+            memcpy(&u, p + 8 * i, 8);
+            if ((u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull)
+                return i;
+        }
+        return -1;
+    case ST_F32:
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, p + 4 * i, 4);
+            if ((u & 0x7f800000u) == 0x7f800000u)
+                return i;
+        }
+        return -1;
+    case ST_F16:
+    case ST_BF16: {
+        uint16_t mask = dtype == ST_F16 ? 0x7c00 : 0x7f80;
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, p + 2 * i, 2);
+            if ((h & mask) == mask)
+                return i;
+        }
+        return -1;
+    }
+    default:
+        return -1;
+    }
+}
+
 /* ---- reading -------------------------------------------------------- */
 
 typedef struct st_file_priv {

@@ -84,6 +84,10 @@ void st_tensor_release(const st_tensor *t);
 
 /* Converts n elements of a tensor's data to float (F32, F16, BF16, F64). */
 int st_to_f32(const st_tensor *t, float *dst, int64_t offset, int64_t n);
+/* The index of the first NaN or infinity among n elements of float dtype
+ * dtype at data (F64, F32, F16, BF16; other dtypes have none), or -1. The
+ * tools refuse such weights rather than quantize, merge or train on them. */
+int64_t st_find_nonfinite(const void *data, st_dtype dtype, int64_t n);
 
 /* Writing, streaming tensor by tensor: declare every tensor first (so the
  * headers can be written), then st_writer_begin, then write each tensor's

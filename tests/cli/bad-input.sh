@@ -16,7 +16,8 @@
 #                            (adapter), lora-gen: refused, naming the tensor
 #   out-of-range token ids   tok -d, pack, lora-train
 #   read-only output dir     every tool that writes files
-#   full output dir          the same, on a 64 KiB tmpfs (root only)
+#   full output dir          the same, on a 64 KiB tmpfs (root only) that a
+#                            filler file leaves 4 KiB of
 #   stdout on /dev/full      every tool that writes stdout
 # Formats without a version or magic (JSON Lines text) have no such case.
 . "$TOP/tests/cli/lib.sh"
@@ -90,14 +91,15 @@ mkdir full
 if mount -t tmpfs -o size=64k tmpfs full 2>/dev/null; then
     FULL=full
     trap 'umount "$SCRATCH/full" "$SCRATCH/ro_m" 2>/dev/null; rm -rf "$SCRATCH"' EXIT
+    # leave one 4 KiB page, so that small outputs already fill it
+    head -c 61440 /dev/zero >full/filler 2>/dev/null
 else
     skip "bad-input: full output directory: cannot mount a tmpfs (not root)"
 fi
 [ -n "$RO" ] || skip "bad-input: read-only output directory: cannot make one"
 
 # --- fixtures ----------------------------------------------------------------
-zstd -dc "$SHARED/data/dolly/databricks-dolly-15k.jsonl.zst" | head -n 300 >d300.jsonl
-head -n 20 d300.jsonl >d20.jsonl
+zstd -dc "$SHARED/data/dolly/databricks-dolly-15k.jsonl.zst" | head -n 20 >d20.jsonl
 printf '{"instruction": "x", "context": "", "response": "caf\351", "category": "a"}\n' >latin1.jsonl
 printf '\211PNG\r\n\032\n\000\000\000\rIHDR' >garbage
 : >empty
@@ -130,6 +132,11 @@ mkmodel m-nan && cp "$S260/model.safetensors" m-nan/model.safetensors &&
     chmod u+w m-nan/model.safetensors &&
     poke m-nan/model.safetensors \
         $(($(st_offset m-nan/model.safetensors model.layers.1.self_attn.q_proj.weight) + 40)) "$NAN"
+# the same in a linear no q/v adapter touches (copied through by lora-merge)
+mkmodel m-nan2 && cp "$S260/model.safetensors" m-nan2/model.safetensors &&
+    chmod u+w m-nan2/model.safetensors &&
+    poke m-nan2/model.safetensors \
+        $(st_offset m-nan2/model.safetensors model.layers.0.mlp.down_proj.weight) "$NAN"
 mkdir m-none
 # adapters: one made by lora-train, cut, foreign and with a NaN
 if have_tool lora-train; then
@@ -154,7 +161,7 @@ if have_tool dolly-fmt; then
     [ -n "$RO" ] && refuse "dolly-fmt: read-only output directory" "$RO/f.jsonl" \
         dolly-fmt -o "$RO/f.jsonl" d20.jsonl
     [ -n "$FULL" ] && refuse "dolly-fmt: full output directory" full/f.jsonl \
-        dolly-fmt -o full/f.jsonl d300.jsonl
+        dolly-fmt -o full/f.jsonl d20.jsonl
     refuse "dolly-fmt: stdout on /dev/full" - sh -c 'dolly-fmt d20.jsonl >/dev/full'
 else
     skip "bad-input: dolly-fmt not built"
@@ -184,9 +191,8 @@ if have_tool tok && [ -s s.toks ]; then
     [ -n "$RO" ] && refuse "tok: read-only output directory" "$RO/s.toks" \
         tok -m "$S260/tokenizer.model" -o "$RO/s.toks" f20.jsonl
     if [ -n "$FULL" ]; then
-        dolly-fmt d300.jsonl >f300.jsonl
         refuse "tok: full output directory" full/s.toks \
-            tok -m "$S260/tokenizer.model" -o full/s.toks f300.jsonl
+            tok -m "$S260/tokenizer.model" -o full/s.toks f20.jsonl
     fi
     refuse "tok: stdout on /dev/full" - \
         sh -c 'tok -m "$1" f20.jsonl >/dev/full' sh "$S260/tokenizer.model"
@@ -214,8 +220,7 @@ if have_tool pack && [ -s s.packed ]; then
     [ -n "$RO" ] && refuse "pack: read-only output directory" "$RO/p.packed" \
         pack -n 64 -o "$RO/p.packed" s.toks
     if [ -n "$FULL" ]; then
-        tok -m "$S260/tokenizer.model" f300.jsonl >s300.toks
-        refuse "pack: full output directory" full/p.packed pack -l all -n 64 -o full/p.packed s300.toks
+        refuse "pack: full output directory" full/p.packed pack -q -n 512 -o full/p.packed s.toks
     fi
     refuse "pack: stdout on /dev/full" - sh -c 'pack -q -n 64 s.toks >/dev/full'
     refuse "pack --dump: stdout on /dev/full" - sh -c 'pack --dump s.packed >/dev/full'
@@ -260,9 +265,8 @@ if have_tool lora-train && [ -s s.packed ]; then
     refuse "lora-train: non-UTF-8 configuration" o $T -c latin1.yaml -o o s.packed
     [ -n "$RO" ] && refuse "lora-train: read-only output directory" "$RO/o" \
         lora-train --init-only -m "$S260" -o "$RO/o"
-    # the initial adapter of stories260K with r=64 on q and v is 650 KB
     [ -n "$FULL" ] && refuse "lora-train: full output directory" full/o/adapter_model.safetensors \
-        lora-train --init-only -s r=64 -m "$S260" -o full/o
+        lora-train --init-only -m "$S260" -o full/o
     refuse "lora-train: metrics to /dev/full" - sh -c '"$0" "$@" -o o s.packed >/dev/full' $T
 else
     skip "bad-input: lora-train not built"
@@ -277,6 +281,8 @@ if have_tool lora-merge && [ -d ad ]; then
     refuse "lora-merge: NaN in the adapter" mm $M -o mm a-nan
     refuse "lora-merge: truncated base model" mm lora-merge -b m-cut -o mm ad
     refuse "lora-merge: NaN in the base model" mm lora-merge -b m-nan -o mm ad
+    refuse "lora-merge: NaN in a base weight the adapter leaves alone" mm \
+        lora-merge -b m-nan2 -o mm ad
     [ -n "$RO" ] && refuse "lora-merge: read-only output directory" "$RO/mm" $M -o "$RO/mm" ad
     [ -n "$FULL" ] && refuse "lora-merge: full output directory" full/mm $M -o full/mm ad
 else
@@ -306,11 +312,11 @@ if have_tool lora-gen && [ -s s.toks ]; then
     [ -n "$RO" ] && refuse "lora-gen: read-only output directory" "$RO/g.toks" \
         $G -o "$RO/g.toks" prompts.toks
     if [ -n "$FULL" ]; then
-        # 300 prompts of up to 600 characters: more than the tmpfs holds
-        jq -c '{prompt: (.instruction + " " + .context)[0:600]}' d300.jsonl |
-            tok -m "$S260/tokenizer.model" >p300.toks
+        # 20 prompts of up to 600 characters: more than the 4 KiB left
+        jq -c '{prompt: (.instruction + " " + .context)[0:600]}' d20.jsonl |
+            tok -m "$S260/tokenizer.model" >p20.toks
         refuse "lora-gen: full output directory" full/g.toks \
-            $G -n 1 -o full/g.toks p300.toks
+            $G -n 1 -o full/g.toks p20.toks
     fi
     refuse "lora-gen: stdout on /dev/full" - sh -c '"$0" "$@" prompts.toks >/dev/full' $G
 else
