@@ -3,16 +3,48 @@
  * needs no host synchronisation; the host reads it only to log it. */
 #include "common.cuh"
 
+/* The sum of squares is deterministic: each block writes its partial sum,
+ * and the last block to finish (a ticket taken after a fence) adds the
+ * partials in block order. atomicAdd of the partials into *out, as before,
+ * made the order, and so the last bits, vary from run to run; the norm
+ * sets the clipping factor of every parameter's update, so under data
+ * parallelism each rank clipped its (identical, all-reduced) gradient
+ * by a slightly different factor and the ranks' adapters drifted apart
+ * (lora-train --gpus: "the ranks ended with different adapters"). The
+ * grid depends on n alone (not on the device's SM count), so every rank
+ * and run sums in the same order. The partials and the ticket are global
+ * per device: calls must not overlap on concurrent streams (the trainer
+ * makes one per step, on its stream). */
+#define SUMSQ_MAX_BLOCKS 1024
+__device__ float sumsq_part[SUMSQ_MAX_BLOCKS];
+__device__ unsigned int sumsq_ticket;
+
 __global__ void sumsq_kernel(float *out, const float *x, int64_t n)
 {
     __shared__ float sh[32];
+    __shared__ int last;
     float acc = 0.0f;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
         acc += x[i] * x[i];
     acc = block_sum(acc, sh);
+    if (threadIdx.x == 0) {
+        sumsq_part[blockIdx.x] = acc;
+        __threadfence();
+        /* wraps to 0 after the last block: ready for the next launch */
+        last = atomicInc(&sumsq_ticket, gridDim.x - 1) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last)
+        return;
+    __threadfence();
+    const volatile float *part = sumsq_part;
+    float t = 0.0f;
+    for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x)
+        t += part[b];
+    t = block_sum(t, sh);
     if (threadIdx.x == 0)
-        atomicAdd(out, acc);
+        *out += t;
 }
 
 extern "C" void kn_sumsq(float *out, const float *x, int64_t n, cudaStream_t s)
@@ -20,7 +52,8 @@ extern "C" void kn_sumsq(float *out, const float *x, int64_t n, cudaStream_t s)
     KN_REQUIRE(n >= 0 && out && x);
     if (!n)
         return;
-    sumsq_kernel<<<kn_grid_1d(n, 256), 256, 0, s>>>(out, x, n);
+    int64_t g = (n + 255) / 256;
+    sumsq_kernel<<<(int)(g < SUMSQ_MAX_BLOCKS ? g : SUMSQ_MAX_BLOCKS), 256, 0, s>>>(out, x, n);
     KN_CHECK_LAUNCH("sumsq");
 }
 

@@ -238,7 +238,10 @@ void kn_lora_dx(void *dx, kn_dtype dt, const uint8_t *bits, const kn_bf16 *dlh,
 
 /* --- optimizer (adamw.cu) ------------------------------------------------ */
 
-/* *out += sum_i x[i]^2 (device fp32; the caller zeroes it per step). */
+/* *out += sum_i x[i]^2 (device fp32; the caller zeroes it per step).
+ * Deterministic: the same n and x give the same bits on every device and
+ * run (data-parallel ranks clip by it). Calls must not overlap on
+ * concurrent streams of one device (one global partial-sum buffer). */
 void kn_sumsq(float *out, const float *x, int64_t n, cudaStream_t s);
 
 typedef struct kn_adamw {

@@ -616,7 +616,7 @@ static int write_item(st_writer *w, src_files *sf, const item *it,
             int64_t nn = rows - r0 - nr < chunk ? rows - r0 - nr : chunk;
             src_ahead(sf, t, off + len, (uint64_t)(nn * cols) * esz);
             rc = src_read(sf, t, off, len, raw);
-            /* a NaN or infinity in the base is refused, not merged (issue 11) */
+            /* a NaN or infinity in the base is refused (issue 11) */
             int64_t bad = rc == 0 ? st_find_nonfinite(raw, t->dtype, n) : -1;
             if (bad >= 0)
                 rc = msg_error("base tensor '%s' holds a non-finite value (NaN "

@@ -29,11 +29,10 @@ zstd -dc "$SHARED/data/dolly/databricks-dolly-15k.jsonl.zst" | head -n 20 | doll
     { notok "crash-resume: fixture"; exit 0; }
 
 # 10 steps of about 0.1-0.3 s each, a checkpoint after every step
+SETS="-s max_steps=10 -s save_steps=1 -s per_device_train_batch_size=2 -s logging_steps=1 -s lora_dropout=0.1"
 train() { # OUTDIR [args...]
     d=$1; shift
-    lora-train -q -m "$S260" -o "$d" -s max_steps=10 -s save_steps=1 \
-        -s per_device_train_batch_size=2 -s logging_steps=1 -s lora_dropout=0.1 \
-        "$@" t.packed
+    lora-train -q -m "$S260" -o "$d" $SETS "$@" t.packed
 }
 # the adapter's tensor data as floats, one a line
 floats() {
@@ -45,22 +44,35 @@ has_checkpoint() { ls "$1"/checkpoint-*/trainer_state.json >/dev/null 2>&1; }
 train ref >ref.jsonl 2>ref.err || { notok "crash-resume: uninterrupted run: $(cat ref.err)"; exit 0; }
 
 # --- kill -9 at seeded random moments, then --resume --------------------------
+# Round i waits until the run has saved checkpoint k_i (k = 1 or 2, 3 or 4,
+# 5 or 6, 7 or 8, drawn from the seed), then lets it run a random 0-250 ms
+# more (into the next step, or into writing a checkpoint) and kills it.
 seed=${CRASH_SEED:-11}
-delays=$(awk -v s="$seed" 'BEGIN { srand(s); for (i = 0; i < 5; i++) printf "%.2f\n", 0.1 + rand() * 0.9 }')
+plan=$(awk -v s="$seed" 'BEGIN { srand(s)
+    for (i = 0; i < 4; i++) printf "%d %.3f\n", 2 * i + 1 + int(rand() * 2), rand() * 0.25 }')
 kills=0
-for d in $delays; do
+echo "$plan" >plan
+while read -r k d; do
     r=
     has_checkpoint run && r=--resume
-    train run $r >/dev/null 2>>run.err &
+    # exec: $! must be lora-train itself, not a subshell whose kill would
+    # leave it running
+    (exec lora-train -q -m "$S260" -o run $SETS $r t.packed >/dev/null 2>>run.err) &
     pid=$!
+    while [ ! -f "run/checkpoint-$k/trainer_state.json" ] && kill -0 "$pid" 2>/dev/null; do
+        sleep 0.02
+    done
     sleep "$d"
-    kill -9 "$pid" 2>/dev/null && kills=$((kills + 1))
+    kill -9 "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
-done
+    [ $? -eq 137 ] && kills=$((kills + 1)) # killed, not already finished
+done <plan
 r=
 has_checkpoint run && r=--resume
-if train run $r >/dev/null 2>>run.err; then
-    ok "crash-resume: resumed after $kills kills (seed $seed, delays $(echo $delays))"
+if [ "$kills" -eq 0 ]; then
+    notok "crash-resume: no kill landed (seed $seed)"
+elif train run $r >/dev/null 2>>run.err; then
+    ok "crash-resume: resumed after $kills kills (seed $seed: after checkpoint, delay: $(echo $(cat plan)))"
 else
     notok "crash-resume: final --resume failed"
     sed 's/^/    /' run.err | tail -n 5

@@ -60,7 +60,7 @@ static inline const char *fuzz_tmpdir(void)
 
 /* Writes data[0..n) to <tmpdir>/name and returns the path (static). */
 static inline const char *fuzz_write_file(const char *name, const uint8_t *data,
-                                   size_t n)
+                                          size_t n)
 {
     static char path[512];
     snprintf(path, sizeof path, "%s/%s", fuzz_tmpdir(), name);

@@ -18,9 +18,19 @@ static const char sep[] = "\n--- adapter_model.safetensors ---\n";
 
 /* stories260K (../shared/models/stories260K/config.json) */
 static const llama_config mc = {
-    .dim = 64, .hidden = 172, .n_layers = 5, .n_heads = 8, .n_kv_heads = 4,
-    .head_dim = 8, .vocab = 512, .max_pos = 512, .norm_eps = 1e-5f,
-    .rope_theta = 10000.0f, .tied = 1, .bos_id = 1, .eos_id = 2,
+    .dim = 64,
+    .hidden = 172,
+    .n_layers = 5,
+    .n_heads = 8,
+    .n_kv_heads = 4,
+    .head_dim = 8,
+    .vocab = 512,
+    .max_pos = 512,
+    .norm_eps = 1e-5f,
+    .rope_theta = 10000.0f,
+    .tied = 1,
+    .bos_id = 1,
+    .eos_id = 2,
 };
 
 static const uint8_t *find(const uint8_t *h, size_t n, const char *s, size_t k)
@@ -64,7 +74,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (s->a < 0)
                 continue;
             total += (size_t)(a->cfg.r * (s->in + s->out));
-            FUZZ_ASSERT((size_t)s->b + (size_t)(s->out * a->cfg.r) <= a->n_params);
+            FUZZ_ASSERT((size_t)s->b + (size_t)(s->out * a->cfg.r) <=
+                        a->n_params);
         }
     FUZZ_ASSERT(total == a->n_params);
     lora_free(a);

@@ -20,7 +20,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         strbuf sb = STRBUF_INIT;
         cfg_to_json(train_fields, train_nfields, &c, &sb);
         json_value *v = NULL;
-        FUZZ_ASSERT(json_parse_quiet(sb_str(&sb), sb.len, "cfg", 1, &v, NULL) == 0);
+        FUZZ_ASSERT(json_parse_quiet(sb_str(&sb), sb.len, "cfg", 1, &v, NULL) ==
+                    0);
         FUZZ_ASSERT(v->type == JSON_OBJECT);
         json_free(v);
         sb_free(&sb);

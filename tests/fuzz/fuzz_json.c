@@ -24,8 +24,8 @@ static void check_tree(const json_value *v, int depth)
         break;
     case JSON_OBJECT:
         for (size_t i = 0; i < v->u.object.n; i++) {
-            FUZZ_ASSERT(utf8_valid(v->u.object.keys[i],
-                                   v->u.object.key_lens[i], NULL));
+            FUZZ_ASSERT(
+                utf8_valid(v->u.object.keys[i], v->u.object.key_lens[i], NULL));
             check_tree(v->u.object.values[i], depth + 1);
         }
         break;
@@ -43,7 +43,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     json_value *v = NULL;
     strbuf err = STRBUF_INIT;
     if (json_parse_quiet((const char *)data, size, "fuzz", 1, &v, &err) < 0) {
-        FUZZ_ASSERT(err.len > 0);  /* a refusal always says why */
+        FUZZ_ASSERT(err.len > 0); /* a refusal always says why */
         sb_free(&err);
         return 0;
     }

@@ -24,14 +24,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     uint32_t V = sp_model_vocab_size(m);
     FUZZ_ASSERT(V > 0);
-    int32_t sp[4] = {sp_model_bos_id(m), sp_model_eos_id(m),
-                     sp_model_pad_id(m), sp_model_unk_id(m)};
+    int32_t sp[4] = {sp_model_bos_id(m), sp_model_eos_id(m), sp_model_pad_id(m),
+                     sp_model_unk_id(m)};
     for (int k = 0; k < 4; k++)
         FUZZ_ASSERT(sp[k] >= -1 && sp[k] < (int64_t)V);
     for (int k = 0; k < 3; k++)
         if (sp[k] >= 0)
             FUZZ_ASSERT(sp_model_type(m, (uint32_t)sp[k]) == SP_PIECE_CONTROL);
-    FUZZ_ASSERT(sp[3] >= 0 && sp_model_type(m, (uint32_t)sp[3]) == SP_PIECE_UNKNOWN);
+    FUZZ_ASSERT(sp[3] >= 0 &&
+                sp_model_type(m, (uint32_t)sp[3]) == SP_PIECE_UNKNOWN);
     for (uint32_t id = 0; id < V && id < 64; id++) {
         size_t len;
         const char *p = sp_model_piece(m, id, &len);

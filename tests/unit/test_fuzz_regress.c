@@ -67,8 +67,8 @@ static int read_stream(const char *path, uint64_t *records)
 
 /* The header tok writes for stories260K's vocabulary: 136 bytes. */
 #define S260_HEADER                                                            \
-    "{\"format\":\"qlora-tokens\",\"version\":1,\"vocab_size\":512,"       \
-    "\"bos_id\":1,\"eos_id\":2,\"tokenizer\":\"819be74e5b5089a8\","         \
+    "{\"format\":\"qlora-tokens\",\"version\":1,\"vocab_size\":512,"           \
+    "\"bos_id\":1,\"eos_id\":2,\"tokenizer\":\"819be74e5b5089a8\","            \
     "\"producer\":\"tok 0.1.0\"}     \n"
 
 static void tokstream_cases(void)
@@ -76,24 +76,33 @@ static void tokstream_cases(void)
     /* fuzz_tokstream: a stream with no records. Reading its header formed
      * the pointer TOKS_MAGIC_PREFIX + 32, past the 25-byte literal
      * (UBSan: index out of bounds), in lib/tokstream.c read_header_line. */
-    static const char empty[] = S260_HEADER
-        "\xff\xff\xff\xff" "TEND" "\0\0\0\0\0\0\0\0" "\0\0\0\0\0\0\0\0";
+    static const char empty[] = S260_HEADER "\xff\xff\xff\xff"
+                                            "TEND"
+                                            "\0\0\0\0\0\0\0\0"
+                                            "\0\0\0\0\0\0\0\0";
     uint64_t n = 99;
-    CHECK(read_stream(write_bytes("empty.toks", empty, sizeof empty - 1),
-                      &n) == 0 && n == 0,
+    int rc =
+        read_stream(write_bytes("empty.toks", empty, sizeof empty - 1), &n);
+    CHECK(rc == 0 && n == 0,
           "fuzz regress: empty token stream read (header past the magic)");
 
     /* fuzz_tokstream (oom-36e78a1f): a record claiming 0x20207d22 tokens
      * made toks_read_record allocate 4 GiB before reading any of them.
      * Now the buffer grows with the data: refused as truncated. */
-    static const char big[] = S260_HEADER
-        "\x04\0\0\0" "\xff\xff\xff\xff" "\x01\0\0\0" "\x61\x01\0\0"
-        "\x9b\x01\0\0" "\x02\0\0\0"
-        "\x22\x7d\x20\x20" "\x20\x20\x20\x0a" "\x00\x00\x00\x02";
+    static const char big[] = S260_HEADER "\x04\0\0\0"
+                                          "\xff\xff\xff\xff"
+                                          "\x01\0\0\0"
+                                          "\x61\x01\0\0"
+                                          "\x9b\x01\0\0"
+                                          "\x02\0\0\0"
+                                          "\x22\x7d\x20\x20"
+                                          "\x20\x20\x20\x0a"
+                                          "\x00\x00\x00\x02";
     CHECK(read_stream(write_bytes("big.toks", big, sizeof big - 1), NULL) == -1,
           "fuzz regress: a record claiming 2^29 tokens is refused without "
           "allocating them");
-    static const char max[] = S260_HEADER "\0\0\0\x40" "\xff\xff\xff\xff";
+    static const char max[] = S260_HEADER "\0\0\0\x40"
+                                          "\xff\xff\xff\xff";
     CHECK(read_stream(write_bytes("max.toks", max, sizeof max - 1), NULL) == -1,
           "fuzz regress: a record claiming 2^30 tokens (the maximum) is "
           "refused without allocating them");
@@ -127,9 +136,15 @@ static void packfile_cases(void)
     /* fuzz_tokstream (crash-40575cb1): a stream whose first record has no
      * tokens made pack_input_read memcpy 0 bytes from and to NULL (UBSan:
      * applying zero offset to null pointer) in lib/packfile.c. */
-    static const char zero[] = S260_HEADER "\0\0\0\0" "\xff\xff\xff\xff"
-        "\x01\0\0\0" "\0\0\0\0" "\x05\0\0\0"
-        "\xff\xff\xff\xff" "TEND" "\x02\0\0\0\0\0\0\0" "\x01\0\0\0\0\0\0\0";
+    static const char zero[] = S260_HEADER "\0\0\0\0"
+                                           "\xff\xff\xff\xff"
+                                           "\x01\0\0\0"
+                                           "\0\0\0\0"
+                                           "\x05\0\0\0"
+                                           "\xff\xff\xff\xff"
+                                           "TEND"
+                                           "\x02\0\0\0\0\0\0\0"
+                                           "\x01\0\0\0\0\0\0\0";
     const char *zp = write_bytes("zero.toks", zero, sizeof zero - 1);
     pack_input in;
     memset(&in, 0, sizeof in);
