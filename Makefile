@@ -46,7 +46,8 @@ ifneq ($(NVCC),)
 ifneq ($(CU_SRC),)
 CUDA_HOME  ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 NVCCFLAGS  ?= -O3 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
-CU_OBJ     := $(CU_SRC:%.cu=$(BUILD)/%.o)
+# Kernel objects carry no sanitizer, so both flavours share build/kernels.
+CU_OBJ     := $(CU_SRC:%.cu=build/%.o)
 GPU_LIBS   := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++
 GPU_CFLAGS := -DQLORA_CUDA=1 -I$(CUDA_HOME)/include
 GPU_TEST_BIN := $(GPU_TEST_SRC:tests/gpu/%.c=$(BUILD)/tests/gpu_%)
@@ -68,7 +69,7 @@ $(BUILD)/%.o: %.c | $(BUILD)/.deps-ok
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(GPU_CFLAGS) -c -o $@ $<
 
-$(BUILD)/kernels/%.o: kernels/%.cu
+build/kernels/%.o: kernels/%.cu
 	@mkdir -p $(@D)
 	$(NVCC) $(NVCCFLAGS) -Ilib -MMD -MP -c -o $@ $<
 
@@ -81,7 +82,13 @@ bin/lora-train bin/lora-gen: GPU_OBJ = $(CU_OBJ)
 bin/lora-train bin/lora-gen: GPU_LINK = $(GPU_LIBS)
 bin/lora-train bin/lora-gen: $(CU_OBJ)
 
-bin/%: $(BUILD)/tools/%.o $(LIB_A)
+# bin/ holds the tools of the last flavour built (plain or SAN=1); the
+# stamp names it, so switching flavours relinks every tool.
+FLAVOUR := bin/.built-in-$(BUILD)
+$(FLAVOUR):
+	@mkdir -p $(@D) && rm -f bin/.built-in-* && touch $@
+
+bin/%: $(BUILD)/tools/%.o $(LIB_A) $(FLAVOUR)
 	@mkdir -p $(@D)
 	$(CC) $(LDFLAGS) -o $@ $< $(GPU_OBJ) $(LIB_A) $(LDLIBS) $(GPU_LINK)
 
