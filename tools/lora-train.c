@@ -72,14 +72,7 @@ static void help(void)
         printf("  %-28s %s\n", train_fields[i].key, train_fields[i].help);
 }
 
-static _Noreturn void bad_usage(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "%s: ", msg_prog());
-    fprintf(stderr, fmt, arg);
-    fputc('\n', stderr);
-    usage(stderr);
-    exit(2);
-}
+#define bad_usage(...) msg_usage_die(usage, __VA_ARGS__)
 
 typedef struct ui {
     io_writer *metrics;
