@@ -250,6 +250,54 @@ void io_reader_close(io_reader *r)
     free(r);
 }
 
+int io_read_header_line(io_reader *r, const char *magic, const char *kind,
+                        const char *writer, size_t max, strbuf *sb)
+{
+    const char *name = io_reader_name(r);
+    const size_t magic_len = strlen(magic);
+    /* every qlora format's magic starts with this */
+    const size_t family_len = sizeof "{\"format\":\"qlora-" - 1;
+    char chunk[8];
+    for (;;) {
+        ptrdiff_t got = io_read(r, chunk, sizeof chunk);
+        if (got < 0)
+            return -1;
+        size_t have = sb->len;
+        size_t cmp = have < magic_len ? magic_len - have : 0;
+        if (cmp > (size_t)got)
+            cmp = (size_t)got;
+        /* cmp first: past the prefix, magic + have is out of bounds */
+        if (cmp && memcmp(chunk, magic + have, cmp) != 0) {
+            size_t at = have;
+            while (chunk[at - have] == magic[at])
+                at++;
+            msg_error("not a %s '%s' (%s)", kind, name,
+                      at >= family_len ? "another qlora format" : "bad magic");
+            msg_hint("%ss are written by %s", kind, writer);
+            return -1;
+        }
+        if (got == 0 && have == 0)
+            return msg_error("empty %s '%s'", kind, name);
+        if ((size_t)got < sizeof chunk)
+            return msg_error("truncated %s '%s' (in the header)", kind, name);
+        char *nl = memchr(chunk, '\n', sizeof chunk);
+        if (nl && nl != chunk + 7) {
+            msg_error("bad %s header in '%s': not padded to 8 bytes", kind,
+                      name);
+            msg_hint("regenerate it with %s", writer);
+            return -1;
+        }
+        sb_append(sb, chunk, nl ? 7 : 8);
+        if (nl)
+            return 0;
+        if (sb->len >= max) {
+            msg_error("bad %s header in '%s': too long", kind, name);
+            msg_hint("regenerate it with %s", writer);
+            return -1;
+        }
+    }
+}
+
 int io_read_file(const char *path, char **data, size_t *len)
 {
     io_reader *r = io_reader_open(path);

@@ -16,6 +16,7 @@
 #define IO_H
 
 #include "msg.h"
+#include "strbuf.h"
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -41,6 +42,16 @@ int io_read_line(io_reader *r, char **line, size_t *len);
 long io_reader_lineno(const io_reader *r);
 /* Closes (never stdin's descriptor) and frees. */
 void io_reader_close(io_reader *r);
+
+/* Reads the header line of one of our binary formats: JSON text padded
+ * with spaces so that the line with its '\n' is a multiple of 8 bytes,
+ * beginning with magic ("{\"format\":\"qlora-tokens\""). The line goes to
+ * sb without its '\n'. kind names the format in messages ("token stream")
+ * and writer the tool that makes it (for the hint). Refuses an empty
+ * input, another magic (saying so when it is a sibling qlora format), a
+ * truncated or unpadded header and one of max bytes or more. 0 ok, -1. */
+int io_read_header_line(io_reader *r, const char *magic, const char *kind,
+                        const char *writer, size_t max, strbuf *sb);
 
 /* Reads a whole file (decompressed) into a malloc'ed NUL-terminated buffer. */
 int io_read_file(const char *path, char **data, size_t *len);

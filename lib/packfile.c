@@ -213,42 +213,7 @@ static void hint_regen(void)
 
 static int read_header_line(io_reader *r, strbuf *sb)
 {
-    const char *name = io_reader_name(r);
-    const size_t magic_len = sizeof PACK_MAGIC_PREFIX - 1;
-    char chunk[8];
-    for (;;) {
-        ptrdiff_t got = io_read(r, chunk, sizeof chunk);
-        if (got < 0)
-            return -1;
-        size_t have = sb->len;
-        size_t cmp = have < magic_len ? magic_len - have : 0;
-        if (cmp > (size_t)got)
-            cmp = (size_t)got;
-        /* cmp first: past the prefix, PREFIX + have is out of bounds */
-        if (cmp && memcmp(chunk, PACK_MAGIC_PREFIX + have, cmp) != 0) {
-            if (have >= 16) /* {"format":"qlora- matched: a sibling format */
-                msg_error("not a packed file '%s' (another qlora format)",
-                          name);
-            else
-                msg_error("not a packed file '%s' (bad magic)", name);
-            msg_hint("packed files are written by pack");
-            return -1;
-        }
-        if (got == 0 && have == 0)
-            return msg_error("empty packed file '%s'", name);
-        if ((size_t)got < sizeof chunk)
-            return msg_error("truncated packed file '%s' (in the header)",
-                             name);
-        char *nl = memchr(chunk, '\n', sizeof chunk);
-        if (nl && nl != chunk + 7)
-            return msg_error(
-                "bad packed file header in '%s': not padded to 8 bytes", name);
-        sb_append(sb, chunk, nl ? 7 : 8);
-        if (nl)
-            return 0;
-        if (sb->len >= PACK_MAX_HEADER)
-            return msg_error("bad packed file header in '%s': too long", name);
-    }
+    return io_read_header_line(r, PACK_MAGIC_PREFIX, "packed file", "pack", PACK_MAX_HEADER, sb);
 }
 
 static int hdr_uint(const json_value *v, const char *key, uint64_t hi,

@@ -93,40 +93,9 @@ static int header_error(const char *name, const char *what)
     return -1;
 }
 
-/* Reads the padded header line into sb (without the '\n'). */
 static int read_header_line(io_reader *r, strbuf *sb)
 {
-    const char *name = io_reader_name(r);
-    const size_t magic_len = sizeof TOKS_MAGIC_PREFIX - 1;
-    char chunk[8];
-    for (;;) {
-        ptrdiff_t got = io_read(r, chunk, sizeof chunk);
-        if (got < 0)
-            return -1;
-        size_t have = sb->len;
-        size_t cmp = have < magic_len ? magic_len - have : 0;
-        if (cmp > (size_t)got)
-            cmp = (size_t)got;
-        /* cmp first: past the prefix, PREFIX + have is out of bounds */
-        if (cmp && memcmp(chunk, TOKS_MAGIC_PREFIX + have, cmp) != 0) {
-            msg_error("not a token stream '%s' (bad magic)", name);
-            msg_hint("token streams are written by tok");
-            return -1;
-        }
-        if (got == 0 && have == 0)
-            return msg_error("empty token stream '%s'", name);
-        if ((size_t)got < sizeof chunk)
-            return msg_error("truncated token stream '%s' (in the header)",
-                             name);
-        char *nl = memchr(chunk, '\n', sizeof chunk);
-        if (nl && nl != chunk + 7)
-            return header_error(name, "header line not padded to 8 bytes");
-        sb_append(sb, chunk, nl ? 7 : 8);
-        if (nl)
-            return 0;
-        if (sb->len >= TOKS_MAX_HEADER)
-            return header_error(name, "header line too long");
-    }
+    return io_read_header_line(r, TOKS_MAGIC_PREFIX, "token stream", "tok", TOKS_MAX_HEADER, sb);
 }
 
 static int header_int(const json_value *v, const char *key, int64_t lo,
