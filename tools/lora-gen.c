@@ -233,6 +233,8 @@ int main(int argc, char **argv)
             break;
         case 'h':
             help();
+            free(stops);
+            free(stop_ids);
             return 0;
         case 'J':
             json = 1;
@@ -286,6 +288,8 @@ int main(int argc, char **argv)
             break;
         case 'V':
             printf("lora-gen %s\n", QLORA_VERSION);
+            free(stops);
+            free(stop_ids);
             return 0;
         case 'v':
             msg_verbosity++;
