@@ -728,6 +728,666 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
     }
 }
 
+/* --- Hopper path: wgmma (sm_90a) ------------------------------------------
+ * The mma.sync kernels above are bound by ldmatrix: every warp fetches its
+ * own copy of each B fragment, two shared-memory bytes for every ~2 FLOPs
+ * of tensor work. wgmma lets a warpgroup (4 warps, 64 rows) read B straight
+ * from shared memory once, so the products below run on it: A comes from
+ * registers (Q, dO, P, dS) or shared memory (K, V in the dk/dv kernel),
+ * accumulators stay in registers in the same C layout as mma.sync (warp w
+ * of the group owns rows 16w..16w+15), so softmax and masking code is the
+ * same as above, and P and dS turn into the next product's A operand
+ * without leaving registers.
+ * Tiles live in shared memory in the "core matrix" layout that wgmma reads
+ * without swizzling: 8 rows x 16 bytes contiguous (128 B), the 8-column
+ * chunks of a row group next to each other (128 B apart), row groups
+ * 16 HDP bytes apart. One tile serves both as a K-major operand (K^T in
+ * Q K^T: leading byte offset 128, stride 16 HDP) and as an MN-major one
+ * (K in dS K, transposed by the instruction: leading 16 HDP, stride 128).
+ * Same function and the same no-atomics structure as the kernels above:
+ * a dq kernel per query block and a dk/dv kernel per key block.
+ * Status: correct and deterministic, but slower than the mma.sync kernels
+ * on an H100 (bench/RESULTS.md, "train, attention kernels (issue 7)"):
+ * each warpgroup waits for its products before the softmax and the two
+ * warpgroups of a block meet at a barrier every tile, so the tensor cores
+ * idle during the elementwise work; the fix is warp specialization (a
+ * producer warp, two consumer warpgroups taking turns) as in
+ * FlashAttention-3. Hence opt-in: KN_ATTN_WGMMA=1, head sizes padded to
+ * 128 on compute capability 9.x only; KN_ATTN_WG_NOSWIZZLE=1 the
+ * unswizzled tiles. */
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ATT_WG_ARCH 1
+#else
+#define ATT_WG_ARCH 0
+#endif
+
+/* element offset of (r, c) in a core-matrix tile of HDP columns */
+template <int HDP> __device__ __forceinline__ int cm_off(int r, int c)
+{
+    return (r >> 3) * (8 * HDP) + (c >> 3) * 64 + (r & 7) * 8 + (c & 7);
+}
+
+/* element offset of (r, c) in a ROWS x HDP tile: SW false, core matrices
+ * (above); SW true, the 128-byte swizzle: HDP / 64 column blocks of ROWS
+ * rows of 128 bytes, 16-byte chunk j of row r stored at j ^ (r & 7), so
+ * that the eight rows of a core matrix fall in distinct banks (the
+ * unswizzled layout puts the same row of adjacent core matrices, 16 HDP
+ * bytes apart, in one bank group). Blocks start 1024-byte aligned. */
+template <int HDP, int ROWS, bool SW> __device__ __forceinline__ int t_off(int r, int c)
+{
+    if (SW)
+        return (c >> 6) * (ROWS * 64) + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
+    return cm_off<HDP>(r, c);
+}
+
+/* ROWS x HDP tile from global rows row0.. (as load_tile); eight
+ * consecutive threads fill one 128-byte core matrix (or swizzled row) */
+template <int HDP, int ROWS, int NT, bool SW>
+__device__ __forceinline__ void load_cm(bf16 *s, const bf16 *g, int row0, int n,
+                                        int64_t stride, int hd, bool vec)
+{
+    constexpr int CH = HDP / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
+        int r = SW ? i / CH : (i / (8 * CH)) * 8 + (i & 7);
+        int c = SW ? (i % CH) * 8 : ((i >> 3) % CH) * 8;
+        bf16 *dst = s + t_off<HDP, ROWS, SW>(r, c);
+        int row = row0 + r;
+        bool in = row < n && c < hd;
+        if (vec) {
+            cp_async16(dst, in ? g + (int64_t)row * stride + c : g, in ? 16 : 0);
+            continue;
+        }
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (in) {
+            const bf16 *src = g + (int64_t)row * stride + c;
+            bf16 *vb = (bf16 *)&val;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (c + j < hd)
+                    vb[j] = src[j];
+        }
+        *(uint4 *)dst = val;
+    }
+}
+
+/* A fragment (16 x 16 from (row, col)) of such a tile */
+template <int HDP, int ROWS, bool SW>
+__device__ __forceinline__ void frag_a_cm(uint32_t *a, const bf16 *s, int row, int col,
+                                          int lane)
+{
+    ldmatrix_x4(a, s + t_off<HDP, ROWS, SW>(row + (lane & 15), col + ((lane >> 4) << 3)));
+}
+
+/* shared-memory matrix descriptor, no swizzle; offsets in bytes */
+__device__ __forceinline__ uint64_t wg_desc(const void *p, uint32_t lbo, uint32_t sbo)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
+           ((uint64_t)(sbo >> 4) << 32);
+}
+
+/* the tile as a K-major operand (rows: M or N, columns: K) from row r0,
+ * columns 16 kk.. (inside a swizzled block the start moves by 32 bytes a
+ * step, the hardware applying the swizzle to the address) */
+template <int HDP, int ROWS, bool SW>
+__device__ __forceinline__ uint64_t desc_k(const bf16 *t, int r0, int kk)
+{
+    if (SW)
+        return wg_desc(t + (kk >> 2) * (ROWS * 64) + r0 * 64 + (kk & 3) * 16, 16, 1024) |
+               (1ull << 62);
+    return wg_desc(t + cm_off<HDP>(r0, 16 * kk), 128, 16 * HDP);
+}
+
+/* the tile as an MN-major operand (rows: K, columns: N), rows 16 kk.. */
+template <int HDP, int ROWS, bool SW>
+__device__ __forceinline__ uint64_t desc_mn(const bf16 *t, int kk)
+{
+    if (SW)
+        return wg_desc(t + kk * 16 * 64, ROWS * 128, 1024) | (1ull << 62);
+    return wg_desc(t + kk * 16 * HDP, 16 * HDP, 128);
+}
+
+__device__ __forceinline__ void wg_fence()
+{
+#if ATT_WG_ARCH
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit()
+{
+#if ATT_WG_ARCH
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_wait0()
+{
+#if ATT_WG_ARCH
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+/* cp.async wrote the tiles (generic proxy); wgmma reads them through the
+ * async proxy: each writer fences before the barrier */
+__device__ __forceinline__ void fence_proxy_async()
+{
+#if ATT_WG_ARCH
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+/* pins accumulator registers after a wait (CUTLASS's
+ * warpgroup_fence_operand): no use of them is moved above it */
+template <int R> __device__ __forceinline__ void wg_pin(float *d)
+{
+#pragma unroll
+    for (int i = 0; i < R; i++)
+        asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <int TB> __device__ __forceinline__ void wg_rs64(float *d, const uint32_t *a, uint64_t b)
+{
+#if ATT_WG_ARCH
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+        :
+          "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(TB));
+#endif
+}
+
+template <int TB> __device__ __forceinline__ void wg_rs128(float *d, const uint32_t *a, uint64_t b)
+{
+#if ATT_WG_ARCH
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, %69;\n}\n"
+        :
+          "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(TB));
+#endif
+}
+
+__device__ __forceinline__ void wg_ss64(float *d, uint64_t a, uint64_t b)
+{
+#if ATT_WG_ARCH
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        :
+          "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b));
+#endif
+}
+
+/* D (64 x N) += A (64 x 16, registers) B (16 x N, shared, TB: MN-major) */
+template <int N, int TB>
+__device__ __forceinline__ void wg_rs(float *d, const uint32_t *a, uint64_t b)
+{
+    if (N == 64)
+        wg_rs64<TB>(d, a, b);
+    else
+        wg_rs128<TB>(d, a, b);
+}
+
+/* A fragments of a 64 x 64 accumulator's column block kk (16 columns),
+ * packed to bf16: the layouts line up as with mma.sync */
+__device__ __forceinline__ void acc_to_a(uint32_t *a, const float *d, int kk)
+{
+    a[0] = pack_bf16x2(d[8 * kk + 0], d[8 * kk + 1]);
+    a[1] = pack_bf16x2(d[8 * kk + 2], d[8 * kk + 3]);
+    a[2] = pack_bf16x2(d[8 * kk + 4], d[8 * kk + 5]);
+    a[3] = pack_bf16x2(d[8 * kk + 6], d[8 * kk + 7]);
+}
+
+/* Forward: NWG warpgroups of 64 queries each, key tiles of 64 (double
+ * buffered); Q fragments in registers, S = Q K^T and O += P V on wgmma,
+ * the online softmax as in attn_fwd2_kernel. */
+template <int HDP, int NWG, bool SW>
+__global__ void __launch_bounds__(128 * NWG, 3 - NWG)
+attn_fwd_wg_kernel(bf16 *o, float *lse, const bf16 *q, const bf16 *k,
+                   const bf16 *v, const int32_t *start, int n, int nh, int nkv,
+                   int hd, float scale_log2)
+{
+#if ATT_WG_ARCH
+    constexpr int NT = 128 * NWG, BQ = 64 * NWG, KS = HDP / 16, TS = 64 * HDP;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char *sm = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    /* sQ, then buffer b: K at sK0 + 2b TS, V after it */
+    bf16 *sQ = (bf16 *)sm, *sK0 = sQ + BQ * HDP;
+    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
+    const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
+    const bool vec = (hd & 7) == 0;
+
+    const int w0 = q0 + 64 * wg;
+    const bool wact = w0 < n;
+    const int wl = w0 + 63 < n ? w0 + 63 : n - 1;
+    const int wsmin = wact ? start[w0] : 0, wsmax = wact ? start[wl] : 0;
+    const int r0 = w0 + 16 * warp + g, r1 = r0 + 8;
+    const int st0 = r0 < n ? start[r0] : INT_MAX, st1 = r1 < n ? start[r1] : INT_MAX;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    float oacc[HDP / 2];
+#pragma unroll
+    for (int i = 0; i < HDP / 2; i++)
+        oacc[i] = 0.0f;
+    uint32_t qf[KS][4];
+
+    const int kbeg = start[q0], kend = q0 + BQ < n ? q0 + BQ : n;
+    const int ntiles = (kend - kbeg + 63) / 64;
+    load_cm<HDP, BQ, NT, SW>(sQ, q + h * hd, q0, n, qs, hd, vec);
+    load_cm<HDP, 64, NT, SW>(sK0, k + kh * hd, kbeg, n, ks, hd, vec);
+    load_cm<HDP, 64, NT, SW>(sK0 + TS, v + kh * hd, kbeg, n, ks, hd, vec);
+    cp_async_commit();
+    for (int it = 0; it < ntiles; it++) {
+        const int kb = kbeg + it * 64;
+        const bf16 *sK = sK0 + (it & 1) * 2 * TS, *sV = sK + TS;
+        if (it + 1 < ntiles) {
+            bf16 *nK = sK0 + ((it + 1) & 1) * 2 * TS;
+            load_cm<HDP, 64, NT, SW>(nK, k + kh * hd, kb + 64, n, ks, hd, vec);
+            load_cm<HDP, 64, NT, SW>(nK + TS, v + kh * hd, kb + 64, n, ks, hd, vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+        if (it == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++)
+                frag_a_cm<HDP, BQ, SW>(qf[kk], sQ, 64 * wg + 16 * warp, kk * 16, lane);
+        }
+        if (wact && kb <= wl && kb + 63 >= wsmin) {
+            const bool full = kb + 63 <= w0 && kb >= wsmax;
+            float sc[32];
+#pragma unroll
+            for (int i = 0; i < 32; i++)
+                sc[i] = 0.0f;
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++)
+                wg_rs64<0>(sc, qf[kk], desc_k<HDP, 64, SW>(sK, 0, kk));
+            wg_commit();
+            wg_wait0();
+            wg_pin<32>(sc);
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                float s = sc[i] * scale_log2;
+                if (!full) {
+                    int key = kb + (i >> 2) * 8 + 2 * t4 + (i & 1);
+                    bool ok = (i & 2) ? (key <= r1 && key >= st1) : (key <= r0 && key >= st0);
+                    s = ok ? s : -INFINITY;
+                }
+                sc[i] = s;
+                if (i & 2)
+                    mx1 = fmaxf(mx1, s);
+                else
+                    mx0 = fmaxf(mx0, s);
+            }
+            mx0 = quad_max(mx0);
+            mx1 = quad_max(mx1);
+            float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+            float mu0 = mn0 == -INFINITY ? 0.0f : mn0;
+            float mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+            float a0 = exp2f(m0 - mu0), a1 = exp2f(m1 - mu1);
+            m0 = mn0;
+            m1 = mn1;
+            float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                sc[i] = exp2f(sc[i] - ((i & 2) ? mu1 : mu0));
+                if (i & 2)
+                    ps1 += sc[i];
+                else
+                    ps0 += sc[i];
+            }
+            l0 = l0 * a0 + ps0;
+            l1 = l1 * a1 + ps1;
+#pragma unroll
+            for (int i = 0; i < HDP / 2; i++)
+                oacc[i] *= (i & 2) ? a1 : a0;
+            uint32_t pa[4][4];
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                acc_to_a(pa[kk], sc, kk);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wg_rs<HDP, 1>(oacc, pa[kk], desc_mn<HDP, 64, SW>(sV, kk));
+            wg_commit();
+            wg_wait0();
+            wg_pin<HDP / 2>(oacc);
+        }
+        __syncthreads();
+    }
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+#pragma unroll
+    for (int i = 0; i < HDP / 8; i++) {
+        int col = i * 8 + 2 * t4;
+        if (col >= hd)
+            continue;
+        if (r0 < n)
+            *(uint32_t *)(o + r0 * qs + h * hd + col) =
+                pack_bf16x2(oacc[4 * i] * inv0, oacc[4 * i + 1] * inv0);
+        if (r1 < n)
+            *(uint32_t *)(o + r1 * qs + h * hd + col) =
+                pack_bf16x2(oacc[4 * i + 2] * inv1, oacc[4 * i + 3] * inv1);
+    }
+    if (t4 == 0) {
+        if (r0 < n)
+            lse[(int64_t)h * n + r0] = m0 * LN2 + logf(l0);
+        if (r1 < n)
+            lse[(int64_t)h * n + r1] = m1 * LN2 + logf(l1);
+    }
+#else
+    __trap();
+#endif
+}
+
+/* dq: NWG warpgroups of 64 queries, key tiles of 64; Q and dO fragments in
+ * registers: S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K. */
+template <int HDP, int NWG, bool SW>
+__global__ void __launch_bounds__(128 * NWG, 3 - NWG)
+attn_bwd_dq_wg_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
+                      const bf16 *v, const float *lse, const float *delta,
+                      const int32_t *start, int n, int nh, int nkv, int hd,
+                      float scale_log2, float scale)
+{
+#if ATT_WG_ARCH
+    constexpr int NT = 128 * NWG, BQ = 64 * NWG, KS = HDP / 16, TS = 64 * HDP;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char *sm = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    bf16 *sQ = (bf16 *)sm, *sO = sQ + BQ * HDP, *sK0 = sO + BQ * HDP;
+    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ; /* heaviest first */
+    const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
+    const bool vec = (hd & 7) == 0;
+
+    const int w0 = q0 + 64 * wg;
+    const bool wact = w0 < n;
+    const int wl = w0 + 63 < n ? w0 + 63 : n - 1;
+    const int wsmin = wact ? start[w0] : 0, wsmax = wact ? start[wl] : 0;
+    const int r0 = w0 + 16 * warp + g, r1 = r0 + 8;
+    const int st0 = r0 < n ? start[r0] : INT_MAX, st1 = r1 < n ? start[r1] : INT_MAX;
+    const float L0 = r0 < n ? lse[(int64_t)h * n + r0] * LOG2E : 0.0f;
+    const float L1 = r1 < n ? lse[(int64_t)h * n + r1] * LOG2E : 0.0f;
+    const float D0 = r0 < n ? delta[(int64_t)h * n + r0] : 0.0f;
+    const float D1 = r1 < n ? delta[(int64_t)h * n + r1] : 0.0f;
+    float acc[HDP / 2];
+#pragma unroll
+    for (int i = 0; i < HDP / 2; i++)
+        acc[i] = 0.0f;
+    uint32_t qf[KS][4], of[KS][4];
+
+    const int kbeg = start[q0], kend = q0 + BQ < n ? q0 + BQ : n;
+    const int ntiles = (kend - kbeg + 63) / 64;
+    load_cm<HDP, BQ, NT, SW>(sQ, q + h * hd, q0, n, qs, hd, vec);
+    load_cm<HDP, BQ, NT, SW>(sO, dout + h * hd, q0, n, qs, hd, vec);
+    load_cm<HDP, 64, NT, SW>(sK0, k + kh * hd, kbeg, n, ks, hd, vec);
+    load_cm<HDP, 64, NT, SW>(sK0 + TS, v + kh * hd, kbeg, n, ks, hd, vec);
+    cp_async_commit();
+    for (int it = 0; it < ntiles; it++) {
+        const int kb = kbeg + it * 64;
+        const bf16 *sK = sK0 + (it & 1) * 2 * TS, *sV = sK + TS;
+        if (it + 1 < ntiles) {
+            bf16 *nK = sK0 + ((it + 1) & 1) * 2 * TS;
+            load_cm<HDP, 64, NT, SW>(nK, k + kh * hd, kb + 64, n, ks, hd, vec);
+            load_cm<HDP, 64, NT, SW>(nK + TS, v + kh * hd, kb + 64, n, ks, hd, vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+        if (it == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                frag_a_cm<HDP, BQ, SW>(qf[kk], sQ, 64 * wg + 16 * warp, kk * 16, lane);
+                frag_a_cm<HDP, BQ, SW>(of[kk], sO, 64 * wg + 16 * warp, kk * 16, lane);
+            }
+        }
+        if (wact && kb <= wl && kb + 63 >= wsmin) {
+            const bool full = kb + 63 <= w0 && kb >= wsmax;
+            float sc[32], dp[32];
+#pragma unroll
+            for (int i = 0; i < 32; i++)
+                sc[i] = dp[i] = 0.0f;
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                wg_rs64<0>(sc, qf[kk], desc_k<HDP, 64, SW>(sK, 0, kk));
+                wg_rs64<0>(dp, of[kk], desc_k<HDP, 64, SW>(sV, 0, kk));
+            }
+            wg_commit();
+            wg_wait0();
+            wg_pin<32>(sc);
+            wg_pin<32>(dp);
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                int key = kb + (i >> 2) * 8 + 2 * t4 + (i & 1);
+                bool hi = (i & 2) != 0;
+                bool ok = full || (hi ? (key <= r1 && key >= st1) : (key <= r0 && key >= st0));
+                float p = ok ? exp2f(sc[i] * scale_log2 - (hi ? L1 : L0)) : 0.0f;
+                sc[i] = p * (dp[i] - (hi ? D1 : D0));
+            }
+            uint32_t da[4][4];
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                acc_to_a(da[kk], sc, kk);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wg_rs<HDP, 1>(acc, da[kk], desc_mn<HDP, 64, SW>(sK, kk));
+            wg_commit();
+            wg_wait0();
+            wg_pin<HDP / 2>(acc);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < HDP / 8; i++) {
+        int col = i * 8 + 2 * t4;
+        if (col >= hd)
+            continue;
+        if (r0 < n)
+            *(uint32_t *)(dq + r0 * qs + h * hd + col) =
+                pack_bf16x2(acc[4 * i] * scale, acc[4 * i + 1] * scale);
+        if (r1 < n)
+            *(uint32_t *)(dq + r1 * qs + h * hd + col) =
+                pack_bf16x2(acc[4 * i + 2] * scale, acc[4 * i + 3] * scale);
+    }
+#else
+    __trap();
+#endif
+}
+
+/* dk/dv: NWG warpgroups of 64 keys (K and V stay in shared memory as the
+ * A operand), query tiles of 64 (Q, dO and their row statistics double
+ * buffered), looping over the q heads of the group: S^T = K Q^T,
+ * dP^T = V dO^T, P^T and dS^T in registers, dV += P^T dO, dK += dS^T Q. */
+#define WQ 64 /* queries per step of the wgmma dk/dv kernel */
+
+template <int HDP, int NWG, bool SW>
+__global__ void __launch_bounds__(128 * NWG, 3 - NWG)
+attn_bwd_dkdv_wg_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
+                        const bf16 *k, const bf16 *v, const float *lse,
+                        const float *delta, const int32_t *start, int n, int nh,
+                        int nkv, int hd, float scale_log2, float scale)
+{
+#if ATT_WG_ARCH
+    constexpr int NT = 128 * NWG, BK = 64 * NWG, KS = HDP / 16, TS = WQ * HDP;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    /* sK, sV; buffer b: Q at sQ0 + 2b TS, dO after it; then the statistics */
+    unsigned char *sm = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    bf16 *sK = (bf16 *)sm, *sV = sK + BK * HDP, *sQ0 = sV + BK * HDP;
+    float *sL0 = (float *)(sQ0 + 4 * TS), *sD0 = sL0 + 2 * WQ;
+    int *sS0 = (int *)(sD0 + 2 * WQ);
+    const int kh = blockIdx.y, grp = nh / nkv;
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int k0 = blockIdx.x * BK;
+    const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
+    const bool vec = (hd & 7) == 0;
+    const int klast = k0 + BK - 1 < n ? k0 + BK - 1 : n - 1;
+    const int wk0 = k0 + 64 * wg, wlast = wk0 + 63; /* this warpgroup's keys */
+    const int kr0 = wk0 + 16 * warp + g, kr1 = kr0 + 8;
+    float adk[HDP / 2], adv[HDP / 2];
+#pragma unroll
+    for (int i = 0; i < HDP / 2; i++)
+        adk[i] = adv[i] = 0.0f;
+
+    /* query tiles from k0 while the tile's first query's document starts
+     * at or before the last key; iteration it: head it / nq, tile it % nq */
+    int nq = 0;
+    for (int qb = k0; qb < n && start[qb] <= klast; qb += WQ)
+        nq++;
+    const int iters = nq * grp;
+    load_cm<HDP, BK, NT, SW>(sK, k + kh * hd, k0, n, ks, hd, vec);
+    load_cm<HDP, BK, NT, SW>(sV, v + kh * hd, k0, n, ks, hd, vec);
+    for (int it = 0; it <= iters; it++) {
+        /* stage iteration it's query tile while computing it - 1's */
+        if (it < iters) {
+            const int h = kh * grp + it / nq, buf = it & 1;
+            const int qb = k0 + (it % nq) * WQ;
+            load_cm<HDP, WQ, NT, SW>(sQ0 + 2 * buf * TS, q + h * hd, qb, n, qs, hd, vec);
+            load_cm<HDP, WQ, NT, SW>(sQ0 + (2 * buf + 1) * TS, dout + h * hd, qb, n, qs, hd, vec);
+            cp_async_commit();
+            if (threadIdx.x < WQ) {
+                int qi = qb + threadIdx.x;
+                bool in = qi < n;
+                sL0[buf * WQ + threadIdx.x] = in ? lse[(int64_t)h * n + qi] * LOG2E : 0.0f;
+                sD0[buf * WQ + threadIdx.x] = in ? delta[(int64_t)h * n + qi] : 0.0f;
+                sS0[buf * WQ + threadIdx.x] = in ? start[qi] : INT_MAX;
+            }
+        }
+        if (it == 0)
+            continue;
+        if (it < iters)
+            cp_async_wait<1>();
+        else
+            cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        const int buf = (it - 1) & 1;
+        const int qb = k0 + ((it - 1) % nq) * WQ;
+        const bf16 *sQ = sQ0 + 2 * buf * TS, *sO = sQ + TS;
+        const float *sL = sL0 + buf * WQ, *sD = sD0 + buf * WQ;
+        const int *sS = sS0 + buf * WQ;
+        /* nothing to add: every key after the tile's last query, or before
+         * its first query's document (starts only grow) */
+        if (wk0 < n && wk0 <= qb + WQ - 1 && sS[0] <= wlast) {
+            const bool full = qb >= wlast && qb + WQ <= n && sS[WQ - 1] <= wk0;
+            float st[32], dpt[32];
+#pragma unroll
+            for (int i = 0; i < 32; i++)
+                st[i] = dpt[i] = 0.0f;
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                wg_ss64(st, desc_k<HDP, BK, SW>(sK, 64 * wg, kk), desc_k<HDP, WQ, SW>(sQ, 0, kk));
+                wg_ss64(dpt, desc_k<HDP, BK, SW>(sV, 64 * wg, kk), desc_k<HDP, WQ, SW>(sO, 0, kk));
+            }
+            wg_commit();
+            wg_wait0();
+            wg_pin<32>(st);
+            wg_pin<32>(dpt);
+            /* P^T first: dV's products run while dS^T is formed */
+#pragma unroll
+            for (int i = 0; i < 32; i += 2) {
+                int qi = (i >> 2) * 8 + 2 * t4;
+                float2 Lq = *(const float2 *)(sL + qi);
+                int2 Sq = *(const int2 *)(sS + qi);
+                int key = (i & 2) ? kr1 : kr0;
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int query = qb + qi + e;
+                    bool ok = full || (key <= query && key >= (e ? Sq.y : Sq.x));
+                    st[i + e] = ok ? exp2f(st[i + e] * scale_log2 - (e ? Lq.y : Lq.x)) : 0.0f;
+                }
+            }
+            uint32_t pa[4][4], da[4][4];
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                acc_to_a(pa[kk], st, kk);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wg_rs<HDP, 1>(adv, pa[kk], desc_mn<HDP, WQ, SW>(sO, kk));
+            wg_commit();
+#pragma unroll
+            for (int i = 0; i < 32; i += 2) {
+                int qi = (i >> 2) * 8 + 2 * t4;
+                float2 Dq = *(const float2 *)(sD + qi);
+                dpt[i] = st[i] * (dpt[i] - Dq.x);
+                dpt[i + 1] = st[i + 1] * (dpt[i + 1] - Dq.y);
+            }
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                acc_to_a(da[kk], dpt, kk);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wg_rs<HDP, 1>(adk, da[kk], desc_mn<HDP, WQ, SW>(sQ, kk));
+            wg_commit();
+            wg_wait0();
+            wg_pin<HDP / 2>(adv);
+            wg_pin<HDP / 2>(adk);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < HDP / 8; i++) {
+        int col = i * 8 + 2 * t4;
+        if (col >= hd)
+            continue;
+        if (kr0 < n) {
+            *(uint32_t *)(dk + kr0 * ks + kh * hd + col) =
+                pack_bf16x2(adk[4 * i] * scale, adk[4 * i + 1] * scale);
+            *(uint32_t *)(dv + kr0 * ks + kh * hd + col) = pack_bf16x2(adv[4 * i], adv[4 * i + 1]);
+        }
+        if (kr1 < n) {
+            *(uint32_t *)(dk + kr1 * ks + kh * hd + col) =
+                pack_bf16x2(adk[4 * i + 2] * scale, adk[4 * i + 3] * scale);
+            *(uint32_t *)(dv + kr1 * ks + kh * hd + col) =
+                pack_bf16x2(adv[4 * i + 2], adv[4 * i + 3]);
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
 /* Shared memory: the fixed tiles plus two buffers of the streamed ones. */
 static size_t fwd_smem(int hdp) { return (size_t)5 * 64 * (hdp + 8) * sizeof(bf16); }
 static size_t fwd2_smem(int hdp) { return (size_t)(FQ + 4 * 64) * (hdp + 8) * sizeof(bf16); }
@@ -736,6 +1396,21 @@ static size_t dkdv_smem(int hdp)
 {
     return (size_t)(2 * 64 + 4 * BQ_KV) * (hdp + 8) * sizeof(bf16) +
            2 * BQ_KV * (2 * sizeof(float) + sizeof(int64_t));
+}
+
+/* the wgmma kernels: 1024 bytes more, to align the swizzled blocks */
+static size_t fwd_wg_smem(int hdp, int nwg)
+{
+    return (size_t)(64 * nwg + 4 * 64) * hdp * sizeof(bf16) + 1024;
+}
+static size_t dq_wg_smem(int hdp, int nwg)
+{
+    return (size_t)(128 * nwg + 4 * 64) * hdp * sizeof(bf16) + 1024;
+}
+static size_t dkdv_wg_smem(int hdp, int nwg)
+{
+    return (size_t)(128 * nwg + 4 * WQ) * hdp * sizeof(bf16) +
+           2 * WQ * (2 * sizeof(float) + sizeof(int)) + 1024;
 }
 
 static int pad_hd(int hd) { return hd <= 16 ? 16 : hd <= 32 ? 32 : hd <= 64 ? 64 : 128; }
@@ -747,12 +1422,59 @@ static void check_shapes(int64_t n, int nh, int nkv, int hd)
     KN_REQUIRE(hd > 0 && hd <= 128 && hd % 2 == 0);
 }
 
-/* KN_ATTN_FWD_V1=1: the first forward kernel, for comparisons (read at
- * every launch, so a benchmark can time both in one process). */
-static int fwd_v1(void)
+/* Kernel choice, read at every launch so that a benchmark can time each
+ * in one process: KN_ATTN_FWD_V1=1 the first forward kernel;
+ * KN_ATTN_WGMMA=1 the wgmma forward and backward (head sizes padded to
+ * 128, compute capability 9.x), with KN_ATTN_FWD_WG, KN_ATTN_DQ_WG and
+ * KN_ATTN_DKDV_WG (1 or 2) setting their warpgroups per block. */
+static int env_flag(const char *name)
 {
-    const char *e = getenv("KN_ATTN_FWD_V1");
+    const char *e = getenv(name);
     return e && *e && strcmp(e, "0") != 0;
+}
+
+static int env_wg(const char *name, int def)
+{
+    const char *e = getenv(name);
+    return e && (e[0] == '1' || e[0] == '2') && e[1] == 0 ? e[0] - '0' : def;
+}
+
+static int fwd_v1(void) { return env_flag("KN_ATTN_FWD_V1"); }
+
+/* sm_90a code exists for compute capability 9.x only */
+static int hopper(void)
+{
+    int dev, major;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    return major == 9;
+}
+
+/* raises a kernel's dynamic shared-memory limit once per kernel */
+#define ATT_SMEM_ATTR(kernel, bytes, bit)                                                  \
+    do {                                                                                   \
+        KN_REQUIRE((bytes) <= kn_smem_optin());                                            \
+        if (!(attr_set & (bit))) {                                                         \
+            CUDA_CHECK(cudaFuncSetAttribute(kernel,                                        \
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,   \
+                                            (int)(bytes)));                                \
+            attr_set |= (bit);                                                             \
+        }                                                                                  \
+    } while (0)
+
+template <int HDP, int NWG, bool SW>
+static void fwd_wg_launch(kn_bf16 *o, float *lse, const kn_bf16 *q, const kn_bf16 *k,
+                          const kn_bf16 *v, const int32_t *start, int64_t n, int nh,
+                          int nkv, int hd, float sl, cudaStream_t s)
+{
+    static int attr_set;
+    size_t sm = fwd_wg_smem(HDP, NWG);
+    ATT_SMEM_ATTR((attn_fwd_wg_kernel<HDP, NWG, SW>), sm, 1);
+    dim3 grid(kn_cdiv(n, 64 * NWG), nh);
+    attn_fwd_wg_kernel<HDP, NWG, SW><<<grid, 128 * NWG, sm, s>>>(
+        (bf16 *)o, lse, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, start, (int)n, nh,
+        nkv, hd, sl);
+    KN_CHECK_LAUNCH("attn_fwd_wg");
 }
 
 template <int HDP>
@@ -762,6 +1484,18 @@ static void fwd_launch(kn_bf16 *o, float *lse, const kn_bf16 *q,
 {
     static int attr_set;
     float sl = LOG2E / sqrtf((float)hd);
+    if constexpr (HDP == 128) {
+        if (!fwd_v1() && env_flag("KN_ATTN_WGMMA") && hopper()) {
+            int w = env_wg("KN_ATTN_FWD_WG", 2);
+            if (env_flag("KN_ATTN_WG_NOSWIZZLE"))
+                fwd_wg_launch<HDP, 2, false>(o, lse, q, k, v, start, n, nh, nkv, hd, sl, s);
+            else if (w == 1)
+                fwd_wg_launch<HDP, 1, true>(o, lse, q, k, v, start, n, nh, nkv, hd, sl, s);
+            else
+                fwd_wg_launch<HDP, 2, true>(o, lse, q, k, v, start, n, nh, nkv, hd, sl, s);
+            return;
+        }
+    }
     if (fwd_v1()) {
         size_t sm = fwd_smem(HDP);
         KN_REQUIRE(sm <= kn_smem_optin());
@@ -791,6 +1525,40 @@ static void fwd_launch(kn_bf16 *o, float *lse, const kn_bf16 *q,
     KN_CHECK_LAUNCH("attn_fwd2");
 }
 
+template <int HDP, int NWG, bool SW>
+static void dq_wg_launch(kn_bf16 *dq, const float *delta, const kn_bf16 *dout,
+                         const kn_bf16 *q, const kn_bf16 *k, const kn_bf16 *v,
+                         const float *lse, const int32_t *start, int64_t n, int nh,
+                         int nkv, int hd, cudaStream_t s)
+{
+    static int attr_set;
+    size_t sm = dq_wg_smem(HDP, NWG);
+    ATT_SMEM_ATTR((attn_bwd_dq_wg_kernel<HDP, NWG, SW>), sm, 1);
+    float scale = 1.0f / sqrtf((float)hd), sl = LOG2E * scale;
+    dim3 grid(kn_cdiv(n, 64 * NWG), nh);
+    attn_bwd_dq_wg_kernel<HDP, NWG, SW><<<grid, 128 * NWG, sm, s>>>(
+        (bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v,
+        lse, delta, start, (int)n, nh, nkv, hd, sl, scale);
+    KN_CHECK_LAUNCH("attn_bwd_dq_wg");
+}
+
+template <int HDP, int NWG, bool SW>
+static void dkdv_wg_launch(kn_bf16 *dk, kn_bf16 *dv, const float *delta,
+                           const kn_bf16 *dout, const kn_bf16 *q, const kn_bf16 *k,
+                           const kn_bf16 *v, const float *lse, const int32_t *start,
+                           int64_t n, int nh, int nkv, int hd, cudaStream_t s)
+{
+    static int attr_set;
+    size_t sm = dkdv_wg_smem(HDP, NWG);
+    ATT_SMEM_ATTR((attn_bwd_dkdv_wg_kernel<HDP, NWG, SW>), sm, 1);
+    float scale = 1.0f / sqrtf((float)hd), sl = LOG2E * scale;
+    dim3 grid(kn_cdiv(n, 64 * NWG), nkv);
+    attn_bwd_dkdv_wg_kernel<HDP, NWG, SW><<<grid, 128 * NWG, sm, s>>>(
+        (bf16 *)dk, (bf16 *)dv, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
+        (const bf16 *)v, lse, delta, start, (int)n, nh, nkv, hd, sl, scale);
+    KN_CHECK_LAUNCH("attn_bwd_dkdv_wg");
+}
+
 template <int HDP>
 static void bwd_launch(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, const float *delta,
                        const kn_bf16 *dout, const kn_bf16 *q, const kn_bf16 *k,
@@ -798,6 +1566,28 @@ static void bwd_launch(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, const float *delta
                        int64_t n, int nh, int nkv, int hd, cudaStream_t s)
 {
     static int attr_set;
+    if constexpr (HDP == 128) {
+        if (env_flag("KN_ATTN_WGMMA") && hopper()) {
+            if (env_flag("KN_ATTN_WG_NOSWIZZLE")) {
+                dq_wg_launch<HDP, 2, false>(dq, delta, dout, q, k, v, lse, start, n, nh, nkv, hd,
+                                            s);
+                dkdv_wg_launch<HDP, 2, false>(dk, dv, delta, dout, q, k, v, lse, start, n, nh,
+                                              nkv, hd, s);
+                return;
+            }
+            if (env_wg("KN_ATTN_DQ_WG", 2) == 1)
+                dq_wg_launch<HDP, 1, true>(dq, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, s);
+            else
+                dq_wg_launch<HDP, 2, true>(dq, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, s);
+            if (env_wg("KN_ATTN_DKDV_WG", 2) == 1)
+                dkdv_wg_launch<HDP, 1, true>(dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv,
+                                             hd, s);
+            else
+                dkdv_wg_launch<HDP, 2, true>(dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv,
+                                             hd, s);
+            return;
+        }
+    }
     size_t sm1 = dq_smem(HDP), sm2 = dkdv_smem(HDP);
     KN_REQUIRE(sm1 <= kn_smem_optin() && sm2 <= kn_smem_optin());
     if (!attr_set) {

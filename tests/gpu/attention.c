@@ -3,8 +3,11 @@
  * and grouped-query, head sizes 8 (stories260K), 30 (not a multiple of 8),
  * 64, 96 (padded) and 128, ragged documents, a single token, and lengths
  * that are not multiples of the 64-token tile or the 128-query block; the
- * first forward kernel (KN_ATTN_FWD_V1) on two shapes. --bench times both
- * forward kernels and the backward. */
+ * backward must give the same bits twice. The first forward kernel
+ * (KN_ATTN_FWD_V1) runs on two shapes; on an H100 the wgmma kernels
+ * (KN_ATTN_WGMMA, head sizes 66..128) run on every shape, and their
+ * one-warpgroup blocks (KN_ATTN_*_WG=1) and unswizzled tiles
+ * (KN_ATTN_WG_NOSWIZZLE) on some. --bench times them all. */
 #define _POSIX_C_SOURCE 200809L /* setenv */
 #include "gpu_test.h"
 
@@ -94,16 +97,67 @@ static void one(int64_t n, int nh, int nkv, int hd, int maxdoc)
     snprintf(what, sizeof what, "attention backward dv %s", tag);
     gt_compare(what, gdv, dv, nk, TOL_BF16_CHAIN, "TOL_BF16_CHAIN");
 
+    /* no atomics: a second backward gives the same bits */
+    kn_bf16 *dq1 = gt_dev((size_t)nq * 2), *dk1 = gt_dev((size_t)nk * 2), *dv1 = gt_dev((size_t)nk * 2);
+    kn_attention_backward(dq1, dk1, dv1, c.delta, c.dout, c.q, c.k, c.v, c.o, c.lse, c.start, n,
+                          nh, nkv, hd, 0);
+    float *gdq1 = gt_down_bf16(dq1, nq), *gdk1 = gt_down_bf16(dk1, nk), *gdv1 = gt_down_bf16(dv1, nk);
+    snprintf(what, sizeof what, "attention backward deterministic %s", tag);
+    gt_check(memcmp(gdq, gdq1, (size_t)nq * 4) == 0 && memcmp(gdk, gdk1, (size_t)nk * 4) == 0 &&
+                 memcmp(gdv, gdv1, (size_t)nk * 4) == 0,
+             what);
+    kn_free(dq1); kn_free(dk1); kn_free(dv1);
+    free(gdq1); free(gdk1); free(gdv1);
+
     free(o); free(lse); free(go); free(glse); free(dq); free(dk); free(dv);
     free(gdq); free(gdk); free(gdv);
     free(q); free(k); free(v); free(dout); free(start);
     teardown(&c);
 }
 
+/* one environment setting for the calls in between */
+static void env_set(const char *name, const char *val)
+{
+    if (val)
+        setenv(name, val, 1);
+    else
+        unsetenv(name);
+}
+
+/* sets a and b to 1 (either may be NULL), clearing the other choices */
+static void env_pair(const char *a, const char *b)
+{
+    static const char *const all[] = {"KN_ATTN_FWD_V1", "KN_ATTN_WGMMA", "KN_ATTN_FWD_WG",
+                                      "KN_ATTN_DQ_WG", "KN_ATTN_DKDV_WG",
+                                      "KN_ATTN_WG_NOSWIZZLE"};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        env_set(all[i], NULL);
+    if (a)
+        env_set(a, "1");
+    if (b)
+        env_set(b, "1");
+}
+
 /* Timing only: rows of `row` tokens, each one document (the seed's
- * packing), causal FLOP count. */
+ * packing), causal FLOP count (the backward counted as 2.5 forwards). */
 static void bench(int rows, int row, int nh, int nkv, int hd)
 {
+    /* env: NULL (defaults), KN_ATTN_FWD_V1, or KN_ATTN_WGMMA plus env2 */
+    static const struct {
+        const char *name, *env, *env2;
+    } fwd[] = {
+        {"default (mma.sync, 128-query blocks)", NULL, NULL},
+        {"v1 (mma.sync, 64-query blocks)", "KN_ATTN_FWD_V1", NULL},
+        {"wgmma, 2 warpgroups", "KN_ATTN_WGMMA", NULL},
+        {"wgmma, 1 warpgroup", "KN_ATTN_WGMMA", "KN_ATTN_FWD_WG"},
+        {"wgmma, 2 warpgroups, no swizzle", "KN_ATTN_WGMMA", "KN_ATTN_WG_NOSWIZZLE"},
+    }, bwd[] = {
+        {"default (mma.sync)", NULL, NULL},
+        {"wgmma, dq 2 / dkdv 2 warpgroups", "KN_ATTN_WGMMA", NULL},
+        {"wgmma, dq 1 / dkdv 2 warpgroups", "KN_ATTN_WGMMA", "KN_ATTN_DQ_WG"},
+        {"wgmma, dq 2 / dkdv 1 warpgroups", "KN_ATTN_WGMMA", "KN_ATTN_DKDV_WG"},
+        {"wgmma, 2 / 2 warpgroups, no swizzle", "KN_ATTN_WGMMA", "KN_ATTN_WG_NOSWIZZLE"},
+    };
     att_ctx c;
     float *q, *k, *v, *dout;
     int32_t *start;
@@ -114,25 +168,45 @@ static void bench(int rows, int row, int nh, int nkv, int hd)
     kn_memcpy_h2d(c.start, start, (size_t)n * 4, 0);
     double pairs = (double)rows * row * (row + 1) / 2.0;
     double flops = 4.0 * pairs * hd * nh;
-    char what[96];
-    snprintf(what, sizeof what, "attention forward %dx%d nh=%d hd=%d", rows, row, nh, hd);
-    gt_time(what, run_fwd, &c, flops, 0);
-    setenv("KN_ATTN_FWD_V1", "1", 1);
-    snprintf(what, sizeof what, "attention forward v1 (64-query blocks) %dx%d nh=%d hd=%d", rows,
-             row, nh, hd);
-    gt_time(what, run_fwd, &c, flops, 0);
-    unsetenv("KN_ATTN_FWD_V1");
+    char what[128];
+    for (size_t i = 0; i < sizeof fwd / sizeof fwd[0]; i++) {
+        env_pair(fwd[i].env, fwd[i].env2);
+        snprintf(what, sizeof what, "attention forward %s %dx%d nh=%d hd=%d", fwd[i].name, rows,
+                 row, nh, hd);
+        gt_time(what, run_fwd, &c, flops, 0);
+        env_pair(NULL, NULL);
+    }
     run_fwd(&c);
-    snprintf(what, sizeof what, "attention backward %dx%d nh=%d hd=%d", rows, row, nh, hd);
-    gt_time(what, run_bwd, &c, 2.5 * flops, 0);
+    for (size_t i = 0; i < sizeof bwd / sizeof bwd[0]; i++) {
+        env_pair(bwd[i].env, bwd[i].env2);
+        snprintf(what, sizeof what, "attention backward %s %dx%d nh=%d hd=%d", bwd[i].name, rows,
+                 row, nh, hd);
+        gt_time(what, run_bwd, &c, 2.5 * flops, 0);
+        env_pair(NULL, NULL);
+    }
     free(q); free(k); free(v); free(dout); free(start);
     teardown(&c);
 }
 
-int main(int argc, char **argv)
+static void shapes(void);
+
+/* the shapes of main(), or with `few` three that reach the wgmma
+ * kernels, under KN_ATTN_WGMMA=1 and name=1 */
+static void variant(const char *name, int few)
 {
-    gt_init("attention", argc, argv);
-    gt_seed(6);
+    env_pair("KN_ATTN_WGMMA", name);
+    if (few) {
+        one(130, 2, 1, 96, 70);
+        one(700, 2, 1, 128, 300);
+        one(1500, 4, 2, 128, 700);
+    } else {
+        shapes();
+    }
+    env_pair(NULL, NULL);
+}
+
+static void shapes(void)
+{
     one(1, 1, 1, 8, 1);
     one(100, 8, 4, 8, 30);      /* stories260K: GQA, hd 8 */
     one(256, 8, 4, 8, 256);     /* one causal document per row of 256 */
@@ -143,11 +217,28 @@ int main(int argc, char **argv)
     one(500, 2, 2, 64, 3);      /* many tiny documents */
     one(700, 2, 1, 128, 300);   /* several 128-query blocks, documents across them */
     one(384, 3, 3, 128, 384);   /* one causal document, whole blocks */
+    one(1500, 4, 2, 128, 700);  /* many key blocks, GQA */
+    one(1100, 2, 2, 64, 1100);  /* one long document, head size 64 */
+    one(90, 2, 1, 66, 40);      /* padded head, rows not 16-byte vectors */
+}
+
+int main(int argc, char **argv)
+{
+    gt_init("attention", argc, argv);
+    gt_seed(6);
+    shapes();
     if (getenv("KN_ATTN_FWD_V1") == NULL) { /* the first forward kernel too */
         setenv("KN_ATTN_FWD_V1", "1", 1);
         one(300, 4, 4, 64, 200);
         one(257, 4, 2, 128, 257);
         unsetenv("KN_ATTN_FWD_V1");
+    }
+    if (getenv("KN_ATTN_WGMMA") == NULL) { /* opt-in wgmma kernels */
+        variant(NULL, 0);
+        variant("KN_ATTN_FWD_WG", 1);
+        variant("KN_ATTN_DQ_WG", 1);
+        variant("KN_ATTN_DKDV_WG", 1);
+        variant("KN_ATTN_WG_NOSWIZZLE", 1);
     }
     if (gt_bench) {
         bench(6, 2048, 32, 32, 128);   /* Llama 2 7B, micro-batch 6 */
