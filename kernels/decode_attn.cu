@@ -11,9 +11,14 @@
  * grid depends on the cache size, not the sequence (splits past the
  * position end at once), so a step's launches are the same every time and
  * replay as a CUDA graph; positions and slots are read from the device.
+ * For bf16 caches with head size 128 a second split kernel issues all of
+ * a block's key and value loads at once (attn_split128_kernel). At batch
+ * 64 on an H100 the first reached 2.42 TB/s; see bench/RESULTS.md for
+ * the second.
  */
 #include "common.cuh"
 #include "gen_kernels.h"
+#include "gen_launch.cuh"
 
 __device__ __forceinline__ void ld4(const float *p, float *v)
 {
@@ -49,6 +54,8 @@ __global__ void rope_append_kernel(float *__restrict__ q, int64_t ldq, float *__
 {
     const int t = blockIdx.x, hh = blockIdx.y;
     const int half = hd / 2, kvd = nkv * hd;
+    gen_pdl_wait();
+    gen_pdl_trigger();
     const int32_t s = slot[t], p = pos[t];
     const int64_t cbase = ((int64_t)s * cap + p) * kvd;
     if (hh >= nh + nkv) {
@@ -101,16 +108,15 @@ extern "C" void kn_gen_rope_append(float *q, int64_t ldq, float *k, int64_t ldk,
     KN_REQUIRE(q && k && v && kc && vc && slot && pos && cos_t && sin_t);
     dim3 grid((unsigned)n, (unsigned)(nh + 2 * nkv));
     int threads = hd / 2 < 32 ? 32 : (hd / 2 + 31) / 32 * 32;
+    const int pdl = gen_pdl_use(n);
     if (cache_bf16)
-        rope_append_kernel<bf16><<<grid, threads, 0, s>>>(q, ldq, k, ldk, v, ldv, (bf16 *)kc,
-                                                          (bf16 *)vc, slot, pos, nh, nkv, hd, cap,
-                                                          cos_t, sin_t, (bf16 *)q16, (bf16 *)k16,
-                                                          (bf16 *)v16);
+        gen_launch(rope_append_kernel<bf16>, grid, dim3(threads), 0, s, pdl, q, ldq, k, ldk, v,
+                   ldv, (bf16 *)kc, (bf16 *)vc, slot, pos, nh, nkv, hd, cap, cos_t, sin_t,
+                   (bf16 *)q16, (bf16 *)k16, (bf16 *)v16);
     else
-        rope_append_kernel<float><<<grid, threads, 0, s>>>(q, ldq, k, ldk, v, ldv, (float *)kc,
-                                                           (float *)vc, slot, pos, nh, nkv, hd,
-                                                           cap, cos_t, sin_t, (bf16 *)q16,
-                                                           (bf16 *)k16, (bf16 *)v16);
+        gen_launch(rope_append_kernel<float>, grid, dim3(threads), 0, s, pdl, q, ldq, k, ldk, v,
+                   ldv, (float *)kc, (float *)vc, slot, pos, nh, nkv, hd, cap, cos_t, sin_t,
+                   (bf16 *)q16, (bf16 *)k16, (bf16 *)v16);
     KN_CHECK_LAUNCH("rope_append");
 }
 
@@ -137,6 +143,8 @@ __global__ void __launch_bounds__(128) attn_split_kernel(float *part, const floa
     __shared__ float tmp[32];
     const int t = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, S = gridDim.z;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    gen_pdl_wait();
+    gen_pdl_trigger();
     const int s = slot[t], P = pos[t];
     const int j_lo = sp * ATT_SPLIT;
     float *pp = part + (((int64_t)t * nh + h) * S + sp) * (hd + 2);
@@ -228,6 +236,136 @@ __global__ void __launch_bounds__(128) attn_split_kernel(float *part, const floa
     }
 }
 
+/* The same split for bf16 caches and head size 128 (the NF4 models), all
+ * of a block's loads issued at once: a half-warp holds one key row (8
+ * dimensions a lane, one 16-byte load), so a warp's 16 keys and their 16
+ * value rows are 16 loads a lane, all in flight before the first is used.
+ * Each warp keeps its own max, sum and output (a softmax over its 16
+ * keys), and the block merges its 4 warps in warp order. Used for every
+ * n, so the sums' order still depends on cap only. */
+__global__ void __launch_bounds__(128) attn_split128_kernel(float *part, const float *q,
+                                                            int64_t ldq,
+                                                            const bf16 *__restrict__ kc,
+                                                            const bf16 *__restrict__ vc,
+                                                            const int32_t *slot,
+                                                            const int32_t *pos, int nh, int nkv,
+                                                            int cap, float scale)
+{
+    __shared__ float wo[ATT_WARPS][128];
+    __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
+    const int hd = 128;
+    const int t = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, S = gridDim.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int half = lane >> 4, l16 = lane & 15;
+    gen_pdl_wait();
+    gen_pdl_trigger();
+    const int s = slot[t], P = pos[t];
+    const int j_lo = sp * ATT_SPLIT;
+    float *pp = part + (((int64_t)t * nh + h) * S + sp) * (hd + 2);
+    if (j_lo > P) {
+        if (tid == 0) {
+            pp[hd] = -INFINITY;
+            pp[hd + 1] = 0.0f;
+        }
+        return;
+    }
+    const int j_hi = j_lo + ATT_SPLIT - 1 < P ? j_lo + ATT_SPLIT - 1 : P;
+    const int kvd = nkv * hd, kvh = h / (nh / nkv);
+    const int64_t base = (int64_t)s * cap * kvd + (int64_t)kvh * hd + l16 * 8;
+    const int jw = j_lo + warp * 16;
+    /* key jw + 2u + half for u = 0..7 */
+    uint4 kr[8], vr[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+        const int j = jw + 2 * u + half;
+        if (j <= j_hi) {
+            kr[u] = __ldg((const uint4 *)(kc + base + (int64_t)j * kvd));
+            vr[u] = __ldg((const uint4 *)(vc + base + (int64_t)j * kvd));
+        } else {
+            kr[u] = make_uint4(0u, 0u, 0u, 0u);
+            vr[u] = make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+    float qv[8];
+    {
+        const float4 *qp = (const float4 *)(q + (int64_t)t * ldq + (int64_t)h * hd + l16 * 8);
+        const float4 a = qp[0], b = qp[1];
+        qv[0] = a.x; qv[1] = a.y; qv[2] = a.z; qv[3] = a.w;
+        qv[4] = b.x; qv[5] = b.y; qv[6] = b.z; qv[7] = b.w;
+    }
+    float sc[8];
+    float m = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+        const uint32_t w[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
+        float d = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            d = fmaf(qv[2 * i], __uint_as_float(w[i] << 16), d);
+            d = fmaf(qv[2 * i + 1], __uint_as_float(w[i] & 0xffff0000u), d);
+        }
+        /* the half-warp's 16 lanes hold the key's 128 dimensions */
+        d += __shfl_xor_sync(0xffffffffu, d, 8);
+        d += __shfl_xor_sync(0xffffffffu, d, 4);
+        d += __shfl_xor_sync(0xffffffffu, d, 2);
+        d += __shfl_xor_sync(0xffffffffu, d, 1);
+        sc[u] = jw + 2 * u + half <= j_hi ? d * scale : -INFINITY;
+        m = fmaxf(m, sc[u]);
+    }
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+    float l = 0.0f, o[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (m != -INFINITY) {
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const float p = sc[u] == -INFINITY ? 0.0f : expf(sc[u] - m);
+            l += p;
+            const uint32_t w[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                o[2 * i] = fmaf(p, __uint_as_float(w[i] << 16), o[2 * i]);
+                o[2 * i + 1] = fmaf(p, __uint_as_float(w[i] & 0xffff0000u), o[2 * i + 1]);
+            }
+        }
+    }
+    /* the two halves (even and odd keys) */
+    l += __shfl_xor_sync(0xffffffffu, l, 16);
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        o[i] += __shfl_xor_sync(0xffffffffu, o[i], 16);
+    if (half == 0) {
+        *(float4 *)&wo[warp][l16 * 8] = make_float4(o[0], o[1], o[2], o[3]);
+        *(float4 *)&wo[warp][l16 * 8 + 4] = make_float4(o[4], o[5], o[6], o[7]);
+    }
+    if (lane == 0) {
+        wm[warp] = m;
+        wl[warp] = l;
+    }
+    __syncthreads();
+    /* the block's 4 warps, merged in warp order */
+    float M = wm[0];
+#pragma unroll
+    for (int w = 1; w < ATT_WARPS; w++)
+        M = fmaxf(M, wm[w]);
+    float f[ATT_WARPS];
+#pragma unroll
+    for (int w = 0; w < ATT_WARPS; w++)
+        f[w] = wm[w] == -INFINITY ? 0.0f : expf(wm[w] - M);
+    const int d = tid; /* 128 threads, 128 dimensions */
+    float r = 0.0f;
+#pragma unroll
+    for (int w = 0; w < ATT_WARPS; w++)
+        r = fmaf(wo[w][d], f[w], r);
+    pp[d] = r;
+    if (tid == 0) {
+        float L = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATT_WARPS; w++)
+            L = fmaf(wl[w], f[w], L);
+        pp[hd] = M;
+        pp[hd + 1] = L;
+    }
+}
+
 /* The splits of (t, h) combined in split order (S <= 1024). */
 __global__ void attn_combine_kernel(float *__restrict__ o32, bf16 *__restrict__ o16,
                                     const float *__restrict__ part, int nh, int hd, int S)
@@ -235,6 +373,8 @@ __global__ void attn_combine_kernel(float *__restrict__ o32, bf16 *__restrict__ 
     extern __shared__ float wts[]; /* (S) weight of each split */
     __shared__ float tot;
     const int t = blockIdx.x, h = blockIdx.y;
+    gen_pdl_wait();
+    gen_pdl_trigger();
     const float *pp = part + ((int64_t)t * nh + h) * S * (hd + 2);
     for (int sp = threadIdx.x; sp < S; sp += blockDim.x)
         wts[sp] = pp[(int64_t)sp * (hd + 2) + hd];
@@ -267,6 +407,16 @@ __global__ void attn_combine_kernel(float *__restrict__ o32, bf16 *__restrict__ 
     }
 }
 
+/* The head-size-128 kernel unless QLORA_GEN_OLD_ATTN is set (for
+ * comparing the two). */
+static int fast_attn(void)
+{
+    static int on = -1;
+    if (on < 0)
+        on = !getenv("QLORA_GEN_OLD_ATTN");
+    return on;
+}
+
 extern "C" size_t kn_gen_attention_ws(int n, int nh, int hd, int cap)
 {
     return (size_t)n * nh * att_splits(cap) * (hd + 2) * sizeof(float);
@@ -285,7 +435,11 @@ extern "C" void kn_gen_attention(float *o32, kn_bf16 *o16, const float *q, int64
     dim3 grid((unsigned)n, (unsigned)nh, (unsigned)S);
     float scale = 1.0f / sqrtf((float)hd);
     KN_REQUIRE(S <= 1024);
-    if (cache_bf16 && n <= 8)
+    const int pdl = gen_pdl_use(n);
+    if (cache_bf16 && hd == 128 && ldq % 4 == 0 && ((uintptr_t)q & 15) == 0 && fast_attn())
+        gen_launch(attn_split128_kernel, grid, dim3(32 * ATT_WARPS), 0, s, pdl, ws, q, ldq,
+                   (const bf16 *)kc, (const bf16 *)vc, slot, pos, nh, nkv, cap, scale);
+    else if (cache_bf16 && n <= 8)
         attn_split_kernel<bf16, 16><<<grid, 32 * ATT_WARPS, 0, s>>>(
             ws, q, ldq, (const bf16 *)kc, (const bf16 *)vc, slot, pos, nh, nkv, hd, cap, scale);
     else if (cache_bf16)
@@ -298,7 +452,7 @@ extern "C" void kn_gen_attention(float *o32, kn_bf16 *o16, const float *q, int64
         attn_split_kernel<float, 4><<<grid, 32 * ATT_WARPS, 0, s>>>(
             ws, q, ldq, (const float *)kc, (const float *)vc, slot, pos, nh, nkv, hd, cap, scale);
     KN_CHECK_LAUNCH("gen_attention");
-    attn_combine_kernel<<<dim3((unsigned)n, (unsigned)nh), 128, (size_t)S * sizeof(float), s>>>(
-        o32, (bf16 *)o16, ws, nh, hd, S);
+    gen_launch(attn_combine_kernel, dim3((unsigned)n, (unsigned)nh), dim3(128),
+               (size_t)S * sizeof(float), s, pdl, o32, (bf16 *)o16, (const float *)ws, nh, hd, S);
     KN_CHECK_LAUNCH("gen_attention_combine");
 }

@@ -10,6 +10,13 @@
  * layer down, then the loss), whatever its share of the step, which is
  * what NCCL requires.
  *
+ * A step whose loss or gradient is not finite is skipped (or stops the
+ * run, on_nonfinite) by every rank alike: gpu_trainer_step_shard decides
+ * before the update from the reduced loss and the sum of squares of the
+ * reduced gradient, which NCCL leaves identical on every rank (a NaN or
+ * infinity on one rank reaches every sum), so no rank updates while
+ * another skips and no extra reduction is needed.
+ *
  * Failures of NCCL calls follow the kernels' policy (common.cuh): a
  * message naming the call, exit 2; there is nothing to return to
  * mid-step.

@@ -2,10 +2,13 @@
  * residual stream: embedding lookup, RMSNorm (into fp32 and/or the bf16
  * operand of the next product), SwiGLU, and the argmax that greedy
  * decoding needs (so a step returns n ids, not n rows of logits).
- * RMSNorm sums squares in double as llama_rmsnorm does.
+ * RMSNorm sums squares in double as llama_rmsnorm does. Every kernel but
+ * the embedding (the first of a step) may be launched with PDL (see
+ * gen_launch.cuh).
  */
 #include "common.cuh"
 #include "gen_kernels.h"
+#include "gen_launch.cuh"
 
 __global__ void gen_embed_kernel(float *__restrict__ x, const float *__restrict__ table,
                                  const int32_t *__restrict__ ids, int d)
@@ -36,6 +39,8 @@ __global__ void gen_rmsnorm_kernel(float *__restrict__ y32, bf16 *__restrict__ y
                                    const float *__restrict__ w, int d, float eps)
 {
     __shared__ double part[32];
+    gen_pdl_wait();
+    gen_pdl_trigger();
     const int r = blockIdx.x;
     const int64_t src = rows ? rows[r] : r;
     const float *xr = x + src * d;
@@ -60,12 +65,84 @@ __global__ void gen_rmsnorm_kernel(float *__restrict__ y32, bf16 *__restrict__ y
     }
 }
 
+/* The same for d % 4 == 0, d <= 1024 V: 256 threads, each holding V
+ * float4 of the row in registers between the two passes (one read of x
+ * instead of two, no loop: a single block per token is latency-bound). */
+template <int V>
+__global__ void __launch_bounds__(256) gen_rmsnorm4_kernel(float *__restrict__ y32,
+                                                           bf16 *__restrict__ y16,
+                                                           const float *__restrict__ x,
+                                                           const int32_t *__restrict__ rows,
+                                                           const float *__restrict__ w, int d,
+                                                           float eps)
+{
+    __shared__ double part[8];
+    gen_pdl_wait();
+    gen_pdl_trigger();
+    const int r = blockIdx.x, tid = threadIdx.x;
+    const int64_t src = rows ? rows[r] : r;
+    const float4 *xr = (const float4 *)(x + src * d);
+    const int d4 = d >> 2;
+    float4 v[V];
+    double ss = 0.0;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        const int j = tid + 256 * i;
+        v[i] = j < d4 ? xr[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += (double)v[i].x * v[i].x + (double)v[i].y * v[i].y + (double)v[i].z * v[i].z +
+              (double)v[i].w * v[i].w;
+    }
+    ss = warp_sum_d(ss);
+    if ((tid & 31) == 0)
+        part[tid >> 5] = ss;
+    __syncthreads();
+    double tot = 0.0;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        tot += part[i];
+    const float rs = 1.0f / sqrtf((float)(tot / d) + eps);
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        const int j = tid + 256 * i;
+        if (j >= d4)
+            break;
+        const float4 wv = ((const float4 *)w)[j];
+        const float4 o = make_float4(__fmul_rn(wv.x, __fmul_rn(v[i].x, rs)),
+                                     __fmul_rn(wv.y, __fmul_rn(v[i].y, rs)),
+                                     __fmul_rn(wv.z, __fmul_rn(v[i].z, rs)),
+                                     __fmul_rn(wv.w, __fmul_rn(v[i].w, rs)));
+        if (y32)
+            ((float4 *)(y32 + (int64_t)r * d))[j] = o;
+        if (y16) {
+            uint2 pk = make_uint2(pack_bf16x2(o.x, o.y), pack_bf16x2(o.z, o.w));
+            ((uint2 *)(y16 + (int64_t)r * d))[j] = pk;
+        }
+    }
+}
+
 extern "C" void kn_gen_rmsnorm(float *y32, kn_bf16 *y16, const float *x, const int32_t *rows,
                                const float *w, int n, int d, float eps, cudaStream_t s)
 {
     KN_REQUIRE(x && w && (y32 || y16) && n >= 1 && d >= 1);
-    gen_rmsnorm_kernel<<<n, d >= 2048 ? 1024 : 256, 0, s>>>(y32, (bf16 *)y16, x, rows, w, d, eps);
-    KN_CHECK_LAUNCH("gen_rmsnorm");
+    const int pdl = gen_pdl_use(n);
+    const int aligned = d % 4 == 0 && (((uintptr_t)x | (uintptr_t)w | (uintptr_t)y32) & 15) == 0 &&
+                        ((uintptr_t)y16 & 7) == 0;
+    const int v = (d / 4 + 255) / 256;
+    if (aligned && v <= 1)
+        gen_launch(gen_rmsnorm4_kernel<1>, dim3(n), dim3(256), 0, s, pdl, y32, (bf16 *)y16, x,
+                   rows, w, d, eps);
+    else if (aligned && v <= 2)
+        gen_launch(gen_rmsnorm4_kernel<2>, dim3(n), dim3(256), 0, s, pdl, y32, (bf16 *)y16, x,
+                   rows, w, d, eps);
+    else if (aligned && v <= 4)
+        gen_launch(gen_rmsnorm4_kernel<4>, dim3(n), dim3(256), 0, s, pdl, y32, (bf16 *)y16, x,
+                   rows, w, d, eps);
+    else if (aligned && v <= 8)
+        gen_launch(gen_rmsnorm4_kernel<8>, dim3(n), dim3(256), 0, s, pdl, y32, (bf16 *)y16, x,
+                   rows, w, d, eps);
+    else
+        gen_launch(gen_rmsnorm_kernel, dim3(n), dim3(d >= 2048 ? 1024 : 256), 0, s, pdl, y32,
+                   (bf16 *)y16, x, rows, w, d, eps);
 }
 
 __global__ void gen_swiglu_kernel(float *__restrict__ h32, bf16 *__restrict__ h16,
@@ -73,6 +150,8 @@ __global__ void gen_swiglu_kernel(float *__restrict__ h32, bf16 *__restrict__ h1
                                   int64_t ldgu, int d)
 {
     const int t = blockIdx.y;
+    gen_pdl_wait();
+    gen_pdl_trigger();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < d; i += gridDim.x * blockDim.x) {
         const float gv = g[(int64_t)t * ldgu + i];
         const float v = gv / (1.0f + expf(-gv)) * u[(int64_t)t * ldgu + i];
@@ -88,7 +167,8 @@ extern "C" void kn_gen_swiglu(float *h32, kn_bf16 *h16, const float *g, const fl
 {
     KN_REQUIRE(g && u && (h32 || h16) && n >= 1 && d >= 1 && ldgu >= d);
     dim3 grid((unsigned)((d + 255) / 256 < 64 ? (d + 255) / 256 : 64), (unsigned)n);
-    gen_swiglu_kernel<<<grid, 256, 0, s>>>(h32, (bf16 *)h16, g, u, ldgu, d);
+    gen_launch(gen_swiglu_kernel, grid, dim3(256), 0, s, gen_pdl_use(n), h32, (bf16 *)h16, g, u,
+               ldgu, d);
     KN_CHECK_LAUNCH("gen_swiglu");
 }
 
@@ -102,6 +182,8 @@ __global__ void gen_argmax_kernel(int32_t *out, const float *x, int64_t ld, int 
 {
     __shared__ float sv[32];
     __shared__ int si[32];
+    gen_pdl_wait();
+    gen_pdl_trigger();
     const int r = blockIdx.x;
     const float *xr = x + (int64_t)r * ld;
     float bv = -INFINITY;
@@ -135,6 +217,6 @@ extern "C" void kn_gen_argmax(int32_t *out, const float *x, int64_t ld, int limi
                               cudaStream_t s)
 {
     KN_REQUIRE(out && x && limit >= 1 && ld >= limit && n >= 1);
-    gen_argmax_kernel<<<n, 1024, 0, s>>>(out, x, ld, limit);
+    gen_launch(gen_argmax_kernel, dim3(n), dim3(1024), 0, s, gen_pdl_use(n), out, x, ld, limit);
     KN_CHECK_LAUNCH("gen_argmax");
 }

@@ -2,36 +2,55 @@
  * rows of x (one per sequence in flight), reading each weight once in its
  * stored form.
  *
- * kn_gen_linear_mma: tensor cores on NF4 (or bf16) weights. A block of 8
- * warps owns 16*MT output rows (MT = 1 for up to 16 rows of x, 2 or 4
- * beyond, so that each x fragment feeds more products). The input
- * dimension is cut into chunks of 64 (one NF4 block), dealt to the 8 warps
- * in groups of 4 (chunk c to warp (c / 4) % 8); each warp walks its chunks
- * in order, D of them loaded before any is used, and the warps' partial
- * sums are added in warp order in shared memory. That assignment is the
- * same for every launch shape, so the order of every sum depends on the
- * weight's shape only, never on n: a sequence's result does not depend on
- * what else is in the batch. Per chunk a lane loads 16 consecutive weights
- * of two rows (8 bytes of NF4 codes each, one 8-byte load), dequantizes
- * them in registers (quant_map[code] * scale, the scale from the 8-bit
- * nested code, as bitsandbytes; block sizes are powers of two, so no
- * divisions) and feeds mma.sync m16n8k16 with x as the n side. The k
- * index inside a chunk is permuted (lane t of a quad takes elements
+ * The sum order. Every output element is summed the same way whatever the
+ * number of rows n and whichever kernel runs, so that a sequence's result
+ * never depends on what else is in the batch: the input dimension is cut
+ * into chunks of 64 (one NF4 block), chunk c belongs to class (c / 4) % 8;
+ * a class is summed on tensor cores (mma.sync m16n8k16, fp32 accumulation)
+ * chunk after chunk in increasing order, starting from zero, and the eight
+ * class sums are added to zero in class order (then res is added). Inside
+ * a chunk the k index is permuted (lane t of a quad takes elements
  * 16t .. 16t+15) identically for W and x, which keeps every load
- * contiguous and leaves the dot products unchanged.
+ * contiguous and leaves the dot products unchanged. Per chunk a lane
+ * loads 16 consecutive weights of two rows (8 bytes of NF4 codes each) and
+ * dequantizes them in registers (quant_map[code] * scale, the scale from
+ * the 8-bit nested code with bitsandbytes' two roundings; block sizes are
+ * powers of two, so no divisions).
  *
- * Measured on an H100 (bench/RESULTS.md): 0.6 to 1.0 TB/s on the 7B shapes
- * at one row of x, about a third of the memory's bandwidth; ncu shows it
- * latency-bound (too few bytes in flight per SM), which is where the next
- * gains are.
+ * Two kernels follow that order:
+ *   - lin_vec (n <= 16, memory-bound): a block of 8 warps takes tiles of
+ *     16 output rows in turn (as many blocks as fit at once), and warp w
+ *     sums class w; the warps' sums are added in shared memory. Each warp
+ *     keeps D chunks of weights in flight (a register ring that runs on
+ *     into the next tile), the next tile's rows are prefetched into L2
+ *     with bulk prefetches, and the first loads are issued before the
+ *     kernel waits for its predecessor (programmatic dependent launch,
+ *     see gen_launch.cuh). When it fits (n in <= 20 K), x sits in shared
+ *     memory.
+ *   - lin_tile (n > 16, bound by the tensor cores and L2): a block of W
+ *     warps owns 16 W rows, warp i the rows 16i .. 16i+15, every warp all
+ *     classes in order (the class sums kept in shared memory); the x
+ *     chunks, shared by the W warps, stream through shared memory with
+ *     cp.async, 4 stages deep; weights stream through registers 4 chunks
+ *     ahead. Small products (few row tiles) are also split over the
+ *     classes: block z sums class z alone into a workspace, and the last
+ *     block of a row tile to finish adds the eight in class order.
  *
  * kn_gen_linear_f32: CUDA cores, one warp per output row, fp32 weights
  * (f32 checkpoints, LoRA matrices).
  */
 #include "common.cuh"
 #include "gen_kernels.h"
+#include "gen_launch.cuh"
 
 #define LIN_WARPS 8
+#define LIN_GROUP 4
+#define LIN_CLASSES 8
+#define TILE_STAGES 4
+#define TILE_MAXCH 1024 /* chunks: in <= 65536 */
+#define SEQ_LAST 0x40000000
+#define SEQ_CHUNK 0x3fffffff
+#define VEC_XS_MAX (40 << 10) /* bytes of x kept in shared memory */
 
 struct lin_desc {
     int64_t out, in, ld;
@@ -43,6 +62,7 @@ struct lin_desc {
     const float *quant_map;
     float offset;
     int lbs, lnbs; /* log2 of blocksize and nested_blocksize (no divisions) */
+    int pf;        /* rows may be prefetched into L2 (16-byte aligned) */
     const bf16 *w16;
     float *y;
     const float *res;
@@ -53,59 +73,114 @@ struct lin_pack {
     lin_desc d[3];
 };
 
-/* 16 weights of one row for one chunk, as 8 bf16 pairs. */
+/* ---- configuration (env, read once; bench/gen compares variants) -------- */
+
+struct lin_cfg {
+    int vec_max;   /* largest n for lin_vec */
+    int vec_d;     /* chunks in flight per warp in lin_vec (4 or 8) */
+    int vec_grid;  /* lin_vec blocks: resident ones times this (0: a tile each) */
+    int pf;        /* bytes of each row prefetched into L2 (0: none) */
+    int tile_w;    /* warps of a lin_tile block (4 or 8) */
+    int split_min; /* split over the classes below this many blocks */
+};
+
+static int env_int(const char *name, int def)
+{
+    const char *s = getenv(name);
+    return s && *s ? atoi(s) : def;
+}
+
+static const lin_cfg &cfg()
+{
+    static lin_cfg c;
+    static int done;
+    if (!done) {
+        c.vec_max = env_int("QLORA_GEN_VEC_MAX", 16);
+        c.vec_max = c.vec_max < 1 ? 1 : c.vec_max > 16 ? 16 : c.vec_max;
+        c.vec_d = env_int("QLORA_GEN_VEC_D", 8) >= 8 ? 8 : 4;
+        c.vec_grid = env_int("QLORA_GEN_VEC_GRID", 1);
+        c.pf = env_int("QLORA_GEN_PF", 1 << 20);
+        c.tile_w = env_int("QLORA_GEN_TILE_W", 8) >= 8 ? 8 : 4;
+        c.split_min = env_int("QLORA_GEN_SPLIT", kn_sm_count());
+        done = 1;
+    }
+    return c;
+}
+
+int gen_pdl_use(int n)
+{
+    static int on = -1;
+    if (on < 0) {
+        int dev = 0, major = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        on = major >= 9 && !getenv("QLORA_GEN_NO_PDL");
+    }
+    return on && n <= 16;
+}
+
+/* ---- weights ------------------------------------------------------------------ */
+
+/* 16 weights of one row for one chunk, as loaded: NF4 codes with the raw
+ * scale (the nested code and nested absmax, or the absmax), or 16 bf16. */
 template <int WK> struct wraw;
 template <> struct wraw<KN_GW_NF4> {
     uint2 c;
-    float sc;
+    uint32_t sb;
+    float sv;
 };
 template <> struct wraw<KN_GW_BF16> {
     uint4 a, b;
 };
 
-__device__ __forceinline__ void load_raw(wraw<KN_GW_NF4> &r, const lin_desc &D,
-                                         const float *nmap, int64_t row, int c,
+__device__ __forceinline__ void load_raw(wraw<KN_GW_NF4> &r, const lin_desc &D, int64_t row, int c,
                                          int t)
 {
-    int64_t e0 = row * D.in + (int64_t)c * 64;
+    const int64_t e0 = row * D.in + (int64_t)c * 64;
     r.c = __ldg((const uint2 *)(D.codes + (e0 >> 1)) + t);
-    int64_t b = e0 >> D.lbs;
-    if (D.absmax_q)
-        r.sc = nmap[__ldg(D.absmax_q + b)] * __ldg(D.nested_absmax + (b >> D.lnbs)) + D.offset;
-    else
-        r.sc = __ldg(D.absmax + b);
+    const int64_t b = e0 >> D.lbs;
+    if (D.absmax_q) {
+        r.sb = __ldg(D.absmax_q + b);
+        r.sv = __ldg(D.nested_absmax + (b >> D.lnbs));
+    } else {
+        r.sb = 0;
+        r.sv = __ldg(D.absmax + b);
+    }
 }
 
-__device__ __forceinline__ void load_raw(wraw<KN_GW_BF16> &r, const lin_desc &D,
-                                         const float *, int64_t row, int c, int t)
+__device__ __forceinline__ void load_raw(wraw<KN_GW_BF16> &r, const lin_desc &D, int64_t row, int c,
+                                         int t)
 {
     const uint4 *p = (const uint4 *)(D.w16 + row * D.ld + (int64_t)c * 64 + 16 * t);
     r.a = __ldg(p);
     r.b = __ldg(p + 1);
 }
 
-/* Chunks of 64 are dealt to the 8 warps of a block in groups of 4:
- * chunk c goes to warp (c / 4) % 8, and each warp takes its chunks in
- * increasing order. The assignment, hence the order of every sum, is the
- * same for every launch shape (MT, NT, prefetch depth D). */
-#define LIN_GROUP 4
-
-__device__ __forceinline__ int warp_chunk(int i, int warp)
+/* The block scale, as nf4_absmax_of: two roundings, as bitsandbytes. Used
+ * only once the raw loads have arrived, so that issuing them never waits. */
+__device__ __forceinline__ float raw_scale(const wraw<KN_GW_NF4> &r, const lin_desc &D,
+                                           const float *nmap)
 {
-    return ((i / LIN_GROUP) * LIN_WARPS + warp) * LIN_GROUP + i % LIN_GROUP;
+    return D.absmax_q ? __fadd_rn(__fmul_rn(nmap[r.sb], r.sv), D.offset) : r.sv;
+}
+
+__device__ __forceinline__ float raw_scale(const wraw<KN_GW_BF16> &, const lin_desc &,
+                                           const float *)
+{
+    return 0.0f;
 }
 
 /* Two bf16 pairs (k-tile kk) of a row's 16 weights. */
-__device__ __forceinline__ void pair_words(const wraw<KN_GW_NF4> &r, const float *qmap, int kk,
-                                           uint32_t &w0, uint32_t &w1)
+__device__ __forceinline__ void pair_words(const wraw<KN_GW_NF4> &r, const float *qmap, float sc,
+                                           int kk, uint32_t &w0, uint32_t &w1)
 {
     const uint32_t word = kk < 2 ? r.c.x : r.c.y;
     const uint32_t b0 = (word >> (16 * (kk & 1))) & 255u, b1 = (word >> (16 * (kk & 1) + 8)) & 255u;
-    w0 = pack_bf16x2(qmap[b0 >> 4] * r.sc, qmap[b0 & 15] * r.sc);
-    w1 = pack_bf16x2(qmap[b1 >> 4] * r.sc, qmap[b1 & 15] * r.sc);
+    w0 = pack_bf16x2(qmap[b0 >> 4] * sc, qmap[b0 & 15] * sc);
+    w1 = pack_bf16x2(qmap[b1 >> 4] * sc, qmap[b1 & 15] * sc);
 }
 
-__device__ __forceinline__ void pair_words(const wraw<KN_GW_BF16> &r, const float *, int kk,
+__device__ __forceinline__ void pair_words(const wraw<KN_GW_BF16> &r, const float *, float, int kk,
                                            uint32_t &w0, uint32_t &w1)
 {
     const uint4 &v = kk < 2 ? r.a : r.b;
@@ -113,126 +188,237 @@ __device__ __forceinline__ void pair_words(const wraw<KN_GW_BF16> &r, const floa
     w1 = (kk & 1) ? v.w : v.y;
 }
 
-template <int WK, int MT, int NT, int D>
-__global__ void __launch_bounds__(256) lin_mma_kernel(lin_pack P, const bf16 *__restrict__ x,
-                                                      int64_t ldx, int n)
+/* The i-th chunk of class w. */
+__device__ __forceinline__ int class_chunk(int i, int w)
 {
-    const lin_desc &D_ = P.d[blockIdx.y];
+    return ((i / LIN_GROUP) * LIN_CLASSES + w) * LIN_GROUP + i % LIN_GROUP;
+}
+
+/* How many of nch chunks class w has. */
+__host__ __device__ __forceinline__ int class_count(int nch, int w)
+{
+    const int ng = (nch + LIN_GROUP - 1) / LIN_GROUP, rem = nch % LIN_GROUP;
+    int c = ng > w ? ((ng - 1 - w) / LIN_CLASSES + 1) * LIN_GROUP : 0;
+    if (rem && (ng - 1) % LIN_CLASSES == w)
+        c -= LIN_GROUP - rem;
+    return c;
+}
+
+/* One chunk's products for one warp: rows g and g+8 of its 16-row tile
+ * (raw r[0], r[1]) times NT n-tiles of x, whose fragments xf(nt, k2)
+ * returns (8 consecutive bf16 of k: k-tiles 2 k2 and 2 k2 + 1). */
+template <int WK, int NT, typename XF>
+__device__ __forceinline__ void chunk_mma(float (&acc)[NT][4], const wraw<WK> (&r)[2],
+                                          const lin_desc &D, const float *qmap, const float *nmap,
+                                          XF xf)
+{
+    const float sc0 = raw_scale(r[0], D, nmap), sc1 = raw_scale(r[1], D, nmap);
+#pragma unroll
+    for (int k2 = 0; k2 < 2; k2++) {
+        uint4 xb[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            xb[nt] = xf(nt, k2);
+#pragma unroll
+        for (int kh = 0; kh < 2; kh++) {
+            const int kk = 2 * k2 + kh;
+            uint32_t af[4];
+            pair_words(r[0], qmap, sc0, kk, af[0], af[2]);
+            pair_words(r[1], qmap, sc1, kk, af[1], af[3]);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                uint32_t bf[2] = {kh ? xb[nt].z : xb[nt].x, kh ? xb[nt].w : xb[nt].y};
+                mma_bf16_16816(acc[nt], af, bf);
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void l2_prefetch(const void *p, uint32_t bytes)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (bytes >= 16)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes & ~15u)
+                     : "memory");
+#endif
+}
+
+/* x fragment of column col for k .. k+7 from global memory, zero past n
+ * and K. */
+__device__ __forceinline__ uint4 x_frag_global(const bf16 *x, int64_t ldx, int n, int K, int col,
+                                               int k)
+{
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (col < n) {
+        const bf16 *xp = x + (int64_t)col * ldx + k;
+        if (k + 8 <= K && (((uintptr_t)xp) & 15) == 0) {
+            v = __ldg((const uint4 *)xp);
+        } else {
+            if (k < K) {
+                uint2 lo = __ldg((const uint2 *)xp);
+                v.x = lo.x;
+                v.y = lo.y;
+            }
+            if (k + 4 < K) {
+                uint2 hi = __ldg((const uint2 *)(xp + 4));
+                v.z = hi.x;
+                v.w = hi.y;
+            }
+        }
+    }
+    return v;
+}
+
+/* ---- lin_vec: n <= 16 ----------------------------------------------------------- */
+
+/* The block's rows of tile `tile` into L2: every byte requested at once. */
+template <int WK>
+__device__ __forceinline__ void prefetch_tile(const lin_desc &D, int64_t tile, int tid,
+                                              int pf_bytes)
+{
+    const int64_t row = tile * 16 + tid;
+    if (pf_bytes <= 0 || !D.pf || tid >= 16 || row >= D.out)
+        return;
+    const int64_t rb = WK == KN_GW_NF4 ? D.in >> 1 : D.ld * 2;
+    const void *p = WK == KN_GW_NF4 ? (const void *)(D.codes + row * rb)
+                                    : (const void *)(D.w16 + row * D.ld);
+    l2_prefetch(p, (uint32_t)(rb < pf_bytes ? rb : pf_bytes));
+}
+
+/* Block (b, op) takes the 16-row tiles b, b + gridDim.x, ... of product
+ * op. Warp w sums class w of each; its chunks stream through a ring of D
+ * register slots that runs on into the next tile (each tile's chunk count
+ * padded to a multiple of D, so that chunk i always lands in slot i % D),
+ * while the next tile's rows are prefetched into L2. */
+template <int WK, int NT, int D, bool XS>
+__global__ void __launch_bounds__(256) lin_vec_kernel(lin_pack P, const bf16 *__restrict__ x,
+                                                      int64_t ldx, int n, int pf_bytes)
+{
+    extern __shared__ __align__(16) unsigned char vsm[]; /* XS: x (n, K) bf16 */
     __shared__ float qmap[16];
     __shared__ float nmap[256];
     __shared__ float red[LIN_WARPS][NT * 4][32];
+    const lin_desc &D_ = P.d[blockIdx.y];
     const int64_t out = D_.out;
-    const int64_t row0 = (int64_t)blockIdx.x * (16 * MT);
-    if (row0 >= out)
+    const int64_t ntiles = (out + 15) / 16;
+    if ((int64_t)blockIdx.x >= ntiles)
         return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
+    const int K = (int)D_.in;
+    const int nch = (K + 63) >> 6;
+    const int cnt = class_count(nch, warp);
+    const int cntpad = (cnt + D - 1) / D * D;
+    prefetch_tile<WK>(D_, blockIdx.x, tid, pf_bytes);
+    auto rows_of = [&](int64_t tile, int64_t &ra, int64_t &rb) {
+        const int64_t r = tile * 16 + g;
+        ra = r < out ? r : out - 1;
+        rb = r + 8 < out ? r + 8 : out - 1;
+    };
+    int64_t r0, r1;
+    rows_of(blockIdx.x, r0, r1);
+    wraw<WK> raw[D][2];
+#pragma unroll
+    for (int d = 0; d < D; d++)
+        if (d < cnt) {
+            const int c = class_chunk(d, warp);
+            load_raw(raw[d][0], D_, r0, c, t);
+            load_raw(raw[d][1], D_, r1, c, t);
+        }
     if (WK == KN_GW_NF4) {
         if (tid < 16)
             qmap[tid] = D_.quant_map[tid];
         if (D_.absmax_q)
             nmap[tid] = D_.nested_map[tid]; /* 256 threads, 256 entries */
-        __syncthreads();
     }
-    const int K = (int)D_.in;
-    const int nch = (K + 63) >> 6;
-    float acc[MT][NT][4];
+    /* x is the predecessor's output */
+    gen_pdl_wait();
+    gen_pdl_trigger();
+    const bf16 *xs = (const bf16 *)vsm;
+    uint4 xr[XS ? 1 : D][NT][2];
+    auto load_xr = [&](uint4 (&v)[NT][2], int c) {
 #pragma unroll
-    for (int m = 0; m < MT; m++)
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int k2 = 0; k2 < 2; k2++)
+                v[nt][k2] = x_frag_global(x, ldx, n, K, nt * 8 + g, c * 64 + 16 * t + 8 * k2);
+    };
+    if (XS) {
+        const int per = K >> 3;
+        for (int i = tid; i < n * per; i += 256) {
+            const int col = i / per, u = i - col * per;
+            ((uint4 *)vsm)[i] = __ldg((const uint4 *)(x + (int64_t)col * ldx) + u);
+        }
+    } else {
+#pragma unroll
+        for (int d = 0; d < D; d++)
+            if (d < cnt)
+                load_xr(xr[XS ? 0 : d], class_chunk(d, warp));
+    }
+    __syncthreads();
+    for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int64_t next = tile + gridDim.x;
+        if (next < ntiles)
+            prefetch_tile<WK>(D_, next, tid, pf_bytes);
+        int64_t n0, n1;
+        rows_of(next < ntiles ? next : tile, n0, n1);
+        float acc[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int j = 0; j < 4; j++)
-                acc[m][nt][j] = 0.0f;
-    int64_t rows[MT][2];
+                acc[nt][j] = 0.0f;
+        for (int i0 = 0; i0 < cntpad; i0 += D) {
 #pragma unroll
-    for (int m = 0; m < MT; m++) {
-        const int64_t r = row0 + m * 16 + g;
-        rows[m][0] = r < out ? r : out - 1;
-        rows[m][1] = r + 8 < out ? r + 8 : out - 1;
-    }
-    for (int i0 = 0; warp_chunk(i0, warp) < nch; i0 += D) {
-        /* D chunks' weights in flight at once */
-        wraw<WK> raw[D][MT][2];
-#pragma unroll
-        for (int d = 0; d < D; d++) {
-            const int c = warp_chunk(i0 + d, warp);
-            if (c < nch) {
-#pragma unroll
-                for (int m = 0; m < MT; m++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++)
-                        load_raw(raw[d][m][h], D_, nmap, rows[m][h], c, t);
-            }
-        }
-#pragma unroll
-        for (int d = 0; d < D; d++) {
-            const int c = warp_chunk(i0 + d, warp);
-            if (c >= nch)
-                break;
-            const int kbase = c * 64 + 16 * t;
-#pragma unroll
-            for (int k2 = 0; k2 < 2; k2++) {
-                /* x fragments of two k-tiles: 8 consecutive bf16, one load */
-                const int kx = kbase + 8 * k2;
-                uint4 xb[NT];
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-                    const int col = nt * 8 + g;
-                    xb[nt] = make_uint4(0u, 0u, 0u, 0u);
-                    if (col < n) {
-                        const bf16 *xp = x + (int64_t)col * ldx + kx;
-                        if (kx + 8 <= K && (((uintptr_t)xp) & 15) == 0) {
-                            xb[nt] = __ldg((const uint4 *)xp);
-                        } else {
-                            if (kx < K) {
-                                uint2 lo = __ldg((const uint2 *)xp);
-                                xb[nt].x = lo.x;
-                                xb[nt].y = lo.y;
-                            }
-                            if (kx + 4 < K) {
-                                uint2 hi = __ldg((const uint2 *)(xp + 4));
-                                xb[nt].z = hi.x;
-                                xb[nt].w = hi.y;
-                            }
-                        }
-                    }
+            for (int d = 0; d < D; d++) {
+                const int i = i0 + d;
+                if (i < cnt) {
+                    const int kb = class_chunk(i, warp) * 64 + 16 * t;
+                    if (XS)
+                        chunk_mma<WK, NT>(acc, raw[d], D_, qmap, nmap, [&](int nt, int k2) {
+                            const int col = nt * 8 + g;
+                            return col < n ? *(const uint4 *)(xs + (int64_t)col * K + kb + 8 * k2)
+                                           : make_uint4(0u, 0u, 0u, 0u);
+                        });
+                    else
+                        chunk_mma<WK, NT>(acc, raw[d], D_, qmap, nmap,
+                                          [&](int nt, int k2) { return xr[XS ? 0 : d][nt][k2]; });
                 }
-#pragma unroll
-                for (int kh = 0; kh < 2; kh++) {
-                    const int kk = 2 * k2 + kh;
-#pragma unroll
-                    for (int m = 0; m < MT; m++) {
-                        uint32_t af[4];
-                        pair_words(raw[d][m][0], qmap, kk, af[0], af[2]);
-                        pair_words(raw[d][m][1], qmap, kk, af[1], af[3]);
-#pragma unroll
-                        for (int nt = 0; nt < NT; nt++) {
-                            uint32_t bf[2] = {kh ? xb[nt].z : xb[nt].x, kh ? xb[nt].w : xb[nt].y};
-                            mma_bf16_16816(acc[m][nt], af, bf);
-                        }
-                    }
+                /* slot d's next chunk: i + D of this tile, or of the next */
+                const int j = i + D;
+                int c = -1;
+                int64_t ra = r0, rb = r1;
+                if (j < cnt) {
+                    c = class_chunk(j, warp);
+                } else if (j >= cntpad && j - cntpad < cnt && next < ntiles) {
+                    c = class_chunk(j - cntpad, warp);
+                    ra = n0;
+                    rb = n1;
+                }
+                if (c >= 0) {
+                    load_raw(raw[d][0], D_, ra, c, t);
+                    load_raw(raw[d][1], D_, rb, c, t);
+                    if (!XS)
+                        load_xr(xr[XS ? 0 : d], c);
                 }
             }
         }
-    }
-    /* the warps' partial sums, added in warp order, one m-tile at a time */
-#pragma unroll
-    for (int m = 0; m < MT; m++) {
+        /* the class sums, added to zero in class (warp) order */
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int j = 0; j < 4; j++)
-                red[warp][nt * 4 + j][lane] = acc[m][nt][j];
+                red[warp][nt * 4 + j][lane] = acc[nt][j];
         __syncthreads();
+        const int64_t row0 = tile * 16;
         for (int e = tid; e < NT * 4 * 32; e += 256) {
             const int q = e >> 5, ln = e & 31;
-            float s = red[0][q][ln];
+            float s = 0.0f;
 #pragma unroll
-            for (int wi = 1; wi < LIN_WARPS; wi++)
+            for (int wi = 0; wi < LIN_WARPS; wi++)
                 s += red[wi][q][ln];
             const int nt = q >> 2, j = q & 3, gg = ln >> 2, tt = ln & 3;
-            const int64_t row = row0 + m * 16 + gg + ((j & 2) ? 8 : 0);
+            const int64_t row = row0 + gg + ((j & 2) ? 8 : 0);
             const int col = nt * 8 + 2 * tt + (j & 1);
             if (row < out && col < n) {
                 const int64_t i = (int64_t)col * D_.ldy + row;
@@ -240,51 +426,351 @@ __global__ void __launch_bounds__(256) lin_mma_kernel(lin_pack P, const bf16 *__
             }
         }
         __syncthreads();
+        r0 = n0;
+        r1 = n1;
     }
+}
+
+/* ---- lin_tile: 16 < n <= 64 -------------------------------------------------------- */
+
+template <int NT> __host__ __device__ constexpr size_t tile_xs_bytes() { return (size_t)TILE_STAGES * NT * 8 * 64 * 2; }
+
+template <int NT, int W, bool SPLIT> __host__ __device__ constexpr size_t tile_smem_max()
+{
+    return tile_xs_bytes<NT>() + (SPLIT ? 0 : (size_t)W * NT * 4 * 32 * 4) + TILE_MAXCH * 4;
+}
+
+/* ws (split): partial sums (nops, 8, 64, wsld) fp32, then a counter per
+ * (op, row tile), zero between launches. */
+template <int WK, int NT, int W, bool SPLIT>
+__global__ void __launch_bounds__(W * 32, 16 / W) lin_tile_kernel(lin_pack P, const bf16 *__restrict__ x,
+                                                          int64_t ldx, int n, float *ws,
+                                                          int64_t wsld, int ntiles)
+{
+    extern __shared__ __align__(16) unsigned char tsm[];
+    __shared__ float qmap[16];
+    __shared__ float nmap[256];
+    __shared__ int s_last;
+    constexpr int T = W * 32;
+    constexpr int DT = WK == KN_GW_NF4 ? 4 : 2;
+    const lin_desc &D_ = P.d[blockIdx.y];
+    const int64_t out = D_.out;
+    const int64_t row0 = (int64_t)blockIdx.x * (16 * W);
+    if (row0 >= out)
+        return;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int K = (int)D_.in;
+    const int nch = (K + 63) >> 6;
+    const int cls = SPLIT ? (int)blockIdx.z : 0;
+    bf16 *xs = (bf16 *)tsm;
+    float *tot = (float *)(tsm + tile_xs_bytes<NT>());
+    int *seq = (int *)(tsm + tile_xs_bytes<NT>() + (SPLIT ? 0 : (size_t)W * NT * 4 * 32 * 4));
+    const int total = SPLIT ? class_count(nch, cls) : nch;
+    /* the order of the chunks: class by class, increasing inside a class;
+     * SEQ_LAST marks the last chunk of a class */
+    for (int c = tid; c < nch; c += T) {
+        const int w = (c / LIN_GROUP) % LIN_CLASSES;
+        const int i = (c / (LIN_GROUP * LIN_CLASSES)) * LIN_GROUP + c % LIN_GROUP;
+        if (SPLIT) {
+            if (w == cls)
+                seq[i] = c | (i == total - 1 ? SEQ_LAST : 0);
+        } else {
+            int o = 0;
+            for (int v = 0; v < w; v++)
+                o += class_count(nch, v);
+            seq[o + i] = c | (i == class_count(nch, w) - 1 ? SEQ_LAST : 0);
+        }
+    }
+    if (WK == KN_GW_NF4) {
+        if (tid < 16)
+            qmap[tid] = D_.quant_map[tid];
+        if (D_.absmax_q)
+            for (int i = tid; i < 256; i += T)
+                nmap[i] = D_.nested_map[i];
+    }
+    __syncthreads();
+    const int64_t r0 = row0 + warp * 16 + g < out ? row0 + warp * 16 + g : out - 1;
+    const int64_t r1 = row0 + warp * 16 + g + 8 < out ? row0 + warp * 16 + g + 8 : out - 1;
+    wraw<WK> raw[DT][2];
+#pragma unroll
+    for (int d = 0; d < DT; d++)
+        if (d < total) {
+            const int c = seq[d] & SEQ_CHUNK;
+            load_raw(raw[d][0], D_, r0, c, t);
+            load_raw(raw[d][1], D_, r1, c, t);
+        }
+    gen_pdl_wait();
+    gen_pdl_trigger();
+    /* x chunk of position p into stage p % TILE_STAGES: (NT*8 cols, 64 k),
+     * 16-byte units swizzled by the column; 8-byte copies when x's rows
+     * are not 16-byte aligned */
+    const bool x16 = (ldx & 7) == 0 && (((uintptr_t)x) & 15) == 0;
+    auto load_x = [&](int p) {
+        if (p < total) {
+            bf16 *dst = xs + (p % TILE_STAGES) * (NT * 8 * 64);
+            const int c = seq[p] & SEQ_CHUNK;
+            if (x16) {
+                for (int ui = tid; ui < NT * 8 * 8; ui += T) {
+                    const int col = ui >> 3, u = ui & 7, k = c * 64 + u * 8;
+                    const bool ok = col < n && k < K;
+                    cp_async16(dst + col * 64 + ((u ^ (col & 7)) << 3),
+                               ok ? (const void *)(x + (int64_t)col * ldx + k) : (const void *)x,
+                               ok ? (K - k >= 8 ? 16 : 2 * (K - k)) : 0);
+                }
+            } else {
+                for (int ui = tid; ui < NT * 8 * 16; ui += T) {
+                    const int col = ui >> 4, h = ui & 15, k = c * 64 + h * 4;
+                    const bool ok = col < n && k < K;
+                    uint32_t a = (uint32_t)__cvta_generic_to_shared(
+                        dst + col * 64 + (((h >> 1) ^ (col & 7)) << 3) + (h & 1) * 4);
+                    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(a),
+                                 "l"(ok ? (const void *)(x + (int64_t)col * ldx + k)
+                                        : (const void *)x),
+                                 "r"(ok ? 8 : 0));
+                }
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int s = 0; s < TILE_STAGES - 1; s++)
+        load_x(s);
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            acc[nt][j] = 0.0f;
+    float *mytot = tot + (size_t)warp * NT * 4 * 32 + lane;
+    if (!SPLIT)
+#pragma unroll
+        for (int q = 0; q < NT * 4; q++)
+            mytot[q * 32] = 0.0f;
+    for (int p0 = 0; p0 < total; p0 += DT) {
+#pragma unroll
+        for (int d = 0; d < DT; d++) {
+            const int p = p0 + d;
+            if (p >= total)
+                break;
+            cp_async_wait<TILE_STAGES - 2>();
+            __syncthreads();
+            load_x(p + TILE_STAGES - 1);
+            const int e = seq[p];
+            const bf16 *xt = xs + (p % TILE_STAGES) * (NT * 8 * 64);
+            chunk_mma<WK, NT>(acc, raw[d], D_, qmap, nmap, [&](int nt, int k2) {
+                return *(const uint4 *)(xt + (nt * 8 + g) * 64 + (((2 * t + k2) ^ g) << 3));
+            });
+            if (p + DT < total) {
+                const int c = seq[p + DT] & SEQ_CHUNK;
+                load_raw(raw[d][0], D_, r0, c, t);
+                load_raw(raw[d][1], D_, r1, c, t);
+            }
+            if (!SPLIT && (e & SEQ_LAST)) {
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        mytot[(nt * 4 + j) * 32] += acc[nt][j];
+                        acc[nt][j] = 0.0f;
+                    }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    if (!SPLIT) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int64_t row = row0 + warp * 16 + g + ((j & 2) ? 8 : 0);
+                const int col = nt * 8 + 2 * t + (j & 1);
+                if (row < out && col < n) {
+                    const int64_t i = (int64_t)col * D_.ldy + row;
+                    D_.y[i] = (D_.res ? D_.res[i] : 0.0f) + mytot[(nt * 4 + j) * 32];
+                }
+            }
+        return;
+    }
+    /* split: this class's sums into the workspace; the last block of the
+     * row tile adds all eight in class order */
+    float *part = ws + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int64_t row = row0 + warp * 16 + g + ((j & 2) ? 8 : 0);
+            const int col = nt * 8 + 2 * t + (j & 1);
+            if (row < out && col < n)
+                part[((int64_t)cls * 64 + col) * wsld + row] = acc[nt][j];
+        }
+    __threadfence();
+    __syncthreads();
+    int *counter = (int *)(ws + (int64_t)gridDim.y * LIN_CLASSES * 64 * wsld) +
+                   blockIdx.y * ntiles + blockIdx.x;
+    if (tid == 0)
+        s_last = atomicAdd(counter, 1) == LIN_CLASSES - 1;
+    __syncthreads();
+    if (!s_last)
+        return;
+    __threadfence();
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int64_t row = row0 + warp * 16 + g + ((j & 2) ? 8 : 0);
+            const int col = nt * 8 + 2 * t + (j & 1);
+            if (row < out && col < n) {
+                float s = 0.0f;
+#pragma unroll
+                for (int z = 0; z < LIN_CLASSES; z++)
+                    s += __ldcg(part + ((int64_t)z * 64 + col) * wsld + row);
+                const int64_t i = (int64_t)col * D_.ldy + row;
+                D_.y[i] = (D_.res ? D_.res[i] : 0.0f) + s;
+            }
+        }
+    if (tid == 0)
+        *counter = 0;
+}
+
+/* ---- launching ------------------------------------------------------------------------- */
+
+/* The lin_tile shape for n rows of x: NT n-tiles of 8, W warps. */
+static void tile_shape(int n, int *nt, int *w)
+{
+    *nt = n <= 32 ? 4 : 8;
+    *w = cfg().tile_w;
+}
+
+/* Whether a lin_tile launch over nops products of up to maxout rows splits
+ * over the classes, and the workspace bytes that needs. */
+static size_t tile_split_ws(int nops, int64_t maxout, int n, int *split)
+{
+    int nt, w;
+    tile_shape(n, &nt, &w);
+    int64_t tiles = (maxout + 16 * w - 1) / (16 * w);
+    *split = n > cfg().vec_max && tiles * nops < cfg().split_min;
+    if (!*split)
+        return 0;
+    return (size_t)nops * LIN_CLASSES * 64 * maxout * sizeof(float) +
+           (size_t)nops * tiles * sizeof(int);
 }
 
 extern "C" size_t kn_gen_linear_mma_ws(const kn_gen_lin *ops, int nops, int n)
 {
-    (void)ops;
-    (void)nops;
-    (void)n;
-    return 0;
+    int64_t maxout = 0;
+    for (int i = 0; i < nops; i++)
+        if (ops[i].w.out > maxout)
+            maxout = ops[i].w.out;
+    int split;
+    return tile_split_ws(nops, maxout, n, &split);
 }
 
-template <int WK, int MT, int NT, int D>
-static void launch_mma(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
+template <int WK, int NT, int W, bool SPLIT>
+static void launch_tile(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
+                        int n, int nch, void *ws, cudaStream_t s)
+{
+    static int attr_set;
+    if (!attr_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(lin_tile_kernel<WK, NT, W, SPLIT>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)tile_smem_max<NT, W, SPLIT>()));
+        attr_set = 1;
+    }
+    int ntiles = (int)((maxout + 16 * W - 1) / (16 * W));
+    size_t smem = tile_xs_bytes<NT>() + (SPLIT ? 0 : (size_t)W * NT * 4 * 32 * 4) + (size_t)nch * 4;
+    dim3 grid((unsigned)ntiles, (unsigned)nops, SPLIT ? LIN_CLASSES : 1);
+    gen_launch(lin_tile_kernel<WK, NT, W, SPLIT>, grid, dim3(W * 32), smem, s, 0, P, x, ldx, n,
+               (float *)ws, maxout, ntiles);
+}
+
+template <int WK, int NT, int W>
+static void launch_tile_split(const lin_pack &P, int nops, int64_t maxout, const bf16 *x,
+                              int64_t ldx, int n, int nch, void *ws, int split, cudaStream_t s)
+{
+    if (split)
+        launch_tile<WK, NT, W, true>(P, nops, maxout, x, ldx, n, nch, ws, s);
+    else
+        launch_tile<WK, NT, W, false>(P, nops, maxout, x, ldx, n, nch, ws, s);
+}
+
+template <int WK>
+static void dispatch_tile(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
+                          int n, int nch, void *ws, size_t ws_bytes, cudaStream_t s)
+{
+    int split, nt, w;
+    size_t need = tile_split_ws(nops, maxout, n, &split);
+    if (split && (!ws || ws_bytes < need))
+        split = 0; /* same sums, fewer blocks */
+    tile_shape(n, &nt, &w);
+    if (nt == 4 && w == 4)
+        launch_tile_split<WK, 4, 4>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
+    else if (nt == 4)
+        launch_tile_split<WK, 4, 8>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
+    else if (w == 4)
+        launch_tile_split<WK, 8, 4>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
+    else
+        launch_tile_split<WK, 8, 8>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
+}
+
+/* lin_vec's grid: as many blocks per product as are resident at once
+ * (all products of the launch together), at most one per tile; with
+ * QLORA_GEN_VEC_GRID=0, one block per tile. */
+template <int WK, int NT, int D, bool XS>
+static void launch_vec(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
                        int n, cudaStream_t s)
 {
-    dim3 grid((unsigned)((maxout + 16 * MT - 1) / (16 * MT)), (unsigned)nops);
-    lin_mma_kernel<WK, MT, NT, D><<<grid, 256, 0, s>>>(P, x, ldx, n);
-    KN_CHECK_LAUNCH("lin_mma");
+    static int occ;
+    size_t smem = XS ? (size_t)n * P.d[0].in * 2 : 0;
+    if (!occ) {
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &occ, lin_vec_kernel<WK, NT, D, XS>, 256, XS ? VEC_XS_MAX : 0));
+        if (occ < 1)
+            occ = 1;
+    }
+    int64_t tiles = (maxout + 15) / 16, gx = tiles;
+    int mult = cfg().vec_grid;
+    if (mult > 0) {
+        gx = ((int64_t)occ * mult * kn_sm_count() + nops - 1) / nops;
+        if (gx > tiles)
+            gx = tiles;
+    }
+    dim3 grid((unsigned)gx, (unsigned)nops);
+    gen_launch(lin_vec_kernel<WK, NT, D, XS>, grid, dim3(256), smem, s, gen_pdl_use(n), P, x, ldx,
+               n, cfg().pf);
 }
 
-/* Larger n: more rows per warp, so that each x fragment loaded feeds more
- * products; but enough blocks for every SM. */
+/* x in shared memory when it fits (and is aligned): then NF4 weights keep
+ * vec_d chunks in flight, else 4 (x's fragments take registers too). */
 template <int WK>
-static void dispatch_mma(const lin_pack &P, int nops, int64_t maxout, const bf16 *x,
-                         int64_t ldx, int n, cudaStream_t s)
+static void dispatch_vec(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
+                         int n, cudaStream_t s)
 {
-    int wide = WK == KN_GW_NF4 && maxout * nops >= 64 * (int64_t)kn_sm_count();
-    if (n <= 8)
-        launch_mma<WK, 1, 1, 4>(P, nops, maxout, x, ldx, n, s);
-    else if (n <= 16)
-        launch_mma<WK, 1, 2, 4>(P, nops, maxout, x, ldx, n, s);
-    else if (n <= 32)
-        launch_mma<WK, 2, 4, 2>(P, nops, maxout, x, ldx, n, s);
-    else if (wide)
-        launch_mma<KN_GW_NF4, 4, 8, 2>(P, nops, maxout, x, ldx, n, s);
-    else
-        launch_mma<WK, 2, 8, (WK == KN_GW_NF4 ? 2 : 1)>(P, nops, maxout, x, ldx, n, s);
+    const int64_t K = P.d[0].in;
+    int xs = K % 64 == 0 && ldx % 8 == 0 && ((uintptr_t)x & 15) == 0 &&
+             (int64_t)n * K * 2 <= VEC_XS_MAX;
+    if (xs && WK == KN_GW_NF4 && cfg().vec_d == 8) {
+        if (n <= 8)
+            launch_vec<WK, 1, 8, true>(P, nops, maxout, x, ldx, n, s);
+        else
+            launch_vec<WK, 2, 8, true>(P, nops, maxout, x, ldx, n, s);
+    } else if (xs) {
+        if (n <= 8)
+            launch_vec<WK, 1, 4, true>(P, nops, maxout, x, ldx, n, s);
+        else
+            launch_vec<WK, 2, 4, true>(P, nops, maxout, x, ldx, n, s);
+    } else {
+        if (n <= 8)
+            launch_vec<WK, 1, 4, false>(P, nops, maxout, x, ldx, n, s);
+        else
+            launch_vec<WK, 2, 4, false>(P, nops, maxout, x, ldx, n, s);
+    }
 }
 
 extern "C" void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16 *x,
                                   int64_t ldx, int n, void *ws, size_t ws_bytes,
                                   cudaStream_t s)
 {
-    (void)ws;
-    (void)ws_bytes;
     KN_REQUIRE(ops && nops >= 1 && nops <= 3 && x && n >= 1 && n <= 64);
     KN_REQUIRE(ldx % 4 == 0 && ((uintptr_t)x & 7) == 0);
     lin_pack P;
@@ -317,19 +803,42 @@ extern "C" void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16
             KN_REQUIRE((w.q.blocksize & (w.q.blocksize - 1)) == 0 && (nbs & (nbs - 1)) == 0);
             d.lbs = __builtin_ctz((unsigned)w.q.blocksize);
             d.lnbs = __builtin_ctz((unsigned)nbs);
+            d.pf = ((uintptr_t)w.q.codes & 15) == 0;
         } else {
             KN_REQUIRE(w.bf16 && w.ld % 64 == 0 && w.ld >= w.in &&
                        ((uintptr_t)w.bf16 & 15) == 0);
             d.w16 = (const bf16 *)w.bf16;
             d.ld = w.ld;
+            d.pf = 1;
         }
         if (w.out > maxout)
             maxout = w.out;
     }
+    const int nch = (int)((ops[0].w.in + 63) / 64);
+    if (n <= cfg().vec_max || nch > TILE_MAXCH) {
+        if (n > 16) { /* more than lin_vec's 16: rows 16 at a time */
+            for (int n0 = 0; n0 < n; n0 += 16) {
+                kn_gen_lin sub[3];
+                for (int i = 0; i < nops; i++) {
+                    sub[i] = ops[i];
+                    sub[i].y = ops[i].y + (int64_t)n0 * ops[i].ldy;
+                    sub[i].res = ops[i].res ? ops[i].res + (int64_t)n0 * ops[i].ldy : NULL;
+                }
+                kn_gen_linear_mma(sub, nops, x + (int64_t)n0 * ldx, ldx,
+                                  n - n0 < 16 ? n - n0 : 16, NULL, 0, s);
+            }
+            return;
+        }
+        if (kind == KN_GW_NF4)
+            dispatch_vec<KN_GW_NF4>(P, nops, maxout, (const bf16 *)x, ldx, n, s);
+        else
+            dispatch_vec<KN_GW_BF16>(P, nops, maxout, (const bf16 *)x, ldx, n, s);
+        return;
+    }
     if (kind == KN_GW_NF4)
-        dispatch_mma<KN_GW_NF4>(P, nops, maxout, (const bf16 *)x, ldx, n, s);
+        dispatch_tile<KN_GW_NF4>(P, nops, maxout, (const bf16 *)x, ldx, n, nch, ws, ws_bytes, s);
     else
-        dispatch_mma<KN_GW_BF16>(P, nops, maxout, (const bf16 *)x, ldx, n, s);
+        dispatch_tile<KN_GW_BF16>(P, nops, maxout, (const bf16 *)x, ldx, n, nch, ws, ws_bytes, s);
 }
 
 /* ---- fp32 on CUDA cores ----------------------------------------------------- */

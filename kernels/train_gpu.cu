@@ -13,7 +13,8 @@
  *             operands of products bf16. With gradient checkpointing only
  *             the layer inputs are kept and each layer is recomputed
  *             (same dropout masks: they are counter-based) just before
- *             its backward.
+ *             its backward; with activation offload, its attention half
+ *             is not recomputed but comes back from host memory.
  * Buffers are sized once for the largest micro-batch; activations that are
  * dead by the time a gradient of the same shape appears are overwritten by
  * it (dh over h, dgate/dup over gate/up), which the operation order below
@@ -34,6 +35,7 @@ extern "C" {
 
 #include <math.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct gpu_lin {
     int64_t out, in;
@@ -57,6 +59,21 @@ typedef struct gpu_acts {
     float *lse;               /* (nh, n) */
     bf16 *lh[LLAMA_NLINEAR];  /* (n, r) A xd per targeted linear */
 } gpu_acts;
+
+/* Activation offload: what one layer sends to host memory and brings
+ * back. A group is copied as one after the compute stream has written it
+ * (put: the forward) or after the layer that used the device buffers last
+ * has let them go (get: the backward). */
+enum { OFF_ATTN = 1, OFF_ATTN_X2 = 2 };           /* gpu_trainer.off */
+enum { OFF_PUT = 1, OFF_GOT = 2 };                /* gpu_trainer.off_now */
+enum { OFF_Q, OFF_K, OFF_V, OFF_ATT, OFF_X2, OFF_LH, OFF_NGROUP };
+enum { OFF_NENT = 10 };
+typedef struct off_ent {
+    void *dev;                /* the buffer of the one activation set */
+    size_t row;               /* bytes per token */
+    size_t hoff;              /* where it starts in a layer's host slot */
+    int put, get;             /* its groups in the forward, the backward */
+} off_ent;
 
 struct gpu_trainer {
     const llama_model *m;
@@ -115,6 +132,9 @@ struct gpu_trainer {
                                  linear l's, -1 when none) */
     int64_t boff[LLAMA_NLINEAR];
     int32_t bits_layer;       /* the layer whose bits mbits holds, or -1 */
+    uint32_t bits_mask;       /* the linears of bits_layer whose bits are
+                                 there (an offloaded layer's q, k, v and x2
+                                 are not recomputed and leave none) */
     int recomp;               /* layer_fwd is recomputing for the backward:
                                  every fused linear leaves its bits */
     bf16 *dlh;                /* (cap, r) */
@@ -130,7 +150,24 @@ struct gpu_trainer {
     size_t mem[GPU_MEM_NCAT]; /* bytes allocated per category (setup) */
     const gpu_step_hooks *hooks; /* data parallel: set for the backward of
                                     a step's last micro-batch */
+    /* activation offload (with checkpointing; see "activation offload"
+     * below): each layer's attention half goes to pinned host memory in
+     * the forward and comes back for the layer's backward */
+    int off;                  /* 0 none, OFF_ATTN, OFF_ATTN_X2 */
+    int off_now;              /* OFF_PUT in a training forward, OFF_GOT in
+                                 the backward, 0 otherwise */
+    char *host;               /* pinned: (n_layers - 1) slots of hstride */
+    size_t hstride, hbytes;
+    off_ent ent[OFF_NENT];
+    int nent;
+    cudaStream_t d2h, h2d;    /* the copies, beside the compute stream s */
+    cudaEvent_t ev_rdy, ev_free, ev_out[OFF_NGROUP], ev_in[OFF_NGROUP];
 };
+
+/* activation offload (below) */
+static int off_mode(int def);
+static void off_init(gpu_trainer *G, int mode);
+static void off_free(gpu_trainer *G);
 
 /* ---- setup ---------------------------------------------------------------- */
 
@@ -400,6 +437,9 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     G->wt = (float *)dalloc((size_t)n * 4);
     MEM_CAT(GPU_MEM_SCRATCH);
 #undef MEM_CAT
+    int mode = off_mode(flags & GPU_TRAINER_OFFLOAD ? OFF_ATTN_X2 : 0);
+    if (mode && G->ckpt && c->n_layers > 1)
+        off_init(G, mode);
     return G;
 }
 
@@ -408,6 +448,7 @@ extern "C" void gpu_trainer_free(gpu_trainer *G)
     if (!G)
         return;
     kn_stream_sync(G->s);
+    off_free(G);
     for (int32_t i = 0; i < G->c.n_layers; i++) {
         kn_free(G->L[i].attn_norm);
         kn_free(G->L[i].ffn_norm);
@@ -494,7 +535,7 @@ extern "C" void gpu_trainer_mem(const gpu_trainer *G, size_t bytes[GPU_MEM_NCAT]
                                 size_t *host_bytes)
 {
     memcpy(bytes, G->mem, sizeof G->mem);
-    *host_bytes = G->paged ? 2 * G->np * 4 : 0;
+    *host_bytes = (G->paged ? 2 * G->np * 4 : 0) + G->hbytes;
 }
 
 /* ---- one linear ----------------------------------------------------------- */
@@ -546,15 +587,19 @@ static void lin_fwd(gpu_trainer *G, int32_t layer, int l, bf16 *y,
         const bf16 *A = lora_w(G, layer, sl->a);
         if (drop && G->p > 0 && fused(G, in)) {
             /* a recomputation leaves the mask for the backward that follows,
-             * of every fused linear: once bits_layer names the layer,
-             * lin_bwd reads them all (not only down's, the one linear whose
-             * y is NULL in a recomputation) */
+             * of every fused linear it runs (not only down's, the one linear
+             * whose y is NULL in a recomputation); lin_bwd reads those that
+             * bits_mask names */
             uint8_t *bits =
                 G->recomp && G->mbits && G->boff[l] >= 0 ? G->mbits + G->boff[l] : NULL;
             kn_lora_down(KB(lh), bits, CKB(x), CKB(A), n, in, r, G->p,
                          lora_dropout_stream(key, layer, (llama_linear)l), G->lscratch, G->s);
-            if (bits)
+            if (bits) {
+                if (G->bits_layer != layer)
+                    G->bits_mask = 0;
                 G->bits_layer = layer;
+                G->bits_mask |= 1u << l;
+            }
         } else if (drop && G->p > 0) {
             /* lh = A dropout(x), dch rows at a time through the xd scratch */
             uint64_t stream = lora_dropout_stream(key, layer, (llama_linear)l);
@@ -597,9 +642,10 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
     int lora = sl->a >= 0, dropping = lora && drop && G->p > 0;
     int fuse = dropping && fused(G, in);
     uint64_t stream = dropping ? lora_dropout_stream(key, layer, (llama_linear)l) : 0;
-    const uint8_t *bits = fuse && G->bits_layer == layer && G->boff[l] >= 0
-                              ? G->mbits + G->boff[l]
-                              : NULL;
+    const uint8_t *bits =
+        fuse && G->bits_layer == layer && (G->bits_mask >> l & 1) && G->boff[l] >= 0
+            ? G->mbits + G->boff[l]
+            : NULL;
     const bf16 *A = lora ? lora_w(G, layer, sl->a) : NULL;
     if (lora) {
         /* dB (out, r) += scale dy^T lh; dlh (n, r) = scale dy B */
@@ -648,10 +694,221 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
     }
 }
 
+/* ---- activation offload ---------------------------------------------------
+ *
+ * With checkpointing, each layer's backward first recomputes the layer from
+ * its input, and most of that is the attention half: the q, k and v
+ * products with their LoRA terms, RoPE and the attention forward (about a
+ * third of the layer's forward). With offload the training forward copies
+ * what that half produced (q and k after RoPE, v, the attention output
+ * and its log-sum-exp, the LoRA inputs A dropout(xn1) of q, k and v) and
+ * o's output x2 (with o's LoRA input) to pinned host memory on a copy
+ * stream while the next layers compute, and the backward brings it back on
+ * a second copy stream while the layer above finishes; the recomputation
+ * then starts at RMSNorm2 (RMSNorm1 is redone too: the LoRA gradients of
+ * q, k, v and the norm's backward need xn1 and rstd1, and it is cheap).
+ * That is ~500 MB a layer for Llama 2 7B at 12288 tokens, about what PCIe
+ * (~55 GB/s a direction on an H100) carries while a layer's forward
+ * computes (~9 ms), so more would slow the forward; the backward, longer,
+ * has room. OFF_ATTN (KN_OFFLOAD=1, for comparisons) leaves x2 out and
+ * recomputes o, at 20% less traffic: 1-2% slower there (bench/RESULTS.md,
+ * "train, activation offload"). The bytes that come back are those the
+ * recomputation would write (the same kernels on the same data), so no
+ * result changes by a bit; the masks of the linears not recomputed are
+ * regenerated from their counters in the backward instead of read as keep
+ * bits (bits_mask), which gives the same masks.
+ *
+ * There is still one set of device buffers: events order the copies
+ * instead of double buffers, so no device memory is added. A forward copy
+ * must end before the next layer writes the same buffer, about a layer's
+ * compute later (off_fence makes it wait if not); layer i's copy back
+ * starts once layer i+1's attention backward is done with the buffers, and
+ * must arrive before layer i's recomputation and attention backward read
+ * them (off_wait). The last layer's activations stay on the device.
+ */
+
+/* KN_OFFLOAD in the environment, for comparisons: 0 off, 1 the attention
+ * half only, 2 and x2 (the default); otherwise `def`. */
+static int off_mode(int def)
+{
+    const char *e = getenv("KN_OFFLOAD");
+    if (e && (!strcmp(e, "0") || !strcmp(e, "1") || !strcmp(e, "2")))
+        return e[0] - '0';
+    return def;
+}
+
+/* What the host may pin: MemAvailable of /proc/meminfo where there is one,
+ * else the physical memory. */
+static size_t host_available(void)
+{
+    size_t kib = 0;
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f) {
+        char line[256];
+        unsigned long long v;
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "MemAvailable: %llu kB", &v) == 1)
+                kib = (size_t)v;
+        fclose(f);
+    }
+    if (kib)
+        return kib * 1024;
+    return (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGE_SIZE);
+}
+
+static void off_add(gpu_trainer *G, void *dev, size_t row, int put, int get)
+{
+    KN_REQUIRE(G->nent < OFF_NENT && dev);
+    off_ent *e = &G->ent[G->nent++];
+    e->dev = dev;
+    e->row = row;
+    e->hoff = G->hstride;
+    e->put = put;
+    e->get = get;
+    G->hstride += ((size_t)G->cap * row + 255) & ~(size_t)255;
+}
+
+/* Sets up offload in `mode` (OFF_ATTN or OFF_ATTN_X2): the host slots of
+ * layers 0 .. n_layers - 2, the copy streams and events. Where the host
+ * memory cannot be pinned (or would be more than half of what is
+ * available) training goes on without offload, with a note at -v. */
+static void off_init(gpu_trainer *G, int mode)
+{
+    const llama_config *c = &G->c;
+    gpu_acts *s = &G->sets[0];
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t lhr = (size_t)G->r * 2;
+    uint32_t t = G->a->cfg.targets;
+    G->nent = 0;
+    G->hstride = 0;
+    off_add(G, s->q, qd * 2, OFF_Q, OFF_Q);
+    if (t & (1u << LLAMA_Q))
+        off_add(G, s->lh[LLAMA_Q], lhr, OFF_Q, OFF_LH);
+    off_add(G, s->k, kvd * 2, OFF_K, OFF_K);
+    if (t & (1u << LLAMA_K))
+        off_add(G, s->lh[LLAMA_K], lhr, OFF_K, OFF_LH);
+    off_add(G, s->v, kvd * 2, OFF_V, OFF_V);
+    if (t & (1u << LLAMA_V))
+        off_add(G, s->lh[LLAMA_V], lhr, OFF_V, OFF_LH);
+    off_add(G, s->att, qd * 2, OFF_ATT, OFF_ATT);
+    off_add(G, s->lse, (size_t)c->n_heads * 4, OFF_ATT, OFF_ATT);
+    if (mode == OFF_ATTN_X2) {
+        off_add(G, s->x2, (size_t)c->dim * 2, OFF_X2, OFF_X2);
+        if (t & (1u << LLAMA_O))
+            off_add(G, s->lh[LLAMA_O], lhr, OFF_X2, OFF_X2);
+    }
+    G->hbytes = (size_t)(c->n_layers - 1) * G->hstride;
+    size_t avail = host_available();
+    cudaError_t e = cudaSuccess;
+    if (G->hbytes > avail / 2) {
+        msg_info("activation offload off: %.1f GiB of pinned host memory would be more "
+                 "than half of the %.1f GiB available", G->hbytes / 1073741824.0,
+                 avail / 1073741824.0);
+    } else if ((e = cudaHostAlloc((void **)&G->host, G->hbytes, cudaHostAllocDefault)) !=
+               cudaSuccess) {
+        cudaGetLastError();
+        msg_info("activation offload off: cannot pin %.1f GiB of host memory: %s",
+                 G->hbytes / 1073741824.0, cudaGetErrorString(e));
+    }
+    if (!G->host) {
+        G->host = NULL;
+        G->nent = 0;
+        G->hstride = G->hbytes = 0;
+        return;
+    }
+    CUDA_CHECK(cudaStreamCreateWithFlags(&G->d2h, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&G->h2d, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaEventCreateWithFlags(&G->ev_rdy, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&G->ev_free, cudaEventDisableTiming));
+    for (int g = 0; g < OFF_NGROUP; g++) {
+        CUDA_CHECK(cudaEventCreateWithFlags(&G->ev_out[g], cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&G->ev_in[g], cudaEventDisableTiming));
+    }
+    G->off = mode;
+    msg_info("activation offload: %.1f MiB a layer, %.1f GiB of pinned host memory",
+             G->hstride / 1048576.0, G->hbytes / 1073741824.0);
+}
+
+static void off_free(gpu_trainer *G)
+{
+    if (!G->off)
+        return;
+    CUDA_CHECK(cudaStreamSynchronize(G->d2h));
+    CUDA_CHECK(cudaStreamSynchronize(G->h2d));
+    CUDA_CHECK(cudaFreeHost(G->host));
+    CUDA_CHECK(cudaStreamDestroy(G->d2h));
+    CUDA_CHECK(cudaStreamDestroy(G->h2d));
+    CUDA_CHECK(cudaEventDestroy(G->ev_rdy));
+    CUDA_CHECK(cudaEventDestroy(G->ev_free));
+    for (int g = 0; g < OFF_NGROUP; g++) {
+        CUDA_CHECK(cudaEventDestroy(G->ev_out[g]));
+        CUDA_CHECK(cudaEventDestroy(G->ev_in[g]));
+    }
+    G->off = 0;
+}
+
+/* The forward: the compute stream waits until the previous layer's group
+ * g has left before it overwrites the buffers. */
+static void off_fence(gpu_trainer *G, int g)
+{
+    if (G->off_now == OFF_PUT)
+        CUDA_CHECK(cudaStreamWaitEvent(G->s, G->ev_out[g], 0));
+}
+
+/* The forward: group g of layer `layer`, just written, to its host slot. */
+static void off_put(gpu_trainer *G, int32_t layer, int g, int64_t n)
+{
+    char *slot = G->host + (size_t)layer * G->hstride;
+    CUDA_CHECK(cudaEventRecord(G->ev_rdy, G->s));
+    CUDA_CHECK(cudaStreamWaitEvent(G->d2h, G->ev_rdy, 0));
+    for (int k = 0; k < G->nent; k++) {
+        const off_ent *e = &G->ent[k];
+        if (e->put == g)
+            CUDA_CHECK(cudaMemcpyAsync(slot + e->hoff, e->dev, (size_t)n * e->row,
+                                       cudaMemcpyDeviceToHost, G->d2h));
+    }
+    CUDA_CHECK(cudaEventRecord(G->ev_out[g], G->d2h));
+}
+
+/* The backward: layer `layer`'s groups back into the device buffers, which
+ * the compute stream has let go of so far: all but the LoRA inputs of q,
+ * k, v (the layer above's attention backward is done), or those (its
+ * whole backward is). In the order they are needed: x2 (or the attention
+ * output, for o in the recomputation) first. */
+static void off_get(gpu_trainer *G, int32_t layer, int64_t n, int late)
+{
+    static const int order[] = {OFF_X2, OFF_ATT, OFF_Q, OFF_K, OFF_V};
+    const char *slot = G->host + (size_t)layer * G->hstride;
+    CUDA_CHECK(cudaEventRecord(G->ev_free, G->s));
+    CUDA_CHECK(cudaStreamWaitEvent(G->h2d, G->ev_free, 0));
+    /* and the forward's copies must have arrived (they have, in practice:
+     * the last layer and the head ran in between) */
+    for (int g = OFF_Q; g <= OFF_X2; g++)
+        CUDA_CHECK(cudaStreamWaitEvent(G->h2d, G->ev_out[g], 0));
+    for (int j = 0; j < (late ? 1 : 5); j++) {
+        int g = late ? OFF_LH : order[j];
+        for (int k = 0; k < G->nent; k++) {
+            const off_ent *e = &G->ent[k];
+            if (e->get == g)
+                CUDA_CHECK(cudaMemcpyAsync(e->dev, slot + e->hoff, (size_t)n * e->row,
+                                           cudaMemcpyHostToDevice, G->h2d));
+        }
+        CUDA_CHECK(cudaEventRecord(G->ev_in[g], G->h2d));
+    }
+}
+
+/* The backward: the compute stream waits for group g of the layer. */
+static void off_wait(gpu_trainer *G, int g)
+{
+    CUDA_CHECK(cudaStreamWaitEvent(G->s, G->ev_in[g], 0));
+}
+
 /* ---- one layer ------------------------------------------------------------ */
 
 /* out NULL: recomputation for the backward (the layer output is not
- * needed again). */
+ * needed again). With offload (off_now), the training forward sends the
+ * attention half to host memory (put) and the recomputation starts after
+ * it (got), once it is back. */
 static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
                       int64_t n, int drop, uint64_t key)
 {
@@ -659,16 +916,43 @@ static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
     const gpu_layer *L = &G->L[i];
     cudaStream_t st = G->s;
     int dim = c->dim, hd = c->head_dim;
+    /* the last layer's activations stay on the device until its backward */
+    int put = G->off_now == OFF_PUT && i + 1 < c->n_layers;
+    int got = G->off_now == OFF_GOT, wait = got && i + 1 < c->n_layers;
     G->recomp = out == NULL && drop;
     kn_rmsnorm_forward(KB(s->xn1), s->rstd1, CKB(s->x), L->attn_norm, n, dim, c->norm_eps, st);
-    lin_fwd(G, i, LLAMA_Q, s->q, NULL, s->xn1, n, s->lh[LLAMA_Q], drop, key);
-    lin_fwd(G, i, LLAMA_K, s->k, NULL, s->xn1, n, s->lh[LLAMA_K], drop, key);
-    lin_fwd(G, i, LLAMA_V, s->v, NULL, s->xn1, n, s->lh[LLAMA_V], drop, key);
-    kn_rope_forward(KB(s->q), G->pos, n, c->n_heads, hd, c->rope_theta, st);
-    kn_rope_forward(KB(s->k), G->pos, n, c->n_kv_heads, hd, c->rope_theta, st);
-    kn_attention_forward(KB(s->att), s->lse, CKB(s->q), CKB(s->k), CKB(s->v), G->start,
-                         n, c->n_heads, c->n_kv_heads, hd, st);
-    lin_fwd(G, i, LLAMA_O, s->x2, s->x, s->att, n, s->lh[LLAMA_O], drop, key);
+    if (!got) {
+        /* each group as soon as it is final, so its copy starts early */
+        off_fence(G, OFF_Q);
+        lin_fwd(G, i, LLAMA_Q, s->q, NULL, s->xn1, n, s->lh[LLAMA_Q], drop, key);
+        kn_rope_forward(KB(s->q), G->pos, n, c->n_heads, hd, c->rope_theta, st);
+        if (put)
+            off_put(G, i, OFF_Q, n);
+        off_fence(G, OFF_K);
+        lin_fwd(G, i, LLAMA_K, s->k, NULL, s->xn1, n, s->lh[LLAMA_K], drop, key);
+        kn_rope_forward(KB(s->k), G->pos, n, c->n_kv_heads, hd, c->rope_theta, st);
+        if (put)
+            off_put(G, i, OFF_K, n);
+        off_fence(G, OFF_V);
+        lin_fwd(G, i, LLAMA_V, s->v, NULL, s->xn1, n, s->lh[LLAMA_V], drop, key);
+        if (put)
+            off_put(G, i, OFF_V, n);
+        off_fence(G, OFF_ATT);
+        kn_attention_forward(KB(s->att), s->lse, CKB(s->q), CKB(s->k), CKB(s->v), G->start,
+                             n, c->n_heads, c->n_kv_heads, hd, st);
+        if (put)
+            off_put(G, i, OFF_ATT, n);
+    }
+    if (!got || G->off != OFF_ATTN_X2) {
+        if (wait)
+            off_wait(G, OFF_ATT);
+        off_fence(G, OFF_X2);
+        lin_fwd(G, i, LLAMA_O, s->x2, s->x, s->att, n, s->lh[LLAMA_O], drop, key);
+        if (put && G->off == OFF_ATTN_X2)
+            off_put(G, i, OFF_X2, n);
+    } else if (wait) {
+        off_wait(G, OFF_X2);
+    }
     kn_rmsnorm_forward(KB(s->xn2), s->rstd2, CKB(s->x2), L->ffn_norm, n, dim, c->norm_eps, st);
     lin_fwd(G, i, LLAMA_GATE, s->g, NULL, s->xn2, n, s->lh[LLAMA_GATE], drop, key);
     lin_fwd(G, i, LLAMA_UP, s->u, NULL, s->xn2, n, s->lh[LLAMA_UP], drop, key);
@@ -705,18 +989,34 @@ static void layer_bwd(gpu_trainer *G, int32_t i, gpu_acts *s, int64_t n,
             s->lh[LLAMA_UP], drop, key);
     kn_rmsnorm_backward(G->dres, KB(G->dyb), dxn, CKB(s->x2), L->ffn_norm, s->rstd2, n,
                         dim, 1, st);
-    /* attention */
+    /* attention; with offload, the layer's attention half arrives from
+     * host memory (not the last layer's: it never left) and, once this
+     * layer is done with its buffers, the layer below's is sent for */
+    int got = G->off_now == OFF_GOT, wait = got && i + 1 < c->n_layers;
+    if (wait && G->off == OFF_ATTN_X2)
+        off_wait(G, OFF_ATT);
     lin_bwd(G, i, LLAMA_O, datt, KN_BF16, 0, G->dyb, s->att, n,
             s->lh[LLAMA_O], drop, key);
+    if (wait) {
+        off_wait(G, OFF_Q);
+        off_wait(G, OFF_K);
+        off_wait(G, OFF_V);
+    }
     kn_attention_backward(KB(dq), KB(dk), KB(dv), G->delta, CKB(datt),
                           CKB(s->q), CKB(s->k), CKB(s->v), CKB(s->att), s->lse,
                           G->start, n, c->n_heads, c->n_kv_heads, hd, st);
+    if (got && i > 0)
+        off_get(G, i - 1, n, 0);
     kn_rope_backward(KB(dq), G->pos, n, c->n_heads, hd, c->rope_theta, st);
     kn_rope_backward(KB(dk), G->pos, n, c->n_kv_heads, hd, c->rope_theta, st);
+    if (wait)
+        off_wait(G, OFF_LH);
     float *dx = need_dx ? dxn : NULL;
     lin_bwd(G, i, LLAMA_Q, dx, KN_F32, 0, dq, s->xn1, n, s->lh[LLAMA_Q], drop, key);
     lin_bwd(G, i, LLAMA_K, dx, KN_F32, 1, dk, s->xn1, n, s->lh[LLAMA_K], drop, key);
     lin_bwd(G, i, LLAMA_V, dx, KN_F32, 1, dv, s->xn1, n, s->lh[LLAMA_V], drop, key);
+    if (got && i > 0)
+        off_get(G, i - 1, n, 1);
     if (need_dx)
         kn_rmsnorm_backward(G->dres, KB(G->dyb), dxn, CKB(s->x), L->attn_norm, s->rstd1,
                             n, dim, 1, st);
@@ -781,9 +1081,12 @@ static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scal
     cudaStream_t st = G->s;
     int32_t nl = c->n_layers;
     G->bits_layer = -1; /* another micro-batch: another mask */
+    int off = G->off && nl > 1;
     kn_embedding_forward(KB(layer_in(G, 0)), CKB(G->embed), G->ids, n, c->dim, st);
+    G->off_now = off ? OFF_PUT : 0;
     for (int32_t i = 0; i < nl; i++)
         layer_fwd(G, i, acts_of(G, i), layer_out(G, i), n, 1, key);
+    G->off_now = 0;
     /* the head: normed state in dyb (free until the backward), gradient
      * into dres, then through the final norm in place; dyb = bf16(dres) */
     const bf16 *xf = layer_out(G, nl - 1);
@@ -792,6 +1095,7 @@ static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scal
                              c->dim, c->vocab, scale, G->chunk, G->xent_scratch, st);
     kn_rmsnorm_backward(G->dres, KB(G->dyb), G->dres, CKB(xf), G->norm, G->rstdf, n,
                         c->dim, 0, st);
+    G->off_now = off ? OFF_GOT : 0;
     for (int32_t i = nl - 1; i >= 0; i--) {
         gpu_acts *s = acts_of(G, i);
         if (i == 0 && nl > 1)
@@ -802,6 +1106,7 @@ static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scal
         if (G->hooks)
             G->hooks->layer_done(G->hooks->ctx, i, G->grad, G->s);
     }
+    G->off_now = 0;
 }
 
 extern "C" int gpu_trainer_step(gpu_trainer *G, const train_batch *micro,
@@ -844,7 +1149,20 @@ extern "C" int gpu_trainer_step_shard(gpu_trainer *G, const train_batch *micro,
     if (hooks)
         hooks->grads_done(hooks->ctx, G->grad, G->stats, G->s);
     kn_sumsq(G->stats + 1, G->grad, (int64_t)G->np, G->s);
-    G->adam_step++;
+    /* The host reads the loss and the norm (8 bytes, what the metrics need
+     * anyway) before the update, not after it: a step whose loss or
+     * gradient is not finite must change nothing (train_step's contract),
+     * so that train_run can skip it. Under data parallelism every rank
+     * holds the same all-reduced sums here (a rank's NaN or infinity
+     * reaches every sum) and the same deterministic sumsq of them, so the
+     * ranks agree. */
+    float st[2];
+    kn_memcpy_d2h(st, G->stats, sizeof st, G->s);
+    *loss = wsum > 0 ? st[0] / wsum : NAN;
+    *norm = sqrt((double)st[1]);
+    G->adam_step++; /* counted either way, as train_step counts it */
+    if (!isfinite(*norm) || (wsum > 0 && !isfinite(*loss)))
+        return 0;
     kn_adamw h;
     h.lr = lr;
     h.beta1 = G->beta1;
@@ -856,10 +1174,6 @@ extern "C" int gpu_trainer_step_shard(gpu_trainer *G, const train_batch *micro,
     kn_adamw_step(G->params, NULL, G->dmom1, G->dmom2, G->grad, (int64_t)G->np,
                   &h, G->stats + 1, G->s);
     G->pb_layer = -1; /* the bf16 slices are cast again from the new values */
-    float st[2];
-    kn_memcpy_d2h(st, G->stats, sizeof st, G->s);
-    *loss = wsum > 0 ? st[0] / wsum : NAN;
-    *norm = sqrt((double)st[1]);
     return 0;
 }
 

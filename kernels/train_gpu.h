@@ -44,9 +44,20 @@ typedef struct gpu_trainer gpu_trainer;
  * gradient_checkpointing setting can be passed as is). PAGED_OPTIM keeps
  * AdamW's two moments in pinned host memory (8 bytes per parameter off
  * the device; the update then streams them over PCIe once a step): what
- * optim=paged_adamw_32bit asks for. */
+ * optim=paged_adamw_32bit asks for. OFFLOAD (with CHECKPOINT) sends each
+ * layer's attention half (q, k, v, the attention output and its LSE, the
+ * output of o_proj, the LoRA inputs of q, k, v, o; ~500 MB a layer at
+ * 12288 tokens of Llama 2 7B) to pinned host memory during the forward,
+ * overlapped with the compute, and brings it back ahead of the layer's
+ * backward, whose recomputation then starts at the second RMSNorm; no
+ * device memory is added and no result changes by a bit. Where the pinned
+ * memory (n_layers - 1 layers' worth) cannot be had, or would exceed half
+ * of the host's available memory, training goes on without it (a note at
+ * -v). KN_OFFLOAD in the environment overrides the flag, for comparisons:
+ * 0 off, 1 without o_proj's output (recomputed), 2 the default. */
 #define GPU_TRAINER_CHECKPOINT 1
 #define GPU_TRAINER_PAGED_OPTIM 2
+#define GPU_TRAINER_OFFLOAD 4
 
 /* Uploads the model and allocates for micro-batches of up to max_tokens
  * tokens, with the adapter shape of lc. Returns NULL with a message when
@@ -93,8 +104,8 @@ int gpu_trainer_eval(gpu_trainer *g, const pack_data *d, int64_t batch_rows,
 size_t gpu_trainer_peak_bytes(const gpu_trainer *g);
 
 /* What gpu_trainer_new allocated on the device, by category (bytes), and
- * the pinned host memory of paged moments. Peak use adds what the first
- * products allocate (cuBLAS's workspace). */
+ * the pinned host memory of paged moments and offloaded activations. Peak
+ * use adds what the first products allocate (cuBLAS's workspace). */
 enum {
     GPU_MEM_WEIGHTS,      /* frozen model: NF4 or bf16 linears, embedding, head, norms */
     GPU_MEM_ADAPTER,      /* adapter fp32, its gradient, moments, a layer's bf16 slice */

@@ -18,6 +18,14 @@
 #include <sys/types.h>
 #include <unistd.h>
 #include <zstd.h>
+#if defined(__GLIBC__) || defined(__linux__)
+#include <stdio_ext.h> /* __fpurge (glibc, musl) */
+#define io_purge(fp) __fpurge(fp)
+#elif defined(__APPLE__) || defined(__FreeBSD__) || defined(__OpenBSD__)
+#define io_purge(fp) fpurge(fp)
+#else
+#define io_purge(fp) ((void)(fp))
+#endif
 
 struct io_reader {
     FILE *fp;
@@ -447,7 +455,11 @@ void io_writer_abort(io_writer *w)
         fclose(w->fp);
         unlink(w->tmp);
     } else {
-        fflush(w->fp);
+        /* stdout cannot be taken back: drop what is still buffered (a
+         * header, the first records), so that a failure early in the
+         * output sends nothing; what already went out ends without its
+         * trailer, which readers refuse as truncated */
+        io_purge(w->fp);
     }
     writer_free(w);
 }

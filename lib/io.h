@@ -74,7 +74,8 @@ uint64_t io_writer_tell(const io_writer *w);
 /* Flushes, syncs, closes and renames into place. 0 ok, -1 error (the
  * temporary file is removed). Frees w either way. */
 int io_writer_commit(io_writer *w);
-/* Discards: removes the temporary file, frees w. For stdout, just flushes. */
+/* Discards: removes the temporary file, frees w. For stdout, drops what
+ * is still buffered (what was flushed already has gone out). */
 void io_writer_abort(io_writer *w);
 
 /* Output directories, atomically: io_dir_begin creates "<final>.tmp-<pid>"

@@ -1101,6 +1101,76 @@ static const st_tensor *need(const st_model *m, const char *name,
     return NULL;
 }
 
+/* The file of the checkpoint that holds t (for messages). */
+static const char *file_of(const st_model *m, const st_tensor *t)
+{
+    const char *p = t->data;
+    for (size_t i = 0; i < m->nfiles; i++) {
+        const char *b = m->files[i]->map;
+        if (p >= b && p <= b + m->files[i]->map_len)
+            return m->files[i]->path;
+    }
+    return m->dir;
+}
+
+/* A NaN or infinity in a weight's quantization state would only come out
+ * as NaN weights, and from lora-train as a NaN adapter (issue 11): the
+ * state is refused at load, naming the file and the tensor. 0 when the
+ * F32 tensor t is finite. */
+static int need_finite(const st_model *m, const st_tensor *t)
+{
+    int64_t i = st_find_nonfinite(t->data, ST_F32, t->numel);
+    if (i < 0)
+        return 0;
+    float v;
+    memcpy(&v, (const char *)t->data + 4 * i, sizeof v);
+    return msg_error("%s: NF4 tensor '%s' holds a non-finite value (%g at element %lld)",
+                     file_of(m, t), t->name, v, (long long)i);
+}
+
+static float max_abs(const float *x, int64_t n)
+{
+    float a = 0;
+    for (int64_t i = 0; i < n; i++)
+        a = fabsf(x[i]) > a ? fabsf(x[i]) : a;
+    return a;
+}
+
+/* Finite parts can still multiply out to infinity: every block's absmax
+ * (nested: nested_map[c] * nested_absmax + offset) and every
+ * quant_map[code] * absmax must be finite. A bound in double settles it
+ * for any sane state; only past it are the blocks computed one by one. */
+static int check_overflow(const st_model *m, const st_tensor *am, const nf4_weight *w)
+{
+    double q = max_abs(w->quant_map, 16), bound;
+    if (w->nested)
+        bound = (double)max_abs(w->nested_map, 256) *
+                    max_abs(w->nested_absmax, w->nested_nblocks) +
+                fabs((double)w->nested_offset);
+    else
+        bound = max_abs(w->absmax, w->nblocks);
+    if (q * bound < FLT_MAX / 2)
+        return 0;
+    for (int64_t b = 0; b < w->nblocks; b++) {
+        float a = nf4_absmax_of(w, b);
+        if (!isfinite(a) || !isfinite((float)q * a))
+            return msg_error("%s: NF4 tensor '%s' dequantizes to a non-finite value (block "
+                             "%lld: absmax %g, largest code %g)",
+                             file_of(m, am), am->name, (long long)b, a, q);
+    }
+    return 0;
+}
+
+/* Python's json writes a non-finite float as NaN, Infinity or -Infinity,
+ * which are not JSON: say so rather than "invalid literal". */
+static int has_py_nonfinite(const char *s, size_t n)
+{
+    for (size_t i = 0; i + 3 <= n; i++)
+        if (!memcmp(s + i, "NaN", 3) || (i + 8 <= n && !memcmp(s + i, "Infinity", 8)))
+            return 1;
+    return 0;
+}
+
 static float *copy_f32(const st_tensor *t)
 {
     float *p = xmalloc((size_t)(t->numel ? t->numel : 1) * sizeof *p);
@@ -1114,12 +1184,20 @@ int nf4_weight_load(const st_model *m, const char *name, nf4_weight *out)
     const st_tensor *qs = need(m, name, NF4_SUFFIX_QUANT_STATE, ST_U8, -1);
     if (!qs)
         return -1;
-    char *src = suffixed(name, NF4_SUFFIX_QUANT_STATE);
     json_value *j = NULL;
-    int rc = json_parse((const char *)qs->data, (size_t)qs->nbytes, src, 1, &j);
-    free(src);
-    if (rc != 0)
+    strbuf err = STRBUF_INIT;
+    int rc = json_parse_quiet((const char *)qs->data, (size_t)qs->nbytes, qs->name, 1, &j,
+                              &err);
+    if (rc != 0) {
+        if (has_py_nonfinite((const char *)qs->data, (size_t)qs->nbytes))
+            msg_error("%s: NF4 tensor '%s' holds a non-finite value (NaN or Infinity in "
+                      "its JSON)", file_of(m, qs), qs->name);
+        else
+            msg_error("%s: %s", file_of(m, qs), sb_str(&err));
+        sb_free(&err);
         return -1;
+    }
+    sb_free(&err);
     rc = -1;
     const char *qt = json_get_string(j, "quant_type", NULL);
     const char *dt = json_get_string(j, "dtype", NULL);
@@ -1163,7 +1241,7 @@ int nf4_weight_load(const st_model *m, const char *name, nf4_weight *out)
     out->nested_blocksize = NF4_NESTED_BLOCKSIZE;
     const st_tensor *packed = need(m, name, "", ST_U8, (out->numel + 1) / 2);
     const st_tensor *qmap = need(m, name, NF4_SUFFIX_QUANT_MAP, ST_F32, 16);
-    if (!packed || !qmap)
+    if (!packed || !qmap || need_finite(m, qmap) != 0)
         goto done;
     out->packed = packed->data;
     memcpy(out->quant_map, qmap->data, sizeof out->quant_map);
@@ -1179,6 +1257,11 @@ int nf4_weight_load(const st_model *m, const char *name, nf4_weight *out)
             goto done;
         }
         out->nested_offset = (float)off->u.number.value;
+        if (!isfinite(out->nested_offset)) {
+            msg_error("%s: NF4 tensor '%s' holds a non-finite value (nested_offset %g is "
+                      "past float32)", file_of(m, qs), qs->name, off->u.number.value);
+            goto done;
+        }
         out->nested_nblocks = nblocks_of(out->nblocks, NF4_NESTED_BLOCKSIZE);
         const st_tensor *codes =
             need(m, name, NF4_SUFFIX_ABSMAX, ST_U8, out->nblocks);
@@ -1186,21 +1269,25 @@ int nf4_weight_load(const st_model *m, const char *name, nf4_weight *out)
                                    out->nested_nblocks);
         const st_tensor *nmap =
             need(m, name, NF4_SUFFIX_NESTED_QUANT_MAP, ST_F32, 256);
-        if (!codes || !na || !nmap)
+        if (!codes || !na || !nmap || need_finite(m, na) != 0 || need_finite(m, nmap) != 0)
             goto done;
         out->absmax_code = codes->data;
         float *p = copy_f32(na);
         out->nested_absmax = p;
         out->owned_[0] = p;
         memcpy(out->nested_map, nmap->data, sizeof out->nested_map);
+        if (check_overflow(m, codes, out) != 0)
+            goto done;
     } else {
         const st_tensor *am =
             need(m, name, NF4_SUFFIX_ABSMAX, ST_F32, out->nblocks);
-        if (!am)
+        if (!am || need_finite(m, am) != 0)
             goto done;
         float *p = copy_f32(am);
         out->absmax = p;
         out->owned_[0] = p;
+        if (check_overflow(m, am, out) != 0)
+            goto done;
     }
     rc = 0;
 done:

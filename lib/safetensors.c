@@ -517,6 +517,10 @@ int st_model_open(const char *dir, st_model **out)
             goto done;
         }
         names = xcalloc(wm->u.object.n + 1, sizeof *names);
+        /* m->nfiles stays 0 until m->files exists: st_model_close walks
+         * it (a bad shard name after a good one used to reach it with
+         * m->files NULL; fuzz_st_index) */
+        size_t nnames = 0;
         for (size_t k = 0; k < wm->u.object.n; k++) {
             const json_value *v = wm->u.object.values[k];
             if (v->type != JSON_STRING || !shard_name_ok(v->u.string.s) ||
@@ -526,16 +530,17 @@ int st_model_open(const char *dir, st_model **out)
                 goto done;
             }
             size_t j = 0;
-            while (j < m->nfiles && strcmp(names[j], v->u.string.s))
+            while (j < nnames && strcmp(names[j], v->u.string.s))
                 j++;
-            if (j == m->nfiles)
-                names[m->nfiles++] = v->u.string.s;
+            if (j == nnames)
+                names[nnames++] = v->u.string.s;
         }
-        if (m->nfiles == 0) {
+        if (nnames == 0) {
             msg_error("%s: the weight map is empty", index_path);
             goto done;
         }
-        m->files = xcalloc(m->nfiles, sizeof *m->files);
+        m->files = xcalloc(nnames, sizeof *m->files);
+        m->nfiles = nnames;
         for (size_t j = 0; j < m->nfiles; j++) {
             char *p = io_path_join(dir, names[j]);
             if (!io_exists(p)) {

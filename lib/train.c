@@ -65,9 +65,12 @@ const cfg_field train_fields[] = {
     F("seed", CFG_INT, seed, "42", "seed of the adapter init, data order and dropout"),
     F("gradient_checkpointing", CFG_BOOL, gradient_checkpointing, "false",
       "recompute activations in the backward pass (less memory, same results)"),
+    F("offload_activations", CFG_BOOL, offload_activations, "true",
+      "with gradient_checkpointing on a GPU: keep each layer's attention activations in "
+      "pinned host memory rather than recompute them (faster, same results)"),
     F("device", CFG_STRING, device, "auto", "cpu, cuda, or auto (cuda when a GPU is present)"),
     F("on_nonfinite", CFG_STRING, on_nonfinite, "stop",
-      "a step with a non-finite loss or gradient: stop, or skip it (CPU) and count it"),
+      "a step with a non-finite loss or gradient: stop, or skip it and count it"),
 };
 const size_t train_nfields = sizeof train_fields / sizeof train_fields[0];
 
@@ -900,15 +903,15 @@ int train_run(const train_inputs *in)
         if (src != 0)
             goto out;
         if (!isfinite(norm) || (wsum > 0 && !isfinite(loss))) {
-            /* train_step changed nothing; the GPU step has already applied
-             * it, so there the run can only stop */
+            /* the step changed nothing but the step count (train_step and
+             * the backends' steps alike; data parallel, every rank saw the
+             * same reduced sums and decides the same) */
             int bad_loss = wsum > 0 && !isfinite(loss);
-            if (be || !c->on_nonfinite || strcmp(c->on_nonfinite, "skip") != 0) {
+            if (!c->on_nonfinite || strcmp(c->on_nonfinite, "skip") != 0) {
                 msg_error("step %lld: the %s is not finite (%g); stopping, nothing "
-                          "more written (%s)", (long long)(s + 1),
-                          bad_loss ? "loss" : "gradient norm", bad_loss ? loss : norm,
-                          be ? "on the GPU such a step cannot be skipped"
-                             : "on_nonfinite=skip skips such steps");
+                          "more written (on_nonfinite=skip skips such steps)",
+                          (long long)(s + 1), bad_loss ? "loss" : "gradient norm",
+                          bad_loss ? loss : norm);
                 goto out;
             }
             st.skipped++;

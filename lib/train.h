@@ -70,6 +70,7 @@ typedef struct train_config {
     int64_t eval_steps;
     int64_t seed;
     int gradient_checkpointing;
+    int offload_activations;   /* GPU, with gradient_checkpointing */
     char *device;
     /* hardening (issue 11): a step whose loss or gradient is not finite */
     char *on_nonfinite;   /* "stop" (exit 2, nothing written) or "skip" */
@@ -204,7 +205,8 @@ typedef struct train_inputs {
  * holding the FNV-1a 64 of the other four files, which a resume checks;
  * each directory written atomically) every save_steps, and finally the
  * adapter in output_dir. A non-finite step stops the run (-1, nothing more
- * written) or, with on_nonfinite "skip" on the CPU, is skipped and counted.
+ * written) or, with on_nonfinite "skip", is skipped and counted (on the
+ * CPU, the GPU and data parallel alike).
  * Data parallel, every rank calls it (the backend's steps, evaluations and
  * finish are collective) and only rank 0 creates output_dir and writes.
  * 0 ok, -1 error. */

@@ -420,6 +420,7 @@ int main(int argc, char **argv)
             cap = cfg.per_device_eval_batch_size * (int64_t)eval.h.seq_len;
         /* paged_adamw_32bit: the moments may live off the device */
         int flags = (cfg.gradient_checkpointing ? GPU_TRAINER_CHECKPOINT : 0) |
+                    (cfg.offload_activations ? GPU_TRAINER_OFFLOAD : 0) |
                     (cfg.optim && !strcmp(cfg.optim, "paged_adamw_32bit")
                          ? GPU_TRAINER_PAGED_OPTIM
                          : 0);

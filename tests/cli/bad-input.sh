@@ -14,6 +14,11 @@
 #   non-UTF-8 text           dolly-fmt, tok, lora-train's YAML
 #   NaN in weights           nf4-quant, lora-train (base model), lora-merge
 #                            (adapter), lora-gen: refused, naming the tensor
+#   NaN/Inf in NF4 state     lora-train, lora-gen, lora-merge on an NF4
+#                            checkpoint whose absmax, nested absmax,
+#                            quant_map, nested quant_map or nested_offset
+#                            is not finite (or multiplies out to infinity):
+#                            refused, naming the file and the tensor
 #   out-of-range token ids   tok -d, pack, lora-train
 #   read-only output dir     every tool that writes files
 #   full output dir          the same, on a 64 KiB tmpfs (root only) that a
@@ -77,6 +82,13 @@ st_offset() {
     echo $((8 + n + b))
 }
 NAN='\000\000\300\177' # f32 quiet NaN, little-endian
+INF='\000\000\200\177' # f32 +infinity
+BIG='\346\261\141\177' # f32 3e38, finite
+# the byte length of tensor NAME's data
+st_len() {
+    n=$(od -An -t u8 -N 8 "$1" | tr -d ' ')
+    tail -c +9 "$1" | head -c "$n" | jq -r --arg k "$2" '.[$k].data_offsets[1] - .[$k].data_offsets[0]'
+}
 
 # --- read-only and full output directories ---------------------------------
 mkdir ro && chmod 555 ro
@@ -177,6 +189,8 @@ if have_tool tok && [ -s s.toks ]; then
     # stream without its trailer is refused downstream as truncated)
     refuse "tok: non-UTF-8 text" t.toks tok -m "$S260/tokenizer.model" -o t.toks latin1.jsonl
     refuse "tok: not JSON Lines" t.toks tok -m "$S260/tokenizer.model" -o t.toks garbage
+    # on stdout, the buffered header is dropped: nothing goes out
+    refuse "tok: non-UTF-8 text, on stdout" - tok -m "$S260/tokenizer.model" latin1.jsonl
     accept "tok: empty input is an empty stream" tok -m "$S260/tokenizer.model" empty
     check "tok: the empty stream has no records" \
         test "$(tok --dump out | wc -l)" -eq 0
@@ -321,4 +335,76 @@ if have_tool lora-gen && [ -s s.toks ]; then
     refuse "lora-gen: stdout on /dev/full" - sh -c '"$0" "$@" prompts.toks >/dev/full' $G
 else
     skip "bad-input: lora-gen not built"
+fi
+
+# --- NF4 quantization state -----------------------------------------------------
+# An NF4 checkpoint of stories260K (nested and, for the fp32 absmax, not),
+# with one value of one weight's state made non-finite; every tool that
+# loads a model refuses it at load, naming the file and the tensor.
+if have_tool nf4-quant && have_tool lora-train && [ -s s.packed ]; then
+    nf4-quant -q -o q "$S260" && nf4-quant -q --no-double-quant -o qn "$S260" ||
+        notok "bad-input: nf4-quant fixture"
+    W=model.layers.2.self_attn.v_proj.weight
+    # mkq DIR FROM TENSOR-SUFFIX ELEMENT BYTES: a copy of FROM with one f32
+    # of W's tensor overwritten
+    mkq() {
+        rm -rf "$1" && cp -r "$2" "$1" && chmod -R u+w "$1" &&
+            poke "$1/model.safetensors" \
+                $(($(st_offset "$1/model.safetensors" "$W$3") + 4 * $4)) "$5"
+    }
+    # set_offset DIR TEXT: W's nested_offset, in its quant_state JSON,
+    # becomes TEXT (padded with spaces to the number's length)
+    set_offset() {
+        rm -rf "$1" && cp -r q "$1" && chmod -R u+w "$1"
+        f=$1/model.safetensors t=$W.quant_state.bitsandbytes__nf4
+        o=$(st_offset "$f" "$t")
+        js=$(tail -c +$((o + 1)) "$f" | head -c "$(st_len "$f" "$t")")
+        k=$(printf '%s' "$js" | awk '{ print index($0, "\"nested_offset\": ") + 16 }')
+        num=${js#*\"nested_offset\": }
+        num=${num%\}}
+        awk -v t="$2" -v n="${#num}" 'BEGIN { printf "%-" n "s", t }' |
+            dd of="$f" bs=1 seek=$((o + k)) conv=notrunc 2>/dev/null
+    }
+    mkq q-na q .nested_absmax 0 "$NAN"
+    mkq q-qm q .quant_map 15 "$INF"
+    mkq q-nm q .nested_quant_map 200 "$NAN"
+    mkq qn-am qn .absmax 3 "$NAN"
+    set_offset q-off NaN
+    set_offset q-big 1e300
+    # finite, but 3e38 x 3e38 is not
+    mkq q-ovf q .quant_map 15 "$BIG" &&
+        poke q-ovf/model.safetensors $(st_offset q-ovf/model.safetensors "$W.nested_absmax") "$BIG"
+    accept "NF4 state: the intact NF4 checkpoint loads" \
+        lora-train -q -m q -o oq -s max_steps=1 -s per_device_train_batch_size=1 s.packed
+    # what each case must name: the tensor
+    for c in "q-na:$W.nested_absmax" "q-qm:$W.quant_map" "q-nm:$W.nested_quant_map" \
+        "qn-am:$W.absmax" "q-off:$W.quant_state" "q-big:$W.quant_state" "q-ovf:$W.absmax"; do
+        d=${c%%:*} t=${c#*:}
+        case $d in
+        q-na) what="NaN in a nested absmax" ;;
+        q-qm) what="infinity in a quant_map" ;;
+        q-nm) what="NaN in a nested quant_map" ;;
+        qn-am) what="NaN in an fp32 absmax" ;;
+        q-off) what="NaN nested_offset" ;;
+        q-big) what="nested_offset past float32" ;;
+        q-ovf) what="a state that overflows" ;;
+        esac
+        refuse "lora-train: NF4 state: $what" o \
+            lora-train -m "$d" -s max_steps=1 -s per_device_train_batch_size=1 -o o s.packed
+        names="$d/model.safetensors: NF4 tensor '$t"
+        grep -qF "$names" err && ok "lora-train: NF4 state: $what: file and tensor named" ||
+            notok "lora-train: NF4 state: $what: file and tensor named ($(head -n 1 err))"
+        if have_tool lora-gen && [ -s prompts.toks ]; then
+            refuse "lora-gen: NF4 state: $what" g.toks lora-gen -m "$d" -n 4 -o g.toks prompts.toks
+            grep -qF "$names" err && ok "lora-gen: NF4 state: $what: file and tensor named" ||
+                notok "lora-gen: NF4 state: $what: file and tensor named ($(head -n 1 err))"
+        fi
+        if have_tool lora-merge && [ -d ad ]; then
+            refuse "lora-merge: NF4 state: $what" mm lora-merge --from-nf4 -b "$d" -o mm ad
+            grep -qF "$names" err && ok "lora-merge: NF4 state: $what: file and tensor named" ||
+                notok "lora-merge: NF4 state: $what: file and tensor named ($(head -n 1 err))"
+        fi
+    done
+else
+    skip "bad-input: NF4 state: nf4-quant or lora-train not built"
 fi

@@ -64,3 +64,18 @@ if [ -n "$worst" ] && [ "$worst" != null ] && awk "BEGIN{exit !($worst <= 1e-4)}
 else
     notok "lora-train-gpu: --resume (worst $worst)"
 fi
+# activation offload (offload_activations, on by default with gradient
+# checkpointing) against recomputing: the same run bit for bit
+run cuda ck -v -s gradient_checkpointing=true >ck.jsonl 2>ck.err &&
+    run cuda ck0 -s gradient_checkpointing=true -s offload_activations=false >ck0.jsonl ||
+    notok "lora-train-gpu: checkpointed runs"
+check "lora-train-gpu: activation offload in use (-v)" grep -q 'activation offload:' ck.err
+jq -c 'select(.loss) | [.step, .loss, .grad_norm]' ck.jsonl >ck.losses
+jq -c 'select(.loss) | [.step, .loss, .grad_norm]' ck0.jsonl >ck0.losses
+if [ -s ck.losses ] && cmp -s ck.losses ck0.losses &&
+    cmp -s ck/adapter_model.safetensors ck0/adapter_model.safetensors; then
+    ok "lora-train-gpu: activation offload changes no bit (losses, norms, adapter)"
+else
+    notok "lora-train-gpu: activation offload changes results"
+    paste -d' ' ck.losses ck0.losses | head -10 | sed 's/^/    /'
+fi

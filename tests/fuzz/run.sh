@@ -8,7 +8,7 @@
 #   -t seconds  time per harness (default 600)
 #   -r          also append the table to tests/fuzz/RESULTS.md
 #   harness     json safetensors sentencepiece sp_encode tokstream packfile
-#               config adapter (default: all)
+#               config adapter st_index nf4_state (default: all)
 #
 # Run from the project root after `make all fuzz`; the seed corpora are made
 # by tests/fuzz/seeds.sh when build/fuzz/corpus is missing. Inputs that find
@@ -26,7 +26,7 @@ while getopts rt: o; do
     esac
 done
 shift $((OPTIND - 1))
-all="json safetensors sentencepiece sp_encode tokstream packfile config adapter"
+all="json safetensors sentencepiece sp_encode tokstream packfile config adapter st_index nf4_state"
 [ $# -gt 0 ] && all="$*"
 SHARED=${SHARED:-$(cd .. && pwd)/shared}
 export SHARED
@@ -36,7 +36,7 @@ F=build/fuzz
 # the largest input each harness is given (bytes): above its biggest seed
 max_len() {
     case $1 in
-    safetensors|adapter) echo 65536 ;;
+    safetensors|adapter|st_index) echo 65536 ;;
     tokstream) echo 32768 ;;
     sentencepiece) echo 16384 ;;
     packfile) echo 8192 ;;

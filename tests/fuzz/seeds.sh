@@ -26,7 +26,8 @@ have() { [ -x "$BIN/$1" ]; }
 
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
-for h in json safetensors sentencepiece sp_encode tokstream packfile config adapter; do
+ALL="json safetensors sentencepiece sp_encode tokstream packfile config adapter st_index nf4_state"
+for h in $ALL; do
     rm -rf "$OUT/$h"
     mkdir -p "$OUT/$h"
 done
@@ -210,7 +211,79 @@ else
     note "lora-train or $S260 missing: no adapter seeds"
 fi
 
-for h in json safetensors sentencepiece sp_encode tokstream packfile config adapter; do
+# --- sharded checkpoints ----------------------------------------------------
+# One file per seed: model.safetensors.index.json, then for each shard the
+# line "--- shard NAME ---" (after a newline) and its bytes (fuzz_st_index.c
+# splits them the same way): what lora-merge --shard-size writes.
+sharded_seed() { # NAME DIR
+    {
+        cat "$2/model.safetensors.index.json"
+        for f in "$2"/*.safetensors; do
+            printf '\n--- shard %s ---\n' "$(basename "$f")"
+            cat "$f"
+        done
+    } >"$OUT/st_index/$1"
+}
+if have lora-train && have lora-merge && [ -d "$W/m-bf16" ]; then
+    lora-train -q --init-only -m "$W/m-bf16" -o "$W/ad-fx" -s r=2 </dev/null >/dev/null &&
+        lora-merge -q -b "$W/m-bf16" -s 4KB -o "$W/mg4" "$W/ad-fx" &&
+        sharded_seed merged-4 "$W/mg4"
+    lora-merge -q -b "$W/m-bf16" -s 12KB -o "$W/mg2" "$W/ad-fx" && sharded_seed merged-2 "$W/mg2"
+    [ -d "$W/m-f16" ] && lora-train -q --init-only -m "$W/m-f16" -o "$W/ad-f16" -s r=1 \
+        </dev/null >/dev/null && lora-merge -q -b "$W/m-f16" -s 2KB -o "$W/mgf" "$W/ad-f16" &&
+        sharded_seed f16-merged "$W/mgf"
+    # stories260K's index alone (its shards are too big a seed): the shards
+    # are missing, but the whole index is parsed first
+    lora-train -q --init-only -m "$S260" -o "$W/ad-s" -s r=1 </dev/null >/dev/null &&
+        lora-merge -q -b "$S260" -s 200KB -o "$W/mgs" "$W/ad-s" &&
+        cp "$W/mgs/model.safetensors.index.json" "$OUT/st_index/s260-index-only"
+else
+    note "lora-train, lora-merge or the fixture model missing: no sharded seeds"
+fi
+
+# --- NF4 quantization state -------------------------------------------------
+# fuzz_nf4_state.c's input: a weight's quant_state JSON, then optionally
+# "--- state ---" (between newlines) and the bytes of its state tensors
+# (quant_map, then absmax codes, nested_absmax and nested_quant_map, or the
+# fp32 absmax). Taken from real NF4 checkpoints (bitsandbytes' golden one,
+# nf4-quant's), as they are (refused: the harness's weight is 4 x 96) and
+# with the shape set to the harness's, so that they load.
+st_bytes() { # FILE TENSOR [MAX]: the tensor's data
+    n=$(od -An -t u8 -N 8 "$1" | tr -d ' ')
+    set -- "$1" "$2" "${3:-}" "$(tail -c +9 "$1" | head -c "$n" |
+        jq -r --arg k "$2" '.[$k].data_offsets | "\(.[0]) \(.[1] - .[0])"')" "$n"
+    off=${4% *} len=${4#* }
+    [ -n "$3" ] && [ "$len" -gt "$3" ] && len=$3
+    tail -c +$((9 + $5 + off)) "$1" | head -c "$len"
+}
+nf4_seeds() { # NAME CHECKPOINT-DIR WEIGHT NESTED(0/1)
+    f=$2/model.safetensors w=$3
+    [ -f "$f" ] || return 0
+    st_bytes "$f" "$w.quant_state.bitsandbytes__nf4" >"$OUT/nf4_state/$1-orig"
+    sed 's/"shape": \[[0-9, ]*\]/"shape": [4, 96]/' "$OUT/nf4_state/$1-orig" >"$OUT/nf4_state/$1"
+    {
+        cat "$OUT/nf4_state/$1"
+        printf '\n--- state ---\n'
+        st_bytes "$f" "$w.quant_map"
+        if [ "$4" -eq 1 ]; then
+            st_bytes "$f" "$w.absmax" 6
+            st_bytes "$f" "$w.nested_absmax" 4
+            st_bytes "$f" "$w.nested_quant_map"
+        else
+            st_bytes "$f" "$w.absmax" 24
+        fi
+    } >"$OUT/nf4_state/$1-state"
+}
+nf4_seeds bnb-golden "$SHARED/golden/s260-nf4-f32" model.layers.0.self_attn.q_proj.weight 1
+if have nf4-quant; then
+    nf4-quant -q -o "$W/s-nf4" "$S260" 2>/dev/null &&
+        nf4_seeds s260 "$W/s-nf4" model.layers.1.mlp.down_proj.weight 1
+    [ -d "$W/m-nf4" ] && nf4_seeds fixture-bf16 "$W/m-nf4" model.layers.0.mlp.up_proj.weight 1
+    [ -d "$W/m-bf16" ] && nf4-quant -q --no-double-quant -o "$W/m-nf4p" "$W/m-bf16" &&
+        nf4_seeds fixture-plain "$W/m-nf4p" model.layers.1.self_attn.o_proj.weight 0
+fi
+
+for h in $ALL; do
     n=$(find "$OUT/$h" -type f | wc -l)
     echo "seeds: $h: $n files"
 done

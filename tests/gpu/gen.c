@@ -152,11 +152,74 @@ static void test_mma(int kind, int nested, int64_t out, int64_t in, int n)
     kn_free(dx); kn_free(dy); kn_free(ws);
 }
 
+/* One weight, n = 64 rows of x, then the first n' rows alone for n' over
+ * every kernel variant (lin_vec with x in shared memory or in registers,
+ * one or two n-tiles; lin_tile with 4 or 8 n-tiles, split over the
+ * classes or not): each row's bits must not change. The n = 64 result is
+ * checked against the CPU too. */
+static void test_mma_batches(int kind, int nested, int64_t out, int64_t in)
+{
+    enum { N = 64 };
+    float *wref;
+    kn_gw w = make_weight(kind, out, in, nested, &wref);
+    float *x = gt_rand((int64_t)N * in, 1.0f);
+    gt_round_bf16(x, (int64_t)N * in);
+    float *res = gt_rand((int64_t)N * out, 1.0f);
+    kn_bf16 *dx = gt_up_bf16(x, (int64_t)N * in);
+    float *dy = gt_up_f32(res, (int64_t)N * out);
+    kn_gen_lin op = {w, dy, dy, out};
+    size_t wsb;
+    void *ws = ws_for(&op, 1, N, &wsb);
+    kn_gen_linear_mma(&op, 1, dx, in, N, ws, wsb, 0);
+    float *all = gt_down_f32(dy, (int64_t)N * out);
+    float *ref = malloc((size_t)(N * out) * sizeof *ref);
+    gen_ref_linear(ref, res, out, x, in, wref, out, in, N, 1.0f);
+    char name[200];
+    snprintf(name, sizeof name, "linear_mma %s%s out=%lld in=%lld n=64", kind == KN_GW_NF4 ? "nf4" : "bf16",
+             nested ? " nested" : "", (long long)out, (long long)in);
+    gt_compare(name, all, ref, (int64_t)N * out, TOL_MMA, "TOL_MMA");
+    static const int ns[] = {1, 2, 3, 8, 9, 16, 17, 31, 33, 63};
+    int same = 1;
+    for (size_t k = 0; k < sizeof ns / sizeof ns[0]; k++) {
+        int n = ns[k];
+        float *y = gt_up_f32(res, (int64_t)n * out);
+        kn_gen_lin o1 = {w, y, y, out};
+        size_t b1;
+        void *w1 = ws_for(&o1, 1, n, &b1);
+        kn_gen_linear_mma(&o1, 1, dx, in, n, w1, b1, 0);
+        float *got = gt_down_f32(y, (int64_t)n * out);
+        if (memcmp(got, all, (size_t)(n * out) * 4) != 0) {
+            same = 0;
+            printf("#   n=%d: rows differ from the n=64 launch\n", n);
+        }
+        free(got);
+        kn_free(y);
+        kn_free(w1);
+    }
+    /* without a workspace: lin_tile does not split */
+    {
+        float *y = gt_up_f32(res, (int64_t)N * out);
+        kn_gen_lin o1 = {w, y, y, out};
+        kn_gen_linear_mma(&o1, 1, dx, in, N, NULL, 0, 0);
+        float *got = gt_down_f32(y, (int64_t)N * out);
+        if (memcmp(got, all, (size_t)(N * out) * 4) != 0) {
+            same = 0;
+            printf("#   n=64 without workspace (no split) differs\n");
+        }
+        free(got);
+        kn_free(y);
+    }
+    snprintf(name, sizeof name, "linear_mma %s out=%lld in=%lld: rows bit-identical for n = 1 .. 64 "
+             "(every kernel)", kind == KN_GW_NF4 ? "nf4" : "bf16", (long long)out, (long long)in);
+    gt_check(same, name);
+    free(wref); free(x); free(res); free(all); free(ref);
+    kn_free(dx); kn_free(dy); kn_free(ws);
+}
+
 /* q/k/v in one launch (different outs), no residual */
-static void test_mma_group(void)
+static void test_mma_group(int n)
 {
     int64_t in = 256, outs[3] = {256, 64, 64};
-    int n = 5;
     float *wref[3];
     kn_gen_lin ops[3];
     float *x = gt_rand(n * in, 1.0f);
@@ -176,7 +239,8 @@ static void test_mma_group(void)
         float *ref = malloc((size_t)(n * outs[i]) * 4);
         gen_ref_linear(ref, NULL, outs[i], x, in, wref[i], outs[i], in, n, 1.0f);
         char name[80];
-        snprintf(name, sizeof name, "linear_mma grouped op %d (out %lld)", i, (long long)outs[i]);
+        snprintf(name, sizeof name, "linear_mma grouped op %d (out %lld) n=%d", i, (long long)outs[i],
+                 n);
         gt_compare(name, got, ref, n * outs[i], TOL_MMA, "TOL_MMA");
         free(got); free(ref); free(wref[i]);
         kn_free(ops[i].y);
@@ -223,8 +287,21 @@ static void test_attention(int nh, int nkv, int hd, int cap, int bf)
     kn_bf16 *o16 = gt_dev((size_t)n * nh * hd * 2);
     float *ws = kn_malloc(kn_gen_attention_ws(n, nh, hd, cap));
     kn_gen_attention(o32, o16, dq, nh * hd, dk, dv, bf, ds, dp, n, nh, nkv, hd, cap, ws, 0);
-    kn_free(ws);
     float *got = gt_down_f32(o32, n * nh * hd), *got16 = gt_down_bf16(o16, n * nh * hd);
+    /* token 1 alone: the same bits */
+    {
+        float *o1 = gt_dev((size_t)nh * hd * 4);
+        kn_gen_attention(o1, NULL, dq + nh * hd, nh * hd, dk, dv, bf, ds + 1, dp + 1, 1, nh, nkv,
+                         hd, cap, ws, 0);
+        float *g1 = gt_down_f32(o1, nh * hd);
+        char nm[120];
+        snprintf(nm, sizeof nm, "attention nh=%d hd=%d cap=%d: token alone == in a batch of %d", nh,
+                 hd, cap, n);
+        gt_check(memcmp(g1, got + nh * hd, (size_t)nh * hd * 4) == 0, nm);
+        free(g1);
+        kn_free(o1);
+    }
+    kn_free(ws);
     float *ref = malloc((size_t)n * nh * hd * 4);
     for (int t = 0; t < n; t++)
         gen_ref_attention(ref + (int64_t)t * nh * hd, q + (int64_t)t * nh * hd,
@@ -291,6 +368,36 @@ static void test_rope_append(int nh, int nkv, int hd, int bf)
     free(vall); free(g16);
     kn_free(dq); kn_free(dk); kn_free(dv); kn_free(dct); kn_free(dst); kn_free(kc); kn_free(vc);
     kn_free(ds); kn_free(dp); kn_free(q16);
+}
+
+/* RMSNorm at the sizes of each kernel variant (d % 4 == 0 up to 8192 in
+ * registers, others in the loop kernel), rows picked. */
+static void test_rmsnorm(int n, int d, int bf)
+{
+    float *x = gt_rand((int64_t)n * d, 2.0f), *w = gt_rand(d, 1.0f);
+    float *dx = gt_up_f32(x, (int64_t)n * d), *dw = gt_up_f32(w, d);
+    int32_t *rows = malloc((size_t)n * 4);
+    for (int r = 0; r < n; r++)
+        rows[r] = n - 1 - r;
+    int32_t *dr = gt_up(rows, (size_t)n * 4);
+    float *y = gt_dev((size_t)n * d * 4);
+    kn_bf16 *y16 = bf ? gt_dev((size_t)n * d * 2) : NULL;
+    kn_gen_rmsnorm(y, y16, dx, dr, dw, n, d, 1e-5f, 0);
+    float *got = gt_down_f32(y, (int64_t)n * d), *ref = malloc((size_t)n * d * 4);
+    for (int r = 0; r < n; r++)
+        llama_rmsnorm(ref + (int64_t)r * d, NULL, x + (int64_t)rows[r] * d, w, 1, d, 1e-5f);
+    char name[120];
+    snprintf(name, sizeof name, "rmsnorm n=%d d=%d vs llama_rmsnorm", n, d);
+    gt_compare(name, got, ref, (int64_t)n * d, TOL_F32, "TOL_F32");
+    if (bf) {
+        float *g16 = gt_down_bf16(y16, (int64_t)n * d);
+        snprintf(name, sizeof name, "rmsnorm n=%d d=%d bf16 output", n, d);
+        gt_compare(name, g16, ref, (int64_t)n * d, TOL_BF16_OUT, "TOL_BF16_OUT");
+        free(g16);
+        kn_free(y16);
+    }
+    free(x); free(w); free(rows); free(got); free(ref);
+    kn_free(dx); kn_free(dw); kn_free(dr); kn_free(y);
 }
 
 static void test_elementwise(void)
@@ -667,24 +774,54 @@ static void fake_nf4(nf4_weight *w, int64_t rows, int64_t cols, const uint8_t *c
     memcpy(w->nested_map, nf4_dynamic_map(), sizeof w->nested_map);
 }
 
-typedef struct mma_bench { kn_gen_lin op; const kn_bf16 *x; int n; void *ws; size_t wsb; } mma_bench;
-static void mma_bench_fn(void *p)
+/* A layer's four product launches (q/k/v, o, gate/up, down) over BL
+ * layers of weights in turn, so that the weights come from DRAM, not L2. */
+enum { BL = 8 };
+typedef struct layer_bench {
+    kn_gw w[BL][LLAMA_NLINEAR];
+    kn_bf16 *x;
+    float *y[LLAMA_NLINEAR];
+    void *ws;
+    size_t wsb;
+    int n, only; /* only >= 0: that group alone */
+} layer_bench;
+
+static void layer_bench_fn(void *p)
 {
-    mma_bench *b = p;
-    kn_gen_linear_mma(&b->op, 1, b->x, b->op.w.in, b->n, b->ws, b->wsb, 0);
+    layer_bench *b = p;
+    static const int groups[4][4] = {{3, LLAMA_Q, LLAMA_K, LLAMA_V},
+                                     {1, LLAMA_O, 0, 0},
+                                     {2, LLAMA_GATE, LLAMA_UP, 0},
+                                     {1, LLAMA_DOWN, 0, 0}};
+    for (int l = 0; l < BL; l++)
+        for (int gi = 0; gi < 4; gi++) {
+            if (b->only >= 0 && gi != b->only)
+                continue;
+            kn_gen_lin ops[3];
+            int nl = groups[gi][0];
+            for (int i = 0; i < nl; i++) {
+                int li = groups[gi][1 + i];
+                ops[i].w = b->w[l][li];
+                ops[i].y = b->y[li];
+                ops[i].res = (li == LLAMA_O || li == LLAMA_DOWN) ? b->y[li] : NULL;
+                ops[i].ldy = b->w[l][li].out;
+            }
+            kn_gen_linear_mma(ops, nl, b->x, b->w[l][groups[gi][1]].in, b->n, b->ws, b->wsb, 0);
+        }
 }
 
 typedef struct att_bench {
-    void *kc, *vc, *o;
+    void *kc[16], *vc[16], *o;
     float *q, *ws;
     int32_t *slot, *pos;
-    int n, cap;
+    int n, cap, nl;
 } att_bench;
 static void att_bench_fn(void *p)
 {
     att_bench *b = p;
-    kn_gen_attention(NULL, b->o, b->q, 4096, b->kc, b->vc, 1, b->slot, b->pos, b->n, 32, 32, 128,
-                     b->cap, b->ws, 0);
+    for (int l = 0; l < b->nl; l++)
+        kn_gen_attention(NULL, b->o, b->q, 4096, b->kc[l], b->vc[l], 1, b->slot, b->pos, b->n, 32,
+                         32, 128, b->cap, b->ws, 0);
 }
 
 static void bench_7b(void)
@@ -735,78 +872,120 @@ static void bench_7b(void)
     M.max_lin_elems = (int64_t)maxn;
     double head_bytes = (double)VOCAB * DIM * 2;
 
-    /* the fused product alone, on the 7B shapes */
-    {
-        int64_t shapes[3][2] = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
-        kn_gw w;
-        memset(&w, 0, sizeof w);
-        for (int si = 0; si < 3; si++) {
-            int64_t o = shapes[si][0], in = shapes[si][1];
-            nf4_weight fw;
-            fake_nf4(&fw, o, in, codes, scodes, nested);
-            w.kind = KN_GW_NF4;
-            w.out = o;
-            w.in = in;
-            nf4_to_device(&fw, &w.q);
-            for (int n = 1; n <= 64; n *= 64) {
-                float *x = gt_rand((int64_t)n * in, 1.0f);
-                mma_bench b;
-                b.op.w = w;
-                b.op.y = gt_dev((size_t)n * o * 4);
-                b.op.res = NULL;
-                b.op.ldy = o;
-                b.x = gt_up_bf16(x, (int64_t)n * in);
-                b.n = n;
-                b.ws = ws_for(&b.op, 1, n, &b.wsb);
-                char name[80];
-                snprintf(name, sizeof name, "nf4 linear %lldx%lld n=%d (weight bytes)",
-                         (long long)o, (long long)in, n);
-                gt_time(name, mma_bench_fn, &b, o * in / 2.0 + o * in / 64.0, 1);
-                free(x);
-                kn_free(b.op.y);
-                kn_free((void *)b.x);
-                kn_free(b.ws);
+    /* the products of a layer, on the 7B shapes (GEN_BENCH_MICRO=0: skip) */
+    const char *micro = getenv("GEN_BENCH_MICRO");
+    for (int n = 1; (!micro || atoi(micro)) && n <= 64; n *= 64) {
+        layer_bench b;
+        memset(&b, 0, sizeof b);
+        nf4_weight fw;
+        for (int l = 0; l < BL; l++)
+            for (int li = 0; li < LLAMA_NLINEAR; li++) {
+                int64_t o, in;
+                llama_linear_shape(c, (llama_linear)li, &o, &in);
+                fake_nf4(&fw, o, in, codes, scodes, nested);
+                b.w[l][li].kind = KN_GW_NF4;
+                b.w[l][li].out = o;
+                b.w[l][li].in = in;
+                nf4_to_device(&fw, &b.w[l][li].q);
             }
-            kn_free((void *)w.q.codes); kn_free((void *)w.q.absmax_q);
-            kn_free((void *)w.q.nested_absmax); kn_free((void *)w.q.nested_map);
-            kn_free((void *)w.q.quant_map);
+        float *xh = gt_rand((int64_t)n * HID, 1.0f);
+        b.x = gt_up_bf16(xh, (int64_t)n * HID);
+        free(xh);
+        for (int li = 0; li < LLAMA_NLINEAR; li++) {
+            b.y[li] = gt_dev((size_t)n * b.w[0][li].out * 4);
+            kn_memset(b.y[li], 0, (size_t)n * b.w[0][li].out * 4, 0);
         }
+        kn_gen_lin big[2] = {{b.w[0][LLAMA_GATE], b.y[LLAMA_GATE], NULL, HID},
+                             {b.w[0][LLAMA_UP], b.y[LLAMA_UP], NULL, HID}};
+        kn_gen_lin qkv[3] = {{b.w[0][LLAMA_Q], b.y[LLAMA_Q], NULL, DIM},
+                             {b.w[0][LLAMA_K], b.y[LLAMA_K], NULL, DIM},
+                             {b.w[0][LLAMA_V], b.y[LLAMA_V], NULL, DIM}};
+        size_t w1 = kn_gen_linear_mma_ws(big, 2, n), w2 = kn_gen_linear_mma_ws(qkv, 3, n);
+        kn_gen_lin dn = {b.w[0][LLAMA_DOWN], b.y[LLAMA_DOWN], NULL, DIM};
+        size_t w3 = kn_gen_linear_mma_ws(&dn, 1, n);
+        b.wsb = w1 > w2 ? w1 : w2;
+        b.wsb = w3 > b.wsb ? w3 : b.wsb;
+        b.ws = kn_malloc(b.wsb ? b.wsb : 16);
+        kn_memset(b.ws, 0, b.wsb ? b.wsb : 16, 0);
+        b.n = n;
+        static const char *gname[4] = {"q/k/v", "o", "gate/up", "down"};
+        static const double gunits[4] = {3, 1, 2 * 11008 / 4096.0, 11008 / 4096.0};
+        double unit = 4096.0 * 4096 * (0.5 + 1 / 64.0 + 1 / 64.0 / 256 * 4);
+        for (int gi = -1; gi < 4; gi++) {
+            b.only = gi;
+            double units = gi < 0 ? 3 + 1 + 3 * 11008 / 4096.0 : gunits[gi];
+            char name[120];
+            snprintf(name, sizeof name, "nf4 products, %s n=%d, %d layers in turn (weight bytes)",
+                     gi < 0 ? "a layer's four launches" : gname[gi], n, BL);
+            gt_time(name, layer_bench_fn, &b, unit * units * BL, 1);
+        }
+        for (int l = 0; l < BL; l++)
+            for (int li = 0; li < LLAMA_NLINEAR; li++) {
+                kn_nf4 *q = &b.w[l][li].q;
+                kn_free((void *)q->codes); kn_free((void *)q->absmax_q);
+                kn_free((void *)q->nested_absmax); kn_free((void *)q->nested_map);
+                kn_free((void *)q->quant_map);
+            }
+        for (int li = 0; li < LLAMA_NLINEAR; li++)
+            kn_free(b.y[li]);
+        kn_free(b.x);
+        kn_free(b.ws);
     }
 
     /* the cache attention alone: 350 cached positions, 32 heads of 128 */
-    {
+    for (int n = 1; (!micro || atoi(micro)) && n <= 64; n *= 64) {
         int cap = PROMPT + NEW, P = 350;
-        for (int n = 1; n <= 64; n *= 64) {
-            size_t csz = (size_t)n * cap * DIM;
-            att_bench b;
-            b.kc = gt_dev(csz * 2);
-            b.vc = gt_dev(csz * 2);
-            kn_memset(b.kc, 0, csz * 2, 0);
-            kn_memset(b.vc, 0, csz * 2, 0);
-            float *qh = gt_rand((int64_t)n * DIM, 1.0f);
-            b.q = gt_up_f32(qh, (int64_t)n * DIM);
-            int32_t *sl = malloc((size_t)n * 4), *ps = malloc((size_t)n * 4);
-            for (int i = 0; i < n; i++) {
-                sl[i] = i;
-                ps[i] = P;
-            }
-            b.slot = gt_up(sl, (size_t)n * 4);
-            b.pos = gt_up(ps, (size_t)n * 4);
-            b.o = gt_dev((size_t)n * DIM * 2);
-            b.ws = kn_malloc(kn_gen_attention_ws(n, 32, 128, cap));
-            b.n = n;
-            b.cap = cap;
-            char name[80];
-            snprintf(name, sizeof name, "cache attention n=%d P=%d (cache bytes)", n, P);
-            gt_time(name, att_bench_fn, &b, (double)n * (P + 1) * DIM * 2 * 2, 1);
-            free(qh); free(sl); free(ps);
-            kn_free(b.kc); kn_free(b.vc); kn_free(b.q); kn_free(b.slot); kn_free(b.pos);
-            kn_free(b.o); kn_free(b.ws);
+        size_t csz = (size_t)n * cap * DIM;
+        att_bench b;
+        memset(&b, 0, sizeof b);
+        b.nl = n == 1 ? 16 : 1; /* at n = 1 the caches of 16 layers in turn */
+        for (int l = 0; l < b.nl; l++) {
+            b.kc[l] = gt_dev(csz * 2);
+            b.vc[l] = gt_dev(csz * 2);
+            kn_memset(b.kc[l], 0x3c, csz * 2, 0); /* 0x3c3c: 0.0115 in bf16 */
+            kn_memset(b.vc[l], 0x3c, csz * 2, 0);
         }
+        float *qh = gt_rand((int64_t)n * DIM, 1.0f);
+        b.q = gt_up_f32(qh, (int64_t)n * DIM);
+        int32_t *sl = malloc((size_t)n * 4), *ps = malloc((size_t)n * 4);
+        for (int i = 0; i < n; i++) {
+            sl[i] = i;
+            ps[i] = P;
+        }
+        b.slot = gt_up(sl, (size_t)n * 4);
+        b.pos = gt_up(ps, (size_t)n * 4);
+        b.o = gt_dev((size_t)n * DIM * 2);
+        b.ws = kn_malloc(kn_gen_attention_ws(n, 32, 128, cap));
+        b.n = n;
+        b.cap = cap;
+        char name[80];
+        snprintf(name, sizeof name, "cache attention n=%d P=%d, %d layers (cache bytes)", n, P, b.nl);
+        gt_time(name, att_bench_fn, &b, (double)b.nl * n * (P + 1) * DIM * 2 * 2, 1);
+        free(qh); free(sl); free(ps);
+        for (int l = 0; l < b.nl; l++) {
+            kn_free(b.kc[l]);
+            kn_free(b.vc[l]);
+        }
+        kn_free(b.q); kn_free(b.slot); kn_free(b.pos);
+        kn_free(b.o); kn_free(b.ws);
     }
 
-    int batches[2] = {1, 64};
-    for (int bi = 0; bi < 2; bi++) {
+    /* GEN_BENCH_BATCHES: the batch sizes of the whole runs (default 1,64) */
+    int batches[8] = {1, 64}, nb = 2;
+    const char *bs = getenv("GEN_BENCH_BATCHES");
+    if (bs) {
+        nb = 0;
+        for (const char *q = bs; *q && nb < 8;) {
+            int v = atoi(q);
+            if (v >= 1 && v <= 64)
+                batches[nb++] = v;
+            q = strchr(q, ',');
+            if (!q)
+                break;
+            q++;
+        }
+    }
+    for (int bi = 0; bi < nb; bi++) {
         int B = batches[bi];
         gen_backend be;
         double t0 = now_s();
@@ -883,7 +1062,13 @@ int main(int argc, char **argv)
     test_mma(KN_GW_BF16, 0, 64, 172, 5);
     test_mma(KN_GW_BF16, 0, 512, 64, 40);
     test_mma(KN_GW_BF16, 0, 1000, 320, 1);
-    test_mma_group();
+    test_mma_batches(KN_GW_NF4, 1, 300, 1024);   /* split lin_tile, x in smem for lin_vec */
+    test_mma_batches(KN_GW_NF4, 0, 5000, 512);   /* lin_vec blocks take several tiles */
+    test_mma_batches(KN_GW_NF4, 1, 130, 4096);   /* x in registers for n > 5 */
+    test_mma_batches(KN_GW_BF16, 0, 200, 172);   /* ragged in: 8-byte x copies */
+    test_mma_batches(KN_GW_NF4, 1, 17000, 128);  /* lin_tile without split */
+    test_mma_group(5);
+    test_mma_group(40);
     test_f32(77, 172, 9, 0);
     test_f32(64, 64, 1, 1);
     test_f32(300, 8, 20, 0);
@@ -893,6 +1078,12 @@ int main(int argc, char **argv)
     test_rope_append(8, 4, 8, 0);
     test_rope_append(4, 4, 128, 1);
     test_elementwise();
+    test_rmsnorm(1, 4096, 1);
+    test_rmsnorm(5, 4100, 0);
+    test_rmsnorm(3, 170, 1);
+    test_rmsnorm(64, 1024, 1);
+    test_attention(32, 32, 128, 400, 1);
+    test_attention(8, 8, 128, 65, 1);
     test_stories();
     if (gt_bench)
         bench_7b();

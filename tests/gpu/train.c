@@ -12,9 +12,14 @@
  *     issue's criterion, bf16 against fp32), the gradient norms, the
  *     trained adapter, its first moments; once more with the moments in
  *     pinned host memory (GPU_TRAINER_PAGED_OPTIM);
- *   - the evaluation loss.
+ *   - the evaluation loss;
+ *   - activation offload (GPU_TRAINER_OFFLOAD, and KN_OFFLOAD=1, which
+ *     recomputes o_proj's output) against checkpointing alone: the same
+ *     gradient, per-step losses, gradient norms, adapter and moments bit
+ *     for bit, with all seven linears and with q_proj,v_proj.
  * The data are random tokens in random documents with padding, packed as
  * pack writes them. */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include "gpu_test.h"
 
 #include "adamw.h"
@@ -159,8 +164,9 @@ static void train_test(const llama_model *m, const pack_data *d, const char *tag
 {
     lora_config lc = lcfg(0.1, 8);
     char tag[96];
-    snprintf(tag, sizeof tag, "%s%s%s", tag0,
+    snprintf(tag, sizeof tag, "%s%s%s%s", tag0,
              flags & GPU_TRAINER_CHECKPOINT ? " checkpointed" : "",
+             flags & GPU_TRAINER_OFFLOAD ? " offload" : "",
              flags & GPU_TRAINER_PAGED_OPTIM ? " paged moments" : "");
     lora_adapter *ac, *ag;
     lora_new(&m->cfg, &lc, &ac);
@@ -248,6 +254,101 @@ static void train_test(const llama_model *m, const pack_data *d, const char *tag
     lora_free(ag);
 }
 
+
+/* Offload against checkpointing alone: GPU against GPU, bit for bit.
+ * attn_only: KN_OFFLOAD=1 (o_proj's output recomputed). Micro-batches of different
+ * sizes (the rows have different padding) and two micro-batches a step, so
+ * that a step's second forward reuses host slots its first backward read. */
+static void offload_test(const llama_model *m, const pack_data *d, const char *tag0, int r,
+                         uint32_t targets, int attn_only, int steps)
+{
+    lora_config lc = lcfg(0.1, r);
+    lc.targets = targets;
+    char tag[128], what[256];
+    snprintf(tag, sizeof tag, "%s r=%d %s offload%s", tag0, r,
+             targets == LORA_ALL_LINEAR ? "all-linear" : "q_proj,v_proj",
+             attn_only ? " (KN_OFFLOAD=1)" : "");
+    lora_adapter *a[2];
+    adamw o[2];
+    gpu_trainer *G[2];
+    for (int k = 0; k < 2; k++) {
+        lora_new(&m->cfg, &lc, &a[k]);
+        lora_init(a[k], 42);
+        /* B non-zero, so that every gradient is from the first step */
+        for (size_t i = 0; i < a[k]->n_params; i++)
+            a[k]->params[i] += (float)((i * 2654435761u % 1000) / 1000.0 - 0.5) * 0.02f;
+        adamw_init(&o[k], a[k]->n_params, 0.9, 0.999, 1e-8, 0.01);
+        if (k && attn_only)
+            setenv("KN_OFFLOAD", "1", 1);
+        G[k] = gpu_trainer_new(m, &lc, (int64_t)4 * SEQ,
+                               GPU_TRAINER_CHECKPOINT | (k ? GPU_TRAINER_OFFLOAD : 0));
+        unsetenv("KN_OFFLOAD");
+        if (!G[k]) {
+            gt_check(0, "gpu_trainer_new");
+            return;
+        }
+        gpu_trainer_load(G[k], a[k], &o[k]);
+    }
+    size_t mb[GPU_MEM_NCAT], hb[2];
+    gpu_trainer_mem(G[0], mb, &hb[0]);
+    gpu_trainer_mem(G[1], mb, &hb[1]);
+    snprintf(what, sizeof what, "%s: pinned host memory in use (%.2f MiB)", tag,
+             hb[1] / 1048576.0);
+    gt_check(hb[0] == 0 && hb[1] > 0, what);
+    /* one batch's gradient */
+    {
+        uint64_t rows[4] = {0, 5, 2, 7};
+        train_batch tb;
+        memset(&tb, 0, sizeof tb);
+        train_batch_build(&tb, d, rows, 4);
+        size_t np = a[0]->n_params;
+        float *g[2] = {xcalloc(np, 4), xcalloc(np, 4)};
+        double ls[2];
+        uint64_t key = train_dropout_key(42, 3, 1);
+        for (int k = 0; k < 2; k++)
+            gt_check(gpu_trainer_gradient(G[k], &tb.b, key, 0.01f, g[k], &ls[k]) == 0,
+                     "gpu_trainer_gradient");
+        snprintf(what, sizeof what, "%s: the same gradient bit for bit", tag);
+        gt_check(memcmp(g[0], g[1], np * 4) == 0 && ls[0] == ls[1], what);
+        free(g[0]);
+        free(g[1]);
+        train_batch_free(&tb);
+    }
+    train_batch tb[2];
+    memset(tb, 0, sizeof tb);
+    int same = 1;
+    for (int s = 0; s < steps; s++) {
+        for (int k = 0; k < 2; k++) {
+            uint64_t rows[2] = {(uint64_t)(s * 3 + k) % ROWS, (uint64_t)(s * 5 + k + 4) % ROWS};
+            train_batch_build(&tb[k], d, rows, 2 - (s + k) % 2);
+        }
+        double l[2], nrm[2];
+        for (int k = 0; k < 2; k++)
+            if (gpu_trainer_step(G[k], tb, 2, 2e-3, 1.0, 42, s, &l[k], &nrm[k]) != 0) {
+                gt_check(0, "gpu_trainer_step");
+                return;
+            }
+        printf("# %s step %d loss %.9g %.9g norm %.9g %.9g\n", tag, s + 1, l[0], l[1],
+               nrm[0], nrm[1]);
+        same &= l[0] == l[1] && nrm[0] == nrm[1];
+    }
+    snprintf(what, sizeof what, "%s: %d steps, the same losses and gradient norms bit for bit",
+             tag, steps);
+    gt_check(same, what);
+    for (int k = 0; k < 2; k++)
+        gpu_trainer_store(G[k], a[k], &o[k]);
+    snprintf(what, sizeof what, "%s: the same adapter and moments bit for bit", tag);
+    gt_check(memcmp(a[0]->params, a[1]->params, a[0]->n_params * 4) == 0 &&
+                 memcmp(o[0].m, o[1].m, o[0].n * 4) == 0 &&
+                 memcmp(o[0].v, o[1].v, o[0].n * 4) == 0,
+             what);
+    for (int k = 0; k < 2; k++) {
+        gpu_trainer_free(G[k]);
+        adamw_free(&o[k]);
+        lora_free(a[k]);
+        train_batch_free(&tb[k]);
+    }
+}
 
 /* ---- --bench: a Llama 2 7B-shaped model --------------------------------- */
 
@@ -370,13 +471,20 @@ static void bench_7b(void)
      * off the device here too, unless GPU_TRAIN_PAGED=0 */
     const char *pe = getenv("GPU_TRAIN_PAGED");
     int paged = !(pe && !strcmp(pe, "0"));
-    int flags = GPU_TRAINER_CHECKPOINT | (paged ? GPU_TRAINER_PAGED_OPTIM : 0);
+    /* activation offload as lora-train's default has it (KN_OFFLOAD=0 in the
+     * environment: off, 1: without o_proj's output) */
+    int flags = GPU_TRAINER_CHECKPOINT | GPU_TRAINER_OFFLOAD |
+                (paged ? GPU_TRAINER_PAGED_OPTIM : 0);
     const char *fe = getenv("KN_LORA_FUSED"), *ae = getenv("KN_ATTN_FWD_V1");
+    const char *oe = getenv("KN_OFFLOAD");
     printf("# bench 7B: %s, seq %d, micro-batch %d, accumulation %d, NF4 double quant, "
            "bf16, LoRA r=64 alpha=16 dropout 0.1, gradient checkpointing, AdamW moments %s, "
-           "LoRA dropout %s, attention forward %s\n",
+           "LoRA dropout %s, attention forward %s, activation offload %s\n",
            kn_device_name(), T, BS, ACC, paged ? "in pinned host memory (paged)" : "on the device",
-           fe && !strcmp(fe, "0") ? "unfused" : "fused", ae && strcmp(ae, "0") ? "v1" : "v2");
+           fe && !strcmp(fe, "0") ? "unfused" : "fused", ae && strcmp(ae, "0") ? "v1" : "v2",
+           oe && !strcmp(oe, "0")   ? "off"
+           : oe && !strcmp(oe, "1") ? "on, without o_proj's output"
+                                    : "on");
     for (int v = 0; v < 2; v++) {
         lora_config lc;
         memset(&lc, 0, sizeof lc);
@@ -398,7 +506,7 @@ static void bench_7b(void)
             double ts = now_s();
             gpu_trainer_step(G, tb, ACC, 2e-4, 0.3, 42, s, &loss, &norm);
             double dt = now_s() - ts;
-            printf("#   %s step %d: %.3f s, loss %.4f, grad norm %.4f\n", names[v], s + 1, dt,
+            printf("#   %s step %d: %.3f s, loss %.9g, grad norm %.9g\n", names[v], s + 1, dt,
                    loss, norm);
             if (s >= WARM) {
                 sum += dt;
@@ -422,7 +530,7 @@ static void bench_7b(void)
         gpu_trainer_mem(G, mb, &hostb);
         printf("# bench 7B %-13s memory GiB: weights %.3f, adapter+optimizer %.3f, "
                "checkpoints %.3f, activations %.3f, scratch %.3f, cuBLAS and later %.3f; "
-               "host pinned moments %.3f\n",
+               "host pinned (moments, activations) %.3f\n",
                names[v], mb[0] / 1073741824.0, mb[1] / 1073741824.0, mb[2] / 1073741824.0,
                mb[3] / 1073741824.0, mb[4] / 1073741824.0,
                (gpu_trainer_peak_bytes(G) - mb[0] - mb[1] - mb[2] - mb[3] - mb[4]) /
@@ -468,10 +576,17 @@ int main(int argc, char **argv)
     train_test(m, &d, "stories260K f32", 0, 12);
     train_test(m, &d, "stories260K f32", GPU_TRAINER_CHECKPOINT, 6);
     train_test(m, &d, "stories260K f32", GPU_TRAINER_CHECKPOINT | GPU_TRAINER_PAGED_OPTIM, 6);
+    offload_test(m, &d, "stories260K f32", 16, LORA_ALL_LINEAR, 0, 6);
+    offload_test(m, &d, "stories260K f32", 16, LORA_ALL_LINEAR, 1, 6);
+    offload_test(m, &d, "stories260K f32", 8, LORA_DEFAULT_TARGETS, 0, 6);
     if (llama_load(nf4dir, &mq) == 0) {
         grad_test(mq, &d, "stories260K nf4", 8);
         grad_test(mq, &d, "stories260K nf4", 16);
         train_test(mq, &d, "stories260K nf4", GPU_TRAINER_CHECKPOINT, 12);
+        train_test(mq, &d, "stories260K nf4",
+                   GPU_TRAINER_CHECKPOINT | GPU_TRAINER_OFFLOAD | GPU_TRAINER_PAGED_OPTIM, 6);
+        offload_test(mq, &d, "stories260K nf4", 16, LORA_ALL_LINEAR, 0, 6);
+        offload_test(mq, &d, "stories260K nf4", 16, LORA_DEFAULT_TARGETS, 1, 6);
         llama_free(mq);
     } else {
         printf("skip train nf4: %s not loadable\n", nf4dir);

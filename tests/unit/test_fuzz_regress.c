@@ -14,12 +14,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "check.h"
 #include "io.h"
 #include "msg.h"
 #include "packfile.h"
+#include "safetensors.h"
 #include "tokstream.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -154,6 +156,23 @@ static void packfile_cases(void)
     pack_input_free(&in);
 }
 
+static void st_index_cases(void)
+{
+    /* fuzz_st_index: an index whose weight map names a good shard, then a
+     * bad shard name. The refusal closed the half-built checkpoint, whose
+     * shard count already said 1 while its file array was still NULL:
+     * st_close(NULL[0]). */
+    static const char idx[] = "{\"weight_map\": {\"a\": \"model-1.safetensors\", "
+                              "\"b\": \"../x.safetensors\"}}";
+    char sub[300];
+    snprintf(sub, sizeof sub, "%s/ckpt", dir);
+    CHECK(mkdir(sub, 0700) == 0, "fuzz regress: a checkpoint directory");
+    write_bytes("ckpt/model.safetensors.index.json", idx, sizeof idx - 1);
+    st_model *m = (st_model *)1;
+    CHECK(st_model_open(sub, &m) == -1 && m == NULL,
+          "fuzz regress: an index with a bad shard name after a good one is refused");
+}
+
 int main(void)
 {
     msg_init("test_fuzz_regress");
@@ -168,6 +187,7 @@ int main(void)
 #endif
     tokstream_cases();
     packfile_cases();
+    st_index_cases();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     if (system(cmd) != 0)
