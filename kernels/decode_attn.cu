@@ -12,9 +12,8 @@
  * position end at once), so a step's launches are the same every time and
  * replay as a CUDA graph; positions and slots are read from the device.
  * For bf16 caches with head size 128 a second split kernel issues all of
- * a block's key and value loads at once (attn_split128_kernel). At batch
- * 64 on an H100 the first reached 2.42 TB/s; see bench/RESULTS.md for
- * the second.
+ * a block's key and value loads at once (attn_split128_kernel, opt-in:
+ * see fast_attn).
  */
 #include "common.cuh"
 #include "gen_kernels.h"
@@ -407,13 +406,17 @@ __global__ void attn_combine_kernel(float *__restrict__ o32, bf16 *__restrict__ 
     }
 }
 
-/* The head-size-128 kernel unless QLORA_GEN_OLD_ATTN is set (for
- * comparing the two). */
+/* The head-size-128 kernel only with QLORA_GEN_ATTN128=1: on an H100 it
+ * is faster at batch 1 (11.1 against 12.7 us a layer at 350 positions)
+ * but slower at batch 64 (2.09 against 2.41 TB/s), and one kernel must
+ * serve every batch size (the sums' order may not depend on n). */
 static int fast_attn(void)
 {
     static int on = -1;
-    if (on < 0)
-        on = !getenv("QLORA_GEN_OLD_ATTN");
+    if (on < 0) {
+        const char *e = getenv("QLORA_GEN_ATTN128");
+        on = e && *e == '1';
+    }
     return on;
 }
 

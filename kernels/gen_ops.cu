@@ -127,7 +127,12 @@ extern "C" void kn_gen_rmsnorm(float *y32, kn_bf16 *y16, const float *x, const i
     const int pdl = gen_pdl_use(n);
     const int aligned = d % 4 == 0 && (((uintptr_t)x | (uintptr_t)w | (uintptr_t)y32) & 15) == 0 &&
                         ((uintptr_t)y16 & 7) == 0;
-    const int v = (d / 4 + 255) / 256;
+    static int reg = -1; /* QLORA_GEN_RMSNORM=0: the loop kernel only */
+    if (reg < 0) {
+        const char *e = getenv("QLORA_GEN_RMSNORM");
+        reg = !(e && *e == '0');
+    }
+    const int v = reg ? (d / 4 + 255) / 256 : 1 << 20;
     if (aligned && v <= 1)
         gen_launch(gen_rmsnorm4_kernel<1>, dim3(n), dim3(256), 0, s, pdl, y32, (bf16 *)y16, x,
                    rows, w, d, eps);

@@ -17,9 +17,11 @@
  * the 8-bit nested code with bitsandbytes' two roundings; block sizes are
  * powers of two, so no divisions).
  *
- * Two kernels follow that order:
- *   - lin_vec (n <= 16, memory-bound): a block of 8 warps takes tiles of
- *     16 output rows in turn (as many blocks as fit at once), and warp w
+ * Three kernels follow that order:
+ *   - lin_row (n <= 16, the default): a block of 8 warps owns 16 output
+ *     rows, warp w sums class w with 4 chunks of weights in flight.
+ *   - lin_vec (n <= 16, QLORA_GEN_VEC=1; slower on an H100 so far): a
+ *     block of 8 warps takes tiles of 16 output rows in turn (as many blocks as fit at once), and warp w
  *     sums class w; the warps' sums are added in shared memory. Each warp
  *     keeps D chunks of weights in flight (a register ring that runs on
  *     into the next tile), the next tile's rows are prefetched into L2
@@ -51,6 +53,7 @@
 #define SEQ_LAST 0x40000000
 #define SEQ_CHUNK 0x3fffffff
 #define VEC_XS_MAX (40 << 10) /* bytes of x kept in shared memory */
+#define SPLIT_COUNTERS 4096   /* ints at the start of the split workspace */
 
 struct lin_desc {
     int64_t out, in, ld;
@@ -79,9 +82,12 @@ struct lin_cfg {
     int vec_max;   /* largest n for lin_vec */
     int vec_d;     /* chunks in flight per warp in lin_vec (4 or 8) */
     int vec_grid;  /* lin_vec blocks: resident ones times this (0: a tile each) */
+    int vec;       /* n <= 16: lin_vec (1) or lin_row (0) */
     int pf;        /* bytes of each row prefetched into L2 (0: none) */
     int tile_w;    /* warps of a lin_tile block (4 or 8) */
     int split_min; /* split over the classes below this many blocks */
+    int xs;        /* lin_vec may keep x in shared memory */
+    int tile;      /* lin_tile for n > vec_max (else lin_vec, 16 rows at a time) */
 };
 
 static int env_int(const char *name, int def)
@@ -98,10 +104,13 @@ static const lin_cfg &cfg()
         c.vec_max = env_int("QLORA_GEN_VEC_MAX", 16);
         c.vec_max = c.vec_max < 1 ? 1 : c.vec_max > 16 ? 16 : c.vec_max;
         c.vec_d = env_int("QLORA_GEN_VEC_D", 8) >= 8 ? 8 : 4;
-        c.vec_grid = env_int("QLORA_GEN_VEC_GRID", 1);
+        c.vec_grid = env_int("QLORA_GEN_VEC_GRID", 0);
+        c.vec = env_int("QLORA_GEN_VEC", 0);
         c.pf = env_int("QLORA_GEN_PF", 1 << 20);
         c.tile_w = env_int("QLORA_GEN_TILE_W", 8) >= 8 ? 8 : 4;
-        c.split_min = env_int("QLORA_GEN_SPLIT", kn_sm_count());
+        c.split_min = env_int("QLORA_GEN_SPLIT", 400);
+        c.xs = env_int("QLORA_GEN_XS", 1);
+        c.tile = env_int("QLORA_GEN_TILE", 1);
         done = 1;
     }
     return c;
@@ -114,7 +123,10 @@ int gen_pdl_use(int n)
         int dev = 0, major = 0;
         cudaGetDevice(&dev);
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-        on = major >= 9 && !getenv("QLORA_GEN_NO_PDL");
+        /* opt-in: on an H100 a batch-1 step ran slower with it (4.86
+         * against 4.60 ms, bench/RESULTS.md "gen, tuning") */
+        const char *e = getenv("QLORA_GEN_PDL");
+        on = major >= 9 && e && *e == '1';
     }
     return on && n <= 16;
 }
@@ -267,6 +279,89 @@ __device__ __forceinline__ uint4 x_frag_global(const bf16 *x, int64_t ldx, int n
         }
     }
     return v;
+}
+
+/* ---- lin_row: n <= 16, the default ----------------------------------------------- */
+
+/* A block of 8 warps owns 16 output rows; warp w sums class w, D chunks
+ * of weights loaded before any is used, x's fragments read from global
+ * memory (L2) as they are needed; the warps' sums are added in shared
+ * memory. Fewer registers than lin_vec (more warps resident): on an H100
+ * it ran a batch-1 step faster (bench/RESULTS.md, "gen, tuning"). */
+template <int WK, int NT, int D>
+__global__ void __launch_bounds__(256) lin_row_kernel(lin_pack P, const bf16 *__restrict__ x,
+                                                      int64_t ldx, int n)
+{
+    const lin_desc &D_ = P.d[blockIdx.y];
+    __shared__ float qmap[16];
+    __shared__ float nmap[256];
+    __shared__ float red[LIN_WARPS][NT * 4][32];
+    const int64_t out = D_.out;
+    const int64_t row0 = (int64_t)blockIdx.x * 16;
+    if (row0 >= out)
+        return;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    if (WK == KN_GW_NF4) {
+        if (tid < 16)
+            qmap[tid] = D_.quant_map[tid];
+        if (D_.absmax_q)
+            nmap[tid] = D_.nested_map[tid]; /* 256 threads, 256 entries */
+    }
+    const int K = (int)D_.in;
+    const int nch = (K + 63) >> 6;
+    const int cnt = class_count(nch, warp);
+    const int64_t r0 = row0 + g < out ? row0 + g : out - 1;
+    const int64_t r1 = row0 + g + 8 < out ? row0 + g + 8 : out - 1;
+    gen_pdl_wait();
+    gen_pdl_trigger();
+    __syncthreads();
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            acc[nt][j] = 0.0f;
+    for (int i0 = 0; i0 < cnt; i0 += D) {
+        wraw<WK> raw[D][2];
+#pragma unroll
+        for (int d = 0; d < D; d++)
+            if (i0 + d < cnt) {
+                const int c = class_chunk(i0 + d, warp);
+                load_raw(raw[d][0], D_, r0, c, t);
+                load_raw(raw[d][1], D_, r1, c, t);
+            }
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            if (i0 + d >= cnt)
+                break;
+            const int kb = class_chunk(i0 + d, warp) * 64 + 16 * t;
+            chunk_mma<WK, NT>(acc, raw[d], D_, qmap, nmap, [&](int nt, int k2) {
+                return x_frag_global(x, ldx, n, K, nt * 8 + g, kb + 8 * k2);
+            });
+        }
+    }
+    /* the class sums, added to zero in class (warp) order */
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            red[warp][nt * 4 + j][lane] = acc[nt][j];
+    __syncthreads();
+    for (int e = tid; e < NT * 4 * 32; e += 256) {
+        const int q = e >> 5, ln = e & 31;
+        float s = 0.0f;
+#pragma unroll
+        for (int wi = 0; wi < LIN_WARPS; wi++)
+            s += red[wi][q][ln];
+        const int nt = q >> 2, j = q & 3, gg = ln >> 2, tt = ln & 3;
+        const int64_t row = row0 + gg + ((j & 2) ? 8 : 0);
+        const int col = nt * 8 + 2 * tt + (j & 1);
+        if (row < out && col < n) {
+            const int64_t i = (int64_t)col * D_.ldy + row;
+            D_.y[i] = (D_.res ? D_.res[i] : 0.0f) + s;
+        }
+    }
 }
 
 /* ---- lin_vec: n <= 16 ----------------------------------------------------------- */
@@ -440,8 +535,10 @@ template <int NT, int W, bool SPLIT> __host__ __device__ constexpr size_t tile_s
     return tile_xs_bytes<NT>() + (SPLIT ? 0 : (size_t)W * NT * 4 * 32 * 4) + TILE_MAXCH * 4;
 }
 
-/* ws (split): partial sums (nops, 8, 64, wsld) fp32, then a counter per
- * (op, row tile), zero between launches. */
+/* ws (split): SPLIT_COUNTERS ints, a counter per (op, row tile), zero
+ * between launches (at a fixed place: launches of other shapes write
+ * their partial sums after it), then the partial sums (nops, 8, 64, wsld)
+ * fp32. */
 template <int WK, int NT, int W, bool SPLIT>
 __global__ void __launch_bounds__(W * 32, 16 / W) lin_tile_kernel(lin_pack P, const bf16 *__restrict__ x,
                                                           int64_t ldx, int n, float *ws,
@@ -594,7 +691,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) lin_tile_kernel(lin_pack P, co
     }
     /* split: this class's sums into the workspace; the last block of the
      * row tile adds all eight in class order */
-    float *part = ws + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
+    float *part = ws + SPLIT_COUNTERS + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
@@ -606,8 +703,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) lin_tile_kernel(lin_pack P, co
         }
     __threadfence();
     __syncthreads();
-    int *counter = (int *)(ws + (int64_t)gridDim.y * LIN_CLASSES * 64 * wsld) +
-                   blockIdx.y * ntiles + blockIdx.x;
+    int *counter = (int *)ws + blockIdx.y * ntiles + blockIdx.x;
     if (tid == 0)
         s_last = atomicAdd(counter, 1) == LIN_CLASSES - 1;
     __syncthreads();
@@ -649,11 +745,11 @@ static size_t tile_split_ws(int nops, int64_t maxout, int n, int *split)
     int nt, w;
     tile_shape(n, &nt, &w);
     int64_t tiles = (maxout + 16 * w - 1) / (16 * w);
-    *split = n > cfg().vec_max && tiles * nops < cfg().split_min;
+    *split = cfg().tile && n > cfg().vec_max && tiles * nops < cfg().split_min &&
+             tiles * nops <= SPLIT_COUNTERS;
     if (!*split)
         return 0;
-    return (size_t)nops * LIN_CLASSES * 64 * maxout * sizeof(float) +
-           (size_t)nops * tiles * sizeof(int);
+    return SPLIT_COUNTERS * sizeof(int) + (size_t)nops * LIN_CLASSES * 64 * maxout * sizeof(float);
 }
 
 extern "C" size_t kn_gen_linear_mma_ws(const kn_gen_lin *ops, int nops, int n)
@@ -746,8 +842,18 @@ template <int WK>
 static void dispatch_vec(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
                          int n, cudaStream_t s)
 {
+    if (!cfg().vec) {
+        dim3 grid((unsigned)((maxout + 15) / 16), (unsigned)nops);
+        if (n <= 8)
+            gen_launch(lin_row_kernel<WK, 1, 4>, grid, dim3(256), 0, s, gen_pdl_use(n), P, x, ldx,
+                       n);
+        else
+            gen_launch(lin_row_kernel<WK, 2, 4>, grid, dim3(256), 0, s, gen_pdl_use(n), P, x, ldx,
+                       n);
+        return;
+    }
     const int64_t K = P.d[0].in;
-    int xs = K % 64 == 0 && ldx % 8 == 0 && ((uintptr_t)x & 15) == 0 &&
+    int xs = cfg().xs && K % 64 == 0 && ldx % 8 == 0 && ((uintptr_t)x & 15) == 0 &&
              (int64_t)n * K * 2 <= VEC_XS_MAX;
     if (xs && WK == KN_GW_NF4 && cfg().vec_d == 8) {
         if (n <= 8)
@@ -815,7 +921,7 @@ extern "C" void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16
             maxout = w.out;
     }
     const int nch = (int)((ops[0].w.in + 63) / 64);
-    if (n <= cfg().vec_max || nch > TILE_MAXCH) {
+    if (n <= cfg().vec_max || nch > TILE_MAXCH || !cfg().tile) {
         if (n > 16) { /* more than lin_vec's 16: rows 16 at a time */
             for (int n0 = 0; n0 < n; n0 += 16) {
                 kn_gen_lin sub[3];

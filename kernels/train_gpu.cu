@@ -11,10 +11,12 @@
  *             head + cross-entropy, which also yields the gradient.
  *   backward  the layers in reverse; the residual gradient is fp32, the
  *             operands of products bf16. With gradient checkpointing only
- *             the layer inputs are kept and each layer is recomputed
- *             (same dropout masks: they are counter-based) just before
- *             its backward; with activation offload, its attention half
- *             is not recomputed but comes back from host memory.
+ *             the layer inputs are kept and each layer but the last is
+ *             recomputed (same dropout masks: they are counter-based)
+ *             just before its backward; with activation offload, its
+ *             attention half is not recomputed but comes back from host
+ *             memory. Each NF4 weight is dequantized on a side stream
+ *             while the product before it runs ("frozen weights").
  * Buffers are sized once for the largest micro-batch; activations that are
  * dead by the time a gradient of the same shape appears are overwritten by
  * it (dh over h, dgate/dup over gate/up), which the operation order below
@@ -154,6 +156,8 @@ struct gpu_trainer {
      * below): each layer's attention half goes to pinned host memory in
      * the forward and comes back for the layer's backward */
     int off;                  /* 0 none, OFF_ATTN, OFF_ATTN_X2 */
+    int x2skip;               /* KN_OFFLOAD_X2_SKIP=m: with OFF_ATTN_X2,
+                                 every m-th layer keeps x2 out (off_x2) */
     int off_now;              /* OFF_PUT in a training forward, OFF_GOT in
                                  the backward, 0 otherwise */
     char *host;               /* pinned: (n_layers - 1) slots of hstride */
@@ -162,12 +166,34 @@ struct gpu_trainer {
     int nent;
     cudaStream_t d2h, h2d;    /* the copies, beside the compute stream s */
     cudaEvent_t ev_rdy, ev_free, ev_out[OFF_NGROUP], ev_in[OFF_NGROUP];
+    /* NF4 prefetch (see "frozen weights" below): the next weight is
+     * dequantized on stream ws while the current product runs */
+    int wpf;                  /* on (KN_WPREFETCH, default 1) */
+    cudaStream_t ws;
+    cudaEvent_t ev_wuse, ev_wrdy;
+    int32_t *wsucc;           /* (n_layers * LLAMA_NLINEAR * 3) the use
+                                 that followed each use last time, or -1 */
+    int32_t wlast, wpend;     /* the last use; the use being prefetched
+                                 into wpbuf (-1: none) */
+    bf16 *wpbuf;
+    int wpass;                /* WP_FWD, WP_RECOMP or WP_BWD */
+    int keep_last;            /* with checkpointing: the last layer's
+                                 activations stay for its backward (the
+                                 head's scratch is wbuf), not recomputed */
+    int ptime;                /* KN_PHASE_TIMES=1: forward, head, backward
+                                 times on stderr at gpu_trainer_free */
+    cudaEvent_t pev[4];
+    double pms[3];
+    int64_t pcount;
 };
 
 /* activation offload (below) */
 static int off_mode(int def);
 static void off_init(gpu_trainer *G, int mode);
 static void off_free(gpu_trainer *G);
+/* NF4 prefetch (below) */
+static void wprefetch_init(gpu_trainer *G);
+static void wprefetch_free(gpu_trainer *G);
 
 /* ---- setup ---------------------------------------------------------------- */
 
@@ -270,6 +296,14 @@ static int fuse_from_env(void)
 {
     const char *e = getenv("KN_LORA_FUSED");
     return !(e && !strcmp(e, "0"));
+}
+
+/* An on/off switch from the environment ("0" off, another number on),
+ * for comparisons; `def` when unset. */
+static int env_flag(const char *name, int def)
+{
+    const char *e = getenv(name);
+    return e && *e ? atoi(e) : def;
 }
 
 extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
@@ -422,13 +456,36 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     G->xd = dropin ? (bf16 *)dalloc((size_t)(G->dch * dropin) * 2) : NULL;
     G->tmp = dropin ? (bf16 *)dalloc((size_t)(G->dch * dropin) * 2) : NULL;
     G->dlh = (bf16 *)dalloc((size_t)(n * G->r) * 2);
-    /* head chunks of at most ~64 MiB of logits and their gradient */
+    /* head chunks of at most ~64 MiB of logits and their gradient
+     * (KN_XENT_CHUNK=rows instead, for comparisons) */
     int64_t chunk = ((int64_t)64 << 20) / ((int64_t)c->vocab * 6);
     chunk = chunk < 64 ? 64 : chunk;
+    chunk = env_flag("KN_XENT_CHUNK", 0) > 0 ? env_flag("KN_XENT_CHUNK", 0) : chunk;
     G->chunk = (int)(chunk < n ? chunk : n);
-    size_t xsb = kn_xent_scratch_bytes(G->chunk, c->vocab);
-    G->xent_own = !(G->ckpt && xsb <= (size_t)(n * c->hidden) * 2);
-    G->xent_scratch = G->xent_own ? dalloc(xsb) : (void *)G->sets[0].g;
+    /* With checkpointing the head's scratch lives in a buffer that is dead
+     * while the head runs: wbuf (the head is never NF4), in fewer rows if
+     * need be, so that the last layer's activations survive until its
+     * backward and it is not recomputed (keep_last); a model whose largest
+     * linear is too small for 64 rows of logits (a toy) gets its own.
+     * KN_KEEP_LAST=0 (comparisons): the gate buffer, as the recomputation
+     * rewrites it anyway. */
+    size_t wbb = (size_t)maxw * 2, xsb;
+    G->keep_last = G->ckpt && env_flag("KN_KEEP_LAST", 1);
+    if (G->keep_last) {
+        int64_t ch = G->chunk;
+        while (ch > 64 && kn_xent_scratch_bytes((int)ch, c->vocab) > wbb)
+            ch = ch * 7 / 8 > 64 ? ch * 7 / 8 : 64;
+        if (kn_xent_scratch_bytes((int)ch, c->vocab) <= wbb)
+            G->chunk = (int)ch;
+    }
+    xsb = kn_xent_scratch_bytes(G->chunk, c->vocab);
+    if (G->keep_last && xsb <= wbb) {
+        G->xent_own = 0;
+        G->xent_scratch = G->wbuf;
+    } else {
+        G->xent_own = !(G->ckpt && !G->keep_last && xsb <= (size_t)(n * c->hidden) * 2);
+        G->xent_scratch = G->xent_own ? dalloc(xsb) : (void *)G->sets[0].g;
+    }
     G->stats = (float *)dalloc(2 * sizeof(float));
     G->ids = (int32_t *)dalloc((size_t)n * 4);
     G->pos = (int32_t *)dalloc((size_t)n * 4);
@@ -440,6 +497,10 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     int mode = off_mode(flags & GPU_TRAINER_OFFLOAD ? OFF_ATTN_X2 : 0);
     if (mode && G->ckpt && c->n_layers > 1)
         off_init(G, mode);
+    wprefetch_init(G);
+    G->ptime = env_flag("KN_PHASE_TIMES", 0);
+    for (int k = 0; G->ptime && k < 4; k++)
+        CUDA_CHECK(cudaEventCreate(&G->pev[k]));
     return G;
 }
 
@@ -449,6 +510,13 @@ extern "C" void gpu_trainer_free(gpu_trainer *G)
         return;
     kn_stream_sync(G->s);
     off_free(G);
+    wprefetch_free(G);
+    if (G->ptime && G->pcount)
+        fprintf(stderr, "train_gpu: %lld micro-batches, ms each: forward %.2f, head %.2f, "
+                "backward %.2f\n", (long long)G->pcount, G->pms[0] / G->pcount,
+                G->pms[1] / G->pcount, G->pms[2] / G->pcount);
+    for (int k = 0; G->ptime && k < 4; k++)
+        CUDA_CHECK(cudaEventDestroy(G->pev[k]));
     for (int32_t i = 0; i < G->c.n_layers; i++) {
         kn_free(G->L[i].attn_norm);
         kn_free(G->L[i].ffn_norm);
@@ -540,12 +608,128 @@ extern "C" void gpu_trainer_mem(const gpu_trainer *G, size_t bytes[GPU_MEM_NCAT]
 
 /* ---- one linear ----------------------------------------------------------- */
 
-static const bf16 *weight(gpu_trainer *G, const gpu_lin *w)
+/* ---- frozen weights ---------------------------------------------------------
+ *
+ * An NF4 linear is dequantized into a bf16 buffer just before its product.
+ * Serially that is ~17 memory-bound passes a layer in front of the products
+ * (~2% of a step for Llama 2 7B), so instead, when a product's weight is
+ * taken, the weight the next product will need is dequantized on a side
+ * stream (ws) into a second buffer while this product runs. Which weight
+ * comes next is learnt: the order of the products is the same in every
+ * micro-batch, so each use (layer, linear, pass) remembers the use that
+ * followed it last time (wsucc); a wrong guess only costs the serial
+ * dequantization. No device memory is added: the second buffer is an
+ * activation that is dead for the whole of the pass the two uses belong to,
+ * the fp32 residual gradient dres in the forward (written first by the
+ * head), and in the backward of layers 1.. the final hidden state xl (read
+ * last by the head, rewritten by layer 0's embedding), in layer 0's the
+ * output of layer 0 (read last by layer 1's backward). A prefetch never
+ * crosses those bounds; wflush makes the compute stream wait for one in
+ * flight before the head and the embedding write their buffers. Events
+ * order the rest: a prefetch starts once every product queued before it
+ * (the last reader of its buffer among them) is done, and the product that
+ * reads it waits for it. The values are the same as the serial path's. */
+enum { WP_FWD, WP_RECOMP, WP_BWD };
+
+static int32_t wkey(const gpu_trainer *G, int32_t layer, int l)
 {
+    return ((int32_t)layer * LLAMA_NLINEAR + l) * 3 + G->wpass;
+}
+
+/* The buffer a prefetch for use `to`, issued at use `at`, may write besides
+ * wbuf, or NULL when it may not (see above). */
+static bf16 *wspare(const gpu_trainer *G, int32_t at, int32_t to)
+{
+    int32_t la = at / 3 / LLAMA_NLINEAR, lt = to / 3 / LLAMA_NLINEAR;
+    int fa = at % 3 == WP_FWD, ft = to % 3 == WP_FWD;
+    const gpu_lin *w = &G->L[lt].lin[to / 3 % LLAMA_NLINEAR];
+    size_t need = (size_t)(w->out * w->in) * 2, row = (size_t)G->cap * G->c.dim;
+    if (fa != ft)
+        return NULL;
+    if (ft)
+        return need <= row * 4 ? (bf16 *)G->dres : NULL;
+    if (lt >= 1)
+        return need <= row * 2 ? G->xl : NULL;
+    if (la == 0 && G->c.n_layers > 1)
+        return need <= row * 2 ? G->xin : NULL;
+    return NULL;
+}
+
+/* The compute stream waits for the prefetch in flight, if any, and
+ * forgets it: its buffer is about to be written. */
+static void wflush(gpu_trainer *G)
+{
+    if (G->wpend >= 0)
+        CUDA_CHECK(cudaStreamWaitEvent(G->s, G->ev_wrdy, 0));
+    G->wpend = -1;
+}
+
+static void wprefetch_init(gpu_trainer *G)
+{
+    int v = env_flag("KN_WPREFETCH", 1);
+    G->wpend = G->wlast = -1;
+    G->wpf = v != 0 && G->c.n_layers > 0;
+    if (!G->wpf)
+        return;
+    int lo = 0, hi = 0;
+    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
+    /* KN_WPREFETCH=2: the side stream at the highest priority, so that its
+     * blocks take the SMs the product frees first */
+    CUDA_CHECK(cudaStreamCreateWithPriority(&G->ws, cudaStreamNonBlocking, v == 2 ? hi : lo));
+    CUDA_CHECK(cudaEventCreateWithFlags(&G->ev_wuse, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&G->ev_wrdy, cudaEventDisableTiming));
+    size_t nk = (size_t)G->c.n_layers * LLAMA_NLINEAR * 3;
+    G->wsucc = (int32_t *)xmalloc(nk * sizeof *G->wsucc);
+    for (size_t k = 0; k < nk; k++)
+        G->wsucc[k] = -1;
+}
+
+static void wprefetch_free(gpu_trainer *G)
+{
+    if (!G->wpf)
+        return;
+    CUDA_CHECK(cudaStreamSynchronize(G->ws));
+    CUDA_CHECK(cudaStreamDestroy(G->ws));
+    CUDA_CHECK(cudaEventDestroy(G->ev_wuse));
+    CUDA_CHECK(cudaEventDestroy(G->ev_wrdy));
+    free(G->wsucc);
+    G->wpf = 0;
+}
+
+/* Linear l of `layer` in bf16 for the product about to be queued on the
+ * compute stream, in the pass G->wpass. */
+static const bf16 *weight(gpu_trainer *G, int32_t layer, int l)
+{
+    const gpu_lin *w = &G->L[layer].lin[l];
     if (w->dense)
         return w->dense;
-    kn_nf4_dequant((kn_bf16 *)G->wbuf, &w->q, G->s);
-    return G->wbuf;
+    int32_t key = wkey(G, layer, l);
+    bf16 *buf = G->wbuf;
+    if (G->wpend == key) {
+        CUDA_CHECK(cudaStreamWaitEvent(G->s, G->ev_wrdy, 0));
+        buf = G->wpbuf;
+        G->wpend = -1;
+    } else {
+        wflush(G);
+        kn_nf4_dequant((kn_bf16 *)buf, &w->q, G->s);
+    }
+    if (!G->wpf)
+        return buf;
+    if (G->wlast >= 0)
+        G->wsucc[G->wlast] = key;
+    G->wlast = key;
+    int32_t nx = G->wsucc[key];
+    bf16 *spare = nx >= 0 ? wspare(G, key, nx) : NULL;
+    if (spare) {
+        const gpu_lin *wn = &G->L[nx / 3 / LLAMA_NLINEAR].lin[nx / 3 % LLAMA_NLINEAR];
+        G->wpbuf = buf == G->wbuf ? spare : G->wbuf;
+        CUDA_CHECK(cudaEventRecord(G->ev_wuse, G->s));
+        CUDA_CHECK(cudaStreamWaitEvent(G->ws, G->ev_wuse, 0));
+        kn_nf4_dequant((kn_bf16 *)G->wpbuf, &wn->q, G->ws);
+        CUDA_CHECK(cudaEventRecord(G->ev_wrdy, G->ws));
+        G->wpend = nx;
+    }
+    return buf;
 }
 
 #define KB(p) ((kn_bf16 *)(p))
@@ -619,12 +803,12 @@ static void lin_fwd(gpu_trainer *G, int32_t layer, int l, bf16 *y,
         kn_gemm_ex(0, 1, (int)n, out, r, G->scale, CKB(lh), r,
                    CKB(lora_w(G, layer, sl->b)), r, res ? 1.0f : 0.0f, res, y, KN_BF16, out,
                    G->s);
-        kn_gemm(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(weight(G, w)), in, 1.0f, y,
+        kn_gemm(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(weight(G, layer, l)), in, 1.0f, y,
                 KN_BF16, out, G->s);
         return;
     }
     if (y)
-        kn_gemm_ex(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(weight(G, w)), in,
+        kn_gemm_ex(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(weight(G, layer, l)), in,
                    res ? 1.0f : 0.0f, res, y, KN_BF16, out, G->s);
 }
 
@@ -673,7 +857,7 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
     }
     if (!dx)
         return;
-    kn_gemm(0, 0, ni, in, out, 1.0f, CKB(dy), out, CKB(weight(G, w)), in,
+    kn_gemm(0, 0, ni, in, out, 1.0f, CKB(dy), out, CKB(weight(G, layer, l)), in,
             accumulate ? 1.0f : 0.0f, dx, dxt, in, G->s);
     if (!lora)
         return;
@@ -825,6 +1009,9 @@ static void off_init(gpu_trainer *G, int mode)
         CUDA_CHECK(cudaEventCreateWithFlags(&G->ev_in[g], cudaEventDisableTiming));
     }
     G->off = mode;
+    /* o's output of every second layer stays out when o carries no adapter
+     * (see off_x2) */
+    G->x2skip = env_flag("KN_OFFLOAD_X2_SKIP", t & (1u << LLAMA_O) ? 0 : 2);
     msg_info("activation offload: %.1f MiB a layer, %.1f GiB of pinned host memory",
              G->hstride / 1048576.0, G->hbytes / 1073741824.0);
 }
@@ -845,6 +1032,23 @@ static void off_free(gpu_trainer *G)
         CUDA_CHECK(cudaEventDestroy(G->ev_in[g]));
     }
     G->off = 0;
+}
+
+/* Whether layer i's o_proj output (x2) goes to host memory and back (else
+ * the recomputation redoes o from the attention output). With x2, a layer
+ * sends ~506 MB for Llama 2 7B at 12288 tokens, ~10.4 ms of PCIe at the
+ * ~49 GB/s measured, and with LoRA on q and v only the forward's compute
+ * is shorter than that: the bus bounds the forward (leaving out half the
+ * layers' x2 took it from 334 to 308 ms a micro-batch, for 10 ms more of
+ * recomputation in the backward). With LoRA on o (and, in practice, on
+ * more linears) the forward computes longer than it sends, and the o
+ * recomputation costs more, so every layer's x2 goes. So: every second
+ * layer's (1, 3, ...) x2 stays out when o carries no adapter, else none;
+ * KN_OFFLOAD_X2_SKIP=m (comparisons) leaves out every m-th layer's (m - 1,
+ * 2m - 1, ...), 0 none. bench/RESULTS.md, "train, last mile". */
+static int off_x2(const gpu_trainer *G, int32_t i)
+{
+    return G->off == OFF_ATTN_X2 && !(G->x2skip > 0 && i % G->x2skip == G->x2skip - 1);
 }
 
 /* The forward: the compute stream waits until the previous layer's group
@@ -887,7 +1091,7 @@ static void off_get(gpu_trainer *G, int32_t layer, int64_t n, int late)
         CUDA_CHECK(cudaStreamWaitEvent(G->h2d, G->ev_out[g], 0));
     for (int j = 0; j < (late ? 1 : 5); j++) {
         int g = late ? OFF_LH : order[j];
-        for (int k = 0; k < G->nent; k++) {
+        for (int k = 0; k < G->nent && (g != OFF_X2 || off_x2(G, layer)); k++) {
             const off_ent *e = &G->ent[k];
             if (e->get == g)
                 CUDA_CHECK(cudaMemcpyAsync(e->dev, slot + e->hoff, (size_t)n * e->row,
@@ -919,7 +1123,10 @@ static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
     /* the last layer's activations stay on the device until its backward */
     int put = G->off_now == OFF_PUT && i + 1 < c->n_layers;
     int got = G->off_now == OFF_GOT, wait = got && i + 1 < c->n_layers;
-    G->recomp = out == NULL && drop;
+    /* a recomputation leaves the keep bits for the backward; so does the
+     * training forward of a last layer that is not recomputed */
+    G->recomp = drop && (out == NULL || (G->keep_last && i + 1 == c->n_layers));
+    G->wpass = out ? WP_FWD : WP_RECOMP;
     kn_rmsnorm_forward(KB(s->xn1), s->rstd1, CKB(s->x), L->attn_norm, n, dim, c->norm_eps, st);
     if (!got) {
         /* each group as soon as it is final, so its copy starts early */
@@ -943,12 +1150,12 @@ static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
         if (put)
             off_put(G, i, OFF_ATT, n);
     }
-    if (!got || G->off != OFF_ATTN_X2) {
+    if (!got || !off_x2(G, i)) {
         if (wait)
             off_wait(G, OFF_ATT);
         off_fence(G, OFF_X2);
         lin_fwd(G, i, LLAMA_O, s->x2, s->x, s->att, n, s->lh[LLAMA_O], drop, key);
-        if (put && G->off == OFF_ATTN_X2)
+        if (put && off_x2(G, i))
             off_put(G, i, OFF_X2, n);
     } else if (wait) {
         off_wait(G, OFF_X2);
@@ -977,6 +1184,7 @@ static void layer_bwd(gpu_trainer *G, int32_t i, gpu_acts *s, int64_t n,
      * x2, gate and up once the MLP's backward is done). */
     float *dxn = G->dxn ? G->dxn : (float *)s->hm;
     bf16 *dq = G->dq ? G->dq : s->xn2, *datt = G->datt ? G->datt : s->x2;
+    G->wpass = WP_BWD;
     bf16 *dk = G->dk ? G->dk : s->g, *dv = G->dv ? G->dv : s->u;
     /* MLP: dh over h, then dgate/dup over gate/up */
     lin_bwd(G, i, LLAMA_DOWN, s->hm, KN_BF16, 0, G->dyb, s->hm, n,
@@ -993,7 +1201,7 @@ static void layer_bwd(gpu_trainer *G, int32_t i, gpu_acts *s, int64_t n,
      * host memory (not the last layer's: it never left) and, once this
      * layer is done with its buffers, the layer below's is sent for */
     int got = G->off_now == OFF_GOT, wait = got && i + 1 < c->n_layers;
-    if (wait && G->off == OFF_ATTN_X2)
+    if (wait && off_x2(G, i))
         off_wait(G, OFF_ATT);
     lin_bwd(G, i, LLAMA_O, datt, KN_BF16, 0, G->dyb, s->att, n,
             s->lh[LLAMA_O], drop, key);
@@ -1073,6 +1281,25 @@ static gpu_acts *acts_of(gpu_trainer *G, int32_t i)
     return s;
 }
 
+/* KN_PHASE_TIMES=1 (diagnostics): events at the start of a micro-batch
+ * (0), after the layers' forward (1), after the head (2) and at the end (3);
+ * the end waits for the micro-batch, which costs the host's lead. */
+static void ptime_mark(gpu_trainer *G, int k)
+{
+    if (!G->ptime)
+        return;
+    CUDA_CHECK(cudaEventRecord(G->pev[k], G->s));
+    if (k < 3)
+        return;
+    CUDA_CHECK(cudaEventSynchronize(G->pev[3]));
+    for (int j = 0; j < 3; j++) {
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, G->pev[j], G->pev[j + 1]));
+        G->pms[j] += ms;
+    }
+    G->pcount++;
+}
+
 /* Forward and backward of one micro-batch already uploaded: adds to grad
  * the gradient of scale * sum w CE and to stats[0] the loss sum. */
 static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scale)
@@ -1082,11 +1309,14 @@ static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scal
     int32_t nl = c->n_layers;
     G->bits_layer = -1; /* another micro-batch: another mask */
     int off = G->off && nl > 1;
+    ptime_mark(G, 0);
     kn_embedding_forward(KB(layer_in(G, 0)), CKB(G->embed), G->ids, n, c->dim, st);
     G->off_now = off ? OFF_PUT : 0;
     for (int32_t i = 0; i < nl; i++)
         layer_fwd(G, i, acts_of(G, i), layer_out(G, i), n, 1, key);
     G->off_now = 0;
+    wflush(G); /* the head's scratch may be wbuf */
+    ptime_mark(G, 1);
     /* the head: normed state in dyb (free until the backward), gradient
      * into dres, then through the final norm in place; dyb = bf16(dres) */
     const bf16 *xf = layer_out(G, nl - 1);
@@ -1095,18 +1325,24 @@ static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scal
                              c->dim, c->vocab, scale, G->chunk, G->xent_scratch, st);
     kn_rmsnorm_backward(G->dres, KB(G->dyb), G->dres, CKB(xf), G->norm, G->rstdf, n,
                         c->dim, 0, st);
+    ptime_mark(G, 2);
     G->off_now = off ? OFF_GOT : 0;
     for (int32_t i = nl - 1; i >= 0; i--) {
         gpu_acts *s = acts_of(G, i);
-        if (i == 0 && nl > 1)
+        if (i == 0 && nl > 1) {
+            wflush(G);
             kn_embedding_forward(KB(layer_in(G, 0)), CKB(G->embed), G->ids, n, c->dim, st);
-        if (G->ckpt)
+        }
+        /* the last layer's activations are all there with keep_last */
+        if (G->ckpt && !(G->keep_last && i + 1 == nl))
             layer_fwd(G, i, s, NULL, n, 1, key);
         layer_bwd(G, i, s, n, 1, key, i > 0);
         if (G->hooks)
             G->hooks->layer_done(G->hooks->ctx, i, G->grad, G->s);
     }
     G->off_now = 0;
+    wflush(G);
+    ptime_mark(G, 3);
 }
 
 extern "C" int gpu_trainer_step(gpu_trainer *G, const train_batch *micro,
@@ -1216,6 +1452,7 @@ extern "C" int gpu_trainer_forward(gpu_trainer *G, const llama_batch *b,
         cur = nxt;
         nxt = t;
     }
+    wflush(G);
     kn_rmsnorm_forward(KB(G->dyb), G->rstdf, CKB(cur), G->norm, n, c->dim, c->norm_eps, st);
     kn_xent_forward_backward(G->stats, NULL, CKB(G->dyb), CKB(G->head), G->tg, G->wt, n,
                              c->dim, c->vocab, 0.0f, G->chunk, G->xent_scratch, st);

@@ -10,7 +10,8 @@
 #     step, while a checkpoint is written, while CUDA starts) and continued
 #     each time with --resume ends with an adapter byte-identical (cmp) to
 #     the uninterrupted run's, and the same optimizer state in its last
-#     checkpoint. CRASH_SEED picks other moments.
+#     checkpoint. CRASH_SEED picks other moments; CRASH_SETS adds settings
+#     (e.g. "-s gradient_checkpointing=true", which offloads activations).
 # Skips where the tool was built without CUDA or no GPU is present.
 . "$TOP/tests/cli/lib.sh"
 
@@ -41,7 +42,8 @@ fi
 N=40
 SETS="-s max_steps=$N -s save_steps=1 -s per_device_train_batch_size=2
  -s gradient_accumulation_steps=2 -s logging_steps=1 -s lora_dropout=0.1
- -s target_modules=all-linear -s r=8 -s lora_alpha=16 -s max_grad_norm=1.0"
+ -s target_modules=all-linear -s r=8 -s lora_alpha=16 -s max_grad_norm=1.0
+ ${CRASH_SETS:-}"
 train() { # OUTDIR [args...]
     d=$1; shift
     lora-train -q -m "$S260" --device cuda -o "$d" $SETS "$@" t.packed
@@ -118,7 +120,7 @@ has_checkpoint run && r=--resume
 if [ "$kills" -eq 0 ]; then
     notok "crash-resume-gpu: no kill landed (seed $seed)"
 elif train run $r >/dev/null 2>>run.err; then
-    ok "crash-resume-gpu: resumed after $kills kills (seed $seed: after checkpoint, delay s: $(echo $(cat plan)))"
+    ok "crash-resume-gpu: resumed after $kills kills (seed $seed${CRASH_SETS:+, $CRASH_SETS}: after checkpoint, delay s: $(echo $(cat plan)))"
 else
     notok "crash-resume-gpu: final --resume failed"
     sed 's/^/    /' run.err | tail -n 5

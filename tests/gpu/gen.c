@@ -216,6 +216,49 @@ static void test_mma_batches(int kind, int nested, int64_t out, int64_t in)
     kn_free(dx); kn_free(dy); kn_free(ws);
 }
 
+/* Split products of two shapes sharing one workspace, as a step's do: the
+ * first again gives the same bits (the counters of one launch must
+ * survive the partial sums of the other). */
+static void test_mma_shared_ws(void)
+{
+    int n = 40;
+    int64_t in = 512, outs[2] = {300, 1000};
+    float *wref[2];
+    kn_gen_lin op[2];
+    float *x = gt_rand((int64_t)n * in, 1.0f);
+    gt_round_bf16(x, (int64_t)n * in);
+    kn_bf16 *dx = gt_up_bf16(x, (int64_t)n * in);
+    size_t wsb = 0;
+    for (int i = 0; i < 2; i++) {
+        op[i].w = make_weight(KN_GW_NF4, outs[i], in, 1, &wref[i]);
+        op[i].y = gt_dev((size_t)n * outs[i] * 4);
+        op[i].res = NULL;
+        op[i].ldy = outs[i];
+        size_t b = kn_gen_linear_mma_ws(&op[i], 1, n);
+        wsb = b > wsb ? b : wsb;
+    }
+    void *ws = kn_malloc(wsb ? wsb : 16);
+    kn_memset(ws, 0, wsb ? wsb : 16, 0);
+    kn_gen_linear_mma(&op[0], 1, dx, in, n, ws, wsb, 0);
+    float *first = gt_down_f32(op[0].y, (int64_t)n * outs[0]);
+    kn_gen_linear_mma(&op[1], 1, dx, in, n, ws, wsb, 0);
+    kn_gen_linear_mma(&op[0], 1, dx, in, n, ws, wsb, 0);
+    float *again = gt_down_f32(op[0].y, (int64_t)n * outs[0]);
+    float *ref = malloc((size_t)n * outs[1] * 4), *got = gt_down_f32(op[1].y, (int64_t)n * outs[1]);
+    gen_ref_linear(ref, NULL, outs[1], x, in, wref[1], outs[1], in, n, 1.0f);
+    gt_compare("linear_mma split, second shape in a shared workspace", got, ref, (int64_t)n * outs[1],
+               TOL_MMA, "TOL_MMA");
+    gt_check(memcmp(first, again, (size_t)n * outs[0] * 4) == 0,
+             "linear_mma split: same bits after another shape used the workspace");
+    free(first); free(again); free(ref); free(got); free(x);
+    for (int i = 0; i < 2; i++) {
+        free(wref[i]);
+        kn_free(op[i].y);
+    }
+    kn_free(dx);
+    kn_free(ws);
+}
+
 /* q/k/v in one launch (different outs), no residual */
 static void test_mma_group(int n)
 {
@@ -1069,6 +1112,7 @@ int main(int argc, char **argv)
     test_mma_batches(KN_GW_NF4, 1, 17000, 128);  /* lin_tile without split */
     test_mma_group(5);
     test_mma_group(40);
+    test_mma_shared_ws();
     test_f32(77, 172, 9, 0);
     test_f32(64, 64, 1, 1);
     test_f32(300, 8, 20, 0);

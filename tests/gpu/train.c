@@ -116,17 +116,24 @@ static void grad_test(const llama_model *m, const pack_data *d, const char *tag0
     float scale = (float)(1.0 / tb.weight_sum);
     uint64_t key = train_dropout_key(42, 3, 1);
     float *gc = xcalloc(a->n_params, sizeof *gc);
-    float *gg[3] = {xcalloc(a->n_params, 4), xcalloc(a->n_params, 4),
-                    xcalloc(a->n_params, 4)};
+    float *gg[4] = {xcalloc(a->n_params, 4), xcalloc(a->n_params, 4),
+                    xcalloc(a->n_params, 4), xcalloc(a->n_params, 4)};
     llama_train_opts o = {0, key};
-    double lc_sum = 0, lg_sum[3] = {0, 0, 0};
+    double lc_sum = 0, lg_sum[4] = {0, 0, 0, 0};
     llama_forward_backward(m, a, &tb.b, &o, scale, gc, &lc_sum);
     adamw opt;
     adamw_init(&opt, a->n_params, 0.9, 0.999, 1e-8, 0.0);
     char what[256];
-    /* 0: plain, 1: checkpointed, 2: the dropout path in chunks of 37 rows */
-    for (int ck = 0; ck < 3; ck++) {
-        gpu_trainer *G = gpu_trainer_new(m, &lc, (int64_t)4 * SEQ, ck == 1);
+    /* 0: plain, 1: checkpointed, 2: the dropout path in chunks of 37 rows,
+     * 3: checkpointed without the NF4 prefetch, the last layer recomputed */
+    for (int ck = 0; ck < 4; ck++) {
+        if (ck == 3) {
+            setenv("KN_WPREFETCH", "0", 1);
+            setenv("KN_KEEP_LAST", "0", 1);
+        }
+        gpu_trainer *G = gpu_trainer_new(m, &lc, (int64_t)4 * SEQ, ck == 1 || ck == 3);
+        unsetenv("KN_WPREFETCH");
+        unsetenv("KN_KEEP_LAST");
         if (!G) {
             gt_check(0, "gpu_trainer_new");
             continue;
@@ -137,7 +144,10 @@ static void grad_test(const llama_model *m, const pack_data *d, const char *tag0
         gt_check(gpu_trainer_gradient(G, &tb.b, key, scale, gg[ck], &lg_sum[ck]) == 0,
                  "gpu_trainer_gradient");
         gpu_trainer_free(G);
-        const char *how = ck == 1 ? " checkpointed" : ck == 2 ? " dropout in chunks" : "";
+        const char *how = ck == 1   ? " checkpointed"
+                          : ck == 2 ? " dropout in chunks"
+                          : ck == 3 ? " checkpointed, serial NF4, last layer recomputed"
+                                    : "";
         snprintf(what, sizeof what, "%s batch loss sum%s (cpu %.6f gpu %.6f)", tag, how,
                  lc_sum, lg_sum[ck]);
         float fg = (float)lg_sum[ck], fc = (float)lc_sum;
@@ -148,12 +158,15 @@ static void grad_test(const llama_model *m, const pack_data *d, const char *tag0
     }
     snprintf(what, sizeof what, "%s gradient checkpointing changes no bit", tag);
     gt_compare(what, gg[1], gg[0], (int64_t)a->n_params, TOL_EXACT, "TOL_EXACT");
+    snprintf(what, sizeof what, "%s NF4 prefetch and the kept last layer change no bit", tag);
+    gt_compare(what, gg[1], gg[3], (int64_t)a->n_params, TOL_EXACT, "TOL_EXACT");
     snprintf(what, sizeof what, "%s dropout path in chunks: same gradient", tag);
     gt_compare(what, gg[2], gg[0], (int64_t)a->n_params, TOL_CHUNK, "TOL_CHUNK");
     free(gc);
     free(gg[0]);
     free(gg[1]);
     free(gg[2]);
+    free(gg[3]);
     adamw_free(&opt);
     train_batch_free(&tb);
     lora_free(a);
@@ -256,7 +269,8 @@ static void train_test(const llama_model *m, const pack_data *d, const char *tag
 
 
 /* Offload against checkpointing alone: GPU against GPU, bit for bit.
- * attn_only: KN_OFFLOAD=1 (o_proj's output recomputed). Micro-batches of different
+ * attn_only 1: KN_OFFLOAD=1 (o_proj's output recomputed), 2: KN_OFFLOAD_X2_SKIP=2
+ * (every second layer's). Micro-batches of different
  * sizes (the rows have different padding) and two micro-batches a step, so
  * that a step's second forward reuses host slots its first backward read. */
 static void offload_test(const llama_model *m, const pack_data *d, const char *tag0, int r,
@@ -267,7 +281,7 @@ static void offload_test(const llama_model *m, const pack_data *d, const char *t
     char tag[128], what[256];
     snprintf(tag, sizeof tag, "%s r=%d %s offload%s", tag0, r,
              targets == LORA_ALL_LINEAR ? "all-linear" : "q_proj,v_proj",
-             attn_only ? " (KN_OFFLOAD=1)" : "");
+             attn_only == 1 ? " (KN_OFFLOAD=1)" : attn_only == 2 ? " (KN_OFFLOAD_X2_SKIP=2)" : "");
     lora_adapter *a[2];
     adamw o[2];
     gpu_trainer *G[2];
@@ -278,11 +292,14 @@ static void offload_test(const llama_model *m, const pack_data *d, const char *t
         for (size_t i = 0; i < a[k]->n_params; i++)
             a[k]->params[i] += (float)((i * 2654435761u % 1000) / 1000.0 - 0.5) * 0.02f;
         adamw_init(&o[k], a[k]->n_params, 0.9, 0.999, 1e-8, 0.01);
-        if (k && attn_only)
+        if (k && attn_only == 1)
             setenv("KN_OFFLOAD", "1", 1);
+        if (k && attn_only == 2)
+            setenv("KN_OFFLOAD_X2_SKIP", "2", 1);
         G[k] = gpu_trainer_new(m, &lc, (int64_t)4 * SEQ,
                                GPU_TRAINER_CHECKPOINT | (k ? GPU_TRAINER_OFFLOAD : 0));
         unsetenv("KN_OFFLOAD");
+        unsetenv("KN_OFFLOAD_X2_SKIP");
         if (!G[k]) {
             gt_check(0, "gpu_trainer_new");
             return;
@@ -485,7 +502,14 @@ static void bench_7b(void)
            oe && !strcmp(oe, "0")   ? "off"
            : oe && !strcmp(oe, "1") ? "on, without o_proj's output"
                                     : "on");
+    /* GPU_TRAIN_BENCH=a or b: only that configuration; GPU_TRAIN_STEPS: timed
+     * steps (default 3), for quick comparisons */
+    const char *only = getenv("GPU_TRAIN_BENCH");
+    const char *se = getenv("GPU_TRAIN_STEPS");
+    int steps = se && atoi(se) > 0 ? atoi(se) : 3;
     for (int v = 0; v < 2; v++) {
+        if (only && *only && *only != "ab"[v])
+            continue;
         lora_config lc;
         memset(&lc, 0, sizeof lc);
         lc.r = 64;
@@ -501,7 +525,8 @@ static void bench_7b(void)
         gpu_trainer *G = gpu_trainer_new(&M, &lc, (int64_t)BS * T, flags);
         gpu_trainer_load(G, a, &opt);
         double tload = now_s() - t0, loss, norm, best = 1e30, sum = 0;
-        enum { WARM = 1, STEPS = 3 };
+        enum { WARM = 1 };
+        const int STEPS = steps;
         for (int s = 0; s < WARM + STEPS; s++) {
             double ts = now_s();
             gpu_trainer_step(G, tb, ACC, 2e-4, 0.3, 42, s, &loss, &norm);
@@ -587,6 +612,7 @@ int main(int argc, char **argv)
                    GPU_TRAINER_CHECKPOINT | GPU_TRAINER_OFFLOAD | GPU_TRAINER_PAGED_OPTIM, 6);
         offload_test(mq, &d, "stories260K nf4", 16, LORA_ALL_LINEAR, 0, 6);
         offload_test(mq, &d, "stories260K nf4", 16, LORA_DEFAULT_TARGETS, 1, 6);
+        offload_test(mq, &d, "stories260K nf4", 16, LORA_ALL_LINEAR, 2, 4);
         llama_free(mq);
     } else {
         printf("skip train nf4: %s not loadable\n", nf4dir);
