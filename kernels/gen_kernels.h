@@ -43,8 +43,10 @@ typedef struct kn_gw {
  * ldx), W_i BF16 or NF4 with in % 4 == 0; n <= 64 (larger n: call again
  * with x and y advanced). Each output element is summed in an order that
  * depends only on the weight's shape, never on n or on the other rows of
- * x. ws: a device workspace of kn_gen_linear_mma_ws bytes (0 at present:
- * the sums are split inside a block; kept for a split across blocks). */
+ * x. ws: a device workspace of kn_gen_linear_mma_ws bytes, zeroed once
+ * before its first use (the kernels leave it zeroed), shared by every
+ * launch of at most those sizes; small products with n > 16 split their
+ * sums across blocks through it (NULL: no split, the same bits). */
 typedef struct kn_gen_lin {
     kn_gw w;
     float *y;

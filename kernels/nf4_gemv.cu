@@ -21,7 +21,7 @@
  *   - lin_row (n <= 16, the default): a block of 8 warps owns 16 output
  *     rows, warp w sums class w with 4 chunks of weights in flight.
  *   - lin_vec (n <= 16, QLORA_GEN_VEC=1; slower on an H100 so far): a
- *     block of 8 warps takes tiles of 16 output rows in turn (as many blocks as fit at once), and warp w
+ *     block of 8 warps takes tiles of 16 output rows in turn, and warp w
  *     sums class w; the warps' sums are added in shared memory. Each warp
  *     keeps D chunks of weights in flight (a register ring that runs on
  *     into the next tile), the next tile's rows are prefetched into L2
@@ -29,14 +29,19 @@
  *     kernel waits for its predecessor (programmatic dependent launch,
  *     see gen_launch.cuh). When it fits (n in <= 20 K), x sits in shared
  *     memory.
- *   - lin_tile (n > 16, bound by the tensor cores and L2): a block of W
- *     warps owns 16 W rows, warp i the rows 16i .. 16i+15, every warp all
- *     classes in order (the class sums kept in shared memory); the x
- *     chunks, shared by the W warps, stream through shared memory with
- *     cp.async, 4 stages deep; weights stream through registers 4 chunks
- *     ahead. Small products (few row tiles) are also split over the
- *     classes: block z sums class z alone into a workspace, and the last
- *     block of a row tile to finish adds the eight in class order.
+ *   - lin_tile (n > 16): a block of W warps owns 16 W rows, warp i the
+ *     rows 16i .. 16i+15, every warp all classes in order (the class
+ *     sums kept in shared memory); the x chunks, shared by the W warps,
+ *     stream through shared memory with cp.async, 4 stages deep; weights
+ *     stream through registers 4 chunks ahead. Small products (few row
+ *     tiles) are also split over the classes: block z sums class z alone
+ *     into a workspace, and the last block of a row tile to finish adds
+ *     the eight in class order.
+ *
+ * Measured on an H100 (bench/RESULTS.md, "gen, tuning"): all three are
+ * latency-bound at 16 to 24 resident warps an SM (ncu: 20-25% DRAM
+ * throughput, 30-50% SM throughput); lin_row and lin_tile run a step
+ * about as fast as the kernel they replace, lin_vec slower.
  *
  * kn_gen_linear_f32: CUDA cores, one warp per output row, fp32 weights
  * (f32 checkpoints, LoRA matrices).
@@ -528,7 +533,10 @@ __global__ void __launch_bounds__(256) lin_vec_kernel(lin_pack P, const bf16 *__
 
 /* ---- lin_tile: 16 < n <= 64 -------------------------------------------------------- */
 
-template <int NT> __host__ __device__ constexpr size_t tile_xs_bytes() { return (size_t)TILE_STAGES * NT * 8 * 64 * 2; }
+template <int NT> __host__ __device__ constexpr size_t tile_xs_bytes()
+{
+    return (size_t)TILE_STAGES * NT * 8 * 64 * 2;
+}
 
 template <int NT, int W, bool SPLIT> __host__ __device__ constexpr size_t tile_smem_max()
 {
@@ -540,9 +548,9 @@ template <int NT, int W, bool SPLIT> __host__ __device__ constexpr size_t tile_s
  * their partial sums after it), then the partial sums (nops, 8, 64, wsld)
  * fp32. */
 template <int WK, int NT, int W, bool SPLIT>
-__global__ void __launch_bounds__(W * 32, 16 / W) lin_tile_kernel(lin_pack P, const bf16 *__restrict__ x,
-                                                          int64_t ldx, int n, float *ws,
-                                                          int64_t wsld, int ntiles)
+__global__ void __launch_bounds__(W * 32, 16 / W)
+    lin_tile_kernel(lin_pack P, const bf16 *__restrict__ x, int64_t ldx, int n, float *ws,
+                    int64_t wsld, int ntiles)
 {
     extern __shared__ __align__(16) unsigned char tsm[];
     __shared__ float qmap[16];

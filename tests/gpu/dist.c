@@ -36,6 +36,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "gpu_test.h"
+#include "model7b.h"
 
 #include "../../kernels/dist_gpu.h"
 #include "../../kernels/train_gpu.h"
@@ -349,32 +350,6 @@ static int check_rank(job *j)
 /* ---- --bench: the 7B seed configuration (as tests/gpu/train.c's) -----------
  */
 
-/* Random NF4 weights with double quantization built in memory (tests/gpu/
- * train.c does the same for bench/train): random codes, one pool shared
- * by every matrix on the host, each matrix its own copy on the device. */
-static void fake_nf4(nf4_weight *w, int64_t rows, int64_t cols,
-                     const uint8_t *codes, const uint8_t *scodes,
-                     const float *nested)
-{
-    memset(w, 0, sizeof *w);
-    w->ndim = 2;
-    w->shape[0] = rows;
-    w->shape[1] = cols;
-    w->numel = rows * cols;
-    w->dtype = ST_BF16;
-    w->blocksize = 64;
-    w->nblocks = w->numel / 64;
-    w->packed = codes;
-    w->nested = 1;
-    w->absmax_code = scodes;
-    w->nested_blocksize = NF4_NESTED_BLOCKSIZE;
-    w->nested_nblocks = (w->nblocks + 255) / 256;
-    w->nested_absmax = nested;
-    w->nested_offset = 0.03f;
-    memcpy(w->quant_map, nf4_code, sizeof w->quant_map);
-    memcpy(w->nested_map, nf4_dynamic_map(), sizeof w->nested_map);
-}
-
 /* A communicator serves one trainer: the next one's id, from rank 0
  * through this one (a byte per double: the sum is exact). */
 static void next_id(job *j, dist_gpu *dg)
@@ -397,66 +372,14 @@ static void next_id(job *j, dist_gpu *dg)
 
 static int bench_rank(job *j)
 {
-    enum {
-        L = 32,
-        DIM = 4096,
-        HID = 11008,
-        VOCAB = 32000,
-        T = 2048,
-        BS = 6,
-        ACC = 2
-    };
+    enum { L = GT7B_LAYERS, DIM = GT7B_DIM, HID = GT7B_HIDDEN, VOCAB = GT7B_VOCAB, T = 2048,
+           BS = 6, ACC = 2 };
     int world = j->e.world, rank = j->e.rank;
     gt_seed(11);
-    llama_model M;
-    memset(&M, 0, sizeof M);
+    gt_model7b B;
+    gt_model7b_init(&B);
+    llama_model M = B.m;
     llama_config *c = &M.cfg;
-    c->dim = DIM;
-    c->hidden = HID;
-    c->n_layers = L;
-    c->n_heads = 32;
-    c->n_kv_heads = 32;
-    c->head_dim = 128;
-    c->vocab = VOCAB;
-    c->max_pos = 4096;
-    c->norm_eps = 1e-5f;
-    c->rope_theta = 10000.0f;
-    c->bos_id = 1;
-    c->eos_id = 2;
-    c->quantized = 1;
-    M.dir = (char *)"random-llama2-7b";
-    size_t maxn = (size_t)HID * DIM;
-    uint8_t *codes = xmalloc(maxn / 2), *scodes = xmalloc(maxn / 64);
-    for (size_t i = 0; i < maxn / 2; i += 8) {
-        uint64_t r = gt_u64();
-        memcpy(codes + i, &r, 8);
-    }
-    for (size_t i = 0; i < maxn / 64; i++)
-        scodes[i] = (uint8_t)(128 + gt_u64() % 128);
-    float *nested = xmalloc((maxn / 64 / 256 + 1) * sizeof *nested);
-    for (size_t i = 0; i < maxn / 64 / 256 + 1; i++)
-        nested[i] = 0.02f;
-    float *one = ones(DIM);
-    M.embed = gt_rand((int64_t)VOCAB * DIM, 0.02f);
-    M.norm = one;
-    M.head.rows = VOCAB;
-    M.head.cols = DIM;
-    M.head.f32 = gt_rand((int64_t)VOCAB * DIM, 0.02f);
-    M.layers = xcalloc(L, sizeof *M.layers);
-    nf4_weight *q = xcalloc((size_t)L * LLAMA_NLINEAR, sizeof *q);
-    for (int i = 0; i < L; i++) {
-        M.layers[i].attn_norm = one;
-        M.layers[i].ffn_norm = one;
-        for (int l = 0; l < LLAMA_NLINEAR; l++) {
-            int64_t o, in;
-            llama_linear_shape(c, (llama_linear)l, &o, &in);
-            fake_nf4(&q[i * LLAMA_NLINEAR + l], o, in, codes, scodes, nested);
-            M.layers[i].lin[l].rows = o;
-            M.layers[i].lin[l].cols = in;
-            M.layers[i].lin[l].nf4 = &q[i * LLAMA_NLINEAR + l];
-        }
-    }
-    M.max_lin_elems = (int64_t)maxn;
     /* the global step: world * ACC micro-batches of BS one-span rows */
     int nmicro = world * ACC, nrows = nmicro * BS;
     pack_data d;
@@ -582,14 +505,7 @@ static int bench_rank(job *j)
     for (size_t i = 0; i < mine; i++)
         train_batch_free(&tb[i]);
     pack_data_free(&d);
-    free(M.embed);
-    free((void *)M.head.f32);
-    free(M.layers);
-    free(q);
-    free(codes);
-    free(scodes);
-    free(nested);
-    free(one);
+    gt_model7b_free(&B);
     return rc ? 1 : 0;
 }
 

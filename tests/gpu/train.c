@@ -21,6 +21,7 @@
  * pack writes them. */
 #define _POSIX_C_SOURCE 200809L /* setenv */
 #include "gpu_test.h"
+#include "model7b.h"
 
 #include "adamw.h"
 #include "llama.h"
@@ -369,84 +370,14 @@ static void offload_test(const llama_model *m, const pack_data *d, const char *t
 
 /* ---- --bench: a Llama 2 7B-shaped model --------------------------------- */
 
-/* Random NF4 weights with double quantization, built in memory: random
- * 4-bit codes and 8-bit scale codes (a random weight's codes are close to
- * uniform), one pool shared by every matrix on the host; each matrix gets
- * its own copy on the device, as a checkpoint's would. Timing does not
- * depend on the values. */
-static void fake_nf4(nf4_weight *w, int64_t rows, int64_t cols, const uint8_t *codes,
-                     const uint8_t *scodes, const float *nested)
-{
-    memset(w, 0, sizeof *w);
-    w->ndim = 2;
-    w->shape[0] = rows;
-    w->shape[1] = cols;
-    w->numel = rows * cols;
-    w->dtype = ST_BF16;
-    w->blocksize = 64;
-    w->nblocks = w->numel / 64;
-    w->packed = codes;
-    w->nested = 1;
-    w->absmax_code = scodes;
-    w->nested_blocksize = NF4_NESTED_BLOCKSIZE;
-    w->nested_nblocks = (w->nblocks + 255) / 256;
-    w->nested_absmax = nested;
-    w->nested_offset = 0.03f;
-    memcpy(w->quant_map, nf4_code, sizeof w->quant_map);
-    memcpy(w->nested_map, nf4_dynamic_map(), sizeof w->nested_map);
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static void bench_7b(void)
 {
-    enum { L = 32, DIM = 4096, HID = 11008, VOCAB = 32000, T = 2048, BS = 6, ACC = 2 };
-    llama_model M;
-    memset(&M, 0, sizeof M);
+    enum { L = GT7B_LAYERS, DIM = GT7B_DIM, HID = GT7B_HIDDEN, VOCAB = GT7B_VOCAB, T = 2048,
+           BS = 6, ACC = 2 };
+    gt_model7b B;
+    gt_model7b_init(&B);
+    llama_model M = B.m;
     llama_config *c = &M.cfg;
-    c->dim = DIM; c->hidden = HID; c->n_layers = L; c->n_heads = 32; c->n_kv_heads = 32;
-    c->head_dim = 128; c->vocab = VOCAB; c->max_pos = 4096; c->norm_eps = 1e-5f;
-    c->rope_theta = 10000.0f; c->tied = 0; c->bos_id = 1; c->eos_id = 2; c->quantized = 1;
-    M.dir = "random-llama2-7b";
-    size_t maxn = (size_t)HID * DIM;
-    uint8_t *codes = malloc(maxn / 2), *scodes = malloc(maxn / 64);
-    for (size_t i = 0; i < maxn / 2; i += 8) {
-        uint64_t r = gt_u64();
-        memcpy(codes + i, &r, 8);
-    }
-    for (size_t i = 0; i < maxn / 64; i++)
-        scodes[i] = (uint8_t)(128 + gt_u64() % 128);  /* positive scales */
-    float *nested = malloc((maxn / 64 / 256 + 1) * sizeof *nested);
-    for (size_t i = 0; i < maxn / 64 / 256 + 1; i++)
-        nested[i] = 0.02f;
-    float *ones = malloc(DIM * sizeof *ones);
-    for (int i = 0; i < DIM; i++)
-        ones[i] = 1.0f;
-    M.embed = gt_rand((int64_t)VOCAB * DIM, 0.02f);
-    M.norm = ones;
-    M.head.rows = VOCAB;
-    M.head.cols = DIM;
-    M.head.f32 = gt_rand((int64_t)VOCAB * DIM, 0.02f);
-    M.layers = calloc(L, sizeof *M.layers);
-    nf4_weight *q = calloc((size_t)L * LLAMA_NLINEAR, sizeof *q);
-    for (int i = 0; i < L; i++) {
-        M.layers[i].attn_norm = ones;
-        M.layers[i].ffn_norm = ones;
-        for (int l = 0; l < LLAMA_NLINEAR; l++) {
-            int64_t o, in;
-            llama_linear_shape(c, (llama_linear)l, &o, &in);
-            fake_nf4(&q[i * LLAMA_NLINEAR + l], o, in, codes, scodes, nested);
-            M.layers[i].lin[l].rows = o;
-            M.layers[i].lin[l].cols = in;
-            M.layers[i].lin[l].nf4 = &q[i * LLAMA_NLINEAR + l];
-        }
-    }
-    M.max_lin_elems = (int64_t)maxn;
     /* the seed's packing: rows of one span, every token a target */
     pack_data d;
     memset(&d, 0, sizeof d);
@@ -521,16 +452,16 @@ static void bench_7b(void)
         lora_init(a, 42);
         adamw opt;
         adamw_init(&opt, a->n_params, 0.9, 0.999, 1e-8, 0.0);
-        double t0 = now_s();
+        double t0 = gt_now_s();
         gpu_trainer *G = gpu_trainer_new(&M, &lc, (int64_t)BS * T, flags);
         gpu_trainer_load(G, a, &opt);
-        double tload = now_s() - t0, loss, norm, best = 1e30, sum = 0;
+        double tload = gt_now_s() - t0, loss, norm, best = 1e30, sum = 0;
         enum { WARM = 1 };
         const int STEPS = steps;
         for (int s = 0; s < WARM + STEPS; s++) {
-            double ts = now_s();
+            double ts = gt_now_s();
             gpu_trainer_step(G, tb, ACC, 2e-4, 0.3, 42, s, &loss, &norm);
-            double dt = now_s() - ts;
+            double dt = gt_now_s() - ts;
             printf("#   %s step %d: %.3f s, loss %.9g, grad norm %.9g\n", names[v], s + 1, dt,
                    loss, norm);
             if (s >= WARM) {
@@ -569,14 +500,7 @@ static void bench_7b(void)
     for (int k = 0; k < ACC; k++)
         train_batch_free(&tb[k]);
     pack_data_free(&d);
-    free(M.embed);
-    free((void *)M.head.f32);
-    free(M.layers);
-    free(q);
-    free(codes);
-    free(scodes);
-    free(nested);
-    free(ones);
+    gt_model7b_free(&B);
 }
 
 int main(int argc, char **argv)
