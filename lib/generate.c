@@ -21,6 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "io.h"
 #include "msg.h"
@@ -436,6 +439,34 @@ void gen_inputs_free(gen_inputs *in)
     memset(in, 0, sizeof *in);
 }
 
+size_t gen_inputs_fit(gen_inputs *in, int32_t max_pos, int32_t max_new,
+                      int32_t bos_id, size_t *first, int32_t *kept)
+{
+    if (max_pos < 2)
+        return 0;
+    int32_t keep = max_pos - (max_new < max_pos / 2 ? max_new : max_pos / 2);
+    if (kept)
+        *kept = keep;
+    size_t cut = 0;
+    in->max_len = 0;
+    for (size_t i = 0; i < in->n; i++) {
+        gen_prompt *q = &in->p[i];
+        if (q->n > max_pos) {
+            if (cut++ == 0 && first)
+                *first = i;
+            /* the prompts are views of the private store: shift in place */
+            int32_t *ids = (int32_t *)q->ids;
+            int32_t head = ids[0] == bos_id ? 1 : 0;
+            memmove(ids + head, ids + q->n - (keep - head),
+                    (size_t)(keep - head) * sizeof *ids);
+            q->n = keep;
+        }
+        if (q->n > in->max_len)
+            in->max_len = q->n;
+    }
+    return cut;
+}
+
 int32_t gen_cache_cap(const gen_inputs *in, int32_t max_new, int32_t max_pos)
 {
     int64_t cap = (int64_t)in->max_len + max_new;
@@ -479,7 +510,9 @@ typedef struct run {
     size_t n;
     int32_t max_pos;
     int32_t vocab_limit;
-    gen_sampler *sampler;
+    gen_sampler **sampler;  /* one per thread (nsamplers), or NULL */
+    int nsamplers;
+    int32_t *tok;           /* (slots) the tokens of one step */
     seq *s;         /* (slots) */
     done_rec *done; /* (n) */
     size_t next_emit;
@@ -576,23 +609,31 @@ static int flush_done(run *R)
     return 0;
 }
 
-/* Samples one token per sequence from the backend's output and pushes it. */
+/* Samples one token per sequence from the backend's output and pushes it.
+ * Sequences are sampled on several threads (each with its own sampler):
+ * a draw depends only on its record's key and position, so the tokens are
+ * the same whatever the thread count; only the pushes, which end
+ * sequences, go in order. */
 static void take_tokens(run *R, int32_t n, const int32_t *slot, float *logits,
                         const int32_t *argmax)
 {
     int32_t vocab = R->be->vocab;
-    for (int32_t i = 0; i < n; i++) {
-        seq *s = &R->s[slot[i]];
-        int32_t t;
-        if (argmax)
-            t = argmax[i];
-        else
-            t = gen_sample(R->sampler, R->p, logits + (int64_t)i * vocab,
-                           R->vocab_limit, s->seen,
-                           gen_record_key(R->p->seed, (uint64_t)s->rec),
-                           (uint64_t)s->n);
-        seq_push(R, slot[i], t);
+    if (!argmax) {
+#pragma omp parallel for schedule(dynamic) num_threads(R->nsamplers) if (n > 1)
+        for (int32_t i = 0; i < n; i++) {
+            int th = 0;
+#ifdef _OPENMP
+            th = omp_get_thread_num();
+#endif
+            seq *s = &R->s[slot[i]];
+            R->tok[i] = gen_sample(R->sampler[th], R->p, logits + (int64_t)i * vocab,
+                                   R->vocab_limit, s->seen,
+                                   gen_record_key(R->p->seed, (uint64_t)s->rec),
+                                   (uint64_t)s->n);
+        }
     }
+    for (int32_t i = 0; i < n; i++)
+        seq_push(R, slot[i], argmax ? argmax[i] : R->tok[i]);
 }
 
 int gen_run(gen_backend *be, const gen_params *p, const gen_prompt *prompts,
@@ -634,7 +675,18 @@ int gen_run(gen_backend *be, const gen_params *p, const gen_prompt *prompts,
     R.st = st;
     int32_t S = be->slots, V = be->vocab;
     int greedy = gen_params_plain_greedy(p);
-    R.sampler = greedy ? NULL : gen_sampler_new(V);
+    if (!greedy) {
+        R.nsamplers = 1;
+#ifdef _OPENMP
+        R.nsamplers = omp_get_max_threads();
+        if (R.nsamplers > S)
+            R.nsamplers = S;
+#endif
+        R.sampler = xcalloc((size_t)R.nsamplers, sizeof *R.sampler);
+        for (int k = 0; k < R.nsamplers; k++)
+            R.sampler[k] = gen_sampler_new(V);
+    }
+    R.tok = xcalloc((size_t)S, sizeof *R.tok);
     R.s = xcalloc((size_t)S, sizeof *R.s);
     for (int32_t k = 0; k < S; k++) {
         R.s[k].rec = -1;
@@ -749,6 +801,9 @@ int gen_run(gen_backend *be, const gen_params *p, const gen_prompt *prompts,
     free(logits);
     free(pids);
     sb_free(&R.text);
-    gen_sampler_free(R.sampler);
+    for (int k = 0; k < R.nsamplers; k++)
+        gen_sampler_free(R.sampler[k]);
+    free(R.sampler);
+    free(R.tok);
     return rc ? -1 : 0;
 }

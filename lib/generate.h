@@ -163,6 +163,15 @@ typedef struct gen_inputs {
 int gen_inputs_read(const char *path, gen_inputs *in);
 void gen_inputs_free(gen_inputs *in);
 
+/* Makes every prompt longer than max_pos tokens (the model's context) fit:
+ * keeps its last max_pos - min(max_new, max_pos / 2) tokens, after its
+ * first token when that is bos_id (the template's end, which the
+ * completion continues, survives; so does the BOS). Returns how many
+ * prompts were cut; *first is the index of the first and *kept the
+ * length they were cut to (either may be NULL). */
+size_t gen_inputs_fit(gen_inputs *in, int32_t max_pos, int32_t max_new,
+                      int32_t bos_id, size_t *first, int32_t *kept);
+
 /* Positions a cache needs for these prompts: the longest prompt plus
  * max_new, at most max_pos. */
 int32_t gen_cache_cap(const gen_inputs *in, int32_t max_new, int32_t max_pos);

@@ -42,7 +42,7 @@ static const char usage_text[] =
     "usage: lora-gen [-hJqVv] [-a adapter] [-b n] [-j threads] [-k top-k] "
     "[-n max-new] [-o file] [-p top-p] [-r penalty] [-S seed] [-s stop] "
     "[-T tokenizer] [-t temperature] [--device dev] [--ignore-eos] "
-    "[--progress] [--stop-id id] -m model [file]\n";
+    "[--overlong how] [--progress] [--stop-id id] -m model [file]\n";
 
 static void usage(FILE *f)
 {
@@ -85,6 +85,8 @@ static void help(void)
         "  -v, --verbose              more messages on stderr\n"
         "      --device dev           auto (default), cpu or cuda\n"
         "      --ignore-eos           do not stop at EOS\n"
+        "      --overlong how         a prompt longer than the model's context:\n"
+        "                             truncate (default: keep its end) or error\n"
         "      --progress             progress on stderr even when it is not\n"
         "                             a terminal\n"
         "      --stop-id id           stop at token id (repeatable)\n",
@@ -187,7 +189,7 @@ int main(int argc, char **argv)
     passive_omp(argv);
     const char *model_dir = NULL, *adapter_dir = NULL, *output = NULL;
     const char *tok_path = NULL, *device = "auto";
-    int json = 0, progress = isatty(2), batch = 0, threads = 0;
+    int json = 0, progress = isatty(2), batch = 0, threads = 0, truncate = 1;
     gen_params p;
     gen_params_default(&p);
     const char **stops = xcalloc((size_t)argc + 1, sizeof *stops);
@@ -195,7 +197,7 @@ int main(int argc, char **argv)
     size_t nstops = 0, nstop_ids = 0;
 
     msg_init(argv[0]);
-    enum { OPT_DEVICE = 256, OPT_IGNORE_EOS, OPT_PROGRESS, OPT_STOP_ID };
+    enum { OPT_DEVICE = 256, OPT_IGNORE_EOS, OPT_OVERLONG, OPT_PROGRESS, OPT_STOP_ID };
     static const struct option longs[] = {
         {"adapter", required_argument, NULL, 'a'},
         {"batch", required_argument, NULL, 'b'},
@@ -217,6 +219,7 @@ int main(int argc, char **argv)
         {"verbose", no_argument, NULL, 'v'},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
+        {"overlong", required_argument, NULL, OPT_OVERLONG},
         {"progress", no_argument, NULL, OPT_PROGRESS},
         {"stop-id", required_argument, NULL, OPT_STOP_ID},
         {NULL, 0, NULL, 0},
@@ -303,6 +306,11 @@ int main(int argc, char **argv)
         case OPT_IGNORE_EOS:
             p.ignore_eos = 1;
             break;
+        case OPT_OVERLONG:
+            if (strcmp(optarg, "truncate") && strcmp(optarg, "error"))
+                bad_usage("unknown overlong policy '%s' (truncate or error)", optarg);
+            truncate = strcmp(optarg, "truncate") == 0;
+            break;
         case OPT_PROGRESS:
             progress = 1;
             break;
@@ -388,6 +396,16 @@ int main(int argc, char **argv)
     if (gen_params_check(&p) != 0)
         goto done;
 
+    size_t first_cut = 0;
+    int32_t kept = 0;
+    size_t ncut = truncate ? gen_inputs_fit(&in, mc->max_pos, p.max_new, mc->bos_id,
+                                            &first_cut, &kept)
+                           : 0;
+    if (ncut)
+        msg_warn("%s: %zu prompt%s longer than the model's context (%d tokens) "
+                 "cut to their last %d tokens, the first record %zu",
+                 input ? input : "<stdin>", ncut, ncut == 1 ? "" : "s", mc->max_pos,
+                 kept, first_cut + 1);
     int32_t cap = gen_cache_cap(&in, p.max_new, mc->max_pos);
     if (use_cuda) {
 #ifdef QLORA_CUDA

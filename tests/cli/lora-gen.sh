@@ -70,6 +70,32 @@ cmp -s s1.toks s2.toks && ok "lora-gen: sampling with -S is reproducible" ||
     notok "lora-gen: sampling with -S is reproducible"
 cmp -s s1.toks s3.toks && notok "lora-gen: another seed, other text" ||
     ok "lora-gen: another seed, other text"
+# the sequences of a step are sampled on several threads: same tokens
+OMP_NUM_THREADS=1 gen -n 30 -t 0.9 -p 0.9 -k 40 -r 1.1 -S 5 -b 5 p.toks >t1.toks &&
+    OMP_NUM_THREADS=4 gen -n 30 -t 0.9 -p 0.9 -k 40 -r 1.1 -S 5 -b 5 p.toks >t4.toks &&
+    cmp -s t1.toks t4.toks && cmp -s s1.toks t4.toks &&
+    ok "lora-gen: sampling on 1 or 4 threads, the same tokens" ||
+    notok "lora-gen: sampling on 1 or 4 threads, the same tokens"
+
+# a prompt longer than the context (512): cut to its last 512 - 20 tokens
+# after the BOS, with a warning; --overlong error refuses the run
+long=$(awk 'BEGIN { for (i = 0; i < 120; i++) printf "Lily saw a big red ball. "; }')
+printf '{"prompt":"%s"}\n{"prompt":"One day"}\n' "$long" | tok -m "$T" >long.toks
+tok --dump long.toks | head -1 | jq -e '.ids | length > 512' >/dev/null ||
+    notok "lora-gen: the long prompt is longer than the context"
+gen -n 20 long.toks >long.out 2>err &&
+    tok --dump long.out | jq -s -e '.[0].completion_start == 492 and .[0].ids[0] == 1
+        and (.[0].ids | length) == 512 and .[1].completion_start == 3' >/dev/null &&
+    grep -q "1 prompt longer than the model's context (512 tokens) cut to their last 492 tokens, the first record 1" err &&
+    ok "lora-gen: an overlong prompt is cut to its end, with a warning" ||
+    { notok "lora-gen: an overlong prompt is cut to its end, with a warning"; sed 's/^/    /' err; }
+tok --dump long.toks | head -1 | jq -c '.ids[-491:]' >want.json
+tok --dump long.out | head -1 | jq -c '.ids[1:492]' >got.json
+cmp -s want.json got.json && ok "lora-gen: the cut prompt keeps the last tokens" ||
+    notok "lora-gen: the cut prompt keeps the last tokens"
+expect_exit 2 "lora-gen --overlong error: refused" gen -n 20 --overlong error -o x.out long.toks
+[ ! -e x.out ] && ok "lora-gen --overlong error: no output" || notok "lora-gen --overlong error: no output"
+usage_error "bad overlong policy" lora-gen -m x --overlong drop /dev/null
 
 # a stop text ends the completion with it
 gen -n 200 -s Lily bos.toks | tok -d -m "$T" | jq -r .completion >stop.txt
