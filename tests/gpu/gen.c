@@ -28,6 +28,7 @@
 #include <time.h>
 
 #include "gpu_test.h"
+#include "model7b.h"
 
 #include "../../kernels/gen_gpu.h"
 #include "../../kernels/gen_kernels.h"
@@ -788,35 +789,6 @@ static void test_stories(void)
 
 /* ---- --bench: Llama 2 7B shape ---------------------------------------------------- */
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void fake_nf4(nf4_weight *w, int64_t rows, int64_t cols, const uint8_t *codes,
-                     const uint8_t *scodes, const float *nested)
-{
-    memset(w, 0, sizeof *w);
-    w->ndim = 2;
-    w->shape[0] = rows;
-    w->shape[1] = cols;
-    w->numel = rows * cols;
-    w->dtype = ST_BF16;
-    w->blocksize = 64;
-    w->nblocks = w->numel / 64;
-    w->packed = codes;
-    w->nested = 1;
-    w->absmax_code = scodes;
-    w->nested_blocksize = NF4_NESTED_BLOCKSIZE;
-    w->nested_nblocks = (w->nblocks + 255) / 256;
-    w->nested_absmax = nested;
-    w->nested_offset = 0.03f;
-    memcpy(w->quant_map, nf4_code, sizeof w->quant_map);
-    memcpy(w->nested_map, nf4_dynamic_map(), sizeof w->nested_map);
-}
-
 /* A layer's four product launches (q/k/v, o, gate/up, down) over BL
  * layers of weights in turn, so that the weights come from DRAM, not L2. */
 enum { BL = 8 };
@@ -870,49 +842,13 @@ static void att_bench_fn(void *p)
 static void bench_7b(void)
 {
     enum { L = 32, DIM = 4096, HID = 11008, VOCAB = 32000, PROMPT = 300, NEW = 100 };
-    llama_model M;
-    memset(&M, 0, sizeof M);
+    gt_model7b m7;
+    gt_model7b_init(&m7);
+    llama_model M = m7.m;
     llama_config *c = &M.cfg;
-    c->dim = DIM; c->hidden = HID; c->n_layers = L; c->n_heads = 32; c->n_kv_heads = 32;
-    c->head_dim = 128; c->vocab = VOCAB; c->max_pos = 4096; c->norm_eps = 1e-5f;
-    c->rope_theta = 10000.0f; c->tied = 0; c->bos_id = 1; c->eos_id = 2; c->quantized = 1;
-    M.dir = "random-llama2-7b";
-    size_t maxn = (size_t)HID * DIM;
-    uint8_t *codes = malloc(maxn / 2), *scodes = malloc(maxn / 64);
-    for (size_t i = 0; i < maxn / 2; i += 8) {
-        uint64_t r = gt_u64();
-        memcpy(codes + i, &r, 8);
-    }
-    for (size_t i = 0; i < maxn / 64; i++)
-        scodes[i] = (uint8_t)(128 + gt_u64() % 128);
-    float *nested = malloc((maxn / 64 / 256 + 1) * sizeof *nested);
-    for (size_t i = 0; i < maxn / 64 / 256 + 1; i++)
-        nested[i] = 0.02f;
-    float *ones = malloc(DIM * sizeof *ones);
-    for (int i = 0; i < DIM; i++)
-        ones[i] = 1.0f;
-    M.embed = gt_rand((int64_t)VOCAB * DIM, 0.02f);
-    M.norm = ones;
-    M.head.rows = VOCAB;
-    M.head.cols = DIM;
-    M.head.f32 = gt_rand((int64_t)VOCAB * DIM, 0.02f);
-    M.layers = calloc(L, sizeof *M.layers);
-    nf4_weight *q = calloc((size_t)L * LLAMA_NLINEAR, sizeof *q);
-    double wbytes = 0;
-    for (int i = 0; i < L; i++) {
-        M.layers[i].attn_norm = ones;
-        M.layers[i].ffn_norm = ones;
-        for (int l = 0; l < LLAMA_NLINEAR; l++) {
-            int64_t o, in;
-            llama_linear_shape(c, (llama_linear)l, &o, &in);
-            fake_nf4(&q[i * LLAMA_NLINEAR + l], o, in, codes, scodes, nested);
-            M.layers[i].lin[l].rows = o;
-            M.layers[i].lin[l].cols = in;
-            M.layers[i].lin[l].nf4 = &q[i * LLAMA_NLINEAR + l];
-            wbytes += o * in / 2.0 + o * in / 64.0 + o * in / 64.0 / 256.0 * 4;
-        }
-    }
-    M.max_lin_elems = (int64_t)maxn;
+    const uint8_t *codes = m7.codes, *scodes = m7.scodes;
+    const float *nested = m7.nested;
+    double wbytes = m7.nf4_bytes;
     double head_bytes = (double)VOCAB * DIM * 2;
 
     /* the products of a layer, on the 7B shapes (GEN_BENCH_MICRO=0: skip) */
@@ -925,7 +861,7 @@ static void bench_7b(void)
             for (int li = 0; li < LLAMA_NLINEAR; li++) {
                 int64_t o, in;
                 llama_linear_shape(c, (llama_linear)li, &o, &in);
-                fake_nf4(&fw, o, in, codes, scodes, nested);
+                gt_fake_nf4(&fw, o, in, codes, scodes, nested);
                 b.w[l][li].kind = KN_GW_NF4;
                 b.w[l][li].out = o;
                 b.w[l][li].in = in;
@@ -1031,12 +967,12 @@ static void bench_7b(void)
     for (int bi = 0; bi < nb; bi++) {
         int B = batches[bi];
         gen_backend be;
-        double t0 = now_s();
+        double t0 = gt_now_s();
         if (gen_gpu_backend(&M, NULL, B, PROMPT + NEW, &be) != 0) {
             gt_check(0, "7B backend");
             return;
         }
-        double t_load = now_s() - t0;
+        double t_load = gt_now_s() - t0;
         int32_t *ids = malloc((size_t)B * PROMPT * 4);
         gen_prompt *pr = malloc((size_t)B * sizeof *pr);
         for (int i = 0; i < B; i++) {
@@ -1080,6 +1016,7 @@ static void bench_7b(void)
         free(ids);
         free(pr);
     }
+    gt_model7b_free(&m7);
 }
 
 int main(int argc, char **argv)
