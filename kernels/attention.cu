@@ -27,7 +27,11 @@
  *     query tiles that can see them and over the q heads sharing the kv
  *     head (GQA): P^T, dV += P^T dO, dS^T, dK += dS^T Q. Every operand
  *     comes out of registers or plain/transposed ldmatrix: no shared-memory
- *     transposes, no atomics, deterministic results.
+ *     transposes, no atomics, deterministic results. A one-pass backward
+ *     (the dk/dv kernel also adding dS K to an fp32 dq in a fixed order,
+ *     FlashAttention-3's deterministic scheme) is opt-in,
+ *     KN_ATTN_BWD_1PASS=1: slower here (bench/RESULTS.md, "train,
+ *     one-pass attention backward (issue 7)").
  * Shared-memory rows are padded by 16 bytes so ldmatrix hits 8 distinct
  * bank groups. Scores are kept in the log2 domain (exp2f) with the scale
  * folded in. */
@@ -577,13 +581,170 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
 }
 
 #define BQ_KV 32 /* queries per step of the dk/dv kernel */
+#define LDS_DS (BQ_KV + 8) /* row of the one-pass kernel's dS^T tile in shared memory */
 
+/* The one-pass backward's ordered dQ accumulation (see attn_bwd_dkdv_kernel
+ * with DQ): a (row tile, head) counter, polled with relaxed loads (issued
+ * early, they do not stall the warp until used), then an acquire fence
+ * before the dQ sums are read; released by a fence and an increment. */
+__device__ __forceinline__ unsigned ld_relaxed_u32(const unsigned *p)
+{
+    unsigned v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ unsigned ld_acquire_u32(const unsigned *p)
+{
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void dq_release(unsigned *cnt, int lane)
+{
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) {
+        __threadfence();
+        atomicAdd(cnt, 1u);
+    }
+}
+
+/* One pass: query tile qb's (head h) share of dQ from this block's 64 keys
+ * (k0..), dS (BQ_KV x 64, sdS holds dS^T) times K (64 x HDP), added to
+ * dqacc in descending key-block order (attn_bwd_dkdv_kernel below) once
+ * the counter cnt reaches `target` (c: its value polled earlier). Warp w
+ * takes all 32 queries and a quarter of the columns (HDP >= 64), or 16
+ * queries and 16 columns (smaller heads; some warps idle). first: write,
+ * do not add; last: write dq in bf16. The caller releases cnt later (after
+ * its next tile's products), so that the fence finds the stores done. */
 template <int HDP>
+__device__ __forceinline__ void dq_tile(bf16 *dq, float *dqacc, const unsigned *cnt,
+                                        unsigned c, unsigned target, bool first, bool last,
+                                        int mode,
+                                        const bf16 *sdS, const bf16 *sK, int64_t qb, int h,
+                                        int64_t n, int nh, int hd, float scale, int warp,
+                                        int lane)
+{
+    constexpr int LD = HDP + 8, NP = HDP / 16;
+    constexpr int MTW = NP >= 4 ? 2 : 1, NPW = NP >= 4 ? NP / 4 : 1;
+    const int mt0 = NP >= 4 ? 0 : (warp & 1), p0 = NP >= 4 ? warp * NPW : (warp >> 1);
+    const int g = lane >> 2, t4 = lane & 3;
+    const bool act = p0 < NP;
+    float acc[MTW][2 * NPW][4];
+#pragma unroll
+    for (int mt = 0; mt < MTW; mt++)
+#pragma unroll
+        for (int cc = 0; cc < 2 * NPW; cc++)
+            acc[mt][cc][0] = acc[mt][cc][1] = acc[mt][cc][2] = acc[mt][cc][3] = 0.0f;
+    if (act) {
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t a[MTW][4];
+#pragma unroll
+            for (int mt = 0; mt < MTW; mt++)
+                frag_a_t<LDS_DS>(a[mt], sdS, 16 * kk, 16 * (mt0 + mt), lane);
+#pragma unroll
+            for (int p = 0; p < NPW; p++) {
+                uint32_t b[4];
+                frag_b_kn<LD>(b, sK, 16 * kk, 16 * (p0 + p), lane);
+#pragma unroll
+                for (int mt = 0; mt < MTW; mt++) {
+                    mma_bf16_16816(acc[mt][2 * p], a[mt], b);
+                    mma_bf16_16816(acc[mt][2 * p + 1], a[mt], b + 2);
+                }
+            }
+        }
+    }
+    /* an idle warp waits too: its release counts only after its turn */
+    if (!first && mode == 0) {
+        while (c < target) {
+            __nanosleep(32);
+            c = ld_relaxed_u32(cnt);
+        }
+        asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+    } else if (!first && mode == 1) {
+        while (ld_acquire_u32(cnt) < target)
+            __nanosleep(32);
+    }
+    if (!act)
+        return;
+    const int64_t qs = (int64_t)nh * hd;
+    float *base = dqacc + (int64_t)h * hd;
+    if (!first) {
+#pragma unroll
+        for (int mt = 0; mt < MTW; mt++)
+#pragma unroll
+            for (int cc = 0; cc < 2 * NPW; cc++)
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    int64_t r = qb + 16 * (mt0 + mt) + 8 * hf + g;
+                    int col = 16 * p0 + 8 * cc + 2 * t4;
+                    if (r < n && col < hd) {
+                        float2 o = __ldcg((const float2 *)(base + r * qs + col));
+                        acc[mt][cc][2 * hf] += o.x;
+                        acc[mt][cc][2 * hf + 1] += o.y;
+                    }
+                }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MTW; mt++)
+#pragma unroll
+        for (int cc = 0; cc < 2 * NPW; cc++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                int64_t r = qb + 16 * (mt0 + mt) + 8 * hf + g;
+                int col = 16 * p0 + 8 * cc + 2 * t4;
+                if (r >= n || col >= hd)
+                    continue;
+                if (last) {
+                    *(uint32_t *)(dq + r * qs + h * hd + col) = pack_bf16x2(
+                            acc[mt][cc][2 * hf] * scale, acc[mt][cc][2 * hf + 1] * scale);
+                } else {
+                    __stcg((float2 *)(base + r * qs + col),
+                           make_float2(acc[mt][cc][2 * hf], acc[mt][cc][2 * hf + 1]));
+                }
+            }
+}
+
+/* DQ false: the dk/dv kernel of the two-pass backward. DQ true: the
+ * one-pass backward (FlashAttention-3's deterministic scheme): the same
+ * walk over the query tiles that see this block's 64 keys also computes
+ * the tile's dQ share, dS K (dS^T goes through shared memory, so that each
+ * warp takes a band of dQ's columns over all 64 keys), and adds it to an
+ * fp32 dQ in global memory (dqacc, laid out as dq) without atomics, in a
+ * fixed order: the key blocks that see query tile i are the contiguous
+ * range jlo = start[qb] / 64 .. jhi = qb / 64 (qb its first query), and
+ * they add in descending order, block j's warps waiting until the
+ * (tile, head) counter reaches 4 (jhi - j), i.e. until all four warps of
+ * every block above j have added theirs and released. The first (jhi)
+ * writes instead of adding, so dqacc needs no clearing (the counters do:
+ * the caller zeroes them); the last (jlo) writes dq in bf16, scaled,
+ * instead of the fp32 sum. Blocks run from the last key block down
+ * (blockIdx.x reversed), so block j + 1, whose tiles start 64 queries
+ * later, is always dispatched before j and is about two tiles ahead of it:
+ * the wait is short and no block waits for one that is not resident. Every
+ * tile of the range is visited (fully masked ones included), so the count
+ * is exact. The sum's order is fixed: bit-identical runs.
+ * mode (KN_ATTN_BWD1_MODE): 1 (default) block turns: the counter counts
+ * blocks, thread 0 releases after a barrier, warps poll with ld.acquire;
+ * 0 warp turns: each warp polls (relaxed, then an acquire fence) and
+ * releases its own share (4 per block). (Two timing diagnostics, since
+ * removed, gave the costs below: adding without turns, and leaving out
+ * the fp32 traffic.) A warp releases its tile's count only at its next tile's
+ * dq step (or at the end), so the fence finds the stores long done.
+ * Status (H100, bench/RESULTS.md): slower than the two kernels, 4.42 vs
+ * 3.68 ms at the 7B shape; even without any dq traffic (mode 3) it takes
+ * 3.35 ms, so the fifth product and its barrier cost more than the dq
+ * kernel's three products saved would suggest; opt-in. */
+template <int HDP, bool DQ>
 __global__ void __launch_bounds__(ATT_THREADS)
 attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
                      const bf16 *k, const bf16 *v, const float *lse,
                      const float *delta, const int32_t *start, int64_t n,
-                     int nh, int nkv, int hd, float scale_log2, float scale)
+                     int nh, int nkv, int hd, float scale_log2, float scale,
+                     bf16 *dq, float *dqacc, unsigned *dqcnt, int mode)
 {
     constexpr int LD = HDP + 8, KS = HDP / 16, DN = HDP / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -592,10 +753,11 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
     float *sLb = (float *)(sV + 64 * LD + 4 * BQ_KV * LD);  /* (2, BQ_KV) */
     float *sDb = sLb + 2 * BQ_KV;
     int64_t *sSb = (int64_t *)(sDb + 2 * BQ_KV);
+    bf16 *sdS = (bf16 *)(sSb + 2 * BQ_KV); /* DQ: dS^T, (64 keys, LDS_DS) */
     const int kh = blockIdx.y, grp = nh / nkv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
-    const int64_t k0 = (int64_t)blockIdx.x * 64;
+    const int64_t k0 = (int64_t)(DQ ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * 64;
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
     const bool vec = (hd & 7) == 0;
     const int64_t klast = k0 + 63 < n ? k0 + 63 : n - 1;
@@ -615,6 +777,7 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
     for (int64_t qb = k0; qb < n && start[qb] <= klast; qb += BQ_KV)
         nq++;
     const int iters = nq * grp;
+    unsigned *pend = NULL; /* DQ: the counter this block's warps release next */
     load_tile<HDP, 64>(sK, k + kh * hd, k0, n, ks, hd, vec);
     load_tile<HDP, 64>(sV, v + kh * hd, k0, n, ks, hd, vec);
     for (int it = 0; it <= iters; it++) {
@@ -650,6 +813,14 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
             const int64_t *sS = sSb + buf * BQ_KV;
             const bool full = k0 + 63 <= qb && qb + BQ_KV <= n &&
                               k0 >= start[qb + BQ_KV - 1];
+            /* DQ: this tile's turn (dq_tile); the counter polled now, used
+             * after the products */
+            const int h = kh * grp + (it - 1) / nq;
+            const int jb = (int)(k0 / 64), jhi = (int)(qb / 64), jlo = (int)(sS[0] / 64);
+            unsigned *cnt = DQ ? dqcnt + (int64_t)h * ((n + BQ_KV - 1) / BQ_KV) + qb / BQ_KV
+                               : NULL;
+            const unsigned target = (mode == 1 ? 1u : 4u) * (unsigned)(jhi - jb);
+            const unsigned c = DQ && jb < jhi && mode == 0 ? ld_relaxed_u32(cnt) : 0u;
             float st[4][4], dpt[4][4];
 #pragma unroll
             for (int i = 0; i < 4; i++)
@@ -694,6 +865,13 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
                                   pack_bf16x2(dpt[2 * j][2], dpt[2 * j][3]),
                                   pack_bf16x2(dpt[2 * j + 1][0], dpt[2 * j + 1][1]),
                                   pack_bf16x2(dpt[2 * j + 1][2], dpt[2 * j + 1][3])};
+                if constexpr (DQ) { /* dS^T (keys, queries) for dQ = dS K */
+                    bf16 *r0 = sdS + (warp * 16 + g) * LDS_DS + 16 * j + 2 * t4;
+                    *(uint32_t *)r0 = da[0];
+                    *(uint32_t *)(r0 + 8 * LDS_DS) = da[1];
+                    *(uint32_t *)(r0 + 8) = da[2];
+                    *(uint32_t *)(r0 + 8 * LDS_DS + 8) = da[3];
+                }
 #pragma unroll
                 for (int i = 0; i < DN / 2; i++) {
                     uint32_t b[4];
@@ -705,8 +883,29 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
                     mma_bf16_16816(adk[2 * i + 1], da, b + 2);
                 }
             }
+            if constexpr (DQ) {
+                __syncthreads();
+                if (pend && mode == 0) {
+                    dq_release(pend, lane);
+                } else if (pend && mode == 1 && threadIdx.x == 0) {
+                    __threadfence(); /* the block's sums, ordered by the barrier */
+                    atomicAdd(pend, 1u);
+                }
+                dq_tile<HDP>(dq, dqacc, cnt, c, target, jb == jhi, jb == jlo, mode, sdS, sK,
+                             qb, h, n, nh, hd, scale, warp, lane);
+                pend = jb > jlo ? cnt : NULL;
+            }
         }
         __syncthreads();
+    }
+    if (DQ && pend && mode == 0) {
+        dq_release(pend, lane);
+    } else if (DQ && pend && mode == 1) {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(pend, 1u);
+        }
     }
 #pragma unroll
     for (int i = 0; i < DN; i++) {
@@ -1397,6 +1596,19 @@ static size_t dkdv_smem(int hdp)
     return (size_t)(2 * 64 + 4 * BQ_KV) * (hdp + 8) * sizeof(bf16) +
            2 * BQ_KV * (2 * sizeof(float) + sizeof(int64_t));
 }
+/* the one-pass kernel: dS^T besides */
+static size_t bwd1_smem(int hdp) { return dkdv_smem(hdp) + (size_t)64 * LDS_DS * sizeof(bf16); }
+
+/* The one-pass backward's workspace: fp32 dQ (n, nh*hd), then a counter
+ * per (head, query tile of BQ_KV). */
+static size_t ws_dq_bytes(int64_t n, int nh, int hd)
+{
+    return ((size_t)n * nh * hd * sizeof(float) + 255) / 256 * 256;
+}
+static size_t ws_cnt_bytes(int64_t n, int nh)
+{
+    return (size_t)nh * kn_cdiv(n, BQ_KV) * sizeof(unsigned);
+}
 
 /* the wgmma kernels: 1024 bytes more, to align the swizzled blocks */
 static size_t fwd_wg_smem(int hdp, int nwg)
@@ -1559,11 +1771,36 @@ static void dkdv_wg_launch(kn_bf16 *dk, kn_bf16 *dv, const float *delta,
     KN_CHECK_LAUNCH("attn_bwd_dkdv_wg");
 }
 
+/* One pass (attn_bwd_dkdv_kernel with DQ): the counters zeroed, one
+ * launch. */
+template <int HDP>
+static void bwd1_launch(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, const float *delta,
+                        const kn_bf16 *dout, const kn_bf16 *q, const kn_bf16 *k,
+                        const kn_bf16 *v, const float *lse, const int32_t *start,
+                        int64_t n, int nh, int nkv, int hd, void *ws, cudaStream_t s)
+{
+    static int attr_set;
+    size_t sm = bwd1_smem(HDP);
+    ATT_SMEM_ATTR((attn_bwd_dkdv_kernel<HDP, true>), sm, 1);
+    float *dqacc = (float *)ws;
+    unsigned *cnt = (unsigned *)((char *)ws + ws_dq_bytes(n, nh, hd));
+    CUDA_CHECK(cudaMemsetAsync(cnt, 0, ws_cnt_bytes(n, nh), s));
+    float scale = 1.0f / sqrtf((float)hd), sl = LOG2E * scale;
+    dim3 grid(kn_cdiv(n, 64), nkv);
+    const char *e = getenv("KN_ATTN_BWD1_MODE");
+    int mode = e && e[0] == '0' && !e[1] ? 0 : 1;
+    attn_bwd_dkdv_kernel<HDP, true><<<grid, ATT_THREADS, sm, s>>>(
+        (bf16 *)dk, (bf16 *)dv, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
+        (const bf16 *)v, lse, delta, start, n, nh, nkv, hd, sl, scale, (bf16 *)dq, dqacc, cnt,
+        mode);
+    KN_CHECK_LAUNCH("attn_bwd_1pass");
+}
+
 template <int HDP>
 static void bwd_launch(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, const float *delta,
                        const kn_bf16 *dout, const kn_bf16 *q, const kn_bf16 *k,
                        const kn_bf16 *v, const float *lse, const int32_t *start,
-                       int64_t n, int nh, int nkv, int hd, cudaStream_t s)
+                       int64_t n, int nh, int nkv, int hd, void *ws, cudaStream_t s)
 {
     static int attr_set;
     if constexpr (HDP == 128) {
@@ -1588,12 +1825,16 @@ static void bwd_launch(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, const float *delta
             return;
         }
     }
+    if (ws) {
+        bwd1_launch<HDP>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, s);
+        return;
+    }
     size_t sm1 = dq_smem(HDP), sm2 = dkdv_smem(HDP);
     KN_REQUIRE(sm1 <= kn_smem_optin() && sm2 <= kn_smem_optin());
     if (!attr_set) {
         CUDA_CHECK(cudaFuncSetAttribute(attn_bwd_dq_kernel<HDP>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
-        CUDA_CHECK(cudaFuncSetAttribute(attn_bwd_dkdv_kernel<HDP>,
+        CUDA_CHECK(cudaFuncSetAttribute(attn_bwd_dkdv_kernel<HDP, false>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
         attr_set = 1;
     }
@@ -1604,10 +1845,10 @@ static void bwd_launch(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, const float *delta
         (const bf16 *)v, lse, delta, start, n, nh, nkv, hd, sl, scale);
     KN_CHECK_LAUNCH("attn_bwd_dq");
     dim3 g2(kn_cdiv(n, 64), nkv);
-    attn_bwd_dkdv_kernel<HDP><<<g2, ATT_THREADS, sm2, s>>>(
+    attn_bwd_dkdv_kernel<HDP, false><<<g2, ATT_THREADS, sm2, s>>>(
         (bf16 *)dk, (bf16 *)dv, (const bf16 *)dout, (const bf16 *)q,
         (const bf16 *)k, (const bf16 *)v, lse, delta, start, n, nh, nkv, hd,
-        sl, scale);
+        sl, scale, NULL, NULL, NULL, 0);
     KN_CHECK_LAUNCH("attn_bwd_dkdv");
 }
 
@@ -1625,6 +1866,37 @@ extern "C" void kn_attention_forward(kn_bf16 *o, float *lse, const kn_bf16 *q,
     }
 }
 
+extern "C" size_t kn_attention_backward_ws_bytes(int64_t n, int nh, int hd)
+{
+    return ws_dq_bytes(n, nh, hd) + ws_cnt_bytes(n, nh);
+}
+
+/* The one-pass backward only where the caller gives its workspace and
+ * KN_ATTN_BWD_1PASS=1 (opt-in: slower than two passes on an H100, see the
+ * kernel); KN_ATTN_BWD_2PASS=1 or KN_ATTN_WGMMA=1 (two-pass only) win. */
+extern "C" void kn_attention_backward_ws(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,
+                                         float *delta, const kn_bf16 *dout,
+                                         const kn_bf16 *q, const kn_bf16 *k,
+                                         const kn_bf16 *v, const kn_bf16 *o,
+                                         const float *lse, const int32_t *start,
+                                         int64_t n, int nh, int nkv, int hd, void *ws,
+                                         size_t ws_bytes, cudaStream_t s)
+{
+    check_shapes(n, nh, nkv, hd);
+    if (ws_bytes < kn_attention_backward_ws_bytes(n, nh, hd) || env_flag("KN_ATTN_BWD_2PASS") ||
+        !env_flag("KN_ATTN_BWD_1PASS"))
+        ws = NULL;
+    attn_delta_kernel<<<kn_cdiv(n * nh, 8), 256, 0, s>>>(
+        delta, (const bf16 *)dout, (const bf16 *)o, n, nh, hd);
+    KN_CHECK_LAUNCH("attn_delta");
+    switch (pad_hd(hd)) {
+    case 16: bwd_launch<16>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, s); break;
+    case 32: bwd_launch<32>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, s); break;
+    case 64: bwd_launch<64>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, s); break;
+    default: bwd_launch<128>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, s); break;
+    }
+}
+
 extern "C" void kn_attention_backward(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,
                                       float *delta, const kn_bf16 *dout,
                                       const kn_bf16 *q, const kn_bf16 *k,
@@ -1633,14 +1905,6 @@ extern "C" void kn_attention_backward(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,
                                       int64_t n, int nh, int nkv, int hd,
                                       cudaStream_t s)
 {
-    check_shapes(n, nh, nkv, hd);
-    attn_delta_kernel<<<kn_cdiv(n * nh, 8), 256, 0, s>>>(
-        delta, (const bf16 *)dout, (const bf16 *)o, n, nh, hd);
-    KN_CHECK_LAUNCH("attn_delta");
-    switch (pad_hd(hd)) {
-    case 16: bwd_launch<16>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, s); break;
-    case 32: bwd_launch<32>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, s); break;
-    case 64: bwd_launch<64>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, s); break;
-    default: bwd_launch<128>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, s); break;
-    }
+    kn_attention_backward_ws(dq, dk, dv, delta, dout, q, k, v, o, lse, start, n, nh, nkv, hd,
+                             NULL, 0, s);
 }

@@ -160,7 +160,13 @@ void kn_swiglu_backward(kn_bf16 *dg, kn_bf16 *du, const kn_bf16 *dh,
  * row's scaled scores, which the backward needs. The backward writes dq,
  * dk, dv (overwriting) and uses delta (nh, n floats) as scratch.
  * KN_ATTN_FWD_V1=1 in the environment selects the first forward kernel
- * (64 queries a block), kept for timing comparisons. */
+ * (64 queries a block), kept for timing comparisons.
+ * kn_attention_backward_ws takes a workspace (ws_bytes its size; contents
+ * need not be kept) for the one-pass backward, which runs when it holds
+ * kn_attention_backward_ws_bytes(n, nh, hd) bytes (an fp32 dq and
+ * counters) and KN_ATTN_BWD_1PASS=1 (opt-in: slower on an H100; dq added
+ * in a fixed order, deterministic); otherwise, or with
+ * KN_ATTN_BWD_2PASS=1, the two-pass one, as kn_attention_backward. */
 void kn_attention_forward(kn_bf16 *o, float *lse, const kn_bf16 *q,
                           const kn_bf16 *k, const kn_bf16 *v,
                           const int32_t *start, int64_t n, int nh, int nkv,
@@ -171,6 +177,14 @@ void kn_attention_backward(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,
                            const kn_bf16 *v, const kn_bf16 *o,
                            const float *lse, const int32_t *start, int64_t n,
                            int nh, int nkv, int hd, cudaStream_t s);
+size_t kn_attention_backward_ws_bytes(int64_t n, int nh, int hd);
+void kn_attention_backward_ws(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,
+                              float *delta, const kn_bf16 *dout,
+                              const kn_bf16 *q, const kn_bf16 *k,
+                              const kn_bf16 *v, const kn_bf16 *o,
+                              const float *lse, const int32_t *start,
+                              int64_t n, int nh, int nkv, int hd, void *ws,
+                              size_t ws_bytes, cudaStream_t s);
 
 /* --- cross-entropy fused with the output projection (xent.cu) ------------
  * For the n rows of x (n, d) and the head w (vocab, d): logits = x w^T,

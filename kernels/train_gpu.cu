@@ -1210,9 +1210,14 @@ static void layer_bwd(gpu_trainer *G, int32_t i, gpu_acts *s, int64_t n,
         off_wait(G, OFF_K);
         off_wait(G, OFF_V);
     }
-    kn_attention_backward(KB(dq), KB(dk), KB(dv), G->delta, CKB(datt),
-                          CKB(s->q), CKB(s->k), CKB(s->v), CKB(s->att), s->lse,
-                          G->start, n, c->n_heads, c->n_kv_heads, hd, st);
+    /* the one-pass attention backward's workspace (fp32 dq, counters;
+     * opt-in, KN_ATTN_BWD_1PASS=1) is dxn, dead here: last read by the
+     * MLP's norm backward above, written next by q's lin_bwd; too small,
+     * the two-pass backward runs */
+    size_t dxnb = G->dxn ? (size_t)(G->cap * dim) * 4 : (size_t)(G->cap * c->hidden) * 2;
+    kn_attention_backward_ws(KB(dq), KB(dk), KB(dv), G->delta, CKB(datt),
+                             CKB(s->q), CKB(s->k), CKB(s->v), CKB(s->att), s->lse,
+                             G->start, n, c->n_heads, c->n_kv_heads, hd, dxn, dxnb, st);
     if (got && i > 0)
         off_get(G, i - 1, n, 0);
     kn_rope_backward(KB(dq), G->pos, n, c->n_heads, hd, c->rope_theta, st);

@@ -7,7 +7,10 @@
  * (KN_ATTN_FWD_V1) runs on two shapes; on an H100 the wgmma kernels
  * (KN_ATTN_WGMMA, head sizes 66..128) run on every shape, and their
  * one-warpgroup blocks (KN_ATTN_*_WG=1) and unswizzled tiles
- * (KN_ATTN_WG_NOSWIZZLE) on some. --bench times them all. */
+ * (KN_ATTN_WG_NOSWIZZLE) on some. The backward runs as two passes (the
+ * default) and as one (KN_ATTN_BWD_1PASS=1, both KN_ATTN_BWD1_MODE orders)
+ * on every shape; passes() compares them on grids larger than the GPU
+ * holds. --bench times them all. */
 #define _POSIX_C_SOURCE 200809L /* setenv */
 #include "gpu_test.h"
 
@@ -16,6 +19,8 @@
 typedef struct {
     kn_bf16 *q, *k, *v, *o, *dout, *dq, *dk, *dv;
     float *lse, *delta;
+    void *ws; /* the one-pass backward's workspace */
+    size_t wsb;
     int32_t *start;
     int64_t n;
     int nh, nkv, hd;
@@ -29,8 +34,8 @@ static void run_fwd(void *p)
 static void run_bwd(void *p)
 {
     att_ctx *c = p;
-    kn_attention_backward(c->dq, c->dk, c->dv, c->delta, c->dout, c->q, c->k, c->v, c->o,
-                          c->lse, c->start, c->n, c->nh, c->nkv, c->hd, 0);
+    kn_attention_backward_ws(c->dq, c->dk, c->dv, c->delta, c->dout, c->q, c->k, c->v, c->o,
+                             c->lse, c->start, c->n, c->nh, c->nkv, c->hd, c->ws, c->wsb, 0);
 }
 
 static void setup(att_ctx *c, float **hq, float **hk, float **hv, float **hdo,
@@ -59,13 +64,15 @@ static void setup(att_ctx *c, float **hq, float **hk, float **hv, float **hdo,
     c->dv = gt_dev((size_t)nk * 2);
     c->lse = gt_dev((size_t)(n * nh) * 4);
     c->delta = gt_dev((size_t)(n * nh) * 4);
+    c->wsb = kn_attention_backward_ws_bytes(n, nh, hd);
+    c->ws = gt_dev(c->wsb); /* poisoned: nothing may be read before written */
 }
 
 static void teardown(att_ctx *c)
 {
     kn_free(c->q); kn_free(c->k); kn_free(c->v); kn_free(c->dout);
     kn_free(c->start); kn_free(c->o); kn_free(c->dq); kn_free(c->dk);
-    kn_free(c->dv); kn_free(c->lse); kn_free(c->delta);
+    kn_free(c->dv); kn_free(c->lse); kn_free(c->delta); kn_free(c->ws);
 }
 
 static void one(int64_t n, int nh, int nkv, int hd, int maxdoc)
@@ -80,7 +87,8 @@ static void one(int64_t n, int nh, int nkv, int hd, int maxdoc)
     run_fwd(&c);
     float *go = gt_down_bf16(c.o, nq), *glse = gt_down_f32(c.lse, n * nh);
     char what[128], tag[80];
-    snprintf(tag, sizeof tag, "n=%lld nh=%d nkv=%d hd=%d docs<=%d", (long long)n, nh, nkv, hd, maxdoc);
+    snprintf(tag, sizeof tag, "n=%lld nh=%d nkv=%d hd=%d docs<=%d%s", (long long)n, nh, nkv, hd,
+             maxdoc, getenv("KN_ATTN_BWD_1PASS") ? getenv("KN_ATTN_BWD1_MODE") : "");
     snprintf(what, sizeof what, "attention forward o %s", tag);
     gt_compare(what, go, o, nq, TOL_BF16_CHAIN, "TOL_BF16_CHAIN");
     snprintf(what, sizeof what, "attention forward lse %s", tag);
@@ -97,10 +105,12 @@ static void one(int64_t n, int nh, int nkv, int hd, int maxdoc)
     snprintf(what, sizeof what, "attention backward dv %s", tag);
     gt_compare(what, gdv, dv, nk, TOL_BF16_CHAIN, "TOL_BF16_CHAIN");
 
-    /* no atomics: a second backward gives the same bits */
+    /* no atomics (the one-pass dq is added in a fixed order): a second
+     * backward, with the workspace as the first left it, gives the same
+     * bits */
     kn_bf16 *dq1 = gt_dev((size_t)nq * 2), *dk1 = gt_dev((size_t)nk * 2), *dv1 = gt_dev((size_t)nk * 2);
-    kn_attention_backward(dq1, dk1, dv1, c.delta, c.dout, c.q, c.k, c.v, c.o, c.lse, c.start, n,
-                          nh, nkv, hd, 0);
+    kn_attention_backward_ws(dq1, dk1, dv1, c.delta, c.dout, c.q, c.k, c.v, c.o, c.lse, c.start,
+                             n, nh, nkv, hd, c.ws, c.wsb, 0);
     float *gdq1 = gt_down_bf16(dq1, nq), *gdk1 = gt_down_bf16(dk1, nk), *gdv1 = gt_down_bf16(dv1, nk);
     snprintf(what, sizeof what, "attention backward deterministic %s", tag);
     gt_check(memcmp(gdq, gdq1, (size_t)nq * 4) == 0 && memcmp(gdk, gdk1, (size_t)nk * 4) == 0 &&
@@ -129,7 +139,8 @@ static void env_pair(const char *a, const char *b)
 {
     static const char *const all[] = {"KN_ATTN_FWD_V1", "KN_ATTN_WGMMA", "KN_ATTN_FWD_WG",
                                       "KN_ATTN_DQ_WG", "KN_ATTN_DKDV_WG",
-                                      "KN_ATTN_WG_NOSWIZZLE"};
+                                      "KN_ATTN_WG_NOSWIZZLE", "KN_ATTN_BWD_2PASS",
+                                      "KN_ATTN_BWD_1PASS", "KN_ATTN_BWD1_MODE"};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         env_set(all[i], NULL);
     if (a)
@@ -144,19 +155,21 @@ static void bench(int rows, int row, int nh, int nkv, int hd)
 {
     /* env: NULL (defaults), KN_ATTN_FWD_V1, or KN_ATTN_WGMMA plus env2 */
     static const struct {
-        const char *name, *env, *env2;
+        const char *name, *env, *env2, *mode; /* mode: KN_ATTN_BWD1_MODE */
     } fwd[] = {
-        {"default (mma.sync, 128-query blocks)", NULL, NULL},
-        {"v1 (mma.sync, 64-query blocks)", "KN_ATTN_FWD_V1", NULL},
-        {"wgmma, 2 warpgroups", "KN_ATTN_WGMMA", NULL},
-        {"wgmma, 1 warpgroup", "KN_ATTN_WGMMA", "KN_ATTN_FWD_WG"},
-        {"wgmma, 2 warpgroups, no swizzle", "KN_ATTN_WGMMA", "KN_ATTN_WG_NOSWIZZLE"},
+        {"default (mma.sync, 128-query blocks)", NULL, NULL, NULL},
+        {"v1 (mma.sync, 64-query blocks)", "KN_ATTN_FWD_V1", NULL, NULL},
+        {"wgmma, 2 warpgroups", "KN_ATTN_WGMMA", NULL, NULL},
+        {"wgmma, 1 warpgroup", "KN_ATTN_WGMMA", "KN_ATTN_FWD_WG", NULL},
+        {"wgmma, 2 warpgroups, no swizzle", "KN_ATTN_WGMMA", "KN_ATTN_WG_NOSWIZZLE", NULL},
     }, bwd[] = {
-        {"default (mma.sync)", NULL, NULL},
-        {"wgmma, dq 2 / dkdv 2 warpgroups", "KN_ATTN_WGMMA", NULL},
-        {"wgmma, dq 1 / dkdv 2 warpgroups", "KN_ATTN_WGMMA", "KN_ATTN_DQ_WG"},
-        {"wgmma, dq 2 / dkdv 1 warpgroups", "KN_ATTN_WGMMA", "KN_ATTN_DKDV_WG"},
-        {"wgmma, 2 / 2 warpgroups, no swizzle", "KN_ATTN_WGMMA", "KN_ATTN_WG_NOSWIZZLE"},
+        {"default (mma.sync, two passes)", NULL, NULL, NULL},
+        {"mma.sync, one pass, warp turns", "KN_ATTN_BWD_1PASS", NULL, "0"},
+        {"mma.sync, one pass, block turns", "KN_ATTN_BWD_1PASS", NULL, "1"},
+        {"wgmma, dq 2 / dkdv 2 warpgroups", "KN_ATTN_WGMMA", NULL, NULL},
+        {"wgmma, dq 1 / dkdv 2 warpgroups", "KN_ATTN_WGMMA", "KN_ATTN_DQ_WG", NULL},
+        {"wgmma, dq 2 / dkdv 1 warpgroups", "KN_ATTN_WGMMA", "KN_ATTN_DKDV_WG", NULL},
+        {"wgmma, 2 / 2 warpgroups, no swizzle", "KN_ATTN_WGMMA", "KN_ATTN_WG_NOSWIZZLE", NULL},
     };
     att_ctx c;
     float *q, *k, *v, *dout;
@@ -179,11 +192,66 @@ static void bench(int rows, int row, int nh, int nkv, int hd)
     run_fwd(&c);
     for (size_t i = 0; i < sizeof bwd / sizeof bwd[0]; i++) {
         env_pair(bwd[i].env, bwd[i].env2);
+        env_set("KN_ATTN_BWD1_MODE", bwd[i].mode);
         snprintf(what, sizeof what, "attention backward %s %dx%d nh=%d hd=%d", bwd[i].name, rows,
                  row, nh, hd);
         gt_time(what, run_bwd, &c, 2.5 * flops, 0);
         env_pair(NULL, NULL);
     }
+    free(q); free(k); free(v); free(dout); free(start);
+    teardown(&c);
+}
+
+/* One pass against two: a workspace too small, or none, selects the
+ * two-pass backward (same bits as KN_ATTN_BWD_2PASS=1); on a grid of more
+ * blocks than an H100 holds at once (the ordered dq accumulation must not
+ * wait for a block that is not resident), ragged documents and GQA, the
+ * one-pass results match the two-pass ones and repeat bit for bit. */
+static void passes(int64_t n, int nh, int nkv, int hd, int maxdoc)
+{
+    att_ctx c;
+    float *q, *k, *v, *dout;
+    int32_t *start;
+    setup(&c, &q, &k, &v, &dout, &start, n, nh, nkv, hd, maxdoc);
+    int64_t nq = n * nh * hd, nk = n * nkv * hd;
+    char what[160], tag[80];
+    snprintf(tag, sizeof tag, "n=%lld nh=%d nkv=%d hd=%d docs<=%d", (long long)n, nh, nkv, hd, maxdoc);
+    run_fwd(&c);
+    float *r[4][3]; /* two-pass, no workspace, too small, one pass */
+    for (int m = 0; m < 4; m++) {
+        env_set("KN_ATTN_BWD_2PASS", m == 0 ? "1" : NULL);
+        if (m == 1)
+            kn_attention_backward(c.dq, c.dk, c.dv, c.delta, c.dout, c.q, c.k, c.v, c.o, c.lse,
+                                  c.start, n, nh, nkv, hd, 0);
+        else
+            kn_attention_backward_ws(c.dq, c.dk, c.dv, c.delta, c.dout, c.q, c.k, c.v, c.o,
+                                     c.lse, c.start, n, nh, nkv, hd, c.ws,
+                                     m == 2 ? c.wsb - 1 : c.wsb, 0);
+        r[m][0] = gt_down_bf16(c.dq, nq);
+        r[m][1] = gt_down_bf16(c.dk, nk);
+        r[m][2] = gt_down_bf16(c.dv, nk);
+    }
+    env_set("KN_ATTN_BWD_2PASS", NULL);
+    int same = 1;
+    for (int m = 1; m < 3; m++)
+        same &= !memcmp(r[m][0], r[0][0], (size_t)nq * 4) &&
+                !memcmp(r[m][1], r[0][1], (size_t)nk * 4) &&
+                !memcmp(r[m][2], r[0][2], (size_t)nk * 4);
+    snprintf(what, sizeof what, "attention backward without workspace is two-pass %s", tag);
+    gt_check(same, what);
+    static const char *const nm[] = {"dq", "dk", "dv"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(what, sizeof what, "attention backward one pass vs two %s %s", nm[i], tag);
+        gt_compare(what, r[3][i], r[0][i], i ? nk : nq, TOL_BF16_CHAIN, "TOL_BF16_CHAIN");
+    }
+    run_bwd(&c);
+    float *d2 = gt_down_bf16(c.dq, nq), *k2 = gt_down_bf16(c.dk, nk);
+    snprintf(what, sizeof what, "attention backward one pass deterministic %s", tag);
+    gt_check(!memcmp(d2, r[3][0], (size_t)nq * 4) && !memcmp(k2, r[3][1], (size_t)nk * 4), what);
+    free(d2); free(k2);
+    for (int m = 0; m < 4; m++)
+        for (int i = 0; i < 3; i++)
+            free(r[m][i]);
     free(q); free(k); free(v); free(dout); free(start);
     teardown(&c);
 }
@@ -227,6 +295,19 @@ int main(int argc, char **argv)
     gt_init("attention", argc, argv);
     gt_seed(6);
     shapes();
+    if (getenv("KN_ATTN_BWD_1PASS") == NULL) { /* the one-pass backward, both orders */
+        static const char *const modes[] = {"0", "1"};
+        for (int m = 0; m < 2; m++) {
+            setenv("KN_ATTN_BWD_1PASS", "1", 1);
+            setenv("KN_ATTN_BWD1_MODE", modes[m], 1);
+            shapes();
+            passes(6000, 16, 8, 128, 3000);
+            passes(5000, 8, 8, 64, 5000);
+            passes(3000, 8, 2, 96, 40);
+            unsetenv("KN_ATTN_BWD_1PASS");
+            unsetenv("KN_ATTN_BWD1_MODE");
+        }
+    }
     if (getenv("KN_ATTN_FWD_V1") == NULL) { /* the first forward kernel too */
         setenv("KN_ATTN_FWD_V1", "1", 1);
         one(300, 4, 4, 64, 200);
