@@ -507,6 +507,7 @@ typedef struct run {
     gen_backend *be;
     const gen_params *p;
     const gen_prompt *pr;
+    const size_t *index; /* (n) the records' places in the input, or NULL */
     size_t n;
     int32_t max_pos;
     int32_t vocab_limit;
@@ -588,7 +589,7 @@ static int flush_done(run *R)
         size_t i = R->next_emit;
         done_rec *d = &R->done[i];
         gen_result res = {
-            .index = i,
+            .index = R->index ? R->index[i] : i,
             .prompt = R->pr[i].ids,
             .n_prompt = R->pr[i].n,
             .ids = d->ids,
@@ -628,7 +629,9 @@ static void take_tokens(run *R, int32_t n, const int32_t *slot, float *logits,
             seq *s = &R->s[slot[i]];
             R->tok[i] = gen_sample(R->sampler[th], R->p, logits + (int64_t)i * vocab,
                                    R->vocab_limit, s->seen,
-                                   gen_record_key(R->p->seed, (uint64_t)s->rec),
+                                   gen_record_key(R->p->seed,
+                                                  R->index ? R->index[s->rec]
+                                                           : (uint64_t)s->rec),
                                    (uint64_t)s->n);
         }
     }
@@ -640,6 +643,13 @@ int gen_run(gen_backend *be, const gen_params *p, const gen_prompt *prompts,
             size_t n, int32_t max_pos, gen_emit_fn emit, void *ctx,
             gen_stats *st)
 {
+    return gen_run_indexed(be, p, prompts, NULL, n, max_pos, emit, ctx, st);
+}
+
+int gen_run_indexed(gen_backend *be, const gen_params *p,
+                    const gen_prompt *prompts, const size_t *index, size_t n,
+                    int32_t max_pos, gen_emit_fn emit, void *ctx, gen_stats *st)
+{
     gen_stats dummy;
     if (!st)
         st = &dummy;
@@ -647,22 +657,24 @@ int gen_run(gen_backend *be, const gen_params *p, const gen_prompt *prompts,
     if (gen_params_check(p) != 0)
         return -1;
     for (size_t i = 0; i < n; i++) {
+        size_t rn = (index ? index[i] : i) + 1;
         if (prompts[i].n < 1)
-            return msg_error("record %zu: empty prompt", i + 1);
+            return msg_error("record %zu: empty prompt", rn);
         if (max_pos > 0 && prompts[i].n > max_pos)
             return msg_error("record %zu: prompt of %d tokens is longer than "
                              "the model's context (%d)",
-                             i + 1, prompts[i].n, max_pos);
+                             rn, prompts[i].n, max_pos);
         if (prompts[i].n > be->cap)
             return msg_error("record %zu: prompt of %d tokens does not fit "
                              "the cache (%d positions)",
-                             i + 1, prompts[i].n, be->cap);
+                             rn, prompts[i].n, be->cap);
     }
     run R;
     memset(&R, 0, sizeof R);
     R.be = be;
     R.p = p;
     R.pr = prompts;
+    R.index = index;
     R.n = n;
     /* a sequence ends once prompt + completion reach the context or the
      * cache (the last token is never fed back, so that is safe) */

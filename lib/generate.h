@@ -209,4 +209,12 @@ int gen_run(gen_backend *be, const gen_params *p, const gen_prompt *prompts,
             size_t n, int32_t max_pos, gen_emit_fn emit, void *ctx,
             gen_stats *st);
 
+/* gen_run over a subset of an input: prompt i is the input's record
+ * index[i] (ascending), which names it in results and errors and keys its
+ * random draws, so a record's completion is the same whichever subsets
+ * the input is run in. index NULL: prompt i is record i. */
+int gen_run_indexed(gen_backend *be, const gen_params *p,
+                    const gen_prompt *prompts, const size_t *index, size_t n,
+                    int32_t max_pos, gen_emit_fn emit, void *ctx, gen_stats *st);
+
 #endif

@@ -41,7 +41,7 @@
 static const char usage_text[] =
     "usage: lora-gen [-hJqVv] [-a adapter] [-b n] [-j threads] [-k top-k] "
     "[-n max-new] [-o file] [-p top-p] [-r penalty] [-S seed] [-s stop] "
-    "[-T tokenizer] [-t temperature] [--device dev] [--ignore-eos] "
+    "[-T tokenizer] [-t temperature] [--cache n] [--device dev] [--ignore-eos] "
     "[--overlong how] [--progress] [--stop-id id] -m model [file]\n";
 
 static void usage(FILE *f)
@@ -83,6 +83,10 @@ static void help(void)
         "  -t, --temperature t        sampling temperature (0: greedy)\n"
         "  -V, --version              print the version\n"
         "  -v, --verbose              more messages on stderr\n"
+        "      --cache n              cache positions a sequence of the main pass\n"
+        "                             holds; prompts needing more run first in\n"
+        "                             a pass of their own (default: what 99%\n"
+        "                             need)\n"
         "      --device dev           auto (default), cpu or cuda\n"
         "      --ignore-eos           do not stop at EOS\n"
         "      --overlong how         a prompt longer than the model's context:\n"
@@ -134,11 +138,13 @@ typedef struct out_ctx {
     size_t cap;
     int progress;
     size_t total;
+    int hold;          /* keep results in held instead of writing them */
+    gen_result *held;  /* (nheld) in input order, ids owned */
+    size_t nheld, next_held, cap_held;
 } out_ctx;
 
-static int emit(void *ctx, const gen_result *r)
+static int write_result(out_ctx *o, const gen_result *r)
 {
-    out_ctx *o = ctx;
     if (o->json) {
         strbuf *sb = &o->sb;
         sb_reset(sb);
@@ -184,12 +190,117 @@ static int emit(void *ctx, const gen_result *r)
     return 0;
 }
 
+/* Writes the held results of records before index limit. */
+static int emit_held(out_ctx *o, uint64_t limit)
+{
+    while (o->next_held < o->nheld && o->held[o->next_held].index < limit) {
+        gen_result *h = &o->held[o->next_held++];
+        int rc = write_result(o, h);
+        free((void *)h->ids);
+        h->ids = NULL;
+        if (rc != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void held_free(out_ctx *o)
+{
+    for (size_t i = o->next_held; i < o->nheld; i++)
+        free((void *)o->held[i].ids);
+    free(o->held);
+}
+
+static int emit(void *ctx, const gen_result *r)
+{
+    out_ctx *o = ctx;
+    if (o->hold) {
+        if (o->nheld == o->cap_held) {
+            o->cap_held = o->cap_held ? 2 * o->cap_held : 64;
+            o->held = xrealloc(o->held, o->cap_held * sizeof *o->held);
+        }
+        gen_result *h = &o->held[o->nheld++];
+        *h = *r;
+        int32_t *ids = xmalloc((size_t)(r->n ? r->n : 1) * sizeof *ids);
+        memcpy(ids, r->ids, (size_t)r->n * sizeof *ids);
+        h->ids = ids;
+        return 0;
+    }
+    if (emit_held(o, r->index) != 0)
+        return -1;
+    return write_result(o, r);
+}
+
+/* The cache positions of the main pass: cache_opt when given, else what
+ * 99% of the prompts need (prompt + max_new), rounded up to 256; the
+ * longest need when that is not under half of it (one pass). */
+static int32_t main_cache(const gen_inputs *in, int32_t max_new, int32_t max_pos,
+                          int32_t cache_opt)
+{
+    int32_t cap = gen_cache_cap(in, max_new, max_pos);
+    if (cache_opt > 0)
+        return cache_opt < cap ? cache_opt : cap;
+    if (in->n == 0)
+        return cap;
+    int32_t *need = xmalloc(in->n * sizeof *need);
+    for (size_t i = 0; i < in->n; i++)
+        need[i] = in->p[i].n + max_new;
+    /* the 99th percentile by counting: needs are at most cap (+ max_new) */
+    size_t k = in->n - in->n / 100, below = 0;
+    int32_t c = 256;
+    for (;; c += 256) {
+        below = 0;
+        for (size_t i = 0; i < in->n; i++)
+            below += need[i] <= c;
+        if (below >= k || c >= cap)
+            break;
+    }
+    free(need);
+    return 2 * c <= cap ? c : cap;
+}
+
+static int32_t longest(const gen_prompt *pr, size_t n)
+{
+    int32_t m = 0;
+    for (size_t i = 0; i < n; i++)
+        m = pr[i].n > m ? pr[i].n : m;
+    return m;
+}
+
+/* A backend for n prompts with caches of cap positions. */
+static int open_backend(const llama_model *model, const lora_adapter *ad, int use_cuda,
+                        int batch, size_t n, int32_t cap, gen_backend *be)
+{
+    if (use_cuda) {
+#ifdef QLORA_CUDA
+        int nb = batch > 0 ? batch : 64;
+        if ((size_t)nb > n && n > 0)
+            nb = (int)n;
+        if (gen_gpu_backend(model, ad, nb, cap, be) != 0)
+            return -1;
+        msg_info("generating on CUDA device '%s'", kn_device_name());
+        return 0;
+#endif
+    }
+    int nb = batch;
+#ifdef _OPENMP
+    if (nb <= 0)
+        nb = omp_get_max_threads();
+#endif
+    if (nb <= 0)
+        nb = 1;
+    if ((size_t)nb > n && n > 0)
+        nb = (int)n;
+    return gen_cpu_backend(model, ad, nb, cap, be);
+}
+
 int main(int argc, char **argv)
 {
     passive_omp(argv);
     const char *model_dir = NULL, *adapter_dir = NULL, *output = NULL;
     const char *tok_path = NULL, *device = "auto";
     int json = 0, progress = isatty(2), batch = 0, threads = 0, truncate = 1;
+    int32_t cache_opt = 0;
     gen_params p;
     gen_params_default(&p);
     const char **stops = xcalloc((size_t)argc + 1, sizeof *stops);
@@ -197,7 +308,7 @@ int main(int argc, char **argv)
     size_t nstops = 0, nstop_ids = 0;
 
     msg_init(argv[0]);
-    enum { OPT_DEVICE = 256, OPT_IGNORE_EOS, OPT_OVERLONG, OPT_PROGRESS, OPT_STOP_ID };
+    enum { OPT_CACHE = 256, OPT_DEVICE, OPT_IGNORE_EOS, OPT_OVERLONG, OPT_PROGRESS, OPT_STOP_ID };
     static const struct option longs[] = {
         {"adapter", required_argument, NULL, 'a'},
         {"batch", required_argument, NULL, 'b'},
@@ -217,6 +328,7 @@ int main(int argc, char **argv)
         {"temperature", required_argument, NULL, 't'},
         {"version", no_argument, NULL, 'V'},
         {"verbose", no_argument, NULL, 'v'},
+        {"cache", required_argument, NULL, OPT_CACHE},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
         {"overlong", required_argument, NULL, OPT_OVERLONG},
@@ -296,6 +408,9 @@ int main(int argc, char **argv)
             return 0;
         case 'v':
             msg_verbosity++;
+            break;
+        case OPT_CACHE:
+            cache_opt = (int32_t)parse_int(optarg, "bad cache size '%s'", 1, 1 << 24);
             break;
         case OPT_DEVICE:
             if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") &&
@@ -406,54 +521,77 @@ int main(int argc, char **argv)
                  "cut to their last %d tokens, the first record %zu",
                  input ? input : "<stdin>", ncut, ncut == 1 ? "" : "s", mc->max_pos,
                  kept, first_cut + 1);
-    int32_t cap = gen_cache_cap(&in, p.max_new, mc->max_pos);
-    if (use_cuda) {
-#ifdef QLORA_CUDA
-        if (gen_gpu_backend(model, ad, batch > 0 ? batch : 64, cap, &be) != 0)
-            goto done;
-        msg_info("generating on CUDA device '%s'", kn_device_name());
-#endif
-    } else {
-        int nb = batch;
-#ifdef _OPENMP
-        if (nb <= 0)
-            nb = omp_get_max_threads();
-#endif
-        if (nb <= 0)
-            nb = 1;
-        if ((size_t)nb > in.n && in.n > 0)
-            nb = (int)in.n;
-        if (gen_cpu_backend(model, ad, nb, cap, &be) != 0)
-            goto done;
+    /* Every sequence's cache holds its prompt and completion; one long
+     * prompt would size all of them. Prompts needing more than the main
+     * pass's cache (--cache, or the 99th percentile) run first in a pass
+     * of their own; their results wait and go out in input order. */
+    size_t nlong = 0;
+    int32_t cap = gen_cache_cap(&in, p.max_new, mc->max_pos),
+            main_cap = main_cache(&in, p.max_new, mc->max_pos, cache_opt);
+    size_t *idx_long = xmalloc((in.n ? in.n : 1) * sizeof *idx_long);
+    size_t *idx_main = xmalloc((in.n ? in.n : 1) * sizeof *idx_main);
+    gen_prompt *pl = xmalloc((in.n ? in.n : 1) * sizeof *pl);
+    gen_prompt *pm = xmalloc((in.n ? in.n : 1) * sizeof *pm);
+    size_t nmain = 0;
+    for (size_t i = 0; i < in.n; i++) {
+        int64_t need = (int64_t)in.p[i].n + p.max_new;
+        if (main_cap < cap && need > main_cap) {
+            pl[nlong] = in.p[i];
+            idx_long[nlong++] = i;
+        } else {
+            pm[nmain] = in.p[i];
+            idx_main[nmain++] = i;
+        }
     }
-    msg_info("%zu prompts (longest %d tokens), %d in flight, cache of %d "
-             "positions, on %s",
-             in.n, in.max_len, be.slots, be.cap, be.name);
+    if (nlong)
+        msg_info("%zu prompt%s more than %d cache positions: a pass of "
+                 "their own first", nlong, nlong == 1 ? " needs" : "s need",
+                 main_cap);
 
     o.json = json;
     o.sp = sp;
     o.progress = progress && msg_verbosity > 0;
     o.total = in.n;
     if (!(o.w = io_writer_open(output, json ? IO_TEXT : IO_BINARY)))
-        goto done;
+        goto fail;
     if (!json) {
         toks_header h = in.h;
         snprintf(h.producer, sizeof h.producer, "lora-gen %s seed %" PRIu64,
                  QLORA_VERSION, p.seed);
         o.tw = toks_writer_new(o.w, &h);
     }
-    gen_stats st;
-    int r = gen_run(&be, &p, in.p, in.n, mc->max_pos, emit, &o, &st);
+    gen_stats st = {0}, st1;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t np = pass ? nmain : nlong;
+        if (np == 0)
+            continue;
+        int32_t pcap = pass ? (nlong ? main_cap : cap) : cap;
+        if (open_backend(model, ad, use_cuda, batch, np, pcap, &be) != 0)
+            goto fail;
+        msg_info("%zu prompts (longest %d tokens), %d in flight, cache of %d "
+                 "positions, on %s",
+                 np, longest(pass ? pm : pl, np), be.slots, be.cap, be.name);
+        o.hold = pass == 0 && nmain > 0;
+        int r = gen_run_indexed(&be, &p, pass ? pm : pl, pass ? idx_main : idx_long, np,
+                                mc->max_pos, emit, &o, &st1);
+        be.free(be.ctx);
+        memset(&be, 0, sizeof be);
+        if (r != 0 || (pass == 1 && emit_held(&o, UINT64_MAX) != 0))
+            goto fail;
+        st.records += st1.records;
+        st.prompt_tokens += st1.prompt_tokens;
+        st.new_tokens += st1.new_tokens;
+        st.prefill_calls += st1.prefill_calls;
+        st.decode_steps += st1.decode_steps;
+        st.seconds += st1.seconds;
+        st.prefill_seconds += st1.prefill_seconds;
+        st.decode_seconds += st1.decode_seconds;
+    }
     if (o.tw)
         toks_writer_finish(o.tw);
-    if (r != 0) {
-        io_writer_abort(o.w);
-        o.w = NULL;
-        goto done;
-    }
     if (io_writer_commit(o.w) != 0) {
         o.w = NULL;
-        goto done;
+        goto fail;
     }
     o.w = NULL;
     msg_info("%" PRIu64 " records, %" PRIu64 " prompt tokens, %" PRIu64
@@ -464,9 +602,18 @@ int main(int argc, char **argv)
              st.decode_seconds,
              st.seconds > 0 ? st.new_tokens / st.seconds : 0.0);
     rc = 0;
+fail:
+    free(idx_long);
+    free(idx_main);
+    free(pl);
+    free(pm);
 done:
-    if (o.w)
+    if (o.w) {
+        if (o.tw)
+            toks_writer_finish(o.tw);
         io_writer_abort(o.w);
+    }
+    held_free(&o);
     sb_free(&o.sb);
     sb_free(&o.text);
     free(o.buf);

@@ -77,6 +77,20 @@ OMP_NUM_THREADS=1 gen -n 30 -t 0.9 -p 0.9 -k 40 -r 1.1 -S 5 -b 5 p.toks >t1.toks
     ok "lora-gen: sampling on 1 or 4 threads, the same tokens" ||
     notok "lora-gen: sampling on 1 or 4 threads, the same tokens"
 
+# prompts whose cache need is over --cache run first in a pass of their
+# own (needs here: 35 35 44 33 40 with -n 30): the same tokens, input order
+gen -n 30 -t 0.9 -p 0.9 -k 40 -r 1.1 -S 5 -b 4 p.toks >c1.toks &&
+    gen -v -n 30 -t 0.9 -p 0.9 -k 40 -r 1.1 -S 5 -b 4 --cache 37 p.toks >c2.toks 2>err &&
+    cmp -s c1.toks c2.toks && grep -q '2 prompts need more than 37 cache positions' err &&
+    grep -q '3 prompts (longest 5 tokens), 3 in flight, cache of 37 positions' err &&
+    ok "lora-gen --cache: long prompts in a pass of their own, the same tokens" ||
+    { notok "lora-gen --cache: long prompts in a pass of their own, the same tokens"; sed 's/^/    /' err; }
+gen -J -n 30 --cache 37 p.toks | jq -s -e 'map(.index) == [0, 1, 2, 3, 4]' >/dev/null &&
+    gen -n 30 p.toks | cmp -s - "$(gen -n 30 --cache 37 -o g2.toks p.toks && echo g2.toks)" &&
+    ok "lora-gen --cache: greedy the same, records in input order" ||
+    notok "lora-gen --cache: greedy the same, records in input order"
+usage_error "bad cache size" lora-gen -m x --cache 0 /dev/null
+
 # a prompt longer than the context (512): cut to its last 512 - 20 tokens
 # after the BOS, with a warning; --overlong error refuses the run
 long=$(awk 'BEGIN { for (i = 0; i < 120; i++) printf "Lily saw a big red ball. "; }')
