@@ -49,7 +49,6 @@ train() { # OUTDIR [args...]
     lora-train -q -m "$S260" --device cuda -o "$d" $SETS "$@" t.packed
 }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
-has_checkpoint() { ls "$1"/checkpoint-*/trainer_state.json >/dev/null 2>&1; }
 # the first float (index, both values) where two adapters differ
 first_diff() {
     for f in "$1" "$2"; do
@@ -100,21 +99,8 @@ seed=${CRASH_SEED:-11}
 plan=$(awk -v s="$seed" -v n="$N" -v ms="$step_ms" 'BEGIN { srand(s)
     for (i = 0; i < 6; i++)
         printf "%d %.3f\n", int(i * (n - 2) / 6) + 1 + int(rand() * (n - 2) / 6), rand() * 3 * ms / 1000 }')
-kills=0
 echo "$plan" >plan
-while read -r k d; do
-    r=
-    has_checkpoint run && r=--resume
-    (exec lora-train -q -m "$S260" --device cuda -o run $SETS $r t.packed >/dev/null 2>>run.err) &
-    pid=$!
-    while [ ! -f "run/checkpoint-$k/trainer_state.json" ] && kill -0 "$pid" 2>/dev/null; do
-        sleep 0.005
-    done
-    sleep "$d"
-    kill -9 "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-    [ $? -eq 137 ] && kills=$((kills + 1)) # killed, not already finished
-done <plan
+crash_loop 0.005 lora-train -q -m "$S260" --device cuda -o run $SETS
 r=
 has_checkpoint run && r=--resume
 if [ "$kills" -eq 0 ]; then

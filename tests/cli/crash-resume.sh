@@ -39,7 +39,6 @@ floats() {
     n=$(od -An -t u8 -N 8 "$1" | tr -d ' ')
     tail -c +$((9 + n)) "$1" | od -An -v -f | tr -s ' ' '\n' | grep -v '^$'
 }
-has_checkpoint() { ls "$1"/checkpoint-*/trainer_state.json >/dev/null 2>&1; }
 
 train ref >ref.jsonl 2>ref.err || { notok "crash-resume: uninterrupted run: $(cat ref.err)"; exit 0; }
 
@@ -50,23 +49,8 @@ train ref >ref.jsonl 2>ref.err || { notok "crash-resume: uninterrupted run: $(ca
 seed=${CRASH_SEED:-11}
 plan=$(awk -v s="$seed" 'BEGIN { srand(s)
     for (i = 0; i < 4; i++) printf "%d %.3f\n", 2 * i + 1 + int(rand() * 2), rand() * 0.25 }')
-kills=0
 echo "$plan" >plan
-while read -r k d; do
-    r=
-    has_checkpoint run && r=--resume
-    # exec: $! must be lora-train itself, not a subshell whose kill would
-    # leave it running
-    (exec lora-train -q -m "$S260" -o run $SETS $r t.packed >/dev/null 2>>run.err) &
-    pid=$!
-    while [ ! -f "run/checkpoint-$k/trainer_state.json" ] && kill -0 "$pid" 2>/dev/null; do
-        sleep 0.02
-    done
-    sleep "$d"
-    kill -9 "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-    [ $? -eq 137 ] && kills=$((kills + 1)) # killed, not already finished
-done <plan
+crash_loop 0.02 lora-train -q -m "$S260" -o run $SETS
 r=
 has_checkpoint run && r=--resume
 if [ "$kills" -eq 0 ]; then

@@ -30,3 +30,32 @@ expect_exit() {
 }
 
 have_shared() { [ -d "$SHARED/data" ] && [ -d "$SHARED/models" ]; }
+
+# has_checkpoint DIR: DIR holds a finished lora-train checkpoint.
+has_checkpoint() { ls "$1"/checkpoint-*/trainer_state.json >/dev/null 2>&1; }
+
+# crash_loop POLL COMMAND...: for each line "k d" of the file plan, runs
+# COMMAND (lora-train writing run/, without its input), with --resume
+# once run/ holds a checkpoint, on t.packed; waits (polling every POLL
+# seconds) until checkpoint-k is written, sleeps d seconds and kills it
+# with SIGKILL. Sets kills to the number of kills that landed (the run
+# had not already finished). stderr goes to run.err.
+crash_loop() {
+    poll=$1; shift
+    kills=0
+    while read -r k d; do
+        r=
+        has_checkpoint run && r=--resume
+        # exec: $! must be lora-train itself, not a subshell whose kill
+        # would leave it running
+        (exec "$@" $r t.packed >/dev/null 2>>run.err) &
+        pid=$!
+        while [ ! -f "run/checkpoint-$k/trainer_state.json" ] && kill -0 "$pid" 2>/dev/null; do
+            sleep "$poll"
+        done
+        sleep "$d"
+        kill -9 "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+        [ $? -eq 137 ] && kills=$((kills + 1))
+    done <plan
+}
