@@ -477,6 +477,21 @@ int32_t gen_cache_cap(const gen_inputs *in, int32_t max_new, int32_t max_pos)
     return (int32_t)cap;
 }
 
+int32_t gen_cache_main(const gen_inputs *in, int32_t max_new, int32_t max_pos)
+{
+    int32_t cap = gen_cache_cap(in, max_new, max_pos);
+    size_t k = in->n - in->n / 100; /* the prompts that must fit: 99% */
+    int32_t c = 256;
+    for (; c < cap; c += 256) {
+        size_t fit = 0;
+        for (size_t i = 0; i < in->n; i++)
+            fit += (int64_t)in->p[i].n + max_new <= c;
+        if (fit >= k)
+            break;
+    }
+    return 2 * c <= cap ? c : cap;
+}
+
 /* ---- the scheduler --------------------------------------------------------
  */
 

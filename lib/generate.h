@@ -176,6 +176,12 @@ size_t gen_inputs_fit(gen_inputs *in, int32_t max_pos, int32_t max_new,
  * max_new, at most max_pos. */
 int32_t gen_cache_cap(const gen_inputs *in, int32_t max_new, int32_t max_pos);
 
+/* The cache positions for a main pass that leaves the longest prompts to
+ * a pass of their own: what 99% of the prompts need (prompt + max_new),
+ * rounded up to 256; gen_cache_cap's when that is not under half of it
+ * (then one pass serves all). */
+int32_t gen_cache_main(const gen_inputs *in, int32_t max_new, int32_t max_pos);
+
 typedef struct gen_result {
     uint64_t index;        /* the record's place in the input, from 0 */
     const int32_t *prompt; /* (n_prompt) */

@@ -231,34 +231,6 @@ static int emit(void *ctx, const gen_result *r)
     return write_result(o, r);
 }
 
-/* The cache positions of the main pass: cache_opt when given, else what
- * 99% of the prompts need (prompt + max_new), rounded up to 256; the
- * longest need when that is not under half of it (one pass). */
-static int32_t main_cache(const gen_inputs *in, int32_t max_new, int32_t max_pos,
-                          int32_t cache_opt)
-{
-    int32_t cap = gen_cache_cap(in, max_new, max_pos);
-    if (cache_opt > 0)
-        return cache_opt < cap ? cache_opt : cap;
-    if (in->n == 0)
-        return cap;
-    int32_t *need = xmalloc(in->n * sizeof *need);
-    for (size_t i = 0; i < in->n; i++)
-        need[i] = in->p[i].n + max_new;
-    /* the 99th percentile by counting: needs are at most cap (+ max_new) */
-    size_t k = in->n - in->n / 100, below = 0;
-    int32_t c = 256;
-    for (;; c += 256) {
-        below = 0;
-        for (size_t i = 0; i < in->n; i++)
-            below += need[i] <= c;
-        if (below >= k || c >= cap)
-            break;
-    }
-    free(need);
-    return 2 * c <= cap ? c : cap;
-}
-
 static int32_t longest(const gen_prompt *pr, size_t n)
 {
     int32_t m = 0;
@@ -527,7 +499,8 @@ int main(int argc, char **argv)
      * of their own; their results wait and go out in input order. */
     size_t nlong = 0;
     int32_t cap = gen_cache_cap(&in, p.max_new, mc->max_pos),
-            main_cap = main_cache(&in, p.max_new, mc->max_pos, cache_opt);
+            main_cap = cache_opt > 0 ? (cache_opt < cap ? cache_opt : cap)
+                                     : gen_cache_main(&in, p.max_new, mc->max_pos);
     size_t *idx_long = xmalloc((in.n ? in.n : 1) * sizeof *idx_long);
     size_t *idx_main = xmalloc((in.n ? in.n : 1) * sizeof *idx_main);
     gen_prompt *pl = xmalloc((in.n ? in.n : 1) * sizeof *pl);

@@ -416,6 +416,30 @@ static int make_fixtures(const char *dir)
     return rc ? 2 : 0;
 }
 
+/* The main pass's cache: 99% of the needs, rounded to 256, unless the
+ * longest need is under twice that. */
+static void test_cache_main(void)
+{
+    enum { N = 300 };
+    gen_prompt pr[N];
+    gen_inputs in;
+    memset(&in, 0, sizeof in);
+    in.p = pr;
+    in.n = N;
+    for (int i = 0; i < N; i++)
+        pr[i].n = 10 + i % 50; /* needs with -n 100: 110 .. 159 */
+    pr[7].n = pr[100].n = 3000; /* two long ones: under 1% */
+    in.max_len = 3000;
+    CHECK(gen_cache_cap(&in, 100, 4096) == 3100, "cache for all: longest + max_new");
+    CHECK(gen_cache_main(&in, 100, 4096) == 256, "main cache: 99%% fit in 256");
+    pr[8].n = pr[9].n = 600; /* four over 256 now: over 1% of 300 */
+    CHECK(gen_cache_main(&in, 100, 4096) == 768, "main cache: the 99th percentile, rounded up");
+    pr[7].n = pr[100].n = 1000;
+    in.max_len = 1000;
+    CHECK(gen_cache_main(&in, 100, 4096) == 1100, "main cache: one pass when the longest need "
+                                                  "is under twice the percentile's");
+}
+
 static void test_stories(void)
 {
     const char *shared = check_shared();
@@ -572,6 +596,7 @@ int main(int argc, char **argv)
         return make_fixtures(argv[2]);
     test_sampler();
     test_scheduler();
+    test_cache_main();
     test_stories();
     return CHECK_DONE();
 }
