@@ -471,6 +471,21 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
      * rewrites it anyway. */
     size_t wbb = (size_t)maxw * 2, xsb;
     G->keep_last = G->ckpt && env_flag("KN_KEEP_LAST", 1);
+    /* When down carries no adapter, h (hm) is dead from the last layer's
+     * down product to its backward, which writes dh over it: a larger
+     * buffer than wbuf, so larger chunks (up to ~256 MiB: the head's
+     * products run faster at ~1400 rows than at ~350). */
+    void *xbuf = G->wbuf;
+    if (G->keep_last && !(G->a->cfg.targets & (1u << LLAMA_DOWN)) &&
+        kn_xent_scratch_bytes(G->chunk, c->vocab) <= (size_t)(n * c->hidden) * 2 &&
+        (size_t)(n * c->hidden) * 2 > wbb) {
+        xbuf = G->sets[0].hm;
+        wbb = (size_t)(n * c->hidden) * 2;
+        if (env_flag("KN_XENT_CHUNK", 0) <= 0) {
+            int64_t big = ((int64_t)256 << 20) / ((int64_t)c->vocab * 6);
+            G->chunk = (int)(big < n ? big : n);
+        }
+    }
     if (G->keep_last) {
         int64_t ch = G->chunk;
         while (ch > 64 && kn_xent_scratch_bytes((int)ch, c->vocab) > wbb)
@@ -481,7 +496,7 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     xsb = kn_xent_scratch_bytes(G->chunk, c->vocab);
     if (G->keep_last && xsb <= wbb) {
         G->xent_own = 0;
-        G->xent_scratch = G->wbuf;
+        G->xent_scratch = xbuf;
     } else {
         G->xent_own = !(G->ckpt && !G->keep_last && xsb <= (size_t)(n * c->hidden) * 2);
         G->xent_scratch = G->xent_own ? dalloc(xsb) : (void *)G->sets[0].g;
