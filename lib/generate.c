@@ -528,7 +528,8 @@ typedef struct run {
     int32_t vocab_limit;
     gen_sampler **sampler;  /* one per thread (nsamplers), or NULL */
     int nsamplers;
-    int32_t *tok;           /* (slots) the tokens of one step */
+    int32_t *tok;           /* (slots) the tokens of one step: the decode's
+                               inputs, then the sampled ones */
     seq *s;         /* (slots) */
     done_rec *done; /* (n) */
     size_t next_emit;
@@ -724,7 +725,7 @@ int gen_run_indexed(gen_backend *be, const gen_params *p,
     R.done = xcalloc(n ? n : 1, sizeof *R.done);
     int32_t *slot = xmalloc((size_t)S * sizeof *slot);
     int32_t *len = xmalloc((size_t)S * sizeof *len);
-    int32_t *tok = xmalloc((size_t)S * sizeof *tok);
+    int32_t *tok = R.tok;
     int32_t *amax = xmalloc((size_t)S * sizeof *amax);
     float *logits =
         greedy ? NULL : xmalloc((size_t)S * (size_t)V * sizeof(float));
@@ -823,7 +824,6 @@ int gen_run_indexed(gen_backend *be, const gen_params *p,
     free(R.done);
     free(slot);
     free(len);
-    free(tok);
     free(amax);
     free(logits);
     free(pids);

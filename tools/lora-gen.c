@@ -538,7 +538,7 @@ int main(int argc, char **argv)
         size_t np = pass ? nmain : nlong;
         if (np == 0)
             continue;
-        int32_t pcap = pass ? (nlong ? main_cap : cap) : cap;
+        int32_t pcap = pass ? main_cap : cap; /* equal when nothing is long */
         if (open_backend(model, ad, use_cuda, batch, np, pcap, &be) != 0)
             goto fail;
         msg_info("%zu prompts (longest %d tokens), %d in flight, cache of %d "
