@@ -49,6 +49,7 @@
 #include "packfile.h"
 #include "safetensors.h"
 #include "train.h"
+#include "../tiny_pack.h"
 
 #include <time.h>
 #include <unistd.h>
@@ -168,39 +169,11 @@ static void tiny_free(llama_model *M)
     free(M);
 }
 
-/* Random documents packed into rows, some tokens without a loss. */
+/* Random documents packed into rows (tests/tiny_pack.h). */
 static void make_data(pack_data *d, int vocab)
 {
-    memset(d, 0, sizeof *d);
-    d->h.version = PACK_VERSION;
-    d->h.seq_len = SEQ;
-    d->h.vocab_size = (uint32_t)vocab;
-    d->h.n_rows = ROWS;
-    d->ids = xcalloc((size_t)ROWS * SEQ, sizeof *d->ids);
-    d->weights = xcalloc((size_t)ROWS * SEQ, 1);
-    d->row_spans = xcalloc(ROWS + 1, sizeof *d->row_spans);
-    d->spans = xcalloc((size_t)ROWS * SEQ, sizeof *d->spans);
-    uint64_t ns = 0;
-    for (int r = 0; r < ROWS; r++) {
-        d->row_spans[r] = ns;
-        uint32_t pos = 0, end = SEQ - (uint32_t)(r % 3) * 7;
-        while (pos + 2 <= end) {
-            uint32_t len = 2 + (uint32_t)(gt_u64() % 40);
-            len = len > end - pos ? end - pos : len;
-            d->spans[ns].start = pos;
-            d->spans[ns].len = len;
-            ns++;
-            uint32_t prompt = (uint32_t)(gt_u64() % (len / 2 + 1));
-            for (uint32_t p = 0; p < len; p++) {
-                size_t i = (size_t)r * SEQ + pos + p;
-                d->ids[i] = 3 + (uint32_t)(gt_u64() % (uint64_t)(vocab - 3));
-                d->weights[i] = p > 0 && p >= prompt;
-            }
-            pos += len;
-        }
-    }
-    d->row_spans[ROWS] = ns;
-    d->h.n_spans = ns;
+    const tiny_pack_spec s = {ROWS, SEQ, 40, 7, TP_PROMPT};
+    tiny_pack(d, vocab, &s, gt_u64);
 }
 
 enum { C_CKPT, C_LOSS, C_NORM, C_PARAMS, C_MOMENTS, C_FINISH, C_EVAL, C_SUM, C_N };

@@ -30,40 +30,16 @@
 #include "lora.h"
 #include "packfile.h"
 #include "train.h"
+#include "../tiny_pack.h"
 
 #define SEQ 128
 #define ROWS 8
 
+/* Random documents packed into rows (tests/tiny_pack.h). */
 static void make_data(pack_data *d, int vocab)
 {
-    memset(d, 0, sizeof *d);
-    d->h.version = PACK_VERSION;
-    d->h.seq_len = SEQ;
-    d->h.vocab_size = (uint32_t)vocab;
-    d->h.n_rows = ROWS;
-    d->ids = xcalloc((size_t)ROWS * SEQ, sizeof *d->ids);
-    d->weights = xcalloc((size_t)ROWS * SEQ, 1);
-    d->row_spans = xcalloc(ROWS + 1, sizeof *d->row_spans);
-    d->spans = xcalloc((size_t)ROWS * SEQ, sizeof *d->spans);
-    uint64_t ns = 0;
-    for (int r = 0; r < ROWS; r++) {
-        d->row_spans[r] = ns;
-        uint32_t pos = 0;
-        while (pos + 2 <= SEQ) {
-            uint32_t len = 2 + (uint32_t)(gt_u64() % 60);
-            len = len > SEQ - pos ? SEQ - pos : len;
-            d->spans[ns].start = pos;
-            d->spans[ns].len = len;
-            ns++;
-            for (uint32_t p = 0; p < len; p++) {
-                d->ids[(size_t)r * SEQ + pos + p] = 3 + (uint32_t)(gt_u64() % (uint64_t)(vocab - 3));
-                d->weights[(size_t)r * SEQ + pos + p] = p > 0;
-            }
-            pos += len;
-        }
-    }
-    d->row_spans[ROWS] = ns;
-    d->h.n_spans = ns;
+    const tiny_pack_spec s = {ROWS, SEQ, 60, 0, TP_ALL};
+    tiny_pack(d, vocab, &s, gt_u64);
 }
 
 /* A step's two micro-batches of two rows each (rows r0 .. r0+3). */
