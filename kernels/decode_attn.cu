@@ -1,20 +1,32 @@
 /* decode_attn.cu: RoPE with the key/value cache append, and attention of a
  * few new tokens over their sequences' caches.
  *
- * Attention (split over the keys, as flash-decoding): one block of 4 warps
- * per (token, head, 64 cached positions). A lane holds 4 of the head's
- * dimensions, so one key row is one coalesced load across the warp; a warp
- * loads its 16 rows before using any; a warp reduction gives each score. Each block leaves its split's
- * max score, sum of exponentials and unnormalized output; a second kernel
- * combines the splits in order. Memory-bound: each cached key and value row
- * is read once per step, by many blocks at once even for one token. The
- * grid depends on the cache size, not the sequence (splits past the
- * position end at once), so a step's launches are the same every time and
- * replay as a CUDA graph; positions and slots are read from the device.
- * For bf16 caches with head size 128 a second split kernel issues all of
- * a block's key and value loads at once (attn_split128_kernel, opt-in:
- * see fast_attn).
- */
+ * Decoding with bf16 caches (the NF4 models) uses one kernel for all of it,
+ * rope_attn_kernel (kn_gen_rope_attention): RoPE of q and of the new key,
+ * the append, and attention split over the keys as flash-decoding, one
+ * block per (head, 64 cached positions, token), the cached rows copied
+ * into shared memory with cp.async, the splits combined by the last block
+ * of each (token, head) to finish. It replaced three launches a layer
+ * (RoPE + append, the splits, their combination): on an H100 a batch-1
+ * step went from 4.59 to 4.39 ms, and at batch 64 the attention reads the
+ * caches at 2.46-2.62 TB/s against 2.37 (bench/RESULTS.md, "gen, attention
+ * and step kernels"). It is launched with PDL (gen_ops_pdl): its cached rows
+ * are loaded while the q/k/v product before it still runs.
+ *
+ * The other kernels serve the prefill and the fp32 models:
+ * rope_append (one block per token when rows allow float4, else per
+ * head), and attention split over the keys (attn_split_kernel: a lane
+ * holds 4 of the head's dimensions, so one key row is one coalesced load
+ * across the warp; each block leaves its split's max score, sum of
+ * exponentials and unnormalized output; attn_combine_kernel combines the
+ * splits in order). Memory-bound: each cached key and value row is read
+ * once per step, by many blocks at once even for one token. Every grid
+ * depends on the cache size, not the sequence (splits past the position
+ * end at once), so a step's launches are the same every time and replay
+ * as a CUDA graph; positions and slots are read from the device. For bf16
+ * caches with head size 128 a second split kernel issues all of a block's
+ * key and value loads at once (attn_split128_kernel, opt-in: see
+ * fast_attn). */
 #include "common.cuh"
 #include "gen_kernels.h"
 #include "gen_launch.cuh"
@@ -96,6 +108,76 @@ __global__ void rope_append_kernel(float *__restrict__ q, int64_t ldq, float *__
     }
 }
 
+/* The same for hd % 8 == 0 and 16-byte aligned rows: one block of 256
+ * threads per token, 4 rotated pairs (float4) a thread. A prefill runs
+ * ~16,000 tokens at once: one block per (token, head) of hd / 2 threads was
+ * 1.5 M blocks of 64 threads with 4-byte accesses, 1.9 ms a layer where
+ * the bytes take ~0.7. The same operations, so the same bits. */
+__device__ __forceinline__ void st4(float *p, float4 v) { *(float4 *)p = v; }
+__device__ __forceinline__ void st4(bf16 *p, float4 v)
+{
+    *(uint2 *)p = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
+}
+
+template <typename TC>
+__global__ void __launch_bounds__(256)
+    rope_append4_kernel(float *__restrict__ q, int64_t ldq, float *__restrict__ k, int64_t ldk,
+                        const float *__restrict__ v, int64_t ldv, TC *__restrict__ kc,
+                        TC *__restrict__ vc, const int32_t *__restrict__ slot,
+                        const int32_t *__restrict__ pos, int nh, int nkv, int hd, int cap,
+                        const float *__restrict__ cos_t, const float *__restrict__ sin_t,
+                        bf16 *__restrict__ q16, bf16 *__restrict__ k16, bf16 *__restrict__ v16)
+{
+    const int t = blockIdx.x;
+    const int half = hd / 2, hq = half / 4, kvd = nkv * hd;
+    gen_pdl_wait();
+    gen_pdl_trigger();
+    const int32_t s = slot[t], p = pos[t];
+    const int64_t cbase = ((int64_t)s * cap + p) * kvd;
+    const float4 *c4 = (const float4 *)(cos_t + (int64_t)p * half);
+    const float4 *s4 = (const float4 *)(sin_t + (int64_t)p * half);
+    for (int u = threadIdx.x; u < (nh + nkv) * hq; u += blockDim.x) {
+        const int hh = u / hq, i = (u % hq) * 4;
+        float *vec = hh < nh ? q + (int64_t)t * ldq + (int64_t)hh * hd
+                             : k + (int64_t)t * ldk + (int64_t)(hh - nh) * hd;
+        const float4 a = *(const float4 *)(vec + i), b = *(const float4 *)(vec + i + half);
+        const float4 c = c4[i / 4], sn = s4[i / 4];
+        /* as llama_rope: products rounded before the sum */
+        const float4 x0 = make_float4(__fsub_rn(__fmul_rn(a.x, c.x), __fmul_rn(b.x, sn.x)),
+                                      __fsub_rn(__fmul_rn(a.y, c.y), __fmul_rn(b.y, sn.y)),
+                                      __fsub_rn(__fmul_rn(a.z, c.z), __fmul_rn(b.z, sn.z)),
+                                      __fsub_rn(__fmul_rn(a.w, c.w), __fmul_rn(b.w, sn.w)));
+        const float4 x1 = make_float4(__fadd_rn(__fmul_rn(b.x, c.x), __fmul_rn(a.x, sn.x)),
+                                      __fadd_rn(__fmul_rn(b.y, c.y), __fmul_rn(a.y, sn.y)),
+                                      __fadd_rn(__fmul_rn(b.z, c.z), __fmul_rn(a.z, sn.z)),
+                                      __fadd_rn(__fmul_rn(b.w, c.w), __fmul_rn(a.w, sn.w)));
+        *(float4 *)(vec + i) = x0;
+        *(float4 *)(vec + i + half) = x1;
+        if (hh < nh) {
+            if (q16) {
+                bf16 *d = q16 + (int64_t)t * nh * hd + (int64_t)hh * hd;
+                st4(d + i, x0);
+                st4(d + i + half, x1);
+            }
+        } else {
+            const int kh = hh - nh;
+            st4(kc + cbase + (int64_t)kh * hd + i, x0);
+            st4(kc + cbase + (int64_t)kh * hd + i + half, x1);
+            if (k16) {
+                bf16 *d = k16 + (int64_t)t * kvd + (int64_t)kh * hd;
+                st4(d + i, x0);
+                st4(d + i + half, x1);
+            }
+        }
+    }
+    for (int u = threadIdx.x; u < kvd / 4; u += blockDim.x) {
+        const float4 x = *(const float4 *)(v + (int64_t)t * ldv + 4 * u);
+        st4(vc + cbase + 4 * u, x);
+        if (v16)
+            st4(v16 + (int64_t)t * kvd + 4 * u, x);
+    }
+}
+
 extern "C" void kn_gen_rope_append(float *q, int64_t ldq, float *k, int64_t ldk,
                                    const float *v, int64_t ldv, void *kc, void *vc,
                                    int cache_bf16, const int32_t *slot, const int32_t *pos,
@@ -105,9 +187,25 @@ extern "C" void kn_gen_rope_append(float *q, int64_t ldq, float *k, int64_t ldk,
 {
     KN_REQUIRE(n >= 1 && nh >= 1 && nkv >= 1 && nh % nkv == 0 && hd % 2 == 0 && cap >= 1);
     KN_REQUIRE(q && k && v && kc && vc && slot && pos && cos_t && sin_t);
+    const int pdl = gen_pdl_use(n);
+    const int vec = hd % 8 == 0 && ldq % 4 == 0 && ldk % 4 == 0 && ldv % 4 == 0 &&
+                    (((uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)cos_t |
+                      (uintptr_t)sin_t | (uintptr_t)kc | (uintptr_t)vc) & 15) == 0 &&
+                    (((uintptr_t)q16 | (uintptr_t)k16 | (uintptr_t)v16) & 7) == 0;
+    if (vec) {
+        if (cache_bf16)
+            gen_launch(rope_append4_kernel<bf16>, dim3((unsigned)n), dim3(256), 0, s, pdl, q, ldq,
+                       k, ldk, v, ldv, (bf16 *)kc, (bf16 *)vc, slot, pos, nh, nkv, hd, cap, cos_t,
+                       sin_t, (bf16 *)q16, (bf16 *)k16, (bf16 *)v16);
+        else
+            gen_launch(rope_append4_kernel<float>, dim3((unsigned)n), dim3(256), 0, s, pdl, q,
+                       ldq, k, ldk, v, ldv, (float *)kc, (float *)vc, slot, pos, nh, nkv, hd, cap,
+                       cos_t, sin_t, (bf16 *)q16, (bf16 *)k16, (bf16 *)v16);
+        KN_CHECK_LAUNCH("rope_append");
+        return;
+    }
     dim3 grid((unsigned)n, (unsigned)(nh + 2 * nkv));
     int threads = hd / 2 < 32 ? 32 : (hd / 2 + 31) / 32 * 32;
-    const int pdl = gen_pdl_use(n);
     if (cache_bf16)
         gen_launch(rope_append_kernel<bf16>, grid, dim3(threads), 0, s, pdl, q, ldq, k, ldk, v,
                    ldv, (bf16 *)kc, (bf16 *)vc, slot, pos, nh, nkv, hd, cap, cos_t, sin_t,
@@ -404,6 +502,434 @@ __global__ void attn_combine_kernel(float *__restrict__ o32, bf16 *__restrict__ 
         if (o16)
             o16[oi] = __float2bfloat16(r);
     }
+}
+
+/* ---- RoPE, append and attention in one launch (decoding) ------------------
+ *
+ * A decoding step used three launches a layer for this (RoPE + append,
+ * the splits, their combination); at batch 1 each costs a few
+ * microseconds of drain and refill between kernels, more than the work.
+ * Here one block per (head, 64 cached positions, token):
+ *   - copies its split's key and value rows (bf16) into shared memory with
+ *     cp.async, the whole tile at once and without registers, keys and
+ *     values in two groups so that the scores start before the values
+ *     land (bytes in flight is what the step's bandwidth needs);
+ *   - rotates its q head itself, and the split holding the new position
+ *     rotates the token's new key, rounds key and value to bf16 as the
+ *     cache holds them and uses them from shared memory; the block of the
+ *     kv head's first q head also writes them into the caches. No block
+ *     reads position pos[t] from the cache, so nothing races: a token's
+ *     slot must not appear twice in one call (decoding);
+ *   - lanes: HD / 8 lanes hold a key row (8 dimensions, one 16-byte
+ *     shared load each); a warp takes 16 keys with its own softmax, and
+ *     the block merges its 4 warps in warp order;
+ *   - the last block of (token, head) to finish (a counter in the
+ *     workspace, left at zero) combines the splits in split order.
+ * Every sum's order depends on pos[t] alone, never on n or on the grid:
+ * a row's bits are the same whatever else is in the batch. The grid puts
+ * the heads innermost, so blocks running together read whole 8 KB cache
+ * rows of a few sequences. */
+
+int gen_ops_pdl(int n, cudaStream_t s); /* gen_ops.cu */
+
+#define RA_WARPS 4
+#define RA_KEYS 64 /* keys per split */
+
+template <int HD> struct ra_smem {
+    unsigned long long bar[2]; /* the bulk copies' barriers: keys, values */
+    bf16 k[RA_KEYS][HD];
+    bf16 v[RA_KEYS][HD];
+    float q[HD];
+    float wo[RA_WARPS][HD];
+    float wm[RA_WARPS], wl[RA_WARPS];
+    int last;
+};
+
+/* floats of one split's partial result: output, max, sum, padding */
+#define RA_PART(hd) ((hd) + 4)
+static __host__ __device__ __forceinline__ int64_t ra_record(int hd, int S)
+{
+    return (int64_t)S * RA_PART(hd) + 4; /* the splits, then the counter */
+}
+
+__device__ __forceinline__ void bf8(uint4 r, float *f)
+{
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+/* Bulk copies (sm_90): one cp.async.bulk per cached row, completing on an
+ * mbarrier, instead of HD / 8 16-byte cp.async per row (opt-in, slower:
+ * see ra_bulk). */
+__device__ __forceinline__ uint32_t smem_u32(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(unsigned long long *b)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(b)) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_fence_init()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long *b, uint32_t bytes)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)),
+                 "r"(bytes)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes,
+                                         unsigned long long *b)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
+                 "%2, [%3];\n" ::"r"(smem_u32(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_u32(b))
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait0(unsigned long long *b)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("{\n.reg .pred p;\nW_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], 0;\n"
+                 "@!p bra W_%=;\n}\n" ::"r"(smem_u32(b))
+                 : "memory");
+#endif
+}
+
+template <int HD, bool BULK>
+__global__ void __launch_bounds__(32 * RA_WARPS)
+    rope_attn_kernel(float *__restrict__ o32, bf16 *__restrict__ o16, const float *__restrict__ q,
+                     int64_t ldq, const float *__restrict__ k, int64_t ldk,
+                     const float *__restrict__ v, int64_t ldv, bf16 *__restrict__ kc,
+                     bf16 *__restrict__ vc, const int32_t *__restrict__ slot,
+                     const int32_t *__restrict__ pos, int nh, int nkv, int cap,
+                     const float *__restrict__ cos_t, const float *__restrict__ sin_t,
+                     float *__restrict__ ws, float scale, int tok_major)
+{
+    constexpr int G = HD / 8;       /* lanes a key row */
+    constexpr int KPI = 32 / G;     /* keys a warp instruction */
+    constexpr int KW = RA_KEYS / RA_WARPS;
+    constexpr int IT = KW / KPI > 0 ? KW / KPI : 1;
+    constexpr int HALF = HD / 2;
+    constexpr int NT = 32 * RA_WARPS;
+    __shared__ __align__(16) ra_smem<HD> sm;
+    /* grid (nh, S, n), or (n, nh, S) with tok_major (an experiment) */
+    const int h = tok_major ? blockIdx.y : blockIdx.x, sp = tok_major ? blockIdx.z : blockIdx.y;
+    const int t = tok_major ? blockIdx.x : blockIdx.z, S = tok_major ? gridDim.z : gridDim.y;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    /* slots, positions and the cached rows before pos[t] are no earlier
+     * kernel's output: loaded before the wait for the q/k/v product (PDL) */
+    const int s = slot[t], P = pos[t];
+    const int j_lo = sp * RA_KEYS;
+    if (j_lo > P)
+        return;
+    const int nk = P - j_lo + 1 < RA_KEYS ? P - j_lo + 1 : RA_KEYS;
+    const bool has_new = P < j_lo + RA_KEYS; /* row nk - 1 is position P */
+    const int nc = has_new ? nk - 1 : nk;   /* rows from the cache */
+    const int kvd = nkv * HD, kvh = h / (nh / nkv);
+    const int64_t cb = (int64_t)s * cap * kvd + (int64_t)kvh * HD;
+    if (BULK) {
+        if (tid == 0) {
+            mbar_init(&sm.bar[0]);
+            mbar_init(&sm.bar[1]);
+            mbar_fence_init();
+        }
+        __syncthreads();
+        if (warp == 0) {
+            if (lane == 0) {
+                mbar_expect_tx(&sm.bar[0], (uint32_t)(nc * HD * 2));
+                mbar_expect_tx(&sm.bar[1], (uint32_t)(nc * HD * 2));
+            }
+            __syncwarp();
+            for (int r = lane; r < nc; r += 32)
+                bulk_g2s(&sm.k[r][0], kc + cb + (int64_t)(j_lo + r) * kvd, HD * 2, &sm.bar[0]);
+            for (int r = lane; r < nc; r += 32)
+                bulk_g2s(&sm.v[r][0], vc + cb + (int64_t)(j_lo + r) * kvd, HD * 2, &sm.bar[1]);
+        }
+    } else {
+        for (int c = tid; c < nc * G; c += NT) {
+            const int r = c / G, ch = c % G;
+            cp_async16(&sm.k[r][ch * 8], kc + cb + (int64_t)(j_lo + r) * kvd + ch * 8, 16);
+        }
+        cp_async_commit();
+        for (int c = tid; c < nc * G; c += NT) {
+            const int r = c / G, ch = c % G;
+            cp_async16(&sm.v[r][ch * 8], vc + cb + (int64_t)(j_lo + r) * kvd + ch * 8, 16);
+        }
+        cp_async_commit();
+    }
+    gen_pdl_wait();
+    gen_pdl_trigger();
+    /* q, and the new key and value, while the copies fly (as
+     * rope_append_kernel: products rounded before the sum) */
+    const float *cr = cos_t + (int64_t)P * HALF, *sr = sin_t + (int64_t)P * HALF;
+    for (int i = tid; i < HALF; i += NT) {
+        const float *qr = q + (int64_t)t * ldq + (int64_t)h * HD;
+        const float c = cr[i], sn = sr[i], a = qr[i], b = qr[i + HALF];
+        sm.q[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
+        sm.q[i + HALF] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
+    }
+    if (has_new) {
+        const bool writer = h % (nh / nkv) == 0;
+        const int64_t cp = cb + (int64_t)P * kvd;
+        const float *kr = k + (int64_t)t * ldk + (int64_t)kvh * HD;
+        const float *vr = v + (int64_t)t * ldv + (int64_t)kvh * HD;
+        for (int i = tid; i < HALF; i += NT) {
+            const float c = cr[i], sn = sr[i], a = kr[i], b = kr[i + HALF];
+            const bf16 x0 = __float2bfloat16(__fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn)));
+            const bf16 x1 = __float2bfloat16(__fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn)));
+            sm.k[nk - 1][i] = x0;
+            sm.k[nk - 1][i + HALF] = x1;
+            if (writer) {
+                kc[cp + i] = x0;
+                kc[cp + i + HALF] = x1;
+            }
+        }
+        for (int i = tid; i < HD; i += NT) {
+            const bf16 x = __float2bfloat16(vr[i]);
+            sm.v[nk - 1][i] = x;
+            if (writer)
+                vc[cp + i] = x;
+        }
+    }
+    if (BULK)
+        mbar_wait0(&sm.bar[0]);
+    else
+        cp_async_wait<1>();
+    __syncthreads();
+    /* scores: lane group grp holds key warp*16 + it*KPI + grp */
+    const int grp = lane / G, l8 = (lane % G) * 8;
+    float qv[8];
+    {
+        const float4 a = *(const float4 *)&sm.q[l8], b = *(const float4 *)&sm.q[l8 + 4];
+        qv[0] = a.x; qv[1] = a.y; qv[2] = a.z; qv[3] = a.w;
+        qv[4] = b.x; qv[5] = b.y; qv[6] = b.z; qv[7] = b.w;
+    }
+    float sc[IT];
+    float m = -INFINITY;
+#pragma unroll
+    for (int it = 0; it < IT; it++) {
+        const int jj = it * KPI + grp, j = warp * KW + jj;
+        float d = 0.0f;
+        if (jj < KW) {
+            float kf[8];
+            bf8(*(const uint4 *)&sm.k[j][l8], kf);
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                d = fmaf(qv[i], kf[i], d);
+        }
+#pragma unroll
+        for (int o = G / 2; o >= 1; o >>= 1)
+            d += __shfl_xor_sync(0xffffffffu, d, o);
+        sc[it] = jj < KW && j < nk ? d * scale : -INFINITY;
+        m = fmaxf(m, sc[it]);
+    }
+    m = warp_max(m);
+    float p[IT], l = 0.0f;
+#pragma unroll
+    for (int it = 0; it < IT; it++) {
+        p[it] = sc[it] == -INFINITY ? 0.0f : expf(sc[it] - m);
+        l += p[it];
+    }
+#pragma unroll
+    for (int o = G; o < 32; o <<= 1)
+        l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (BULK)
+        mbar_wait0(&sm.bar[1]);
+    else
+        cp_async_wait<0>();
+    __syncthreads();
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int it = 0; it < IT; it++) {
+        const int jj = it * KPI + grp, j = warp * KW + jj;
+        if (jj < KW && j < nk) {
+            float vf[8];
+            bf8(*(const uint4 *)&sm.v[j][l8], vf);
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                acc[i] = fmaf(p[it], vf[i], acc[i]);
+        }
+    }
+#pragma unroll
+    for (int o = G; o < 32; o <<= 1)
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+    if (grp == 0) {
+        *(float4 *)&sm.wo[warp][l8] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        *(float4 *)&sm.wo[warp][l8 + 4] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    }
+    if (lane == 0) {
+        sm.wm[warp] = m;
+        sm.wl[warp] = l;
+    }
+    __syncthreads();
+    /* the split: the 4 warps merged in warp order */
+    float M = sm.wm[0];
+#pragma unroll
+    for (int w = 1; w < RA_WARPS; w++)
+        M = fmaxf(M, sm.wm[w]);
+    float f[RA_WARPS];
+#pragma unroll
+    for (int w = 0; w < RA_WARPS; w++)
+        f[w] = sm.wm[w] == -INFINITY ? 0.0f : expf(sm.wm[w] - M);
+    float *rec = ws + ((int64_t)t * nh + h) * ra_record(HD, S);
+    float *pp = rec + (int64_t)sp * RA_PART(HD);
+    for (int d = tid; d < HD; d += NT) {
+        float r = 0.0f;
+#pragma unroll
+        for (int w = 0; w < RA_WARPS; w++)
+            r = fmaf(sm.wo[w][d], f[w], r);
+        pp[d] = r;
+    }
+    if (tid == 0) {
+        float L = 0.0f;
+#pragma unroll
+        for (int w = 0; w < RA_WARPS; w++)
+            L = fmaf(sm.wl[w], f[w], L);
+        pp[HD] = M;
+        pp[HD + 1] = L;
+    }
+    /* the last split of (t, h) to finish combines them all */
+    const int Sa = P / RA_KEYS + 1;
+    if (Sa > 1) {
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) {
+            unsigned *cnt = (unsigned *)(rec + (int64_t)S * RA_PART(HD));
+            const unsigned prev = atomicAdd(cnt, 1u);
+            sm.last = prev == (unsigned)Sa - 1;
+            if (sm.last)
+                *cnt = 0u;
+        }
+        __syncthreads();
+        if (!sm.last)
+            return;
+        __threadfence();
+    } else {
+        __syncthreads();
+    }
+    float Mx = -INFINITY;
+    for (int q2 = 0; q2 < Sa; q2++)
+        Mx = fmaxf(Mx, __ldcg(rec + (int64_t)q2 * RA_PART(HD) + HD));
+    for (int d = tid; d < HD; d += NT) {
+        float L = 0.0f, r = 0.0f;
+        for (int q2 = 0; q2 < Sa; q2++) {
+            const float *pq = rec + (int64_t)q2 * RA_PART(HD);
+            const float w = expf(__ldcg(pq + HD) - Mx);
+            L = fmaf(__ldcg(pq + HD + 1), w, L);
+            r = fmaf(__ldcg(pq + d), w, r);
+        }
+        r *= 1.0f / L;
+        const int64_t oi = (int64_t)t * nh * HD + (int64_t)h * HD + d;
+        if (o32)
+            o32[oi] = r;
+        if (o16)
+            o16[oi] = __float2bfloat16(r);
+    }
+}
+
+/* QLORA_GEN_ATTN_TMA=1 on sm_90: the rows by bulk copies. Measured slower
+ * on an H100 (167 against 149 us a layer at batch 64, DRAM 68% against
+ * 76%): kept for the record, off. */
+static int ra_bulk(void)
+{
+    static int on = -1;
+    if (on < 0) {
+        int dev = 0, major = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        const char *e = getenv("QLORA_GEN_ATTN_TMA");
+        on = major >= 9 && e && *e == '1';
+    }
+    return on;
+}
+
+/* QLORA_GEN_ATTN_ORDER=1: the tokens innermost in the grid. Measured slower
+ * on an H100 (170 against 150 us a layer at batch 64): the heads
+ * innermost read whole cache rows of a few sequences at a time. Off. */
+static int ra_tok_major(void)
+{
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("QLORA_GEN_ATTN_ORDER");
+        on = e && *e == '1';
+    }
+    return on;
+}
+
+extern "C" int kn_gen_rope_attention_ok(int hd)
+{
+    return hd == 8 || hd == 16 || hd == 32 || hd == 64 || hd == 128;
+}
+
+extern "C" size_t kn_gen_rope_attention_ws(int n, int nh, int hd, int cap)
+{
+    const int S = (cap + RA_KEYS - 1) / RA_KEYS;
+    return (size_t)n * nh * ra_record(hd, S) * sizeof(float);
+}
+
+extern "C" void kn_gen_rope_attention(float *o32, kn_bf16 *o16, const float *q, int64_t ldq,
+                                      const float *k, int64_t ldk, const float *v, int64_t ldv,
+                                      void *kc, void *vc, const int32_t *slot,
+                                      const int32_t *pos, int n, int nh, int nkv, int hd,
+                                      int cap, const float *cos_t, const float *sin_t, float *ws,
+                                      cudaStream_t s)
+{
+    KN_REQUIRE(n >= 1 && nh >= 1 && nkv >= 1 && nh % nkv == 0 && kn_gen_rope_attention_ok(hd));
+    KN_REQUIRE(q && k && v && kc && vc && slot && pos && cos_t && sin_t && ws && (o32 || o16));
+    KN_REQUIRE(cap >= 1 && n <= 65535);
+    const int S = (cap + RA_KEYS - 1) / RA_KEYS;
+    KN_REQUIRE(S <= 65535);
+    const int tok_major = ra_tok_major();
+    const dim3 grid = tok_major ? dim3((unsigned)n, (unsigned)nh, (unsigned)S)
+                                : dim3((unsigned)nh, (unsigned)S, (unsigned)n);
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int pdl = gen_ops_pdl(n, s);
+    /* 35 KB of shared memory a block at hd 128: ask for the largest
+     * carveout so that 6 blocks fit an SM (the copies need no L1) */
+    static int carve[2][5];
+    const int bulk = ra_bulk();
+#define RA_LAUNCH1(H, B)                                                                           \
+    if (!carve[B][__builtin_ctz(H) - 3]) {                                                         \
+        CUDA_CHECK(cudaFuncSetAttribute(rope_attn_kernel<H, B>,                                    \
+                                        cudaFuncAttributePreferredSharedMemoryCarveout,            \
+                                        (int)cudaSharedmemCarveoutMaxShared));                     \
+        carve[B][__builtin_ctz(H) - 3] = 1;                                                        \
+    }                                                                                              \
+    gen_launch(rope_attn_kernel<H, B>, grid, dim3(32 * RA_WARPS), 0, s, pdl, o32, (bf16 *)o16,     \
+               q, ldq, k, ldk, v, ldv, (bf16 *)kc, (bf16 *)vc, slot, pos, nh, nkv, cap, cos_t,     \
+               sin_t, ws, scale, tok_major)
+#define RA_LAUNCH(H)                                                                               \
+    if (bulk) {                                                                                    \
+        RA_LAUNCH1(H, true);                                                                       \
+    } else {                                                                                       \
+        RA_LAUNCH1(H, false);                                                                      \
+    }
+    switch (hd) {
+    case 8: RA_LAUNCH(8); break;
+    case 16: RA_LAUNCH(16); break;
+    case 32: RA_LAUNCH(32); break;
+    case 64: RA_LAUNCH(64); break;
+    default: RA_LAUNCH(128); break;
+    }
+#undef RA_LAUNCH
+#undef RA_LAUNCH1
+    KN_CHECK_LAUNCH("gen_rope_attention");
 }
 
 /* The head-size-128 kernel only with QLORA_GEN_ATTN128=1: on an H100 it

@@ -9,12 +9,15 @@
  *   gate/up (+LoRA), SwiGLU, down (+LoRA) added to the residual -> final
  *   RMSNorm of the rows wanted -> head -> logits, or their argmax.
  * Prefill (whole prompts) in NF4 mode: products through one bf16
- * dequantization per matrix and cuBLAS, attention among the prompt's own
- * tokens with the flash attention of attention.cu. Decoding (one token per
- * sequence): the fused products of nf4_gemv.cu and the cache attention of
- * decode_attn.cu (split over the cached positions), captured once per
- * batch size as a CUDA graph and
- * replayed (a 7B step is ~300 launches: too many to issue one by one at
+ * dequantization per matrix and cuBLAS, q/k/v and gate/up as one product
+ * each (their outputs side by side in one row, their weights dequantized
+ * side by side), attention among the prompt's own tokens with the flash
+ * attention of attention.cu; where the device holds it, a round of
+ * prompts is one call (T up to 32,768 tokens). Decoding (one token per
+ * sequence): the fused products of nf4_gemv.cu and, for bf16 caches, RoPE,
+ * append and cache attention in one launch (decode_attn.cu, split over the
+ * cached positions), captured once per batch size as a CUDA graph and
+ * replayed (a 7B step is ~260 launches: too many to issue one by one at
  * batch 1). f32 mode does everything on CUDA cores in fp32.
  */
 #define _Noreturn [[noreturn]]
@@ -55,10 +58,13 @@ typedef struct gen_gpu {
     float *cos_t, *sin_t;   /* (cap, hd / 2) */
     void **kc, **vc;        /* (L) caches (slots, cap, kvd) */
     float *x, *xn32, *q, *k, *v, *att32, *g, *u, *h32, *lh32, *lse, *logits;
+    int64_t ldqkv, ldgu; /* q, k, v side by side in rows of ldqkv; g, u in rows
+                            of ldgu: each group one product in a prefill */
     bf16 *xn16, *q16, *k16, *v16, *att16, *h16, *lh16, *wbuf;
     void *ws;
     size_t ws_bytes;
     float *att_ws;          /* the split attention's partial results */
+    float *ra_ws;           /* the fused decoding attention's (NULL: not used) */
     int32_t *d_meta, *h_meta, *d_amax, *h_amax;
     int32_t *len;           /* (slots) positions filled, host */
     int use_graphs;
@@ -193,7 +199,29 @@ static void lin(gen_gpu *G, const call *c, int li, const int *ls, int nl, float 
                     kn_gen_linear_mma(&ops[i], 1, xx, ldx, nn, G->ws, G->ws_bytes, G->s);
         }
     } else {
-        for (int i = 0; i < nl; i++) {
+        /* a group whose outputs sit side by side in one row (q/k/v, gate/up)
+         * and whose weights are all NF4: dequantized one after the other
+         * into wbuf, one product (one GEMM of N 12,288 instead of three of
+         * 4,096 for a 7B: fewer partial waves) */
+        int cat = nl > 1 && !resid;
+        for (int i = 0; cat && i < nl; i++) {
+            const kn_gw *w = &G->lin[li * LLAMA_NLINEAR + ls[i]];
+            const kn_gw *w0 = &G->lin[li * LLAMA_NLINEAR + ls[0]];
+            cat = w->kind == KN_GW_NF4 && w->in == w0->in && ldy[i] == ldy[0] &&
+                  (i == 0 || y[i] == y[i - 1] + G->lin[li * LLAMA_NLINEAR + ls[i - 1]].out);
+        }
+        if (cat) {
+            int64_t off = 0;
+            for (int i = 0; i < nl; i++) {
+                const kn_gw *w = &G->lin[li * LLAMA_NLINEAR + ls[i]];
+                kn_nf4_dequant((kn_bf16 *)(G->wbuf + off * w->in), &w->q, G->s);
+                off += w->out;
+            }
+            const int in = (int)G->lin[li * LLAMA_NLINEAR + ls[0]].in;
+            kn_gemm(0, 1, n, (int)off, in, 1.0f, (const kn_bf16 *)x16, (int)ldx,
+                    (const kn_bf16 *)G->wbuf, in, 0.0f, y[0], KN_F32, (int)ldy[0], G->s);
+        }
+        for (int i = 0; !cat && i < nl; i++) {
             const kn_gw *w = &G->lin[li * LLAMA_NLINEAR + ls[i]];
             const kn_bf16 *W;
             int ldw;
@@ -242,23 +270,30 @@ static void forward(gen_gpu *G, const call *c)
         {
             int ls[3] = {LLAMA_Q, LLAMA_K, LLAMA_V};
             float *y[3] = {G->q, G->k, G->v};
-            int64_t ldy[3] = {G->qd, G->kvd, G->kvd};
+            int64_t ldy[3] = {G->ldqkv, G->ldqkv, G->ldqkv};
             lin(G, c, li, ls, 3, y, ldy, 0, G->xn32, G->xn16, G->dim, n);
         }
         int flash = G->bf && c->prefill;
-        kn_gen_rope_append(G->q, G->qd, G->k, G->kvd, G->v, G->kvd, G->kc[li], G->vc[li], G->bf,
-                           c->slot, c->pos, n, G->nh, G->nkv, G->hd, G->cap, G->cos_t,
-                           G->sin_t, (kn_bf16 *)(flash ? G->q16 : NULL),
-                           (kn_bf16 *)(flash ? G->k16 : NULL), (kn_bf16 *)(flash ? G->v16 : NULL),
-                           s);
-        if (flash)
-            kn_attention_forward((kn_bf16 *)G->att16, G->lse, (const kn_bf16 *)G->q16,
-                                 (const kn_bf16 *)G->k16, (const kn_bf16 *)G->v16, c->start, n,
-                                 G->nh, G->nkv, G->hd, s);
-        else
-            kn_gen_attention(G->bf ? NULL : G->att32, (kn_bf16 *)(G->bf ? G->att16 : NULL),
-                             G->q, G->qd, G->kc[li], G->vc[li], G->bf, c->slot, c->pos, n,
-                             G->nh, G->nkv, G->hd, G->cap, G->att_ws, s);
+        if (!c->prefill && G->ra_ws) {
+            /* decoding: RoPE, append and attention in one launch */
+            kn_gen_rope_attention(NULL, (kn_bf16 *)G->att16, G->q, G->ldqkv, G->k, G->ldqkv,
+                                  G->v, G->ldqkv, G->kc[li], G->vc[li], c->slot, c->pos, n, G->nh,
+                                  G->nkv, G->hd, G->cap, G->cos_t, G->sin_t, G->ra_ws, s);
+        } else {
+            kn_gen_rope_append(G->q, G->ldqkv, G->k, G->ldqkv, G->v, G->ldqkv, G->kc[li],
+                               G->vc[li], G->bf, c->slot, c->pos, n, G->nh, G->nkv, G->hd,
+                               G->cap, G->cos_t, G->sin_t, (kn_bf16 *)(flash ? G->q16 : NULL),
+                               (kn_bf16 *)(flash ? G->k16 : NULL),
+                               (kn_bf16 *)(flash ? G->v16 : NULL), s);
+            if (flash)
+                kn_attention_forward((kn_bf16 *)G->att16, G->lse, (const kn_bf16 *)G->q16,
+                                     (const kn_bf16 *)G->k16, (const kn_bf16 *)G->v16, c->start,
+                                     n, G->nh, G->nkv, G->hd, s);
+            else
+                kn_gen_attention(G->bf ? NULL : G->att32, (kn_bf16 *)(G->bf ? G->att16 : NULL),
+                                 G->q, G->ldqkv, G->kc[li], G->vc[li], G->bf, c->slot, c->pos, n,
+                                 G->nh, G->nkv, G->hd, G->cap, G->att_ws, s);
+        }
         {
             int ls[1] = {LLAMA_O};
             float *y[1] = {G->x};
@@ -270,11 +305,11 @@ static void forward(gen_gpu *G, const call *c)
         {
             int ls[2] = {LLAMA_GATE, LLAMA_UP};
             float *y[2] = {G->g, G->u};
-            int64_t ldy[2] = {G->hid, G->hid};
+            int64_t ldy[2] = {G->ldgu, G->ldgu};
             lin(G, c, li, ls, 2, y, ldy, 0, G->xn32, G->xn16, G->dim, n);
         }
         kn_gen_swiglu(G->bf ? NULL : G->h32, (kn_bf16 *)(G->bf ? G->h16 : NULL), G->g, G->u,
-                      G->hid, n, G->hid, s);
+                      G->ldgu, n, G->hid, s);
         {
             int ls[1] = {LLAMA_DOWN};
             float *y[1] = {G->x};
@@ -572,20 +607,34 @@ extern "C" int gen_gpu_backend(const llama_model *m, const lora_adapter *a, int3
         free(ct);
         free(st);
     }
-    /* activations for T tokens */
+    /* activations for T tokens: 16,384, or in NF4 mode every slot's whole
+     * context (up to 32,768) where the device holds that and the caches of
+     * every slot: then a round of prompts is one prefill (the weights
+     * dequantized once, no small last call) */
+    size_t f4 = sizeof(float), b2 = 2;
     int64_t T = (int64_t)slots * cap;
-    if (T > 16384)
-        T = 16384;
+    if (T > 16384) {
+        int64_t Tw = T < 32768 ? T : 32768;
+        size_t act = (size_t)(G->dim * (f4 + b2) + (G->qd + 2 * G->kvd) * (f4 + b2) +
+                              2 * G->hid * f4 + G->hid * b2 + G->qd * b2 + G->nh * f4 +
+                              G->r * (b2 + f4) + 5 * 4);
+        size_t caches = (size_t)slots * (2 * (size_t)G->L * cap * G->kvd * 2 + G->vocab * f4);
+        size_t used, total;
+        kn_mem_device(&used, &total);
+        size_t need = (size_t)Tw * act + caches + ((size_t)4 << 30); /* + wbuf, cuBLAS, graphs */
+        T = G->bf && total > used + need ? Tw : 16384;
+    }
     if (T < cap)
         T = cap;
     G->T = T;
-    size_t f4 = sizeof(float), b2 = 2;
     G->x = (float *)dalloc(G, (size_t)T * G->dim * f4);
-    G->q = (float *)dalloc(G, (size_t)T * G->qd * f4);
-    G->k = (float *)dalloc(G, (size_t)T * G->kvd * f4);
-    G->v = (float *)dalloc(G, (size_t)T * G->kvd * f4);
-    G->g = (float *)dalloc(G, (size_t)T * G->hid * f4);
-    G->u = (float *)dalloc(G, (size_t)T * G->hid * f4);
+    G->ldqkv = G->qd + 2 * G->kvd;
+    G->q = (float *)dalloc(G, (size_t)T * G->ldqkv * f4);
+    G->k = G->q + G->qd;
+    G->v = G->k + G->kvd;
+    G->ldgu = 2 * (int64_t)G->hid;
+    G->g = (float *)dalloc(G, (size_t)T * G->ldgu * f4);
+    G->u = G->g + G->hid;
     if (G->bf) {
         G->xn16 = (bf16 *)dalloc(G, (size_t)T * G->dim * b2);
         G->q16 = (bf16 *)dalloc(G, (size_t)T * G->qd * b2);
@@ -596,10 +645,22 @@ extern "C" int gen_gpu_backend(const llama_model *m, const lora_adapter *a, int3
         G->h16 = (bf16 *)dalloc(G, (size_t)T * G->hid * b2);
         if (G->r)
             G->lh16 = (bf16 *)dalloc(G, (size_t)T * G->r * b2);
+        /* the largest group dequantized side by side (see lin) */
         int64_t maxw = 0;
+        int nf4 = 0;
         for (int i = 0; i < G->L * LLAMA_NLINEAR; i++)
-            if (G->lin[i].kind == KN_GW_NF4 && G->lin[i].q.numel > maxw)
-                maxw = G->lin[i].q.numel;
+            nf4 |= G->lin[i].kind == KN_GW_NF4;
+        for (int li = 0; nf4 && li < G->L; li++) {
+            const kn_gw *w = &G->lin[li * LLAMA_NLINEAR];
+            int64_t gs[4] = {w[LLAMA_Q].out * w[LLAMA_Q].in + w[LLAMA_K].out * w[LLAMA_K].in +
+                                 w[LLAMA_V].out * w[LLAMA_V].in,
+                             w[LLAMA_O].out * w[LLAMA_O].in,
+                             w[LLAMA_GATE].out * w[LLAMA_GATE].in +
+                                 w[LLAMA_UP].out * w[LLAMA_UP].in,
+                             w[LLAMA_DOWN].out * w[LLAMA_DOWN].in};
+            for (int i = 0; i < 4; i++)
+                maxw = gs[i] > maxw ? gs[i] : maxw;
+        }
         if (maxw)
             G->wbuf = (bf16 *)dalloc(G, (size_t)maxw * b2);
     } else {
@@ -640,6 +701,13 @@ extern "C" int gen_gpu_backend(const llama_model *m, const lora_adapter *a, int3
     G->logits = (float *)dalloc(G, (size_t)slots * G->vocab * f4);
     G->att_ws = (float *)dalloc(
         G, kn_gen_attention_ws(G->bf ? slots : (int)(T > slots ? T : slots), G->nh, G->hd, cap));
+    /* QLORA_GEN_FUSED_ATTN=0: decoding through rope_append + attention */
+    const char *fe = getenv("QLORA_GEN_FUSED_ATTN");
+    if (G->bf && kn_gen_rope_attention_ok(G->hd) && !(fe && *fe == '0')) {
+        size_t b = kn_gen_rope_attention_ws(slots, G->nh, G->hd, cap);
+        G->ra_ws = (float *)dalloc(G, b);
+        kn_memset(G->ra_ws, 0, b, G->s);
+    }
     G->d_amax = (int32_t *)dalloc(G, (size_t)slots * sizeof(int32_t));
     size_t meta = (size_t)(5 * T + slots + 8) * sizeof(int32_t);
     G->d_meta = (int32_t *)dalloc(G, meta);

@@ -100,6 +100,25 @@ size_t kn_gen_attention_ws(int n, int nh, int hd, int cap);
 /* Kept for callers: nothing to set up any more. */
 void kn_gen_attention_setup(int cap);
 
+/* RoPE, the cache append and attention in one launch, for decoding (each
+ * token's slot at most once in a call; bf16 caches; hd 8, 16, 32, 64 or
+ * 128: kn_gen_rope_attention_ok): q (rows of ldq, heads from column 0) and
+ * the new k and v rows (ldk, ldv; unrotated, fp32) of n tokens; k is
+ * rotated and k, v rounded to bf16 and written into the caches at
+ * (slot[t], pos[t]) as kn_gen_rope_append does; q is rotated in registers
+ * (q itself is left as it was). o as kn_gen_attention (o32 and/or o16).
+ * ws: kn_gen_rope_attention_ws(n, nh, hd, cap) bytes, zeroed once before
+ * its first use (the kernel leaves its counters at zero), serving calls of
+ * one (nh, hd, cap) and up to that n. The order of every sum depends on
+ * pos[t] only, never on n. */
+int kn_gen_rope_attention_ok(int hd);
+void kn_gen_rope_attention(float *o32, kn_bf16 *o16, const float *q, int64_t ldq,
+                           const float *k, int64_t ldk, const float *v, int64_t ldv, void *kc,
+                           void *vc, const int32_t *slot, const int32_t *pos, int n, int nh,
+                           int nkv, int hd, int cap, const float *cos_t, const float *sin_t,
+                           float *ws, cudaStream_t s);
+size_t kn_gen_rope_attention_ws(int n, int nh, int hd, int cap);
+
 /* --- element-wise (gen_ops.cu) --------------------------------------------- */
 
 /* x (n, d) = table[ids[t]] (fp32 table (vocab, d)). */
