@@ -460,12 +460,51 @@ __global__ void attn_delta_kernel(float *delta, const bf16 *dout, const bf16 *o,
         delta[(int64_t)h * n + t] = s;
 }
 
+__device__ __forceinline__ float bf16_round(float x)
+{
+    return __bfloat162float(__float2bfloat16(x));
+}
+
+/* The dq and dk outputs of a row with the inverse rotary embedding applied
+ * (kernels/rope.cu, kn_rope_backward): the gradient is rounded to bf16 as
+ * it would be stored, then rotated with rope8_kernel's arithmetic (pinned
+ * there and here with intrinsics: fma(a, c, -(b sn)), fma(b, c, a sn),
+ * sn = -sin), so the bits are those of the separate pass. This lane's
+ * pair col, col + 1 of group i pairs with col + hd/2, group i + HDP/16 of
+ * the same lane, as hd == HDP. acc[i][2hf], acc[i][2hf + 1] are the row's
+ * values before the scale; tab its (cos, sin) pairs (kn_rope_table). */
+template <int HDP>
+__device__ __forceinline__ void store_rope_row(bf16 *dst, const float (*acc)[4], int hf,
+                                               float scale, const float *tab, int t4)
+{
+    constexpr int PH = HDP / 16, HALF = HDP / 2;
+#pragma unroll
+    for (int i = 0; i < PH; i++) {
+        const int col = i * 8 + 2 * t4;
+        float4 cs = *(const float4 *)(tab + 2 * col); /* cos, sin of col, col + 1 */
+        float a0 = bf16_round(acc[i][2 * hf] * scale);
+        float a1 = bf16_round(acc[i][2 * hf + 1] * scale);
+        float b0 = bf16_round(acc[i + PH][2 * hf] * scale);
+        float b1 = bf16_round(acc[i + PH][2 * hf + 1] * scale);
+        float s0 = -cs.y, s1 = -cs.w;
+        *(uint32_t *)(dst + col) = pack_bf16x2(__fmaf_rn(a0, cs.x, -__fmul_rn(b0, s0)),
+                                               __fmaf_rn(a1, cs.z, -__fmul_rn(b1, s1)));
+        *(uint32_t *)(dst + col + HALF) = pack_bf16x2(__fmaf_rn(b0, cs.x, __fmul_rn(a0, s0)),
+                                                      __fmaf_rn(b1, cs.z, __fmul_rn(a1, s1)));
+    }
+}
+
+/* rope non-NULL (hd == HDP): dq leaves with the inverse rotary embedding
+ * applied (store_rope_row). (Computing delta here too, each warp for its
+ * 16 rows, instead of in attn_delta_kernel was tried: the row loads at the
+ * start of every block cost ~0.3 ms more than the separate pass at
+ * Llama 2 7B's shape.) */
 template <int HDP>
 __global__ void __launch_bounds__(ATT_THREADS, 2)
 attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
                    const bf16 *v, const float *lse, const float *delta,
                    const int32_t *start, int64_t n, int nh, int nkv, int hd,
-                   float scale_log2, float scale)
+                   float scale_log2, float scale, const float *rope)
 {
     constexpr int LD = HDP + 8, KS = HDP / 16, DN = HDP / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -565,6 +604,13 @@ attn_bwd_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
             }
         }
         __syncthreads();
+    }
+    if (rope) {
+        if (r0 < n)
+            store_rope_row<HDP>(dq + r0 * qs + h * hd, acc, 0, scale, rope + r0 * hd, t4);
+        if (r1 < n)
+            store_rope_row<HDP>(dq + r1 * qs + h * hd, acc, 1, scale, rope + r1 * hd, t4);
+        return;
     }
 #pragma unroll
     for (int i = 0; i < DN; i++) {
@@ -744,7 +790,8 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
                      const bf16 *k, const bf16 *v, const float *lse,
                      const float *delta, const int32_t *start, int64_t n,
                      int nh, int nkv, int hd, float scale_log2, float scale,
-                     bf16 *dq, float *dqacc, unsigned *dqcnt, int mode)
+                     bf16 *dq, float *dqacc, unsigned *dqcnt, int mode,
+                     const float *rope)
 {
     constexpr int LD = HDP + 8, KS = HDP / 16, DN = HDP / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -907,20 +954,29 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
             atomicAdd(pend, 1u);
         }
     }
+    /* rope non-NULL (hd == HDP): dk with the inverse rotary embedding */
+    if (rope) {
+        if (kr0 < n)
+            store_rope_row<HDP>(dk + kr0 * ks + kh * hd, adk, 0, scale, rope + kr0 * hd, t4);
+        if (kr1 < n)
+            store_rope_row<HDP>(dk + kr1 * ks + kh * hd, adk, 1, scale, rope + kr1 * hd, t4);
+    }
 #pragma unroll
     for (int i = 0; i < DN; i++) {
         int col = i * 8 + 2 * t4;
         if (col >= hd)
             continue;
         if (kr0 < n) {
-            *(uint32_t *)(dk + kr0 * ks + kh * hd + col) =
-                pack_bf16x2(adk[i][0] * scale, adk[i][1] * scale);
+            if (!rope)
+                *(uint32_t *)(dk + kr0 * ks + kh * hd + col) =
+                    pack_bf16x2(adk[i][0] * scale, adk[i][1] * scale);
             *(uint32_t *)(dv + kr0 * ks + kh * hd + col) =
                 pack_bf16x2(adv[i][0], adv[i][1]);
         }
         if (kr1 < n) {
-            *(uint32_t *)(dk + kr1 * ks + kh * hd + col) =
-                pack_bf16x2(adk[i][2] * scale, adk[i][3] * scale);
+            if (!rope)
+                *(uint32_t *)(dk + kr1 * ks + kh * hd + col) =
+                    pack_bf16x2(adk[i][2] * scale, adk[i][3] * scale);
             *(uint32_t *)(dv + kr1 * ks + kh * hd + col) =
                 pack_bf16x2(adv[i][2], adv[i][3]);
         }
@@ -1792,15 +1848,52 @@ static void bwd1_launch(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, const float *delt
     attn_bwd_dkdv_kernel<HDP, true><<<grid, ATT_THREADS, sm, s>>>(
         (bf16 *)dk, (bf16 *)dv, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
         (const bf16 *)v, lse, delta, start, n, nh, nkv, hd, sl, scale, (bf16 *)dq, dqacc, cnt,
-        mode);
+        mode, NULL);
     KN_CHECK_LAUNCH("attn_bwd_1pass");
+}
+
+/* "0" in the environment: a choice off, for comparisons */
+static int env_off(const char *name)
+{
+    const char *e = getenv(name);
+    return e && !strcmp(e, "0");
+}
+
+/* The dq and the dk/dv kernels read the same inputs and write different
+ * outputs, so KN_ATTN_BWD_STREAMS=1 runs the dk/dv kernel on a second
+ * stream beside the dq kernel, each one's last, partly filled wave
+ * overlapping the other's blocks. Opt-in: on an H100 at Llama 2 7B's shape
+ * it made no difference that the benchmark could see (bench/RESULTS.md,
+ * "train, (a) last percent"). Events fork from and join back into the
+ * caller's stream, so to the caller it is one step of its stream. Created
+ * once per process, for the device current then (each process here drives
+ * one device). */
+static cudaStream_t bwd_side(cudaStream_t s, cudaEvent_t *join)
+{
+    static cudaStream_t side;
+    static cudaEvent_t fork, done;
+    static int dev = -1;
+    int d;
+    CUDA_CHECK(cudaGetDevice(&d));
+    if (dev < 0) {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+        CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+        dev = d;
+    }
+    KN_REQUIRE(d == dev);
+    CUDA_CHECK(cudaEventRecord(fork, s));
+    CUDA_CHECK(cudaStreamWaitEvent(side, fork, 0));
+    *join = done;
+    return side;
 }
 
 template <int HDP>
 static void bwd_launch(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, const float *delta,
                        const kn_bf16 *dout, const kn_bf16 *q, const kn_bf16 *k,
                        const kn_bf16 *v, const float *lse, const int32_t *start,
-                       int64_t n, int nh, int nkv, int hd, void *ws, cudaStream_t s)
+                       int64_t n, int nh, int nkv, int hd, void *ws, const float *rope,
+                       cudaStream_t s)
 {
     static int attr_set;
     if constexpr (HDP == 128) {
@@ -1839,17 +1932,24 @@ static void bwd_launch(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, const float *delta
         attr_set = 1;
     }
     float scale = 1.0f / sqrtf((float)hd), sl = LOG2E * scale;
+    /* dk/dv first: on two streams (opt-in) it takes the SMs first */
+    cudaEvent_t join = NULL;
+    cudaStream_t s2 = env_flag("KN_ATTN_BWD_STREAMS") ? bwd_side(s, &join) : s;
+    dim3 g2(kn_cdiv(n, 64), nkv);
+    attn_bwd_dkdv_kernel<HDP, false><<<g2, ATT_THREADS, sm2, s2>>>(
+        (bf16 *)dk, (bf16 *)dv, (const bf16 *)dout, (const bf16 *)q,
+        (const bf16 *)k, (const bf16 *)v, lse, delta, start, n, nh, nkv, hd,
+        sl, scale, NULL, NULL, NULL, 0, rope);
+    KN_CHECK_LAUNCH("attn_bwd_dkdv");
     dim3 g1(kn_cdiv(n, 64), nh);
     attn_bwd_dq_kernel<HDP><<<g1, ATT_THREADS, sm1, s>>>(
         (bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
-        (const bf16 *)v, lse, delta, start, n, nh, nkv, hd, sl, scale);
+        (const bf16 *)v, lse, delta, start, n, nh, nkv, hd, sl, scale, rope);
     KN_CHECK_LAUNCH("attn_bwd_dq");
-    dim3 g2(kn_cdiv(n, 64), nkv);
-    attn_bwd_dkdv_kernel<HDP, false><<<g2, ATT_THREADS, sm2, s>>>(
-        (bf16 *)dk, (bf16 *)dv, (const bf16 *)dout, (const bf16 *)q,
-        (const bf16 *)k, (const bf16 *)v, lse, delta, start, n, nh, nkv, hd,
-        sl, scale, NULL, NULL, NULL, 0);
-    KN_CHECK_LAUNCH("attn_bwd_dkdv");
+    if (join) {
+        CUDA_CHECK(cudaEventRecord(join, s2));
+        CUDA_CHECK(cudaStreamWaitEvent(s, join, 0));
+    }
 }
 
 extern "C" void kn_attention_forward(kn_bf16 *o, float *lse, const kn_bf16 *q,
@@ -1873,7 +1973,44 @@ extern "C" size_t kn_attention_backward_ws_bytes(int64_t n, int nh, int hd)
 
 /* The one-pass backward only where the caller gives its workspace and
  * KN_ATTN_BWD_1PASS=1 (opt-in: slower than two passes on an H100, see the
- * kernel); KN_ATTN_BWD_2PASS=1 or KN_ATTN_WGMMA=1 (two-pass only) win. */
+ * kernel); KN_ATTN_BWD_2PASS=1 or KN_ATTN_WGMMA=1 (two-pass only) win.
+ * With rope given, dq and dk leave with RoPE's inverse applied: on the
+ * default path (two passes, mma.sync) and head sizes 16, 32, 64 or 128 by
+ * the kernels as they store them, otherwise (or KN_ATTN_ROPE_FUSED=0) by
+ * kn_rope_backward after; the same bits either way. */
+extern "C" void kn_attention_backward_rope(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,
+                                           float *delta, const kn_bf16 *dout,
+                                           const kn_bf16 *q, const kn_bf16 *k,
+                                           const kn_bf16 *v, const kn_bf16 *o,
+                                           const float *lse, const int32_t *start,
+                                           int64_t n, int nh, int nkv, int hd, void *ws,
+                                           size_t ws_bytes, const float *rope,
+                                           const int32_t *pos, float theta, cudaStream_t s)
+{
+    check_shapes(n, nh, nkv, hd);
+    if (ws_bytes < kn_attention_backward_ws_bytes(n, nh, hd) || env_flag("KN_ATTN_BWD_2PASS") ||
+        !env_flag("KN_ATTN_BWD_1PASS"))
+        ws = NULL;
+    const bool dflt = !ws && !(pad_hd(hd) == 128 && env_flag("KN_ATTN_WGMMA") && hopper());
+    const float *frope = dflt && rope && pad_hd(hd) == hd && !env_off("KN_ATTN_ROPE_FUSED")
+                             ? rope
+                             : NULL;
+    KN_REQUIRE(!rope || pos);
+    attn_delta_kernel<<<kn_cdiv(n * nh, 8), 256, 0, s>>>(
+        delta, (const bf16 *)dout, (const bf16 *)o, n, nh, hd);
+    KN_CHECK_LAUNCH("attn_delta");
+    switch (pad_hd(hd)) {
+    case 16: bwd_launch<16>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, frope, s); break;
+    case 32: bwd_launch<32>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, frope, s); break;
+    case 64: bwd_launch<64>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, frope, s); break;
+    default: bwd_launch<128>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, frope, s); break;
+    }
+    if (rope && !frope) {
+        kn_rope_backward(dq, pos, n, nh, hd, theta, s);
+        kn_rope_backward(dk, pos, n, nkv, hd, theta, s);
+    }
+}
+
 extern "C" void kn_attention_backward_ws(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,
                                          float *delta, const kn_bf16 *dout,
                                          const kn_bf16 *q, const kn_bf16 *k,
@@ -1882,19 +2019,8 @@ extern "C" void kn_attention_backward_ws(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,
                                          int64_t n, int nh, int nkv, int hd, void *ws,
                                          size_t ws_bytes, cudaStream_t s)
 {
-    check_shapes(n, nh, nkv, hd);
-    if (ws_bytes < kn_attention_backward_ws_bytes(n, nh, hd) || env_flag("KN_ATTN_BWD_2PASS") ||
-        !env_flag("KN_ATTN_BWD_1PASS"))
-        ws = NULL;
-    attn_delta_kernel<<<kn_cdiv(n * nh, 8), 256, 0, s>>>(
-        delta, (const bf16 *)dout, (const bf16 *)o, n, nh, hd);
-    KN_CHECK_LAUNCH("attn_delta");
-    switch (pad_hd(hd)) {
-    case 16: bwd_launch<16>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, s); break;
-    case 32: bwd_launch<32>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, s); break;
-    case 64: bwd_launch<64>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, s); break;
-    default: bwd_launch<128>(dq, dk, dv, delta, dout, q, k, v, lse, start, n, nh, nkv, hd, ws, s); break;
-    }
+    kn_attention_backward_rope(dq, dk, dv, delta, dout, q, k, v, o, lse, start, n, nh, nkv, hd,
+                               ws, ws_bytes, NULL, NULL, 0.0f, s);
 }
 
 extern "C" void kn_attention_backward(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,

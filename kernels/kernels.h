@@ -141,6 +141,10 @@ void kn_rope_forward(kn_bf16 *x, const int32_t *pos, int64_t n, int nh,
                      int hd, float theta, cudaStream_t s);
 void kn_rope_backward(kn_bf16 *dx, const int32_t *pos, int64_t n, int nh,
                       int hd, float theta, cudaStream_t s);
+/* The (cos, sin) pairs of every token's positions, (n, hd / 2) fp32, as
+ * kn_rope_forward computes them (for kn_attention_backward_rope). */
+void kn_rope_table(float *tab, const int32_t *pos, int64_t n, int hd, float theta,
+                   cudaStream_t s);
 
 /* --- SwiGLU (swiglu.cu) --------------------------------------------------
  * h = silu(g) * u element-wise over n; the backward gives
@@ -185,6 +189,15 @@ void kn_attention_backward_ws(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv,
                               const float *lse, const int32_t *start,
                               int64_t n, int nh, int nkv, int hd, void *ws,
                               size_t ws_bytes, cudaStream_t s);
+/* As kn_attention_backward_ws, then dq and dk rotated back (RoPE's
+ * backward, rope = kn_rope_table of pos) as they are stored: the same bits
+ * as kn_attention_backward_ws followed by kn_rope_backward on dq and dk. */
+void kn_attention_backward_rope(kn_bf16 *dq, kn_bf16 *dk, kn_bf16 *dv, float *delta,
+                                const kn_bf16 *dout, const kn_bf16 *q, const kn_bf16 *k,
+                                const kn_bf16 *v, const kn_bf16 *o, const float *lse,
+                                const int32_t *start, int64_t n, int nh, int nkv, int hd,
+                                void *ws, size_t ws_bytes, const float *rope,
+                                const int32_t *pos, float theta, cudaStream_t s);
 
 /* --- cross-entropy fused with the output projection (xent.cu) ------------
  * For the n rows of x (n, d) and the head w (vocab, d): logits = x w^T,
@@ -249,6 +262,11 @@ void kn_lora_grad_a(float *ga, const uint8_t *bits, const kn_bf16 *dlh,
 void kn_lora_dx(void *dx, kn_dtype dt, const uint8_t *bits, const kn_bf16 *dlh,
                 const kn_bf16 *A, int64_t n, int in, int r, float p, uint64_t key,
                 cudaStream_t s);
+/* kn_lora_grad_a and kn_lora_dx (fp32 dx, added) in one pass over the
+ * mask: the same bits as the two calls. */
+void kn_lora_grad_a_dx(float *ga, float *dx, const uint8_t *bits, const kn_bf16 *dlh,
+                       const kn_bf16 *x, const kn_bf16 *A, int64_t n, int in, int r, float p,
+                       uint64_t key, void *scratch, cudaStream_t s);
 
 /* --- optimizer (adamw.cu) ------------------------------------------------ */
 

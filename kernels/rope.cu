@@ -6,7 +6,15 @@
  * pairs of one token and applies their angles to every head, so the
  * sines and cosines are computed once per token instead of once per head
  * and the accesses are 16 bytes wide; otherwise one thread per pair. The
- * arithmetic per element is the same either way. */
+ * arithmetic per element is the same either way.
+ *
+ * kn_rope_table writes those cosines and sines, (n, hd/2) pairs, for the
+ * attention backward (kernels/attention.cu), which rotates dq and dk back
+ * as it stores them instead of leaving a pass over both to
+ * kn_rope_backward. Its rotation repeats rope8_kernel's, which is why that
+ * one is written with intrinsics: the order of rounding is pinned in both
+ * places (fma(a, c, -(b s)), fma(b, c, a s): what nvcc chose for the plain
+ * expressions), so the two give the same bits. */
 #include "common.cuh"
 
 __global__ void rope_kernel(bf16 *x, const int32_t *pos, int64_t n, int nh,
@@ -62,13 +70,40 @@ __global__ void rope8_kernel(bf16 *x, const int32_t *pos, int64_t n, int nh,
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 float a = __bfloat162float(va[j]), b = __bfloat162float(vb[j]);
-                pa[j] = __float2bfloat16(a * cs[j] - b * sn[j]);
-                pb[j] = __float2bfloat16(b * cs[j] + a * sn[j]);
+                pa[j] = __float2bfloat16(__fmaf_rn(a, cs[j], -__fmul_rn(b, sn[j])));
+                pb[j] = __float2bfloat16(__fmaf_rn(b, cs[j], __fmul_rn(a, sn[j])));
             }
             *(uint4 *)(row + h * hd) = oa;
             *(uint4 *)(row + h * hd + half) = ob;
         }
     }
+}
+
+/* tab (n, hd/2, 2): the cosine and sine of token t's pair i, as the kernels
+ * above compute them. */
+__global__ void rope_table_kernel(float *tab, const int32_t *pos, int64_t n, int hd,
+                                  float theta)
+{
+    int half = hd / 2;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n * half;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        int i = (int)(e % half);
+        int64_t t = e / half;
+        float inv = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+        float s, c;
+        sincosf((float)pos[t] * inv, &s, &c);
+        *(float2 *)(tab + 2 * e) = make_float2(c, s);
+    }
+}
+
+extern "C" void kn_rope_table(float *tab, const int32_t *pos, int64_t n, int hd, float theta,
+                              cudaStream_t s)
+{
+    KN_REQUIRE(n >= 0 && hd > 0 && hd % 2 == 0 && theta > 0.0f && ((uintptr_t)tab & 15) == 0);
+    if (!n)
+        return;
+    rope_table_kernel<<<kn_grid_1d(n * (hd / 2), 256), 256, 0, s>>>(tab, pos, n, hd, theta);
+    KN_CHECK_LAUNCH("rope_table");
 }
 
 static void rope_launch(kn_bf16 *x, const int32_t *pos, int64_t n, int nh,

@@ -39,6 +39,8 @@ extern "C" {
 #include <string.h>
 #include <unistd.h>
 
+enum { OP_MAX = 96 };
+
 typedef struct gpu_lin {
     int64_t out, in;
     kn_nf4 q;          /* when the checkpoint is NF4 */
@@ -148,6 +150,9 @@ struct gpu_trainer {
     float *stats;             /* [0] loss sum, [1] gradient sum of squares */
     int32_t *ids, *pos, *start, *tg;
     float *wt;
+    float *rope;              /* (cap, head_dim / 2) cosine, sine pairs of
+                                 the micro-batch's positions, for the
+                                 attention backward */
     size_t peak0;
     size_t mem[GPU_MEM_NCAT]; /* bytes allocated per category (setup) */
     const gpu_step_hooks *hooks; /* data parallel: set for the backward of
@@ -185,6 +190,15 @@ struct gpu_trainer {
     cudaEvent_t pev[4];
     double pms[3];
     int64_t pcount;
+    /* KN_OP_TIMES=layer (diagnostics): events between the operations of
+     * that layer's forward, recomputation and backward (see op_mark) */
+    int32_t opl, olayer;
+    int on, onmax;
+    cudaEvent_t oev[OP_MAX];
+    const char *olab[OP_MAX];
+    int olin[OP_MAX];         /* the linear an operation belongs to, or -1 */
+    double oms[OP_MAX];
+    int64_t ocount;
 };
 
 /* activation offload (below) */
@@ -507,6 +521,7 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     G->start = (int32_t *)dalloc((size_t)n * 4);
     G->tg = (int32_t *)dalloc((size_t)n * 4);
     G->wt = (float *)dalloc((size_t)n * 4);
+    G->rope = (float *)dalloc((size_t)(n * c->head_dim) * 4);
     MEM_CAT(GPU_MEM_SCRATCH);
 #undef MEM_CAT
     int mode = off_mode(flags & GPU_TRAINER_OFFLOAD ? OFF_ATTN_X2 : 0);
@@ -516,6 +531,9 @@ extern "C" gpu_trainer *gpu_trainer_new(const llama_model *m,
     G->ptime = env_flag("KN_PHASE_TIMES", 0);
     for (int k = 0; G->ptime && k < 4; k++)
         CUDA_CHECK(cudaEventCreate(&G->pev[k]));
+    G->opl = env_flag("KN_OP_TIMES", -1);
+    for (int k = 0; G->opl >= 0 && k < OP_MAX; k++)
+        CUDA_CHECK(cudaEventCreate(&G->oev[k]));
     return G;
 }
 
@@ -532,6 +550,12 @@ extern "C" void gpu_trainer_free(gpu_trainer *G)
                 G->pms[1] / G->pcount, G->pms[2] / G->pcount);
     for (int k = 0; G->ptime && k < 4; k++)
         CUDA_CHECK(cudaEventDestroy(G->pev[k]));
+    for (int k = 1; G->opl >= 0 && G->ocount && k < G->onmax; k++)
+        fprintf(stderr, "train_gpu: layer %d op %2d %-5s %-16s %8.1f us\n", G->opl, k,
+                G->olin[k] >= 0 ? llama_linear_name((llama_linear)G->olin[k]) : "",
+                G->olab[k], 1000.0 * G->oms[k] / G->ocount);
+    for (int k = 0; G->opl >= 0 && k < OP_MAX; k++)
+        CUDA_CHECK(cudaEventDestroy(G->oev[k]));
     for (int32_t i = 0; i < G->c.n_layers; i++) {
         kn_free(G->L[i].attn_norm);
         kn_free(G->L[i].ffn_norm);
@@ -557,7 +581,7 @@ extern "C" void gpu_trainer_free(gpu_trainer *G)
                  G->xl, G->rstdf, G->dres, G->dxn, G->delta,
                  G->dyb, G->datt, G->dq, G->dk, G->dv, G->xd, G->tmp, G->dlh,
                  G->lscratch, G->mbits, G->xent_own ? G->xent_scratch : NULL, G->stats,
-                 G->ids, G->pos, G->start, G->tg, G->wt};
+                 G->ids, G->pos, G->start, G->tg, G->wt, G->rope};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++)
         kn_free(p[i]);
     free(G->loff);
@@ -750,6 +774,37 @@ static const bf16 *weight(gpu_trainer *G, int32_t layer, int l)
 #define KB(p) ((kn_bf16 *)(p))
 #define CKB(p) ((const kn_bf16 *)(p))
 
+/* KN_OP_TIMES=layer: an event on the compute stream after each operation
+ * of that layer (G->olayer is the layer being queued); the time between
+ * two marks is the operation's, waits for copies and prefetches included.
+ * The same sequence repeats every micro-batch, so the times are summed by
+ * position and printed at gpu_trainer_free. */
+static void op_mark_lin(gpu_trainer *G, int l, const char *label)
+{
+    if (G->opl < 0 || G->olayer != G->opl || G->on >= OP_MAX)
+        return;
+    CUDA_CHECK(cudaEventRecord(G->oev[G->on], G->s));
+    G->olin[G->on] = l;
+    G->olab[G->on++] = label;
+}
+
+static void op_mark(gpu_trainer *G, const char *label) { op_mark_lin(G, -1, label); }
+
+static void op_collect(gpu_trainer *G)
+{
+    if (G->opl < 0 || !G->on)
+        return;
+    CUDA_CHECK(cudaEventSynchronize(G->oev[G->on - 1]));
+    for (int k = 1; k < G->on; k++) {
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, G->oev[k - 1], G->oev[k]));
+        G->oms[k] += ms;
+    }
+    G->onmax = G->on;
+    G->ocount++;
+    G->on = 0;
+}
+
 /* Where the bf16 copy of the adapter value at params[off] (layer `layer`)
  * is: the layer's slice is cast into lpb when another layer's is there
  * (the forward, its recomputation and the backward of a layer follow one
@@ -813,18 +868,27 @@ static void lin_fwd(gpu_trainer *G, int32_t layer, int l, bf16 *y,
             kn_gemm(0, 1, (int)n, r, in, 1.0f, CKB(x), in, CKB(A), in, 0.0f, lh, KN_BF16, r,
                     G->s);
         }
+        op_mark_lin(G, l, "lora down");
         if (!y)
             return;
         kn_gemm_ex(0, 1, (int)n, out, r, G->scale, CKB(lh), r,
                    CKB(lora_w(G, layer, sl->b)), r, res ? 1.0f : 0.0f, res, y, KN_BF16, out,
                    G->s);
-        kn_gemm(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(weight(G, layer, l)), in, 1.0f, y,
+        op_mark_lin(G, l, "lora up");
+        const bf16 *W = weight(G, layer, l);
+        op_mark_lin(G, l, "weight");
+        kn_gemm(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(W), in, 1.0f, y,
                 KN_BF16, out, G->s);
+        op_mark_lin(G, l, "product");
         return;
     }
-    if (y)
-        kn_gemm_ex(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(weight(G, layer, l)), in,
+    if (y) {
+        const bf16 *W = weight(G, layer, l);
+        op_mark_lin(G, l, "weight");
+        kn_gemm_ex(0, 1, (int)n, out, in, 1.0f, CKB(x), in, CKB(W), in,
                    res ? 1.0f : 0.0f, res, y, KN_BF16, out, G->s);
+        op_mark_lin(G, l, "product");
+    }
 }
 
 /* The backward of lin_fwd: LoRA gradients added to grad, then (dx non-NULL)
@@ -840,6 +904,10 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
     int in = (int)w->in, out = (int)w->out, r = G->r, ni = (int)n;
     int lora = sl->a >= 0, dropping = lora && drop && G->p > 0;
     int fuse = dropping && fused(G, in);
+    /* dA and the LoRA part of an fp32 dx in one pass, after the frozen
+     * product (one mask computation instead of two); not when dx
+     * overwrites x (down's dh over h), which dA must read first */
+    int fuse_dx = fuse && dx && dxt == KN_F32 && dx != (const void *)x;
     uint64_t stream = dropping ? lora_dropout_stream(key, layer, (llama_linear)l) : 0;
     const uint8_t *bits =
         fuse && G->bits_layer == layer && (G->bits_mask >> l & 1) && G->boff[l] >= 0
@@ -850,10 +918,14 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
         /* dB (out, r) += scale dy^T lh; dlh (n, r) = scale dy B */
         kn_gemm(1, 0, out, r, ni, G->scale, CKB(dy), out, CKB(lh), r, 1.0f,
                 G->grad + sl->b, KN_F32, r, G->s);
+        op_mark_lin(G, l, "dB");
         kn_gemm(0, 0, ni, r, out, G->scale, CKB(dy), out, CKB(lora_w(G, layer, sl->b)), r,
                 0.0f, G->dlh, KN_BF16, r, G->s);
+        op_mark_lin(G, l, "dlh");
         /* dA (r, in) += dlh^T xd */
-        if (fuse) {
+        if (fuse_dx) {
+            /* below, with dx */
+        } else if (fuse) {
             kn_lora_grad_a(G->grad + sl->a, bits, CKB(G->dlh), CKB(x), n, in, r, G->p, stream,
                            G->lscratch, G->s);
         } else if (dropping) {
@@ -869,14 +941,21 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
             kn_gemm(1, 0, r, in, ni, 1.0f, CKB(G->dlh), r, CKB(x), in, 1.0f,
                     G->grad + sl->a, KN_F32, in, G->s);
         }
+        op_mark_lin(G, l, "dA");
     }
     if (!dx)
         return;
-    kn_gemm(0, 0, ni, in, out, 1.0f, CKB(dy), out, CKB(weight(G, layer, l)), in,
+    const bf16 *W = weight(G, layer, l);
+    op_mark_lin(G, l, "weight");
+    kn_gemm(0, 0, ni, in, out, 1.0f, CKB(dy), out, CKB(W), in,
             accumulate ? 1.0f : 0.0f, dx, dxt, in, G->s);
+    op_mark_lin(G, l, "dx product");
     if (!lora)
         return;
-    if (fuse) {
+    if (fuse_dx) {
+        kn_lora_grad_a_dx(G->grad + sl->a, (float *)dx, bits, CKB(G->dlh), CKB(x), CKB(A), n,
+                          in, r, G->p, stream, G->lscratch, G->s);
+    } else if (fuse) {
         kn_lora_dx(dx, dxt, bits, CKB(G->dlh), CKB(A), n, in, r, G->p, stream, G->s);
     } else if (!dropping) {
         kn_gemm(0, 0, ni, in, r, 1.0f, CKB(G->dlh), r, CKB(A), in, 1.0f, dx, dxt, in, G->s);
@@ -891,6 +970,7 @@ static void lin_bwd(gpu_trainer *G, int32_t layer, int l, void *dx,
                                     G->s);
         }
     }
+    op_mark_lin(G, l, "lora dx");
 }
 
 /* ---- activation offload ---------------------------------------------------
@@ -1142,17 +1222,22 @@ static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
      * training forward of a last layer that is not recomputed */
     G->recomp = drop && (out == NULL || (G->keep_last && i + 1 == c->n_layers));
     G->wpass = out ? WP_FWD : WP_RECOMP;
+    G->olayer = i;
+    op_mark(G, out ? "(forward)" : "(recomputation)");
     kn_rmsnorm_forward(KB(s->xn1), s->rstd1, CKB(s->x), L->attn_norm, n, dim, c->norm_eps, st);
+    op_mark(G, "norm1");
     if (!got) {
         /* each group as soon as it is final, so its copy starts early */
         off_fence(G, OFF_Q);
         lin_fwd(G, i, LLAMA_Q, s->q, NULL, s->xn1, n, s->lh[LLAMA_Q], drop, key);
         kn_rope_forward(KB(s->q), G->pos, n, c->n_heads, hd, c->rope_theta, st);
+        op_mark(G, "rope q");
         if (put)
             off_put(G, i, OFF_Q, n);
         off_fence(G, OFF_K);
         lin_fwd(G, i, LLAMA_K, s->k, NULL, s->xn1, n, s->lh[LLAMA_K], drop, key);
         kn_rope_forward(KB(s->k), G->pos, n, c->n_kv_heads, hd, c->rope_theta, st);
+        op_mark(G, "rope k");
         if (put)
             off_put(G, i, OFF_K, n);
         off_fence(G, OFF_V);
@@ -1162,6 +1247,7 @@ static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
         off_fence(G, OFF_ATT);
         kn_attention_forward(KB(s->att), s->lse, CKB(s->q), CKB(s->k), CKB(s->v), G->start,
                              n, c->n_heads, c->n_kv_heads, hd, st);
+        op_mark(G, "attention");
         if (put)
             off_put(G, i, OFF_ATT, n);
     }
@@ -1169,18 +1255,22 @@ static void layer_fwd(gpu_trainer *G, int32_t i, gpu_acts *s, bf16 *out,
         if (wait)
             off_wait(G, OFF_ATT);
         off_fence(G, OFF_X2);
+        op_mark(G, "wait att/fence x2");
         lin_fwd(G, i, LLAMA_O, s->x2, s->x, s->att, n, s->lh[LLAMA_O], drop, key);
         if (put && off_x2(G, i))
             off_put(G, i, OFF_X2, n);
     } else if (wait) {
         off_wait(G, OFF_X2);
+        op_mark(G, "wait x2");
     }
     kn_rmsnorm_forward(KB(s->xn2), s->rstd2, CKB(s->x2), L->ffn_norm, n, dim, c->norm_eps, st);
+    op_mark(G, "norm2");
     lin_fwd(G, i, LLAMA_GATE, s->g, NULL, s->xn2, n, s->lh[LLAMA_GATE], drop, key);
     lin_fwd(G, i, LLAMA_UP, s->u, NULL, s->xn2, n, s->lh[LLAMA_UP], drop, key);
     /* a recomputation needs h only as the LoRA input of down */
     if (out || (G->a->cfg.targets & (1u << LLAMA_DOWN)))
         kn_swiglu_forward(KB(s->hm), CKB(s->g), CKB(s->u), n * c->hidden, st);
+    op_mark(G, "swiglu");
     lin_fwd(G, i, LLAMA_DOWN, out, s->x2, s->hm, n, s->lh[LLAMA_DOWN], drop, key);
     G->recomp = 0;
 }
@@ -1201,23 +1291,28 @@ static void layer_bwd(gpu_trainer *G, int32_t i, gpu_acts *s, int64_t n,
     bf16 *dq = G->dq ? G->dq : s->xn2, *datt = G->datt ? G->datt : s->x2;
     G->wpass = WP_BWD;
     bf16 *dk = G->dk ? G->dk : s->g, *dv = G->dv ? G->dv : s->u;
+    G->olayer = i;
+    op_mark(G, "(backward)");
     /* MLP: dh over h, then dgate/dup over gate/up */
     lin_bwd(G, i, LLAMA_DOWN, s->hm, KN_BF16, 0, G->dyb, s->hm, n,
             s->lh[LLAMA_DOWN], drop, key);
     kn_swiglu_backward(KB(s->g), KB(s->u), CKB(s->hm), CKB(s->g), CKB(s->u),
                        n * c->hidden, st);
+    op_mark(G, "swiglu bwd");
     lin_bwd(G, i, LLAMA_GATE, dxn, KN_F32, 0, s->g, s->xn2, n,
             s->lh[LLAMA_GATE], drop, key);
     lin_bwd(G, i, LLAMA_UP, dxn, KN_F32, 1, s->u, s->xn2, n,
             s->lh[LLAMA_UP], drop, key);
     kn_rmsnorm_backward(G->dres, KB(G->dyb), dxn, CKB(s->x2), L->ffn_norm, s->rstd2, n,
                         dim, 1, st);
+    op_mark(G, "norm2 bwd");
     /* attention; with offload, the layer's attention half arrives from
      * host memory (not the last layer's: it never left) and, once this
      * layer is done with its buffers, the layer below's is sent for */
     int got = G->off_now == OFF_GOT, wait = got && i + 1 < c->n_layers;
     if (wait && off_x2(G, i))
         off_wait(G, OFF_ATT);
+    op_mark(G, "wait att");
     lin_bwd(G, i, LLAMA_O, datt, KN_BF16, 0, G->dyb, s->att, n,
             s->lh[LLAMA_O], drop, key);
     if (wait) {
@@ -1225,20 +1320,23 @@ static void layer_bwd(gpu_trainer *G, int32_t i, gpu_acts *s, int64_t n,
         off_wait(G, OFF_K);
         off_wait(G, OFF_V);
     }
+    op_mark(G, "wait q k v");
     /* the one-pass attention backward's workspace (fp32 dq, counters;
      * opt-in, KN_ATTN_BWD_1PASS=1) is dxn, dead here: last read by the
      * MLP's norm backward above, written next by q's lin_bwd; too small,
      * the two-pass backward runs */
     size_t dxnb = G->dxn ? (size_t)(G->cap * dim) * 4 : (size_t)(G->cap * c->hidden) * 2;
-    kn_attention_backward_ws(KB(dq), KB(dk), KB(dv), G->delta, CKB(datt),
-                             CKB(s->q), CKB(s->k), CKB(s->v), CKB(s->att), s->lse,
-                             G->start, n, c->n_heads, c->n_kv_heads, hd, dxn, dxnb, st);
+    /* dq and dk come back with RoPE's inverse applied */
+    kn_attention_backward_rope(KB(dq), KB(dk), KB(dv), G->delta, CKB(datt), CKB(s->q),
+                               CKB(s->k), CKB(s->v), CKB(s->att), s->lse, G->start, n,
+                               c->n_heads, c->n_kv_heads, hd, dxn, dxnb, G->rope, G->pos,
+                               c->rope_theta, st);
+    op_mark(G, "attention bwd");
     if (got && i > 0)
         off_get(G, i - 1, n, 0);
-    kn_rope_backward(KB(dq), G->pos, n, c->n_heads, hd, c->rope_theta, st);
-    kn_rope_backward(KB(dk), G->pos, n, c->n_kv_heads, hd, c->rope_theta, st);
     if (wait)
         off_wait(G, OFF_LH);
+    op_mark(G, "wait lh");
     float *dx = need_dx ? dxn : NULL;
     lin_bwd(G, i, LLAMA_Q, dx, KN_F32, 0, dq, s->xn1, n, s->lh[LLAMA_Q], drop, key);
     lin_bwd(G, i, LLAMA_K, dx, KN_F32, 1, dk, s->xn1, n, s->lh[LLAMA_K], drop, key);
@@ -1248,6 +1346,8 @@ static void layer_bwd(gpu_trainer *G, int32_t i, gpu_acts *s, int64_t n,
     if (need_dx)
         kn_rmsnorm_backward(G->dres, KB(G->dyb), dxn, CKB(s->x), L->attn_norm, s->rstd1,
                             n, dim, 1, st);
+    op_mark(G, "norm1 bwd");
+    G->olayer = -1;
 }
 
 /* ---- whole passes --------------------------------------------------------- */
@@ -1330,6 +1430,7 @@ static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scal
     G->bits_layer = -1; /* another micro-batch: another mask */
     int off = G->off && nl > 1;
     ptime_mark(G, 0);
+    kn_rope_table(G->rope, G->pos, n, c->head_dim, c->rope_theta, st);
     kn_embedding_forward(KB(layer_in(G, 0)), CKB(G->embed), G->ids, n, c->dim, st);
     G->off_now = off ? OFF_PUT : 0;
     for (int32_t i = 0; i < nl; i++)
@@ -1363,6 +1464,7 @@ static void forward_backward(gpu_trainer *G, int64_t n, uint64_t key, float scal
     G->off_now = 0;
     wflush(G);
     ptime_mark(G, 3);
+    op_collect(G);
 }
 
 extern "C" int gpu_trainer_step(gpu_trainer *G, const train_batch *micro,
@@ -1476,6 +1578,7 @@ extern "C" int gpu_trainer_forward(gpu_trainer *G, const llama_batch *b,
     kn_rmsnorm_forward(KB(G->dyb), G->rstdf, CKB(cur), G->norm, n, c->dim, c->norm_eps, st);
     kn_xent_forward_backward(G->stats, NULL, CKB(G->dyb), CKB(G->head), G->tg, G->wt, n,
                              c->dim, c->vocab, 0.0f, G->chunk, G->xent_scratch, st);
+    G->on = 0; /* KN_OP_TIMES counts training micro-batches only */
     float ls;
     kn_memcpy_d2h(&ls, G->stats, sizeof ls, st);
     double ws = 0;

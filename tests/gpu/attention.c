@@ -10,7 +10,11 @@
  * (KN_ATTN_WG_NOSWIZZLE) on some. The backward runs as two passes (the
  * default) and as one (KN_ATTN_BWD_1PASS=1, both KN_ATTN_BWD1_MODE orders)
  * on every shape; passes() compares them on grids larger than the GPU
- * holds. --bench times them all. */
+ * holds. fusions() checks that the backward with RoPE's inverse applied
+ * by the kernels (kn_attention_backward_rope) gives the bits of the
+ * separate passes, with the dk/dv kernel after the dq kernel (the
+ * default) or beside it on a second stream (KN_ATTN_BWD_STREAMS=1).
+ * --bench times them all. */
 #define _POSIX_C_SOURCE 200809L /* setenv */
 #include "gpu_test.h"
 
@@ -256,6 +260,68 @@ static void passes(int64_t n, int nh, int nkv, int hd, int maxdoc)
     teardown(&c);
 }
 
+/* The backward as lora-train runs it (kn_attention_backward_rope: dq and
+ * dk rotated back by RoPE's inverse as they are stored, where the path
+ * allows) against the separate passes (kn_attention_backward_ws, then
+ * kn_rope_backward on dq and dk), with the two kernels on two streams
+ * (KN_ATTN_BWD_STREAMS=1) and on one: the same bits, delta included. Head
+ * sizes 16..128 take the fused path, others (8, 30, 96) the fallback;
+ * documents restart the positions. */
+static void fusions(int64_t n, int nh, int nkv, int hd, int maxdoc)
+{
+    att_ctx c;
+    float *q, *k, *v, *dout;
+    int32_t *start;
+    setup(&c, &q, &k, &v, &dout, &start, n, nh, nkv, hd, maxdoc);
+    int64_t nq = n * nh * hd, nk = n * nkv * hd;
+    int32_t *pos = malloc((size_t)n * 4);
+    for (int64_t t = 0; t < n; t++)
+        pos[t] = (int32_t)(t - start[t] + (t % 3 == 0 ? 1000 : 0));
+    int32_t *dpos = gt_up(pos, (size_t)n * 4);
+    float *tab = gt_dev((size_t)(n * hd) * 4);
+    const float theta = 10000.0f;
+    kn_rope_table(tab, dpos, n, hd, theta, 0);
+    run_fwd(&c);
+    float *r[3][4]; /* separate, fused (two streams), fused (one): dq dk dv delta */
+    for (int m = 0; m < 3; m++) {
+        setenv("KN_ATTN_BWD_STREAMS", m == 2 ? "0" : "1", 1);
+        if (m < 1) {
+            kn_attention_backward_ws(c.dq, c.dk, c.dv, c.delta, c.dout, c.q, c.k, c.v, c.o,
+                                     c.lse, c.start, n, nh, nkv, hd, NULL, 0, 0);
+            kn_rope_backward(c.dq, dpos, n, nh, hd, theta, 0);
+            kn_rope_backward(c.dk, dpos, n, nkv, hd, theta, 0);
+        } else {
+            kn_attention_backward_rope(c.dq, c.dk, c.dv, c.delta, c.dout, c.q, c.k, c.v, c.o,
+                                       c.lse, c.start, n, nh, nkv, hd, NULL, 0, tab, dpos,
+                                       theta, 0);
+        }
+        r[m][0] = gt_down_bf16(c.dq, nq);
+        r[m][1] = gt_down_bf16(c.dk, nk);
+        r[m][2] = gt_down_bf16(c.dv, nk);
+        r[m][3] = gt_down_f32(c.delta, n * nh);
+    }
+    unsetenv("KN_ATTN_BWD_STREAMS");
+    char what[160];
+    static const char *const nm[] = {"rope fused, two streams", "rope fused, one stream"};
+    int64_t sz[4] = {nq, nk, nk, n * nh};
+    for (int m = 1; m < 3; m++) {
+        int same = 1;
+        for (int i = 0; i < 4; i++)
+            same &= !memcmp(r[m][i], r[0][i], (size_t)sz[i] * 4);
+        snprintf(what, sizeof what,
+                 "attention backward %s = separate passes, bit for bit n=%lld nh=%d nkv=%d "
+                 "hd=%d docs<=%d%s", nm[m - 1], (long long)n, nh, nkv, hd, maxdoc,
+                 getenv("KN_ATTN_WGMMA") ? " (wgmma: separate passes)" : "");
+        gt_check(same, what);
+    }
+    for (int m = 0; m < 3; m++)
+        for (int i = 0; i < 4; i++)
+            free(r[m][i]);
+    free(q); free(k); free(v); free(dout); free(start); free(pos);
+    kn_free(dpos); kn_free(tab);
+    teardown(&c);
+}
+
 static void shapes(void);
 
 /* the shapes of main(), or with `few` three that reach the wgmma
@@ -295,6 +361,13 @@ int main(int argc, char **argv)
     gt_init("attention", argc, argv);
     gt_seed(6);
     shapes();
+    fusions(257, 4, 2, 128, 257);
+    fusions(700, 2, 1, 128, 300);
+    fusions(300, 4, 4, 64, 200);
+    fusions(65, 2, 2, 16, 40);
+    fusions(100, 8, 4, 8, 30);    /* hd 8: padded, the fallback */
+    fusions(130, 2, 1, 96, 70);   /* padded */
+    fusions(77, 3, 1, 30, 20);    /* rows not 16-byte vectors */
     if (getenv("KN_ATTN_BWD_1PASS") == NULL) { /* the one-pass backward, both orders */
         static const char *const modes[] = {"0", "1"};
         for (int m = 0; m < 2; m++) {
@@ -320,6 +393,9 @@ int main(int argc, char **argv)
         variant("KN_ATTN_DQ_WG", 1);
         variant("KN_ATTN_DKDV_WG", 1);
         variant("KN_ATTN_WG_NOSWIZZLE", 1);
+        env_pair("KN_ATTN_WGMMA", NULL);
+        fusions(257, 4, 2, 128, 257);
+        env_pair(NULL, NULL);
     }
     if (gt_bench) {
         bench(6, 2048, 32, 32, 128);   /* Llama 2 7B, micro-batch 6 */

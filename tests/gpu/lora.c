@@ -5,8 +5,9 @@
  * every supported r, rows that are not a multiple of the 64-row tile, and
  * inputs wide or long enough that the sums are split over blocks; the keep
  * bits kn_lora_down leaves behind (the CPU's mask bit for bit) and grad_a
- * and dx reading them (the same bits as hashing). --bench times them
- * against the unfused path (a dropout pass and cuBLAS). */
+ * and dx reading them (the same bits as hashing); dA and dx in one pass
+ * (kn_lora_grad_a_dx) against the separate kernels, bit for bit. --bench
+ * times them against the unfused path (a dropout pass and cuBLAS). */
 #include "gpu_test.h"
 #include "lora.h"
 
@@ -70,7 +71,7 @@ static void one(int64_t n, int in, int r, float p, uint64_t key)
     kn_lora_dx(d_dxb, KN_BF16, d_bits, d_dlh, d_A, n, in, r, p, key, 0);
     float *g_lh = gt_down_bf16(d_lh, nd), *g_ga = gt_down_f32(d_ga, na);
     float *g_dx = gt_down_f32(d_dx, nx), *g_dxb = gt_down_bf16(d_dxb, nx);
-    char what[128], tag[80];
+    char what[192], tag[80];
     snprintf(tag, sizeof tag, "n=%lld in=%d r=%d p=%g", (long long)n, in, r, p);
     snprintf(what, sizeof what, "lora down lh = dropout(x) A^T %s", tag);
     gt_compare(what, g_lh, lh, nd, TOL_BF16_OUT, "TOL_BF16_OUT");
@@ -104,6 +105,29 @@ static void one(int64_t n, int in, int r, float p, uint64_t key)
     snprintf(what, sizeof what, "lora dx from the keep bits, deterministic %s", tag);
     gt_compare(what, again, g_dx, nx, TOL_EXACT, "TOL_EXACT");
     free(again);
+    /* dA and dx in one pass: the two passes' bits, hashing and from the
+     * keep bits */
+    for (int b = 0; b < 2; b++) {
+        const uint8_t *bb = b ? d_bits : NULL;
+        float *sep[2], *one_pass[2];
+        kn_memcpy_h2d(d_ga, ga0, (size_t)na * 4, 0);
+        kn_memcpy_h2d(d_dx, dx0, (size_t)nx * 4, 0);
+        kn_lora_grad_a(d_ga, bb, d_dlh, d_x, n, in, r, p, key, scratch, 0);
+        kn_lora_dx(d_dx, KN_F32, bb, d_dlh, d_A, n, in, r, p, key, 0);
+        sep[0] = gt_down_f32(d_ga, na);
+        sep[1] = gt_down_f32(d_dx, nx);
+        kn_memcpy_h2d(d_ga, ga0, (size_t)na * 4, 0);
+        kn_memcpy_h2d(d_dx, dx0, (size_t)nx * 4, 0);
+        kn_lora_grad_a_dx(d_ga, d_dx, bb, d_dlh, d_x, d_A, n, in, r, p, key, scratch, 0);
+        one_pass[0] = gt_down_f32(d_ga, na);
+        one_pass[1] = gt_down_f32(d_dx, nx);
+        snprintf(what, sizeof what, "lora dA and dx in one pass = two passes%s %s",
+                 b ? " (keep bits)" : "", tag);
+        gt_check(!memcmp(sep[0], one_pass[0], (size_t)na * 4) &&
+                     !memcmp(sep[1], one_pass[1], (size_t)nx * 4),
+                 what);
+        free(sep[0]); free(sep[1]); free(one_pass[0]); free(one_pass[1]);
+    }
     kn_free(d_bits);
     free(x); free(A); free(dlh); free(ga0); free(dx0); free(xd); free(keep);
     free(lh); free(ga); free(dx); free(dxb0); free(dxb);
@@ -172,6 +196,13 @@ static void b_dx_ref(void *p)
     kn_dropout_backward_add(c->dx, KN_F32, c->tmp, c->n * c->in, BP, BKEY, 0, 0);
 }
 
+static void b_grad_dx(void *p)
+{
+    bench_ctx *c = p;
+    kn_lora_grad_a_dx(c->ga, c->dx, NULL, c->dlh, c->x, c->A, c->n, c->in, c->r, BP, BKEY,
+                      c->scratch, 0);
+}
+
 static void bench(int64_t n, int in, int r)
 {
     int64_t nx = n * in;
@@ -211,6 +242,10 @@ static void bench(int64_t n, int in, int r)
     gt_time(what, b_dx_bits, &c, xb * 4, 1);
     snprintf(what, sizeof what, "lora dx fp32 unfused n=%lld in=%d r=%d", (long long)n, in, r);
     gt_time(what, b_dx_ref, &c, xb * 4, 1);
+    snprintf(what, sizeof what, "lora grad A and dx fp32 in one pass n=%lld in=%d r=%d",
+             (long long)n, in, r);
+    gt_time(what, b_grad_dx, &c, xb * 5, 1);
+
     free(h);
     kn_free(c.x); kn_free(c.A); kn_free(c.dlh); kn_free(c.lh); kn_free(c.xd);
     kn_free(c.tmp); kn_free(c.ga); kn_free(c.dx); kn_free(c.scratch); kn_free(c.bits);
@@ -227,6 +262,8 @@ int main(int argc, char **argv)
     one(77, 1088, 32, 0.5f, lora_dropout_stream(9, 1, LLAMA_DOWN));   /* split over in */
     one(2100, 192, 128, 0.1f, lora_dropout_stream(3, 2, LLAMA_GATE)); /* split over tokens */
     one(130, 64, 16, 0.0f, 42);
+    one(3000, 256, 64, 0.1f, lora_dropout_stream(11, 4, LLAMA_Q));   /* 3 token splits */
+    one(1100, 4096, 64, 0.1f, lora_dropout_stream(2, 31, LLAMA_V));  /* 7B width */
     if (gt_bench) {
         bench(12288, 4096, 64);
         bench(12288, 11008, 64);
