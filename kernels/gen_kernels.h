@@ -40,7 +40,8 @@ typedef struct kn_gw {
  * launch: y_i (n, out_i) = res_i + x (n, in) W_i^T, y_i and res_i fp32
  * with row stride ldy_i (res_i may be NULL, or y_i itself: accumulate).
  * Tensor cores (mma.sync bf16, fp32 accumulation): x is bf16 (row stride
- * ldx), W_i BF16 or NF4 with in % 4 == 0; n <= 64 (larger n: call again
+ * ldx), W_i BF16 or NF4 with in % 4 == 0 (NF4: out * in < 2^31; BF16:
+ * out * ld < 2^30, offsets are 32-bit); n <= 64 (larger n: call again
  * with x and y advanced). Each output element is summed in an order that
  * depends only on the weight's shape, never on n or on the other rows of
  * x. ws: a device workspace of kn_gen_linear_mma_ws bytes, zeroed once

@@ -17,9 +17,28 @@
  * the 8-bit nested code with bitsandbytes' two roundings; block sizes are
  * powers of two, so no divisions).
  *
- * Three kernels follow that order:
+ * Three kernels follow that order. What bounds them on an H100 is the
+ * instruction stream, not the bytes: a weight costs about four
+ * instructions (a table offset, the lookup, the fp32 multiply, half a
+ * bf16 pack) and a warp-chunk (16 rows x 64 weights) about 175 all told,
+ * so the two fast kernels are built to issue few instructions and keep
+ * many warps resident:
+ *   - the code book sits in shared memory at a 256-byte-aligned address,
+ *     so that one LOP3, PRMT or LEA.HI turns a byte of nibble offsets into
+ *     a lookup's address (nf4_words); the nested code book likewise;
+ *   - G4 (blocksize 64, nested, in % 256 == 0: every 7B matrix): the four
+ *     chunks of a class group share one 4-byte load of 8-bit scale codes
+ *     and one nested absmax a row, instead of two loads a chunk;
+ *   - the lanes' row offsets are pinned in registers (pin), which the
+ *     compiler otherwise recomputes from the thread index at every load;
+ *   - x's columns past n read column n-1, not zeros: a column of the
+ *     mma's B reaches only the same column of its result, never stored.
+ *
  *   - lin_row (n <= 16, the default): a block of 8 warps owns 16 output
- *     rows, warp w sums class w with 4 chunks of weights in flight.
+ *     rows, warp w sums class w; its chunks stream through a ring of 4
+ *     register slots (80 registers: 3 blocks, 24 warps an SM), x's
+ *     fragments one chunk ahead from L1; the warps' sums are added in
+ *     shared memory.
  *   - lin_vec (n <= 16, QLORA_GEN_VEC=1; slower on an H100 so far): a
  *     block of 8 warps takes tiles of 16 output rows in turn, and warp w
  *     sums class w; the warps' sums are added in shared memory. Each warp
@@ -29,19 +48,22 @@
  *     kernel waits for its predecessor (programmatic dependent launch,
  *     see gen_launch.cuh). When it fits (n in <= 20 K), x sits in shared
  *     memory.
- *   - lin_tile (n > 16): a block of W warps owns 16 W rows, warp i the
- *     rows 16i .. 16i+15, every warp all classes in order (the class
- *     sums kept in shared memory); the x chunks, shared by the W warps,
- *     stream through shared memory with cp.async, 4 stages deep; weights
- *     stream through registers 4 chunks ahead. Small products (few row
- *     tiles) are also split over the classes: block z sums class z alone
- *     into a workspace, and the last block of a row tile to finish adds
- *     the eight in class order.
+ *   - lin_tile (n > 16): a block of W warps (4, 4 blocks an SM;
+ *     QLORA_GEN_TILE_W=8) owns 16 W rows, warp i the rows 16i .. 16i+15,
+ *     every warp all classes in order (the class sums kept in shared
+ *     memory); the x chunks, shared by the W warps, stream through shared
+ *     memory with cp.async, 4 stages deep; weights stream through
+ *     registers 4 chunks ahead. Products of fewer than 150 row tiles
+ *     (QLORA_GEN_SPLIT) are also split over the classes: block z sums
+ *     class z alone into a workspace, and the last block of a row tile to
+ *     finish adds the eight in class order.
  *
- * Measured on an H100 (bench/RESULTS.md, "gen, tuning"): all three are
- * latency-bound at 16 to 24 resident warps an SM (ncu: 20-25% DRAM
- * throughput, 30-50% SM throughput); lin_row and lin_tile run a step
- * about as fast as the kernel they replace, lin_vec slower.
+ * Measured on an H100 80GB HBM3 (bench/RESULTS.md, "gen, product kernels
+ * (issue 8)"), the products of one 7B layer: 87.6 us at n = 1 (was
+ * 125.7) and 228.5 us at n = 64 (was 316.6); a decoding step 3.39 ms at
+ * batch 1 (was 4.61) and 12.57 ms at 64 (was 15.69). ncu at n = 1: half
+ * the issue slots used, the stalls mostly fixed-latency dependencies and
+ * weights in flight.
  *
  * kn_gen_linear_f32: CUDA cores, one warp per output row, fp32 weights
  * (f32 checkpoints, LoRA matrices).
@@ -54,6 +76,7 @@
 #define LIN_GROUP 4
 #define LIN_CLASSES 8
 #define TILE_STAGES 4
+#define TILE_DT 4 /* NF4 chunks in flight a warp in lin_tile with G4 (8 spills) */
 #define TILE_MAXCH 1024 /* chunks: in <= 65536 */
 #define SEQ_LAST 0x40000000
 #define SEQ_CHUNK 0x3fffffff
@@ -89,10 +112,11 @@ struct lin_cfg {
     int vec_grid;  /* lin_vec blocks: resident ones times this (0: a tile each) */
     int vec;       /* n <= 16: lin_vec (1) or lin_row (0) */
     int pf;        /* bytes of each row prefetched into L2 (0: none) */
-    int tile_w;    /* warps of a lin_tile block (4 or 8) */
     int split_min; /* split over the classes below this many blocks */
+    int tile_w;    /* warps of an NF4 lin_tile block: 4 (4 blocks an SM) or 8 */
     int xs;        /* lin_vec may keep x in shared memory */
     int tile;      /* lin_tile for n > vec_max (else lin_vec, 16 rows at a time) */
+    int g4;        /* lin_row and lin_tile load a group's scales at once where they can */
 };
 
 static int env_int(const char *name, int def)
@@ -112,10 +136,11 @@ static const lin_cfg &cfg()
         c.vec_grid = env_int("QLORA_GEN_VEC_GRID", 0);
         c.vec = env_int("QLORA_GEN_VEC", 0);
         c.pf = env_int("QLORA_GEN_PF", 1 << 20);
-        c.tile_w = env_int("QLORA_GEN_TILE_W", 8) >= 8 ? 8 : 4;
-        c.split_min = env_int("QLORA_GEN_SPLIT", 400);
+        c.split_min = env_int("QLORA_GEN_SPLIT", 150);
+        c.tile_w = env_int("QLORA_GEN_TILE_W", 4) == 8 ? 8 : 4;
         c.xs = env_int("QLORA_GEN_XS", 1);
         c.tile = env_int("QLORA_GEN_TILE", 1);
+        c.g4 = env_int("QLORA_GEN_G4", 1);
         done = 1;
     }
     return c;
@@ -286,64 +311,343 @@ __device__ __forceinline__ uint4 x_frag_global(const bf16 *x, int64_t ldx, int n
     return v;
 }
 
+/* ---- the fast path's pieces (lin_row and lin_tile) ---------------------------- */
+
+/* The two tables a product looks up, in shared memory at file scope: the
+ * NF4 code book (16 entries 4 bytes apart: a warp's 32 lookups never
+ * conflict) and the nested code book. The code book is 256-byte aligned,
+ * so that an entry's address is the table's with its low byte replaced by
+ * the entry's byte offset: one instruction (LOP3, PRMT or LEA.HI) makes
+ * the address of each lookup from a byte of offsets (nf4_words). */
+__shared__ __align__(256) float s_qmap[16];
+__shared__ float s_nmap[256];
+
+/* The address of the entry whose byte offset is byte J of v (qb: the
+ * table's shared address, low byte zero). */
+template <int J> __device__ __forceinline__ uint32_t qaddr(uint32_t v, uint32_t qb)
+{
+    if (J == 0)
+        return (v & 0xffu) | qb;
+    if (J == 3)
+        return qb + (v >> 24);
+    return __byte_perm(v, qb, 0x7650u + J);
+}
+
+/* volatile: the table is filled before a barrier, and a load that looks
+ * pure could be hoisted above it */
+__device__ __forceinline__ float lds_f32(uint32_t a)
+{
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
+    return v;
+}
+
+__device__ __forceinline__ uint32_t qmap_base()
+{
+    return (uint32_t)__cvta_generic_to_shared(s_qmap);
+}
+
+/* mma.sync m16n8k16 without `volatile`, so that the compiler may schedule
+ * it among the dequantization (the same instruction, the same sums). */
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                          uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* Keeps a value in a register: without it the compiler recomputes the
+ * lanes' row pointers from the thread index at every load (dozens of
+ * instructions a chunk) to save registers it does not need. */
+template <typename T> __device__ __forceinline__ void pin(T *&p)
+{
+    asm volatile("" : "+l"(p));
+}
+__device__ __forceinline__ void pin(int32_t &v) { asm volatile("" : "+r"(v)); }
+__device__ __forceinline__ void pin(uint32_t &v) { asm volatile("" : "+r"(v)); }
+
+/* One operand of a launch, read into uniform registers once: a branch on
+ * blockIdx.y rather than an indexed parameter load (which the compiler
+ * repeats wherever it runs short of registers). */
+__device__ __forceinline__ lin_desc pick_desc(const lin_pack &P)
+{
+    return blockIdx.y == 0 ? P.d[0] : blockIdx.y == 1 ? P.d[1] : P.d[2];
+}
+
+/* Lane t's part of one weight row: 16 weights of each chunk. */
+template <int WK> struct wsrc;
+template <> struct wsrc<KN_GW_NF4> {
+    const uint8_t *p; /* codes of the row + 8 t */
+    int32_t e;        /* the row's first element (numel < 2^31) */
+};
+template <> struct wsrc<KN_GW_BF16> {
+    const uint8_t *p; /* the row (bytes) + 32 t */
+    int32_t e;
+};
+
+template <int WK>
+__device__ __forceinline__ wsrc<WK> row_src(const lin_desc &D, int64_t row, int t)
+{
+    wsrc<WK> s;
+    if (WK == KN_GW_NF4) {
+        s.p = D.codes + row * (D.in >> 1) + 8 * t;
+        s.e = (int32_t)(row * D.in);
+    } else {
+        s.p = (const uint8_t *)(D.w16 + row * D.ld) + 32 * t;
+        s.e = 0;
+    }
+    return s;
+}
+
+/* Issue the loads of the chunk whose first element is `off` (a multiple of
+ * 64) into r; nothing waits for them here. */
+__device__ __forceinline__ void load_chunk(wraw<KN_GW_NF4> &r, const wsrc<KN_GW_NF4> &s,
+                                           const lin_desc &D, int32_t off)
+{
+    r.c = __ldg((const uint2 *)(s.p + (off >> 1)));
+    const int32_t b = (s.e + off) >> D.lbs;
+    if (D.absmax_q) {
+        r.sb = __ldg(D.absmax_q + b);
+        r.sv = __ldg(D.nested_absmax + (b >> D.lnbs));
+    } else {
+        r.sb = 0;
+        r.sv = __ldg(D.absmax + b);
+    }
+}
+
+__device__ __forceinline__ void load_chunk(wraw<KN_GW_BF16> &r, const wsrc<KN_GW_BF16> &s,
+                                           const lin_desc &, int32_t off)
+{
+    const uint4 *p = (const uint4 *)(s.p + 2 * off);
+    r.a = __ldg(p);
+    r.b = __ldg(p + 1);
+}
+
+/* The block scale from the loaded raw scale (nf4_absmax_of's two roundings). */
+__device__ __forceinline__ float chunk_scale(const wraw<KN_GW_NF4> &r, const lin_desc &D)
+{
+    return D.absmax_q ? __fadd_rn(__fmul_rn(s_nmap[r.sb], r.sv), D.offset) : r.sv;
+}
+
+__device__ __forceinline__ float chunk_scale(const wraw<KN_GW_BF16> &, const lin_desc &)
+{
+    return 0.0f;
+}
+
+/* The A fragment words of k-tile kk = 2 H + KH for one row: lo (k 2t, 2t+1
+ * of the mma, the lane's weights 4kk, 4kk+1) and hi (2t+8, 2t+9: weights
+ * 4kk+2, 4kk+3), each weight bf16(quant_map[code] * scale) with the first
+ * (high-nibble) weight in the low half, as pair_words. The code word's
+ * nibbles become table offsets two masks at a time: o holds 4 * the high
+ * nibble of each byte, e 4 * the low nibble. */
+struct nibs {
+    uint32_t o, e;
+};
+
+__device__ __forceinline__ nibs nibs_of(uint32_t w)
+{
+    nibs v;
+    v.o = (w >> 2) & 0x3c3c3c3cu;
+    v.e = (w << 2) & 0x3c3c3c3cu;
+    return v;
+}
+
+template <int KH>
+__device__ __forceinline__ void nf4_words(const nibs &v, float s, uint32_t qb, uint32_t &lo,
+                                          uint32_t &hi)
+{
+    lo = pack_bf16x2(__fmul_rn(lds_f32(qaddr<2 * KH>(v.o, qb)), s),
+                     __fmul_rn(lds_f32(qaddr<2 * KH>(v.e, qb)), s));
+    hi = pack_bf16x2(__fmul_rn(lds_f32(qaddr<2 * KH + 1>(v.o, qb)), s),
+                     __fmul_rn(lds_f32(qaddr<2 * KH + 1>(v.e, qb)), s));
+}
+
+/* One chunk of one 16-row tile (rows g and g+8: raw r0, r1, scales s0, s1)
+ * times NT n-tiles: k-tiles 0..3 in order. xb[nt][h]: x's 8 values of the
+ * lane's column at k 16t + 8h .. +7 of the chunk. */
+template <int WK, int NT>
+__device__ __forceinline__ void chunk_rows(float (&acc)[NT][4], const wraw<WK> &r0,
+                                           const wraw<WK> &r1, float s0, float s1, uint32_t qb,
+                                           const uint4 (&xb)[NT][2])
+{
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if constexpr (WK == KN_GW_NF4) {
+            const nibs v0 = nibs_of(h ? r0.c.y : r0.c.x), v1 = nibs_of(h ? r1.c.y : r1.c.x);
+            uint32_t a[4];
+            nf4_words<0>(v0, s0, qb, a[0], a[2]);
+            nf4_words<0>(v1, s1, qb, a[1], a[3]);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                mma_16816(acc[nt], a[0], a[1], a[2], a[3], xb[nt][h].x, xb[nt][h].y);
+            nf4_words<1>(v0, s0, qb, a[0], a[2]);
+            nf4_words<1>(v1, s1, qb, a[1], a[3]);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                mma_16816(acc[nt], a[0], a[1], a[2], a[3], xb[nt][h].z, xb[nt][h].w);
+        } else {
+            const uint4 &u0 = h ? r0.b : r0.a, &u1 = h ? r1.b : r1.a;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                mma_16816(acc[nt], u0.x, u1.x, u0.y, u1.y, xb[nt][h].x, xb[nt][h].y);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                mma_16816(acc[nt], u0.z, u1.z, u0.w, u1.w, xb[nt][h].z, xb[nt][h].w);
+        }
+    }
+}
+
+/* The tables into shared memory (every thread of the block takes part). */
+template <int WK>
+__device__ __forceinline__ void load_tables(const lin_desc &D, int tid, int nthreads)
+{
+    if (WK != KN_GW_NF4)
+        return;
+    if (tid < 16)
+        s_qmap[tid] = __ldg(D.quant_map + tid);
+    if (D.absmax_q)
+        for (int i = tid; i < 256; i += nthreads)
+            s_nmap[i] = __ldg(D.nested_map + i);
+}
+
 /* ---- lin_row: n <= 16, the default ----------------------------------------------- */
 
-/* A block of 8 warps owns 16 output rows; warp w sums class w, D chunks
- * of weights loaded before any is used, x's fragments read from global
- * memory (L2) as they are needed; the warps' sums are added in shared
- * memory. Fewer registers than lin_vec (more warps resident): on an H100
- * it ran a batch-1 step faster (bench/RESULTS.md, "gen, tuning"). */
-template <int WK, int NT, int D>
-__global__ void __launch_bounds__(256) lin_row_kernel(lin_pack P, const bf16 *__restrict__ x,
-                                                      int64_t ldx, int n)
+/* A block of 8 warps owns 16 output rows; warp w sums class w. Its chunks
+ * stream through a ring of DR register slots: the first DR are requested
+ * before anything else happens, and each slot is refilled with the chunk
+ * DR further on as soon as it has been used. x's fragments come from
+ * global memory (L1 after the first warp) one chunk ahead. The warps'
+ * sums are added in shared memory in class order. Chunk i of class w
+ * starts at element 2048 (i / 4) + 256 w + 64 (i % 4) of the row
+ * (class_chunk). MINB: the blocks an SM the launch bounds ask for. */
+template <int WK, int NT, int DR, bool X16, bool G4, int MINB>
+__global__ void __launch_bounds__(256, MINB) lin_row_kernel(lin_pack P, const bf16 *__restrict__ x,
+                                                         int64_t ldx, int n)
 {
-    const lin_desc &D_ = P.d[blockIdx.y];
-    __shared__ float qmap[16];
-    __shared__ float nmap[256];
     __shared__ float red[LIN_WARPS][NT * 4][32];
-    const int64_t out = D_.out;
+    const lin_desc D = pick_desc(P);
+    const int64_t out = D.out;
     const int64_t row0 = (int64_t)blockIdx.x * 16;
     if (row0 >= out)
         return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    if (WK == KN_GW_NF4) {
-        if (tid < 16)
-            qmap[tid] = D_.quant_map[tid];
-        if (D_.absmax_q)
-            nmap[tid] = D_.nested_map[tid]; /* 256 threads, 256 entries */
+    const int K = (int)D.in;
+    const int cnt = class_count((K + 63) >> 6, warp);
+    wsrc<WK> w0 = row_src<WK>(D, row0 + g < out ? row0 + g : out - 1, t);
+    wsrc<WK> w1 = row_src<WK>(D, row0 + g + 8 < out ? row0 + g + 8 : out - 1, t);
+    pin(w0.p), pin(w1.p), pin(w0.e), pin(w1.e);
+    /* Chunk i0 + d of the class starts at element rb + coff(d) of the row,
+     * rb = 256 w + 512 i0 the round's base (i0 a multiple of 4): the
+     * offsets inside a round are immediates. */
+    auto coff = [](int d) { return 2048 * (d >> 2) + 64 * (d & 3); };
+    auto at = [](const wsrc<WK> &s, int32_t rb) {
+        wsrc<WK> r;
+        r.p = s.p + (WK == KN_GW_NF4 ? rb >> 1 : 2 * rb);
+        r.e = s.e + rb;
+        return r;
+    };
+    int32_t rb = 256 * warp;
+    wraw<WK> raw[DR][2];
+    /* G4: blocksize 64, nested, K % 256 == 0: the 8-bit scale codes of a
+     * group of 4 chunks are 4 aligned bytes and share one nested absmax,
+     * so a group's scales are two loads a row, not eight */
+    uint32_t gsb[G4 ? DR / 4 : 1][2];
+    float gsv[G4 ? DR / 4 : 1][2];
+    auto load_c = [&](wraw<WK> &r, const wsrc<WK> &a, int32_t off) {
+        if constexpr (G4 && WK == KN_GW_NF4)
+            r.c = __ldg((const uint2 *)(a.p + (off >> 1)));
+        else
+            load_chunk(r, a, D, off);
+    };
+    auto load_gs = [&](int q, int32_t off) {
+        if (G4) {
+            const int32_t b0 = (w0.e + off) >> 6, b1 = (w1.e + off) >> 6;
+            gsb[q][0] = __ldg((const uint32_t *)(D.absmax_q + b0));
+            gsb[q][1] = __ldg((const uint32_t *)(D.absmax_q + b1));
+            gsv[q][0] = __ldg(D.nested_absmax + (b0 >> D.lnbs));
+            gsv[q][1] = __ldg(D.nested_absmax + (b1 >> D.lnbs));
+        }
+    };
+    auto scale = [&](const wraw<WK> &r, int d, int hr) {
+        if constexpr (G4) {
+            const uint32_t sb = (gsb[d >> 2][hr] >> (8 * (d & 3))) & 0xffu;
+            return __fadd_rn(__fmul_rn(s_nmap[sb], gsv[d >> 2][hr]), D.offset);
+        } else {
+            return chunk_scale(r, D);
+        }
+    };
+    {
+        const wsrc<WK> a0 = at(w0, rb), a1 = at(w1, rb);
+#pragma unroll
+        for (int d = 0; d < DR; d++)
+            if (d < cnt) {
+                if (d % 4 == 0)
+                    load_gs(d / 4, rb + coff(d));
+                load_c(raw[d][0], a0, coff(d));
+                load_c(raw[d][1], a1, coff(d));
+            }
     }
-    const int K = (int)D_.in;
-    const int nch = (K + 63) >> 6;
-    const int cnt = class_count(nch, warp);
-    const int64_t r0 = row0 + g < out ? row0 + g : out - 1;
-    const int64_t r1 = row0 + g + 8 < out ? row0 + g + 8 : out - 1;
+    load_tables<WK>(D, tid, 256);
+    /* x is the predecessor's output */
     gen_pdl_wait();
     gen_pdl_trigger();
-    __syncthreads();
+    /* Columns past n read column n-1 instead of zeros: a column of the
+     * mma's B only reaches the same column of its result, which is not
+     * stored. */
+    const bf16 *xp[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        xp[nt] = x + (int64_t)(nt * 8 + g < n ? nt * 8 + g : n - 1) * ldx + 16 * t;
+        pin(xp[nt]);
+    }
+    auto load_x = [&](uint4 (&v)[NT][2], int32_t k) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            if (X16) {
+                v[nt][0] = __ldg((const uint4 *)(xp[nt] + k));
+                v[nt][1] = __ldg((const uint4 *)(xp[nt] + k + 8));
+            } else {
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+                    v[nt][h] = x_frag_global(x, ldx, n, K, nt * 8 + g, k + 16 * t + 8 * h);
+            }
+        }
+    };
+    const uint32_t qb = qmap_base();
+    /* chunk i+1's x is requested before chunk i is computed (requesting
+     * it at chunk i, from L1, frees the registers for 4 blocks an SM: it
+     * ran slower, bench/RESULTS.md "gen, product kernels") */
+    uint4 xb[2][NT][2];
+    if (cnt > 0)
+        load_x(xb[0], rb);
+    __syncthreads(); /* the tables */
     float acc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
         for (int j = 0; j < 4; j++)
             acc[nt][j] = 0.0f;
-    for (int i0 = 0; i0 < cnt; i0 += D) {
-        wraw<WK> raw[D][2];
+    for (int i0 = 0; i0 < cnt; i0 += DR, rb += 512 * DR) {
+        const wsrc<WK> a0 = at(w0, rb), a1 = at(w1, rb);
 #pragma unroll
-        for (int d = 0; d < D; d++)
-            if (i0 + d < cnt) {
-                const int c = class_chunk(i0 + d, warp);
-                load_raw(raw[d][0], D_, r0, c, t);
-                load_raw(raw[d][1], D_, r1, c, t);
+        for (int d = 0; d < DR; d++) {
+            const int i = i0 + d;
+            if (i < cnt) {
+                if (i + 1 < cnt)
+                    load_x(xb[(d + 1) & 1], rb + coff(d + 1));
+                const float s0 = scale(raw[d][0], d, 0), s1 = scale(raw[d][1], d, 1);
+                chunk_rows<WK, NT>(acc, raw[d][0], raw[d][1], s0, s1, qb, xb[d & 1]);
+                if (i + DR < cnt) {
+                    load_c(raw[d][0], a0, coff(d + DR));
+                    load_c(raw[d][1], a1, coff(d + DR));
+                    /* the group's scales once its last chunk is done */
+                    if (d % 4 == 3)
+                        load_gs(d / 4, rb + coff(d + DR - 3));
+                }
             }
-#pragma unroll
-        for (int d = 0; d < D; d++) {
-            if (i0 + d >= cnt)
-                break;
-            const int kb = class_chunk(i0 + d, warp) * 64 + 16 * t;
-            chunk_mma<WK, NT>(acc, raw[d], D_, qmap, nmap, [&](int nt, int k2) {
-                return x_frag_global(x, ldx, n, K, nt * 8 + g, kb + 8 * k2);
-            });
         }
     }
     /* the class sums, added to zero in class (warp) order */
@@ -355,16 +659,16 @@ __global__ void __launch_bounds__(256) lin_row_kernel(lin_pack P, const bf16 *__
     __syncthreads();
     for (int e = tid; e < NT * 4 * 32; e += 256) {
         const int q = e >> 5, ln = e & 31;
-        float s = 0.0f;
-#pragma unroll
-        for (int wi = 0; wi < LIN_WARPS; wi++)
-            s += red[wi][q][ln];
         const int nt = q >> 2, j = q & 3, gg = ln >> 2, tt = ln & 3;
         const int64_t row = row0 + gg + ((j & 2) ? 8 : 0);
         const int col = nt * 8 + 2 * tt + (j & 1);
         if (row < out && col < n) {
-            const int64_t i = (int64_t)col * D_.ldy + row;
-            D_.y[i] = (D_.res ? D_.res[i] : 0.0f) + s;
+            float s = 0.0f;
+#pragma unroll
+            for (int wi = 0; wi < LIN_WARPS; wi++)
+                s += red[wi][q][ln];
+            const int64_t i = (int64_t)col * D.ldy + row;
+            D.y[i] = (D.res ? D.res[i] : 0.0f) + s;
         }
     }
 }
@@ -538,39 +842,61 @@ template <int NT> __host__ __device__ constexpr size_t tile_xs_bytes()
     return (size_t)TILE_STAGES * NT * 8 * 64 * 2;
 }
 
-template <int NT, int W, bool SPLIT> __host__ __device__ constexpr size_t tile_smem_max()
+template <int NT, int W, int MT, bool SPLIT> __host__ __device__ constexpr size_t tile_tot_bytes()
 {
-    return tile_xs_bytes<NT>() + (SPLIT ? 0 : (size_t)W * NT * 4 * 32 * 4) + TILE_MAXCH * 4;
+    return SPLIT ? 0 : (size_t)W * MT * NT * 4 * 32 * 4;
 }
 
-/* ws (split): SPLIT_COUNTERS ints, a counter per (op, row tile), zero
+template <int NT, int W, int MT, bool SPLIT> __host__ __device__ constexpr size_t tile_smem_max()
+{
+    return tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, SPLIT>() + TILE_MAXCH * 4;
+}
+
+/* Blocks resident per SM the launch bounds ask for: MT = 2 keeps 64
+ * accumulators a lane. */
+template <int W, int MT> __host__ __device__ constexpr int tile_min_blocks()
+{
+    return MT == 2 ? (W == 4 ? 3 : 1) : 16 / W;
+}
+
+/* A block of W warps owns 16 MT W rows, warp i the MT 16-row tiles from
+ * row 16 MT i, and sums every class in order (the class sums added into
+ * `tot` in shared memory), or, split, class blockIdx.z alone. The x
+ * chunks, shared by the W warps, stream through shared memory with
+ * cp.async, TILE_STAGES deep, 16-byte units swizzled by the column; each
+ * x fragment read from there serves the MT row tiles. Weights stream
+ * through registers DT chunks ahead.
+ *
+ * ws (split): SPLIT_COUNTERS ints, a counter per (op, row tile), zero
  * between launches (at a fixed place: launches of other shapes write
  * their partial sums after it), then the partial sums (nops, 8, 64, wsld)
  * fp32. */
-template <int WK, int NT, int W, bool SPLIT>
-__global__ void __launch_bounds__(W * 32, 16 / W)
+template <int WK, int NT, int W, int MT, bool SPLIT, bool G4>
+__global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
     lin_tile_kernel(lin_pack P, const bf16 *__restrict__ x, int64_t ldx, int n, float *ws,
                     int64_t wsld, int ntiles)
 {
     extern __shared__ __align__(16) unsigned char tsm[];
-    __shared__ float qmap[16];
-    __shared__ float nmap[256];
     __shared__ int s_last;
     constexpr int T = W * 32;
-    constexpr int DT = WK == KN_GW_NF4 ? 4 : 2;
-    const lin_desc &D_ = P.d[blockIdx.y];
-    const int64_t out = D_.out;
-    const int64_t row0 = (int64_t)blockIdx.x * (16 * W);
+    /* chunks of weights in flight */
+    constexpr int DT = WK == KN_GW_NF4 ? (MT == 1 ? (G4 ? TILE_DT : 4) : 2) : 2;
+    constexpr int U = G4 ? 8 : DT; /* the main loop's unrolling */
+    constexpr int XU = NT * 8 * 8 / T; /* 16-byte x units a thread copies per chunk */
+    static_assert(XU >= 1 && NT * 8 * 8 % T == 0, "x units");
+    const lin_desc D = pick_desc(P);
+    const int64_t out = D.out;
+    const int64_t row0 = (int64_t)blockIdx.x * (16 * MT * W);
     if (row0 >= out)
         return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int K = (int)D_.in;
+    const int K = (int)D.in;
     const int nch = (K + 63) >> 6;
     const int cls = SPLIT ? (int)blockIdx.z : 0;
-    bf16 *xs = (bf16 *)tsm;
+    const bf16 *xs = (const bf16 *)tsm;
     float *tot = (float *)(tsm + tile_xs_bytes<NT>());
-    int *seq = (int *)(tsm + tile_xs_bytes<NT>() + (SPLIT ? 0 : (size_t)W * NT * 4 * 32 * 4));
+    int *seq = (int *)(tsm + tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, SPLIT>());
     const int total = SPLIT ? class_count(nch, cls) : nch;
     /* the order of the chunks: class by class, increasing inside a class;
      * SEQ_LAST marks the last chunk of a class */
@@ -587,53 +913,115 @@ __global__ void __launch_bounds__(W * 32, 16 / W)
             seq[o + i] = c | (i == class_count(nch, w) - 1 ? SEQ_LAST : 0);
         }
     }
-    if (WK == KN_GW_NF4) {
-        if (tid < 16)
-            qmap[tid] = D_.quant_map[tid];
-        if (D_.absmax_q)
-            for (int i = tid; i < 256; i += T)
-                nmap[i] = D_.nested_map[i];
-    }
+    load_tables<WK>(D, tid, T);
     __syncthreads();
-    const int64_t r0 = row0 + warp * 16 + g < out ? row0 + warp * 16 + g : out - 1;
-    const int64_t r1 = row0 + warp * 16 + g + 8 < out ? row0 + warp * 16 + g + 8 : out - 1;
-    wraw<WK> raw[DT][2];
+    const uint32_t qb = qmap_base();
+    /* the lane's rows (g, g+8 of each row tile) as 32-bit offsets from one
+     * base: fewer registers than a pointer each */
+    const wsrc<WK> base = row_src<WK>(D, 0, t);
+    int32_t roff[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            const int64_t r = row0 + (warp * MT + m) * 16 + g + 8 * hr;
+            roff[m][hr] = (int32_t)(row_src<WK>(D, r < out ? r : out - 1, t).p - base.p);
+            pin(roff[m][hr]);
+        }
+    auto load_rows = [&](wraw<WK>(&r)[MT][2], int32_t off) {
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                wsrc<WK> sr;
+                sr.p = base.p + roff[m][hr];
+                sr.e = 2 * roff[m][hr]; /* NF4: two weights a byte */
+                load_chunk(r[m][hr], sr, D, off);
+            }
+    };
+    /* G4 (as lin_row's): a group of 4 chunks (positions 4k .. 4k+3: class
+     * counts are multiples of 4) shares one 4-byte load of scale codes and
+     * one nested absmax a row; group k's sit in slot k % 2, and group k+1's
+     * are requested when group k starts */
+    uint32_t gsb[G4 ? 2 : 1][MT][2];
+    float gsv[G4 ? 2 : 1][MT][2];
+    auto load_gs = [&](int slot, int32_t off) {
+        if constexpr (G4) {
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int hr = 0; hr < 2; hr++) {
+                    const int32_t b = (2 * roff[m][hr] + off) >> 6;
+                    gsb[slot][m][hr] = __ldg((const uint32_t *)(D.absmax_q + b));
+                    gsv[slot][m][hr] = __ldg(D.nested_absmax + (b >> D.lnbs));
+                }
+        }
+    };
+    auto load_w = [&](wraw<WK>(&r)[MT][2], int32_t off) {
+        if constexpr (G4 && WK == KN_GW_NF4) {
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int hr = 0; hr < 2; hr++)
+                    r[m][hr].c = __ldg((const uint2 *)(base.p + roff[m][hr] + (off >> 1)));
+        } else {
+            load_rows(r, off);
+        }
+    };
+    wraw<WK> raw[DT][MT][2];
+    if (G4 && total > 0)
+        load_gs(0, (seq[0] & SEQ_CHUNK) * 64);
 #pragma unroll
     for (int d = 0; d < DT; d++)
-        if (d < total) {
-            const int c = seq[d] & SEQ_CHUNK;
-            load_raw(raw[d][0], D_, r0, c, t);
-            load_raw(raw[d][1], D_, r1, c, t);
-        }
+        if (d < total)
+            load_w(raw[d], (seq[d] & SEQ_CHUNK) * 64);
     gen_pdl_wait();
     gen_pdl_trigger();
     /* x chunk of position p into stage p % TILE_STAGES: (NT*8 cols, 64 k),
      * 16-byte units swizzled by the column; 8-byte copies when x's rows
-     * are not 16-byte aligned */
+     * are not 16-byte aligned. Thread tid copies units tid + T j. */
     const bool x16 = (ldx & 7) == 0 && (((uintptr_t)x) & 15) == 0;
+    const bool xfast = x16 && K % 64 == 0 && n * ldx < (1 << 30);
+    /* unit j: column tid/8 + (T/8) j, k 8 (tid % 8): from the first unit's
+     * offsets (col % 8 is the same for every j) */
+    const int xcol = tid >> 3, xu = (tid & 7) * 8;
+    int32_t xoff = (int32_t)(xcol * ldx + xu);
+    uint32_t xdst = (uint32_t)(xcol * 128 + (((tid & 7) ^ (xcol & 7)) << 4));
+    pin(xoff), pin(xdst);
+    const uint32_t xs_sh = (uint32_t)__cvta_generic_to_shared(xs);
     auto load_x = [&](int p) {
         if (p < total) {
-            bf16 *dst = xs + (p % TILE_STAGES) * (NT * 8 * 64);
-            const int c = seq[p] & SEQ_CHUNK;
-            if (x16) {
-                for (int ui = tid; ui < NT * 8 * 8; ui += T) {
-                    const int col = ui >> 3, u = ui & 7, k = c * 64 + u * 8;
-                    const bool ok = col < n && k < K;
-                    cp_async16(dst + col * 64 + ((u ^ (col & 7)) << 3),
-                               ok ? (const void *)(x + (int64_t)col * ldx + k) : (const void *)x,
-                               ok ? (K - k >= 8 ? 16 : 2 * (K - k)) : 0);
+            const uint32_t st = xs_sh + (uint32_t)((p % TILE_STAGES) * (NT * 8 * 64 * 2)) + xdst;
+            const int k0 = (seq[p] & SEQ_CHUNK) * 64, k = k0 + xu;
+            if (xfast) {
+                /* no bounds: columns past n copy column n-1, which only
+                 * reaches output columns that are not stored */
+#pragma unroll
+                for (int j = 0; j < XU; j++) {
+                    const int col = min(xcol + (T / 8) * j, n - 1);
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                                     st + (uint32_t)((T / 8) * j * 128)),
+                                 "l"(x + (col * (int32_t)ldx + k)));
                 }
             } else {
-                for (int ui = tid; ui < NT * 8 * 16; ui += T) {
-                    const int col = ui >> 4, h = ui & 15, k = c * 64 + h * 4;
-                    const bool ok = col < n && k < K;
-                    uint32_t a = (uint32_t)__cvta_generic_to_shared(
-                        dst + col * 64 + (((h >> 1) ^ (col & 7)) << 3) + (h & 1) * 4);
-                    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(a),
-                                 "l"(ok ? (const void *)(x + (int64_t)col * ldx + k)
-                                        : (const void *)x),
-                                 "r"(ok ? 8 : 0));
+#pragma unroll
+            for (int j = 0; j < XU; j++) {
+                const bool ok = xcol + (T / 8) * j < n && k < K;
+                const bf16 *s = ok ? x + xoff + (int64_t)(T / 8) * j * ldx + k0 : x;
+                const uint32_t dst = st + (uint32_t)((T / 8) * j * 128);
+                if (x16) {
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
+                                 "l"(s), "r"(ok ? (K - k >= 8 ? 16 : 2 * (K - k)) : 0));
+                } else {
+#pragma unroll
+                    for (int hh = 0; hh < 2; hh++) {
+                        const bool ok2 = ok && k + 4 * hh < K;
+                        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(
+                                         dst + 8 * hh),
+                                     "l"(ok2 ? s + 4 * hh : x), "r"(ok2 ? 8 : 0));
+                    }
                 }
+            }
             }
         }
         cp_async_commit();
@@ -641,74 +1029,128 @@ __global__ void __launch_bounds__(W * 32, 16 / W)
 #pragma unroll
     for (int s = 0; s < TILE_STAGES - 1; s++)
         load_x(s);
-    float acc[NT][4];
+    float acc[MT][NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++)
+    for (int m = 0; m < MT; m++)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
-            acc[nt][j] = 0.0f;
-    float *mytot = tot + (size_t)warp * NT * 4 * 32 + lane;
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                acc[m][nt][j] = 0.0f;
+    float *mytot = tot + (size_t)warp * MT * NT * 4 * 32 + lane;
     if (!SPLIT)
 #pragma unroll
-        for (int q = 0; q < NT * 4; q++)
+        for (int q = 0; q < MT * NT * 4; q++)
             mytot[q * 32] = 0.0f;
-    for (int p0 = 0; p0 < total; p0 += DT) {
+    for (int p0 = 0; p0 < total; p0 += U) {
 #pragma unroll
-        for (int d = 0; d < DT; d++) {
-            const int p = p0 + d;
+        for (int du = 0; du < U; du++) {
+            const int p = p0 + du, d = du % DT;
             if (p >= total)
                 break;
+            if (G4 && du % 4 == 0 && p + 4 < total)
+                load_gs(((du >> 2) + 1) & 1, (seq[p + 4] & SEQ_CHUNK) * 64);
             cp_async_wait<TILE_STAGES - 2>();
             __syncthreads();
             load_x(p + TILE_STAGES - 1);
             const int e = seq[p];
-            const bf16 *xt = xs + (p % TILE_STAGES) * (NT * 8 * 64);
-            chunk_mma<WK, NT>(acc, raw[d], D_, qmap, nmap, [&](int nt, int k2) {
-                return *(const uint4 *)(xt + (nt * 8 + g) * 64 + (((2 * t + k2) ^ g) << 3));
-            });
-            if (p + DT < total) {
-                const int c = seq[p + DT] & SEQ_CHUNK;
-                load_raw(raw[d][0], D_, r0, c, t);
-                load_raw(raw[d][1], D_, r1, c, t);
+            const unsigned char *st =
+                tsm + (p % TILE_STAGES) * (NT * 8 * 64 * 2) + g * 128; /* column g */
+            float sc[MT][2];
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int hr = 0; hr < 2; hr++) {
+                    if constexpr (G4) {
+                        const int gs = (du >> 2) & 1;
+                        const uint32_t sb = (gsb[gs][m][hr] >> (8 * (du & 3))) & 0xffu;
+                        sc[m][hr] = __fadd_rn(__fmul_rn(s_nmap[sb], gsv[gs][m][hr]), D.offset);
+                    } else {
+                        sc[m][hr] = chunk_scale(raw[d][m][hr], D);
+                    }
+                }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                /* the A fragments of k-tiles 2h and 2h+1 of every row tile,
+                 * then each x fragment (one LDS.128, conflict-free by the
+                 * swizzle) into all of them */
+                uint32_t a[MT][2][4];
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    if constexpr (WK == KN_GW_NF4) {
+                        const wraw<WK> &q0 = raw[d][m][0], &q1 = raw[d][m][1];
+                        const nibs v0 = nibs_of(h ? q0.c.y : q0.c.x);
+                        const nibs v1 = nibs_of(h ? q1.c.y : q1.c.x);
+                        nf4_words<0>(v0, sc[m][0], qb, a[m][0][0], a[m][0][2]);
+                        nf4_words<0>(v1, sc[m][1], qb, a[m][0][1], a[m][0][3]);
+                        nf4_words<1>(v0, sc[m][0], qb, a[m][1][0], a[m][1][2]);
+                        nf4_words<1>(v1, sc[m][1], qb, a[m][1][1], a[m][1][3]);
+                    } else {
+                        const uint4 &u0 = h ? raw[d][m][0].b : raw[d][m][0].a;
+                        const uint4 &u1 = h ? raw[d][m][1].b : raw[d][m][1].a;
+                        a[m][0][0] = u0.x, a[m][0][1] = u1.x, a[m][0][2] = u0.y, a[m][0][3] = u1.y;
+                        a[m][1][0] = u0.z, a[m][1][1] = u1.z, a[m][1][2] = u0.w, a[m][1][3] = u1.w;
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    const uint4 xb =
+                        *(const uint4 *)(st + nt * (8 * 128) + (((2 * t + h) ^ g) << 4));
+#pragma unroll
+                    for (int m = 0; m < MT; m++) {
+                        mma_16816(acc[m][nt], a[m][0][0], a[m][0][1], a[m][0][2], a[m][0][3],
+                                  xb.x, xb.y);
+                        mma_16816(acc[m][nt], a[m][1][0], a[m][1][1], a[m][1][2], a[m][1][3],
+                                  xb.z, xb.w);
+                    }
+                }
             }
+            if (p + DT < total)
+                load_w(raw[d], (seq[p + DT] & SEQ_CHUNK) * 64);
             if (!SPLIT && (e & SEQ_LAST)) {
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++)
+                for (int m = 0; m < MT; m++)
 #pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        mytot[(nt * 4 + j) * 32] += acc[nt][j];
-                        acc[nt][j] = 0.0f;
-                    }
+                    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                        for (int j = 0; j < 4; j++) {
+                            mytot[((m * NT + nt) * 4 + j) * 32] += acc[m][nt][j];
+                            acc[m][nt][j] = 0.0f;
+                        }
             }
         }
     }
     cp_async_wait<0>();
     if (!SPLIT) {
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+        for (int m = 0; m < MT; m++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int64_t row = row0 + warp * 16 + g + ((j & 2) ? 8 : 0);
-                const int col = nt * 8 + 2 * t + (j & 1);
-                if (row < out && col < n) {
-                    const int64_t i = (int64_t)col * D_.ldy + row;
-                    D_.y[i] = (D_.res ? D_.res[i] : 0.0f) + mytot[(nt * 4 + j) * 32];
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int64_t row = row0 + (warp * MT + m) * 16 + g + ((j & 2) ? 8 : 0);
+                    const int col = nt * 8 + 2 * t + (j & 1);
+                    if (row < out && col < n) {
+                        const int64_t i = (int64_t)col * D.ldy + row;
+                        D.y[i] = (D.res ? D.res[i] : 0.0f) + mytot[((m * NT + nt) * 4 + j) * 32];
+                    }
                 }
-            }
         return;
     }
     /* split: this class's sums into the workspace; the last block of the
      * row tile adds all eight in class order */
     float *part = ws + SPLIT_COUNTERS + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++)
+    for (int m = 0; m < MT; m++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int64_t row = row0 + warp * 16 + g + ((j & 2) ? 8 : 0);
-            const int col = nt * 8 + 2 * t + (j & 1);
-            if (row < out && col < n)
-                part[((int64_t)cls * 64 + col) * wsld + row] = acc[nt][j];
-        }
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int64_t row = row0 + (warp * MT + m) * 16 + g + ((j & 2) ? 8 : 0);
+                const int col = nt * 8 + 2 * t + (j & 1);
+                if (row < out && col < n)
+                    part[((int64_t)cls * 64 + col) * wsld + row] = acc[m][nt][j];
+            }
     __threadfence();
     __syncthreads();
     int *counter = (int *)ws + blockIdx.y * ntiles + blockIdx.x;
@@ -719,40 +1161,47 @@ __global__ void __launch_bounds__(W * 32, 16 / W)
         return;
     __threadfence();
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++)
+    for (int m = 0; m < MT; m++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int64_t row = row0 + warp * 16 + g + ((j & 2) ? 8 : 0);
-            const int col = nt * 8 + 2 * t + (j & 1);
-            if (row < out && col < n) {
-                float s = 0.0f;
+        for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                for (int z = 0; z < LIN_CLASSES; z++)
-                    s += __ldcg(part + ((int64_t)z * 64 + col) * wsld + row);
-                const int64_t i = (int64_t)col * D_.ldy + row;
-                D_.y[i] = (D_.res ? D_.res[i] : 0.0f) + s;
+            for (int j = 0; j < 4; j++) {
+                const int64_t row = row0 + (warp * MT + m) * 16 + g + ((j & 2) ? 8 : 0);
+                const int col = nt * 8 + 2 * t + (j & 1);
+                if (row < out && col < n) {
+                    float s = 0.0f;
+#pragma unroll
+                    for (int z = 0; z < LIN_CLASSES; z++)
+                        s += __ldcg(part + ((int64_t)z * 64 + col) * wsld + row);
+                    const int64_t i = (int64_t)col * D.ldy + row;
+                    D.y[i] = (D.res ? D.res[i] : 0.0f) + s;
+                }
             }
-        }
     if (tid == 0)
         *counter = 0;
 }
 
 /* ---- launching ------------------------------------------------------------------------- */
 
-/* The lin_tile shape for n rows of x: NT n-tiles of 8, W warps. */
-static void tile_shape(int n, int *nt, int *w)
+/* The lin_tile shape for n rows of x: NT n-tiles of 8, W warps of MT
+ * 16-row tiles. MT = 2 (x fragments serving two row tiles, 4 warps) ran
+ * slower on an H100 than MT = 1 with 8 warps (bench/RESULTS.md, "gen,
+ * product kernels"): it spills at 3 blocks an SM. */
+static void tile_shape(int n, int kind, int *nt, int *w, int *mt)
 {
+    (void)kind;
     *nt = n <= 32 ? 4 : 8;
-    *w = cfg().tile_w;
+    *mt = 1;
+    *w = kind == KN_GW_NF4 ? cfg().tile_w : 8;
 }
 
 /* Whether a lin_tile launch over nops products of up to maxout rows splits
  * over the classes, and the workspace bytes that needs. */
-static size_t tile_split_ws(int nops, int64_t maxout, int n, int *split)
+static size_t tile_split_ws(int nops, int64_t maxout, int n, int kind, int *split)
 {
-    int nt, w;
-    tile_shape(n, &nt, &w);
-    int64_t tiles = (maxout + 16 * w - 1) / (16 * w);
+    int nt, w, mt;
+    tile_shape(n, kind, &nt, &w, &mt);
+    int64_t tiles = (maxout + 16 * w * mt - 1) / (16 * w * mt);
     *split = cfg().tile && n > cfg().vec_max && tiles * nops < cfg().split_min &&
              tiles * nops <= SPLIT_COUNTERS;
     if (!*split)
@@ -766,55 +1215,76 @@ extern "C" size_t kn_gen_linear_mma_ws(const kn_gen_lin *ops, int nops, int n)
     for (int i = 0; i < nops; i++)
         if (ops[i].w.out > maxout)
             maxout = ops[i].w.out;
+    /* either kind's launches may use it (gen_gpu sizes one workspace) */
     int split;
-    return tile_split_ws(nops, maxout, n, &split);
+    size_t a = tile_split_ws(nops, maxout, n, KN_GW_NF4, &split);
+    size_t b = tile_split_ws(nops, maxout, n, KN_GW_BF16, &split);
+    return a > b ? a : b;
 }
 
-template <int WK, int NT, int W, bool SPLIT>
+template <int WK, int NT, int W, int MT, bool SPLIT, bool G4>
 static void launch_tile(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
                         int n, int nch, void *ws, cudaStream_t s)
 {
     static int attr_set;
     if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(lin_tile_kernel<WK, NT, W, SPLIT>,
+        CUDA_CHECK(cudaFuncSetAttribute(lin_tile_kernel<WK, NT, W, MT, SPLIT, G4>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)tile_smem_max<NT, W, SPLIT>()));
+                                        (int)tile_smem_max<NT, W, MT, SPLIT>()));
         attr_set = 1;
     }
-    int ntiles = (int)((maxout + 16 * W - 1) / (16 * W));
-    size_t smem = tile_xs_bytes<NT>() + (SPLIT ? 0 : (size_t)W * NT * 4 * 32 * 4) + (size_t)nch * 4;
+    int ntiles = (int)((maxout + 16 * W * MT - 1) / (16 * W * MT));
+    size_t smem = tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, SPLIT>() + (size_t)nch * 4;
     dim3 grid((unsigned)ntiles, (unsigned)nops, SPLIT ? LIN_CLASSES : 1);
-    gen_launch(lin_tile_kernel<WK, NT, W, SPLIT>, grid, dim3(W * 32), smem, s, 0, P, x, ldx, n,
-               (float *)ws, maxout, ntiles);
+    gen_launch(lin_tile_kernel<WK, NT, W, MT, SPLIT, G4>, grid, dim3(W * 32), smem, s, 0, P, x, ldx,
+               n, (float *)ws, maxout, ntiles);
 }
 
-template <int WK, int NT, int W>
+template <int WK, int NT, int W, int MT>
 static void launch_tile_split(const lin_pack &P, int nops, int64_t maxout, const bf16 *x,
                               int64_t ldx, int n, int nch, void *ws, int split, cudaStream_t s)
 {
+    bool g4 = WK == KN_GW_NF4 && P.d[0].in % 256 == 0 && cfg().g4;
+    for (int i = 0; i < nops; i++)
+        g4 = g4 && P.d[i].absmax_q && P.d[i].lbs == 6 && P.d[i].lnbs >= 2 &&
+             ((uintptr_t)P.d[i].absmax_q & 3) == 0;
+    if constexpr (WK == KN_GW_NF4) {
+        if (g4) {
+            if (split)
+                launch_tile<WK, NT, W, MT, true, true>(P, nops, maxout, x, ldx, n, nch, ws, s);
+            else
+                launch_tile<WK, NT, W, MT, false, true>(P, nops, maxout, x, ldx, n, nch, ws, s);
+            return;
+        }
+    }
     if (split)
-        launch_tile<WK, NT, W, true>(P, nops, maxout, x, ldx, n, nch, ws, s);
+        launch_tile<WK, NT, W, MT, true, false>(P, nops, maxout, x, ldx, n, nch, ws, s);
     else
-        launch_tile<WK, NT, W, false>(P, nops, maxout, x, ldx, n, nch, ws, s);
+        launch_tile<WK, NT, W, MT, false, false>(P, nops, maxout, x, ldx, n, nch, ws, s);
 }
 
 template <int WK>
 static void dispatch_tile(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
                           int n, int nch, void *ws, size_t ws_bytes, cudaStream_t s)
 {
-    int split, nt, w;
-    size_t need = tile_split_ws(nops, maxout, n, &split);
+    int split, nt, w, mt;
+    size_t need = tile_split_ws(nops, maxout, n, WK, &split);
     if (split && (!ws || ws_bytes < need))
         split = 0; /* same sums, fewer blocks */
-    tile_shape(n, &nt, &w);
-    if (nt == 4 && w == 4)
-        launch_tile_split<WK, 4, 4>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
-    else if (nt == 4)
-        launch_tile_split<WK, 4, 8>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
-    else if (w == 4)
-        launch_tile_split<WK, 8, 4>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
+    tile_shape(n, WK, &nt, &w, &mt);
+    if constexpr (WK == KN_GW_NF4) {
+        if (w == 4) {
+            if (nt == 4)
+                launch_tile_split<WK, 4, 4, 1>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
+            else
+                launch_tile_split<WK, 8, 4, 1>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
+            return;
+        }
+    }
+    if (nt == 4)
+        launch_tile_split<WK, 4, 8, 1>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
     else
-        launch_tile_split<WK, 8, 8>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
+        launch_tile_split<WK, 8, 8, 1>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
 }
 
 /* lin_vec's grid: as many blocks per product as are resident at once
@@ -852,12 +1322,43 @@ static void dispatch_vec(const lin_pack &P, int nops, int64_t maxout, const bf16
 {
     if (!cfg().vec) {
         dim3 grid((unsigned)((maxout + 15) / 16), (unsigned)nops);
-        if (n <= 8)
-            gen_launch(lin_row_kernel<WK, 1, 4>, grid, dim3(256), 0, s, gen_pdl_use(n), P, x, ldx,
-                       n);
+        /* 16-byte x fragments with no bounds to check */
+        const bool x16 = P.d[0].in % 64 == 0 && ldx % 8 == 0 && ((uintptr_t)x & 15) == 0;
+        /* a group's scales in two loads (lin_row_kernel's G4) */
+        bool g4 = WK == KN_GW_NF4 && P.d[0].in % 256 == 0 && cfg().g4;
+        for (int i = 0; i < nops; i++)
+            g4 = g4 && P.d[i].absmax_q && P.d[i].lbs == 6 && P.d[i].lnbs >= 2 &&
+                 ((uintptr_t)P.d[i].absmax_q & 3) == 0;
+        const int pdl = gen_pdl_use(n);
+        if constexpr (WK == KN_GW_NF4) {
+            if (x16 && g4) {
+                /* one n-tile: 4 chunks in flight a warp at 80 registers, 3
+                 * blocks (24 warps) an SM; 8 chunks (a whole class of K =
+                 * 4096) at 2 blocks, or 4 blocks with 64 registers, ran
+                 * slower on an H100 (bench/RESULTS.md, "gen, product
+                 * kernels") */
+                if (n <= 8)
+                    gen_launch(lin_row_kernel<WK, 1, 4, true, true, 3>, grid, dim3(256), 0, s, pdl,
+                               P, x, ldx, n);
+                else
+                    gen_launch(lin_row_kernel<WK, 2, 4, true, true, 2>, grid, dim3(256), 0, s, pdl,
+                               P, x, ldx, n);
+                return;
+            }
+        }
+        constexpr int DR1 = WK == KN_GW_NF4 ? 8 : 4;
+        if (n <= 8 && x16)
+            gen_launch(lin_row_kernel<WK, 1, DR1, true, false, 2>, grid, dim3(256), 0, s, pdl, P,
+                       x, ldx, n);
+        else if (n <= 8)
+            gen_launch(lin_row_kernel<WK, 1, DR1, false, false, 2>, grid, dim3(256), 0, s, pdl, P,
+                       x, ldx, n);
+        else if (x16)
+            gen_launch(lin_row_kernel<WK, 2, 4, true, false, 2>, grid, dim3(256), 0, s, pdl, P, x,
+                       ldx, n);
         else
-            gen_launch(lin_row_kernel<WK, 2, 4>, grid, dim3(256), 0, s, gen_pdl_use(n), P, x, ldx,
-                       n);
+            gen_launch(lin_row_kernel<WK, 2, 4, false, false, 2>, grid, dim3(256), 0, s, pdl, P,
+                       x, ldx, n);
         return;
     }
     const int64_t K = P.d[0].in;
@@ -904,6 +1405,7 @@ extern "C" void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16
         d.ldy = ops[i].ldy;
         if (kind == KN_GW_NF4) {
             KN_REQUIRE(w.in % 64 == 0 && w.q.blocksize % 64 == 0 && w.q.codes && w.q.quant_map);
+            KN_REQUIRE(w.out * w.in < ((int64_t)1 << 31)); /* 32-bit element offsets */
             KN_REQUIRE(((uintptr_t)w.q.codes & 7) == 0);
             KN_REQUIRE(w.q.absmax || (w.q.absmax_q && w.q.nested_absmax && w.q.nested_map));
             d.codes = w.q.codes;
@@ -919,6 +1421,7 @@ extern "C" void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16
             d.lnbs = __builtin_ctz((unsigned)nbs);
             d.pf = ((uintptr_t)w.q.codes & 15) == 0;
         } else {
+            KN_REQUIRE(w.out * w.ld < ((int64_t)1 << 30)); /* 32-bit byte offsets */
             KN_REQUIRE(w.bf16 && w.ld % 64 == 0 && w.ld >= w.in &&
                        ((uintptr_t)w.bf16 & 15) == 0);
             d.w16 = (const bf16 *)w.bf16;

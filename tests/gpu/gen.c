@@ -22,7 +22,17 @@
  * --bench (after the tests; --bench-only: alone): a Llama 2 7B-shaped NF4 model with random weights built in
  * memory (double quantization, bf16 head), 300-token prompts, 100 new
  * tokens, greedy, batch 1 and 64; prints "#json {...}" lines for
- * bench/gen, and the fused product's bandwidth on the 7B shapes.
+ * bench/gen, and before them the fused product's bandwidth on the 7B
+ * shapes, the cache attention, a step's other kernels in a CUDA graph
+ * and one prefill layer piece by piece. GEN_BENCH_MICRO=0 skips those,
+ * =2 keeps only the step kernels and the prefill pieces, =3 only the
+ * step kernels at n = 64 (for ncu); GEN_BENCH_BATCHES=1,64 picks the
+ * whole runs (0: none).
+ *
+ * RoPE + append + attention in one launch (decoding) is checked against
+ * the two launches it replaces, and the prefill's own path (more than 64
+ * tokens: dequantized weights, cuBLAS, flash attention) by the logits of
+ * a 128-token prompt.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <time.h>
@@ -45,6 +55,17 @@
 #define TOL_MMA 1e-4          /* bf16 operands, fp32 sums in another order */
 #define TOL_LOGITS_F32 1e-4   /* fp32 model, sums in another order */
 #define TOL_LOGITS_BF16 3e-2  /* bf16 activations and weights vs fp32 */
+
+/* The benches' own CUDA calls (streams, graphs) */
+#define CUDA_OK(call)                                                                    \
+    do {                                                                                 \
+        cudaError_t e_ = (call);                                                         \
+        if (e_ != cudaSuccess) {                                                         \
+            fprintf(stderr, "gen: %s: %s (%s:%d)\n", #call, cudaGetErrorString(e_),       \
+                    __FILE__, __LINE__);                                                 \
+            exit(2);                                                                     \
+        }                                                                                \
+    } while (0)
 
 static const char *shared_dir(void)
 {
@@ -414,6 +435,91 @@ static void test_rope_append(int nh, int nkv, int hd, int bf)
     kn_free(ds); kn_free(dp); kn_free(q16);
 }
 
+/* RoPE + append + attention in one launch (decoding) against the two
+ * launches it replaces: the caches it writes equal rope_append's bit for
+ * bit, its output matches gen_ref_attention over those caches (q rotated
+ * by rope_append), a token alone gives the bits it gives in the batch, and
+ * q, k, v are read through row strides (one q/k/v row, as the backend
+ * keeps them). Positions at split edges (0, 63, 64, cap - 1). */
+static void test_rope_attention(int nh, int nkv, int hd, int cap, int n)
+{
+    int slots = n + 2, kvd = nkv * hd, qd = nh * hd, half = hd / 2, ld = qd + 2 * kvd;
+    int32_t *slot = malloc((size_t)n * 4), *pos = malloc((size_t)n * 4);
+    static const int edge[6] = {0, 63, 64, -1, 1, 127};
+    for (int t = 0; t < n; t++) {
+        slot[t] = slots - 1 - t; /* distinct, in reverse */
+        int e = t < 6 ? edge[t] : (int)(gt_u64() % (uint64_t)cap);
+        pos[t] = e < 0 ? cap - 1 : e % cap;
+    }
+    int64_t csz = (int64_t)slots * cap * kvd;
+    float *kc = gt_rand(csz, 1.0f), *vc = gt_rand(csz, 1.0f);
+    gt_round_bf16(kc, csz);
+    gt_round_bf16(vc, csz);
+    float *qkv = gt_rand((int64_t)n * ld, 1.0f);
+    float *ct = malloc((size_t)cap * half * 4), *st = malloc((size_t)cap * half * 4);
+    for (int i = 0; i < half; i++) {
+        float inv = 1.0f / powf(10000.0f, (float)(2 * i) / (float)hd);
+        for (int p = 0; p < cap; p++) {
+            ct[p * half + i] = cosf((float)p * inv);
+            st[p * half + i] = sinf((float)p * inv);
+        }
+    }
+    float *dct = gt_up_f32(ct, cap * half), *dst = gt_up_f32(st, cap * half);
+    int32_t *ds = gt_up(slot, (size_t)n * 4), *dp = gt_up(pos, (size_t)n * 4);
+    /* the fused launch */
+    kn_bf16 *k1 = gt_up_bf16(kc, csz), *v1 = gt_up_bf16(vc, csz);
+    float *dqkv = gt_up_f32(qkv, (int64_t)n * ld);
+    size_t wsb = kn_gen_rope_attention_ws(n, nh, hd, cap);
+    float *ws = kn_malloc(wsb);
+    kn_memset(ws, 0, wsb, 0);
+    float *o32 = gt_dev((size_t)n * qd * 4);
+    kn_bf16 *o16 = gt_dev((size_t)n * qd * 2);
+    kn_gen_rope_attention(o32, o16, dqkv, ld, dqkv + qd, ld, dqkv + qd + kvd, ld, k1, v1, ds, dp,
+                          n, nh, nkv, hd, cap, dct, dst, ws, 0);
+    float *got = gt_down_f32(o32, (int64_t)n * qd), *got16 = gt_down_bf16(o16, (int64_t)n * qd);
+    float *gk = gt_down_bf16(k1, csz), *gv = gt_down_bf16(v1, csz);
+    /* the same token alone, twice (the counters were left at zero) */
+    int t1 = n > 1 ? 1 : 0, same = 1;
+    for (int rep = 0; rep < 2; rep++) {
+        float *a = gt_dev((size_t)qd * 4);
+        kn_gen_rope_attention(a, NULL, dqkv + (int64_t)t1 * ld, ld, dqkv + (int64_t)t1 * ld + qd,
+                              ld, dqkv + (int64_t)t1 * ld + qd + kvd, ld, k1, v1, ds + t1,
+                              dp + t1, 1, nh, nkv, hd, cap, dct, dst, ws, 0);
+        float *ga = gt_down_f32(a, qd);
+        same &= memcmp(ga, got + (int64_t)t1 * qd, (size_t)qd * 4) == 0;
+        free(ga);
+        kn_free(a);
+    }
+    char name[160];
+    snprintf(name, sizeof name, "rope_attention nh=%d nkv=%d hd=%d cap=%d: token alone == in a "
+             "batch of %d (twice)", nh, nkv, hd, cap, n);
+    gt_check(same, name);
+    /* the two launches it replaces */
+    kn_bf16 *k2 = gt_up_bf16(kc, csz), *v2 = gt_up_bf16(vc, csz);
+    float *dq2 = gt_up_f32(qkv, (int64_t)n * ld);
+    kn_gen_rope_append(dq2, ld, dq2 + qd, ld, dq2 + qd + kvd, ld, k2, v2, 1, ds, dp, n, nh, nkv,
+                       hd, cap, dct, dst, NULL, NULL, NULL, 0);
+    float *rk = gt_down_bf16(k2, csz), *rv = gt_down_bf16(v2, csz);
+    snprintf(name, sizeof name, "rope_attention hd=%d: caches == rope_append's", hd);
+    gt_check(memcmp(gk, rk, (size_t)csz * 4) == 0 && memcmp(gv, rv, (size_t)csz * 4) == 0, name);
+    float *qr = gt_down_f32(dq2, (int64_t)n * ld);
+    float *ref = malloc((size_t)n * qd * 4);
+    for (int t = 0; t < n; t++)
+        gen_ref_attention(ref + (int64_t)t * qd, qr + (int64_t)t * ld,
+                          rk + (int64_t)slot[t] * cap * kvd, rv + (int64_t)slot[t] * cap * kvd,
+                          pos[t], nh, nkv, hd);
+    snprintf(name, sizeof name, "rope_attention nh=%d nkv=%d hd=%d cap=%d n=%d vs "
+             "gen_ref_attention", nh, nkv, hd, cap, n);
+    gt_compare(name, got, ref, (int64_t)n * qd, TOL_F32, "TOL_F32");
+    snprintf(name, sizeof name, "rope_attention hd=%d bf16 output", hd);
+    gt_compare(name, got16, ref, (int64_t)n * qd, TOL_BF16_OUT, "TOL_BF16_OUT");
+    free(slot); free(pos); free(kc); free(vc); free(qkv); free(ct); free(st); free(got);
+    free(got16); free(gk); free(gv); free(rk); free(rv); free(qr); free(ref);
+    kn_free(dct); kn_free(dst); kn_free(ds); kn_free(dp); kn_free(k1); kn_free(v1);
+    kn_free(dqkv); kn_free(ws); kn_free(o32); kn_free(o16); kn_free(k2); kn_free(v2);
+    kn_free(dq2);
+}
+
 /* RMSNorm at the sizes of each kernel variant (d % 4 == 0 up to 8192 in
  * registers, others in the loop kernel), rows picked. */
 static void test_rmsnorm(int n, int d, int bf)
@@ -586,23 +692,23 @@ static void test_greedy_bos(const llama_model *m, const char *label)
 
 /* Logits of a prompt and of `steps` greedy steps on GPU and CPU; the CPU's
  * choices are fed to both. */
-static void test_logits(const llama_model *m, const lora_adapter *a, double tol,
-                        const char *tol_name, const char *label)
+static void test_logits_len(const llama_model *m, const lora_adapter *a, double tol,
+                            const char *tol_name, const char *label, int plen)
 {
-    int32_t prompt[20];
-    for (int i = 0; i < 20; i++)
+    int32_t prompt[128];
+    for (int i = 0; i < plen; i++)
         prompt[i] = i == 0 ? 1 : 3 + (int32_t)(gt_u64() % (uint64_t)(m->cfg.vocab - 3));
-    int V = m->cfg.vocab, steps = 10;
+    int V = m->cfg.vocab, steps = 10, cap = plen + 44;
     gen_backend be;
-    if (gen_gpu_backend(m, a, 2, 64, &be) != 0) {
+    if (gen_gpu_backend(m, a, 2, cap, &be) != 0) {
         gt_check(0, "gen_gpu_backend");
         return;
     }
-    llama_kv_cache *kc = llama_kv_cache_new(m, 64);
+    llama_kv_cache *kc = llama_kv_cache_new(m, cap);
     float *lc = malloc((size_t)V * 4), *lg = malloc((size_t)V * 2 * 4);
-    int32_t slot = 1, len = 20;
+    int32_t slot = 1, len = plen;
     int ok = be.prefill(be.ctx, 1, &slot, prompt, &len, V, lg, NULL) == 0 &&
-             llama_decode(m, a, kc, prompt, 20, lc) == 0;
+             llama_decode(m, a, kc, prompt, plen, lc) == 0;
     double worst = gt_rel_err(lg, lc, V);
     for (int s = 0; ok && s < steps; s++) {
         int32_t t = gen_argmax(lc, V);
@@ -613,13 +719,20 @@ static void test_logits(const llama_model *m, const lora_adapter *a, double tol,
             worst = e;
     }
     char name[200];
-    snprintf(name, sizeof name, "%s: GPU logits of prefill + %d steps vs llama_decode (worst rel "
-             "err %.2e <= %s %.0e)", label, steps, worst, tol_name, tol);
+    snprintf(name, sizeof name, "%s: GPU logits of prefill (%d tokens) + %d steps vs llama_decode "
+             "(worst rel err %.2e <= %s %.0e)", label, plen, steps, worst, tol_name, tol);
     gt_check(ok && worst <= tol, name);
     free(lc);
     free(lg);
     llama_kv_cache_free(kc);
     be.free(be.ctx);
+}
+
+/* 20 tokens: a prefill through the decoding kernels (n <= 64) */
+static void test_logits(const llama_model *m, const lora_adapter *a, double tol,
+                        const char *tol_name, const char *label)
+{
+    test_logits_len(m, a, tol, tol_name, label, 20);
 }
 
 static void test_batching(const llama_model *m, const lora_adapter *a, int exact,
@@ -749,6 +862,7 @@ static void test_stories(void)
     lora_adapter *a = random_adapter(m);
     test_logits(m, NULL, TOL_LOGITS_F32, "TOL_LOGITS_F32", "stories260K f32");
     test_logits(m, a, TOL_LOGITS_F32, "TOL_LOGITS_F32", "stories260K f32 + adapter");
+    test_logits_len(m, a, TOL_LOGITS_F32, "TOL_LOGITS_F32", "stories260K f32 + adapter", 128);
     test_batching(m, a, 1, "stories260K f32 + adapter");
     test_peft_golden(m);
     lora_free(a);
@@ -762,6 +876,10 @@ static void test_stories(void)
     a = random_adapter(m);
     test_logits(m, NULL, TOL_LOGITS_BF16, "TOL_LOGITS_BF16", "stories260K NF4 (bf16 compute)");
     test_logits(m, a, TOL_LOGITS_BF16, "TOL_LOGITS_BF16", "stories260K NF4 + adapter");
+    /* 128 tokens: the prefill's own path (dequantized weights, cuBLAS with
+     * q/k/v and gate/up as one product each, flash attention) */
+    test_logits_len(m, a, TOL_LOGITS_BF16, "TOL_LOGITS_BF16", "stories260K NF4 + adapter", 128);
+    test_logits_len(m, NULL, TOL_LOGITS_BF16, "TOL_LOGITS_BF16", "stories260K NF4", 128);
     test_batching(m, a, 0, "stories260K NF4 + adapter");
     /* greedy from BOS: agreement with the CPU's NF4 greedy, reported */
     {
@@ -839,6 +957,285 @@ static void att_bench_fn(void *p)
                          32, 128, b->cap, b->ws, 0);
 }
 
+/* A decoding step's kernels other than the products, on the 7B shapes
+ * with 350 cached positions, as a step runs them: captured in a CUDA
+ * graph (launch gaps included), nl layers' buffers in turn (at n = 1 the
+ * caches of 16 layers, so that they come from DRAM). Per layer. */
+typedef struct step_bench {
+    cudaStream_t s;
+    int n, nl, cap, which;
+    float *x, *w[16], *qkv, *ct, *st, *ws_old, *ws_new, *gu, *logits;
+    kn_bf16 *xn16, *att16, *h16;
+    void *kc[16], *vc[16];
+    int32_t *slot, *pos, *amax;
+    cudaGraphExec_t g;
+} step_bench;
+
+enum { SB_NORM, SB_ROPE_ATT, SB_FUSED, SB_SWIGLU, SB_ARGMAX, SB_N };
+
+static void step_bench_launch(step_bench *b)
+{
+    const int D = 4096, H = 11008, QKV = 3 * 4096;
+    for (int l = 0; l < b->nl; l++)
+        switch (b->which) {
+        case SB_NORM:
+            kn_gen_rmsnorm(NULL, b->xn16, b->x, NULL, b->w[l], b->n, D, 1e-5f, b->s);
+            break;
+        case SB_ROPE_ATT:
+            kn_gen_rope_append(b->qkv, QKV, b->qkv + D, QKV, b->qkv + 2 * D, QKV, b->kc[l],
+                               b->vc[l], 1, b->slot, b->pos, b->n, 32, 32, 128, b->cap, b->ct,
+                               b->st, NULL, NULL, NULL, b->s);
+            kn_gen_attention(NULL, b->att16, b->qkv, QKV, b->kc[l], b->vc[l], 1, b->slot, b->pos,
+                             b->n, 32, 32, 128, b->cap, b->ws_old, b->s);
+            break;
+        case SB_FUSED:
+            kn_gen_rope_attention(NULL, b->att16, b->qkv, QKV, b->qkv + D, QKV, b->qkv + 2 * D,
+                                  QKV, b->kc[l], b->vc[l], b->slot, b->pos, b->n, 32, 32, 128,
+                                  b->cap, b->ct, b->st, b->ws_new, b->s);
+            break;
+        case SB_SWIGLU:
+            kn_gen_swiglu(NULL, b->h16, b->gu, b->gu + H, 2 * H, b->n, H, b->s);
+            break;
+        case SB_ARGMAX:
+            kn_gen_argmax(b->amax, b->logits, 32000, 32000, b->n, b->s);
+            break;
+        }
+}
+
+static void step_bench_fn(void *p)
+{
+    step_bench *b = p;
+    CUDA_OK(cudaGraphLaunch(b->g, b->s));
+}
+
+static void bench_step_kernels(int n)
+{
+    const int D = 4096, H = 11008, P = 350;
+    step_bench b;
+    memset(&b, 0, sizeof b);
+    b.n = n;
+    b.nl = n == 1 ? 16 : 2;
+    b.cap = 400;
+    CUDA_OK(cudaStreamCreate(&b.s));
+    size_t csz = (size_t)n * b.cap * D;
+    for (int l = 0; l < b.nl; l++) {
+        b.kc[l] = gt_dev(csz * 2);
+        b.vc[l] = gt_dev(csz * 2);
+        kn_memset(b.kc[l], 0x3c, csz * 2, 0);
+        kn_memset(b.vc[l], 0x3c, csz * 2, 0);
+        float *wh = gt_rand(D, 1.0f);
+        b.w[l] = gt_up_f32(wh, D);
+        free(wh);
+    }
+    float *xh = gt_rand((int64_t)n * 2 * H, 1.0f);
+    b.x = gt_up_f32(xh, (int64_t)n * D);
+    b.qkv = gt_up_f32(xh, (int64_t)n * 3 * D);
+    b.gu = gt_up_f32(xh, (int64_t)n * 2 * H);
+    free(xh);
+    float *lh = gt_rand((int64_t)n * 32000, 1.0f);
+    b.logits = gt_up_f32(lh, (int64_t)n * 32000);
+    free(lh);
+    float *th = gt_rand((int64_t)b.cap * 64, 1.0f);
+    b.ct = gt_up_f32(th, (int64_t)b.cap * 64);
+    b.st = gt_up_f32(th, (int64_t)b.cap * 64);
+    free(th);
+    b.xn16 = gt_dev((size_t)n * D * 2);
+    b.att16 = gt_dev((size_t)n * D * 2);
+    b.h16 = gt_dev((size_t)n * H * 2);
+    b.amax = gt_dev((size_t)n * 4);
+    b.ws_old = kn_malloc(kn_gen_attention_ws(n, 32, 128, b.cap));
+    size_t wn = kn_gen_rope_attention_ws(n, 32, 128, b.cap);
+    b.ws_new = kn_malloc(wn);
+    kn_memset(b.ws_new, 0, wn, 0);
+    int32_t *sl = malloc((size_t)n * 4), *ps = malloc((size_t)n * 4);
+    for (int i = 0; i < n; i++) {
+        sl[i] = i;
+        ps[i] = P;
+    }
+    b.slot = gt_up(sl, (size_t)n * 4);
+    b.pos = gt_up(ps, (size_t)n * 4);
+    free(sl);
+    free(ps);
+    static const char *what[SB_N] = {"rmsnorm d=4096", "rope_append + attention (3 launches)",
+                                     "rope_attention (fused)", "swiglu d=11008",
+                                     "argmax vocab 32000"};
+    for (int wi = 0; wi < SB_N; wi++) {
+        b.which = wi;
+        cudaGraph_t gr;
+        CUDA_OK(cudaStreamBeginCapture(b.s, cudaStreamCaptureModeThreadLocal));
+        step_bench_launch(&b);
+        CUDA_OK(cudaStreamEndCapture(b.s, &gr));
+        CUDA_OK(cudaGraphInstantiate(&b.g, gr, 0));
+        CUDA_OK(cudaGraphDestroy(gr));
+        char name[120];
+        snprintf(name, sizeof name, "step n=%d %s, graph of %d (per launch group: /%d)", n,
+                 what[wi], b.nl, b.nl);
+        double bytes = wi == SB_ROPE_ATT || wi == SB_FUSED
+                           ? (double)b.nl * n * (P + 1) * D * 2 * 2
+                           : 0.0;
+        gt_time(name, step_bench_fn, &b, bytes, 1);
+        CUDA_OK(cudaGraphExecDestroy(b.g));
+    }
+    for (int l = 0; l < b.nl; l++) {
+        kn_free(b.kc[l]);
+        kn_free(b.vc[l]);
+        kn_free(b.w[l]);
+    }
+    kn_free(b.x); kn_free(b.qkv); kn_free(b.gu); kn_free(b.logits); kn_free(b.ct);
+    kn_free(b.st); kn_free(b.xn16); kn_free(b.att16); kn_free(b.h16); kn_free(b.amax);
+    kn_free(b.ws_old); kn_free(b.ws_new); kn_free(b.slot); kn_free(b.pos);
+    cudaStreamDestroy(b.s);
+}
+
+/* One layer of a prefill of M tokens (300-token prompts), piece by piece,
+ * plain launches (each piece is large): where the prefill's time goes, and
+ * whether q/k/v and gate/up as one product each (over a concatenated
+ * dequantized weight) beat three and two. */
+typedef struct pre_bench {
+    int M, which;
+    kn_nf4 w[LLAMA_NLINEAR];
+    int64_t out[LLAMA_NLINEAR], in[LLAMA_NLINEAR];
+    kn_bf16 *wb, *x16, *q16, *k16, *v16, *att16, *h16;
+    float *y, *x, *nw, *ct, *st, *lse;
+    int32_t *slot, *pos, *start;
+    void *kc, *vc;
+} pre_bench;
+
+enum { PB_DEQUANT, PB_QKV3, PB_QKV1, PB_O, PB_GU2, PB_GU1, PB_DOWN, PB_NORM, PB_ROPE, PB_FLASH,
+       PB_SWIGLU, PB_N };
+
+static void pre_bench_fn(void *p)
+{
+    pre_bench *b = p;
+    const int M = b->M, D = 4096, H = 11008;
+    switch (b->which) {
+    case PB_DEQUANT: {
+        int64_t off = 0;
+        for (int i = 0; i < LLAMA_NLINEAR; i++) {
+            kn_nf4_dequant(b->wb + off, &b->w[i], 0);
+            off += b->out[i] * b->in[i];
+        }
+        break;
+    }
+    case PB_QKV3:
+        for (int i = 0; i < 3; i++)
+            kn_gemm(0, 1, M, D, D, 1.0f, b->x16, D, b->wb + (int64_t)i * D * D, D, 0.0f,
+                    b->y + (int64_t)i * D, KN_F32, 3 * D, 0);
+        break;
+    case PB_QKV1:
+        kn_gemm(0, 1, M, 3 * D, D, 1.0f, b->x16, D, b->wb, D, 0.0f, b->y, KN_F32, 3 * D, 0);
+        break;
+    case PB_O:
+        kn_gemm(0, 1, M, D, D, 1.0f, b->x16, D, b->wb, D, 1.0f, b->x, KN_F32, D, 0);
+        break;
+    case PB_GU2:
+        for (int i = 0; i < 2; i++)
+            kn_gemm(0, 1, M, H, D, 1.0f, b->x16, D, b->wb + (int64_t)i * H * D, D, 0.0f,
+                    b->y + (int64_t)i * H, KN_F32, 2 * H, 0);
+        break;
+    case PB_GU1:
+        kn_gemm(0, 1, M, 2 * H, D, 1.0f, b->x16, D, b->wb, D, 0.0f, b->y, KN_F32, 2 * H, 0);
+        break;
+    case PB_DOWN:
+        kn_gemm(0, 1, M, D, H, 1.0f, b->h16, H, b->wb, H, 1.0f, b->x, KN_F32, D, 0);
+        break;
+    case PB_NORM:
+        kn_gen_rmsnorm(NULL, b->x16, b->x, NULL, b->nw, M, D, 1e-5f, 0);
+        break;
+    case PB_ROPE:
+        kn_gen_rope_append(b->y, 3 * D, b->y + D, 3 * D, b->y + 2 * D, 3 * D, b->kc, b->vc, 1,
+                           b->slot, b->pos, M, 32, 32, 128, 300, b->ct, b->st, b->q16, b->k16,
+                           b->v16, 0);
+        break;
+    case PB_FLASH:
+        kn_attention_forward(b->att16, b->lse, b->q16, b->k16, b->v16, b->start, M, 32, 32, 128,
+                             0);
+        break;
+    case PB_SWIGLU:
+        kn_gen_swiglu(NULL, b->h16, b->y, b->y + H, 2 * H, M, H, 0);
+        break;
+    }
+}
+
+static void bench_prefill_pieces(const llama_config *c, const uint8_t *codes,
+                                 const uint8_t *scodes, const float *nested)
+{
+    enum { PROMPT = 300 };
+    const int D = 4096, H = 11008, M = 54 * PROMPT; /* a 16,384-token call: 54 prompts */
+    pre_bench b;
+    memset(&b, 0, sizeof b);
+    b.M = M;
+    int64_t tot = 0;
+    nf4_weight fw;
+    for (int i = 0; i < LLAMA_NLINEAR; i++) {
+        llama_linear_shape(c, (llama_linear)i, &b.out[i], &b.in[i]);
+        gt_fake_nf4(&fw, b.out[i], b.in[i], codes, scodes, nested);
+        nf4_to_device(&fw, &b.w[i]);
+        tot += b.out[i] * b.in[i];
+    }
+    b.wb = gt_dev((size_t)tot * 2);
+    b.x = gt_dev((size_t)M * D * 4);
+    b.y = gt_dev((size_t)M * 2 * H * 4);
+    b.x16 = gt_dev((size_t)M * D * 2);
+    b.h16 = gt_dev((size_t)M * H * 2);
+    b.q16 = gt_dev((size_t)M * D * 2);
+    b.k16 = gt_dev((size_t)M * D * 2);
+    b.v16 = gt_dev((size_t)M * D * 2);
+    b.att16 = gt_dev((size_t)M * D * 2);
+    b.lse = gt_dev((size_t)M * 32 * 4);
+    /* operands: 0x3c3c (0.0115 in bf16; 0.0115 in fp32 as 0x3c3c3c3c):
+     * no zeros, no NaN; the weights are the random codes dequantized */
+    kn_memset(b.x16, 0x3c, (size_t)M * D * 2, 0);
+    kn_memset(b.h16, 0x3c, (size_t)M * H * 2, 0);
+    kn_memset(b.x, 0x3c, (size_t)M * D * 4, 0);
+    kn_memset(b.y, 0x3c, (size_t)M * 2 * H * 4, 0);
+    float *nh = gt_rand(D, 1.0f);
+    b.nw = gt_up_f32(nh, D);
+    free(nh);
+    float *th = gt_rand((int64_t)PROMPT * 64, 1.0f);
+    b.ct = gt_up_f32(th, (int64_t)PROMPT * 64);
+    b.st = gt_up_f32(th, (int64_t)PROMPT * 64);
+    free(th);
+    int np = M / PROMPT;
+    b.kc = gt_dev((size_t)np * PROMPT * D * 2);
+    b.vc = gt_dev((size_t)np * PROMPT * D * 2);
+    int32_t *sl = malloc((size_t)M * 4), *ps = malloc((size_t)M * 4), *st = malloc((size_t)M * 4);
+    for (int t = 0; t < M; t++) {
+        sl[t] = t / PROMPT;
+        ps[t] = t % PROMPT;
+        st[t] = t / PROMPT * PROMPT;
+    }
+    b.slot = gt_up(sl, (size_t)M * 4);
+    b.pos = gt_up(ps, (size_t)M * 4);
+    b.start = gt_up(st, (size_t)M * 4);
+    free(sl); free(ps); free(st);
+    static const char *what[PB_N] = {
+        "dequantize the 7 weights", "q, k, v: 3 products", "q/k/v: 1 product (N 12288)",
+        "o (+ residual)", "gate, up: 2 products", "gate/up: 1 product (N 22016)",
+        "down (+ residual)", "rmsnorm", "rope_append (+ bf16 copies)", "flash attention",
+        "swiglu"};
+    const double flop[PB_N] = {0, 2.0 * M * 3 * D * D, 2.0 * M * 3 * D * D, 2.0 * M * D * D,
+                               4.0 * M * H * D, 4.0 * M * H * D, 2.0 * M * H * D, 0, 0,
+                               4.0 * M * (PROMPT + 1) / 2 * D, 0};
+    for (int wi = 0; wi < PB_N; wi++) {
+        b.which = wi;
+        char name[120];
+        snprintf(name, sizeof name, "prefill layer, %d tokens: %s", M, what[wi]);
+        gt_time(name, pre_bench_fn, &b, wi == PB_DEQUANT ? (double)tot * 2.5 : flop[wi],
+                wi == PB_DEQUANT);
+    }
+    for (int i = 0; i < LLAMA_NLINEAR; i++) {
+        kn_nf4 *q = &b.w[i];
+        kn_free((void *)q->codes); kn_free((void *)q->absmax_q);
+        kn_free((void *)q->nested_absmax); kn_free((void *)q->nested_map);
+        kn_free((void *)q->quant_map);
+    }
+    kn_free(b.wb); kn_free(b.x); kn_free(b.y); kn_free(b.x16); kn_free(b.h16); kn_free(b.q16);
+    kn_free(b.k16); kn_free(b.v16); kn_free(b.att16); kn_free(b.lse); kn_free(b.nw);
+    kn_free(b.ct); kn_free(b.st); kn_free(b.kc); kn_free(b.vc); kn_free(b.slot); kn_free(b.pos);
+    kn_free(b.start);
+}
+
 static void bench_7b(void)
 {
     enum { L = 32, DIM = 4096, HID = 11008, VOCAB = 32000, PROMPT = 300, NEW = 100 };
@@ -851,9 +1248,13 @@ static void bench_7b(void)
     double wbytes = m7.nf4_bytes;
     double head_bytes = (double)VOCAB * DIM * 2;
 
-    /* the products of a layer, on the 7B shapes (GEN_BENCH_MICRO=0: skip) */
+    /* the products of a layer, on the 7B shapes (GEN_BENCH_MICRO=0: skip;
+     * =2: only the step kernels and the prefill's pieces below; =3: only
+     * the step kernels at n = 64, for a profiler) */
     const char *micro = getenv("GEN_BENCH_MICRO");
-    for (int n = 1; (!micro || atoi(micro)) && n <= 64; n *= 64) {
+    const int mm = micro ? atoi(micro) : 1;
+    const int micro_all = mm == 1, micro_step = mm >= 1;
+    for (int n = 1; micro_all && n <= 64; n *= 64) {
         layer_bench b;
         memset(&b, 0, sizeof b);
         nf4_weight fw;
@@ -912,7 +1313,7 @@ static void bench_7b(void)
     }
 
     /* the cache attention alone: 350 cached positions, 32 heads of 128 */
-    for (int n = 1; (!micro || atoi(micro)) && n <= 64; n *= 64) {
+    for (int n = 1; micro_all && n <= 64; n *= 64) {
         int cap = PROMPT + NEW, P = 350;
         size_t csz = (size_t)n * cap * DIM;
         att_bench b;
@@ -949,7 +1350,13 @@ static void bench_7b(void)
         kn_free(b.o); kn_free(b.ws);
     }
 
-    /* GEN_BENCH_BATCHES: the batch sizes of the whole runs (default 1,64) */
+    for (int n = mm == 3 ? 64 : 1; micro_step && n <= 64; n *= 64)
+        bench_step_kernels(n);
+    if (micro_step && mm != 3)
+        bench_prefill_pieces(c, codes, scodes, nested);
+
+    /* GEN_BENCH_BATCHES: the batch sizes of the whole runs (default 1,64;
+     * 0: none) */
     int batches[8] = {1, 64}, nb = 2;
     const char *bs = getenv("GEN_BENCH_BATCHES");
     if (bs) {
@@ -1058,6 +1465,7 @@ int main(int argc, char **argv)
     test_attention(32, 32, 128, 20, 0);
     test_rope_append(8, 4, 8, 0);
     test_rope_append(4, 4, 128, 1);
+    test_rope_append(4, 2, 12, 1); /* hd % 8 != 0: one block per head */
     test_elementwise();
     test_rmsnorm(1, 4096, 1);
     test_rmsnorm(5, 4100, 0);
@@ -1065,6 +1473,11 @@ int main(int argc, char **argv)
     test_rmsnorm(64, 1024, 1);
     test_attention(32, 32, 128, 400, 1);
     test_attention(8, 8, 128, 65, 1);
+    test_rope_attention(4, 2, 128, 300, 7);
+    test_rope_attention(32, 32, 128, 400, 64);
+    test_rope_attention(8, 4, 8, 50, 5);
+    test_rope_attention(4, 4, 64, 130, 3);
+    test_rope_attention(2, 1, 32, 200, 1);
     test_stories();
     if (gt_bench)
         bench_7b();
