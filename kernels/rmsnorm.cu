@@ -32,6 +32,35 @@ __device__ __forceinline__ void load8(float *f, const bf16 *p)
     }
 }
 
+/* Eight elements i .. i+7 of a row's input gradient from x (f), dy (gv)
+ * and the weight (wv): dx = r (w dy - x r dot), added to dr's values when
+ * accumulating, and its bf16 copy into db when there is one. */
+__device__ __forceinline__ void store_dx8(float *dr, bf16 *db, int i, const float *f,
+                                          const float *gv, const float *wv, float r, float dot,
+                                          int accumulate)
+{
+    float o[8];
+    if (accumulate) {
+        *(float4 *)o = *(const float4 *)(dr + i);
+        *(float4 *)(o + 4) = *(const float4 *)(dr + i + 4);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        float g = r * (wv[j] * gv[j] - f[j] * r * dot);
+        o[j] = accumulate ? o[j] + g : g;
+    }
+    *(float4 *)(dr + i) = *(float4 *)o;
+    *(float4 *)(dr + i + 4) = *(float4 *)(o + 4);
+    if (db) {
+        uint4 u;
+        uint32_t *up = (uint32_t *)&u;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            up[j] = pack_bf16x2(o[2 * j], o[2 * j + 1]);
+        *(uint4 *)(db + i) = u;
+    }
+}
+
 __global__ void rmsnorm_forward_kernel(bf16 *y, float *rstd, const bf16 *x,
                                        const float *w, int64_t n, int d,
                                        float eps)
@@ -107,31 +136,13 @@ __global__ void rmsnorm_backward_kernel(float *dx, bf16 *dxb, const float *dy,
         }
         dot = warp_sum(dot) * r / d;
         for (int i = lane * 8; i < d; i += 256) {
-            float f[8], gv[8], wv[8], o[8];
+            float f[8], gv[8], wv[8];
             load8(f, xr + i);
             *(float4 *)gv = *(const float4 *)(gr + i);
             *(float4 *)(gv + 4) = *(const float4 *)(gr + i + 4);
             *(float4 *)wv = *(const float4 *)(w + i);
             *(float4 *)(wv + 4) = *(const float4 *)(w + i + 4);
-            if (accumulate) {
-                *(float4 *)o = *(const float4 *)(dr + i);
-                *(float4 *)(o + 4) = *(const float4 *)(dr + i + 4);
-            }
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                float g = r * (wv[j] * gv[j] - f[j] * r * dot);
-                o[j] = accumulate ? o[j] + g : g;
-            }
-            *(float4 *)(dr + i) = *(float4 *)o;
-            *(float4 *)(dr + i + 4) = *(float4 *)(o + 4);
-            if (db) {
-                uint4 u;
-                uint32_t *up = (uint32_t *)&u;
-#pragma unroll
-                for (int j = 0; j < 4; j++)
-                    up[j] = pack_bf16x2(o[2 * j], o[2 * j + 1]);
-                *(uint4 *)(db + i) = u;
-            }
+            store_dx8(dr, db, i, f, gv, wv, r, dot, accumulate);
         }
         return;
     }
@@ -283,7 +294,7 @@ rmsnorm_backward_reg_kernel(float *dx, bf16 *dxb, const float *dy, const bf16 *x
         int i = lane * 8 + 256 * (k + HG * half);
         if (i >= d)
             continue;
-        float f[8], gv[8], wv[8], o[8];
+        float f[8], gv[8], wv[8];
         const __nv_bfloat162 *h = (const __nv_bfloat162 *)&xv[k];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -295,25 +306,7 @@ rmsnorm_backward_reg_kernel(float *dx, bf16 *dxb, const float *dy, const bf16 *x
         *(float4 *)(gv + 4) = g1[k];
         *(float4 *)wv = *(const float4 *)(w + i);
         *(float4 *)(wv + 4) = *(const float4 *)(w + i + 4);
-        if (accumulate) {
-            *(float4 *)o = *(const float4 *)(dr + i);
-            *(float4 *)(o + 4) = *(const float4 *)(dr + i + 4);
-        }
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            float g = r * (wv[j] * gv[j] - f[j] * r * dot);
-            o[j] = accumulate ? o[j] + g : g;
-        }
-        *(float4 *)(dr + i) = *(float4 *)o;
-        *(float4 *)(dr + i + 4) = *(float4 *)(o + 4);
-        if (db) {
-            uint4 u;
-            uint32_t *up = (uint32_t *)&u;
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                up[j] = pack_bf16x2(o[2 * j], o[2 * j + 1]);
-            *(uint4 *)(db + i) = u;
-        }
+        store_dx8(dr, db, i, f, gv, wv, r, dot, accumulate);
     }
 }
 

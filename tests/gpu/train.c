@@ -29,6 +29,7 @@
 #include "packfile.h"
 #include "nf4.h"
 #include "train.h"
+#include "../tiny_pack.h"
 #include "../../kernels/train_gpu.h"
 
 #include <time.h>
@@ -45,38 +46,12 @@
 #define SEQ 128
 #define ROWS 12
 
+/* Random documents packed into rows (tests/tiny_pack.h); even rows count
+ * every token after the first, odd rows only those past a prompt. */
 static void make_data(pack_data *d, int vocab)
 {
-    memset(d, 0, sizeof *d);
-    d->h.version = PACK_VERSION;
-    d->h.seq_len = SEQ;
-    d->h.vocab_size = (uint32_t)vocab;
-    d->h.n_rows = ROWS;
-    d->ids = xcalloc((size_t)ROWS * SEQ, sizeof *d->ids);
-    d->weights = xcalloc((size_t)ROWS * SEQ, 1);
-    d->row_spans = xcalloc(ROWS + 1, sizeof *d->row_spans);
-    d->spans = xcalloc((size_t)ROWS * SEQ, sizeof *d->spans);
-    uint64_t ns = 0;
-    for (int r = 0; r < ROWS; r++) {
-        d->row_spans[r] = ns;
-        uint32_t pos = 0;
-        while (pos + 2 <= SEQ - (uint32_t)(r % 3) * 5) {
-            uint32_t len = 2 + (uint32_t)(gt_u64() % 70);
-            uint32_t room = SEQ - (uint32_t)(r % 3) * 5 - pos;
-            len = len > room ? room : len;
-            d->spans[ns].start = pos;
-            d->spans[ns].len = len;
-            ns++;
-            uint32_t prompt = (uint32_t)(gt_u64() % (len / 2 + 1));
-            for (uint32_t p = 0; p < len; p++) {
-                d->ids[(size_t)r * SEQ + pos + p] = 3 + (uint32_t)(gt_u64() % (uint64_t)(vocab - 3));
-                d->weights[(size_t)r * SEQ + pos + p] = p > 0 && (r % 2 == 0 || p >= prompt);
-            }
-            pos += len;
-        }
-    }
-    d->row_spans[ROWS] = ns;
-    d->h.n_spans = ns;
+    const tiny_pack_spec s = {ROWS, SEQ, 70, 5, TP_PROMPT_ODD};
+    tiny_pack(d, vocab, &s, gt_u64);
 }
 
 static lora_config lcfg(double dropout, int r)
