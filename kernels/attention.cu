@@ -36,6 +36,7 @@
  * bank groups. Scores are kept in the log2 domain (exp2f) with the scale
  * folded in. */
 #include "common.cuh"
+#include "wgmma.cuh"
 
 #include <limits.h>
 #include <stdlib.h>
@@ -1010,11 +1011,6 @@ attn_bwd_dkdv_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
  * FlashAttention-3. Hence opt-in: KN_ATTN_WGMMA=1, head sizes padded to
  * 128 on compute capability 9.x only; KN_ATTN_WG_NOSWIZZLE=1 the
  * unswizzled tiles. */
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define ATT_WG_ARCH 1
-#else
-#define ATT_WG_ARCH 0
-#endif
 
 /* element offset of (r, c) in a core-matrix tile of HDP columns */
 template <int HDP> __device__ __forceinline__ int cm_off(int r, int c)
@@ -1073,13 +1069,6 @@ __device__ __forceinline__ void frag_a_cm(uint32_t *a, const bf16 *s, int row, i
     ldmatrix_x4(a, s + t_off<HDP, ROWS, SW>(row + (lane & 15), col + ((lane >> 4) << 3)));
 }
 
-/* shared-memory matrix descriptor, no swizzle; offsets in bytes */
-__device__ __forceinline__ uint64_t wg_desc(const void *p, uint32_t lbo, uint32_t sbo)
-{
-    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
-           ((uint64_t)(sbo >> 4) << 32);
-}
 
 /* the tile as a K-major operand (rows: M or N, columns: K) from row r0,
  * columns 16 kk.. (inside a swizzled block the start moves by 32 bytes a
@@ -1100,101 +1089,6 @@ __device__ __forceinline__ uint64_t desc_mn(const bf16 *t, int kk)
     if (SW)
         return wg_desc(t + kk * 16 * 64, ROWS * 128, 1024) | (1ull << 62);
     return wg_desc(t + kk * 16 * HDP, 16 * HDP, 128);
-}
-
-__device__ __forceinline__ void wg_fence()
-{
-#if ATT_WG_ARCH
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wg_commit()
-{
-#if ATT_WG_ARCH
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wg_wait0()
-{
-#if ATT_WG_ARCH
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-}
-/* cp.async wrote the tiles (generic proxy); wgmma reads them through the
- * async proxy: each writer fences before the barrier */
-__device__ __forceinline__ void fence_proxy_async()
-{
-#if ATT_WG_ARCH
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-/* pins accumulator registers after a wait (CUTLASS's
- * warpgroup_fence_operand): no use of them is moved above it */
-template <int R> __device__ __forceinline__ void wg_pin(float *d)
-{
-#pragma unroll
-    for (int i = 0; i < R; i++)
-        asm volatile("" : "+f"(d[i])::"memory");
-}
-
-template <int TB> __device__ __forceinline__ void wg_rs64(float *d, const uint32_t *a, uint64_t b)
-{
-#if ATT_WG_ARCH
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
-        :
-          "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(TB));
-#endif
-}
-
-template <int TB> __device__ __forceinline__ void wg_rs128(float *d, const uint32_t *a, uint64_t b)
-{
-#if ATT_WG_ARCH
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, %69;\n}\n"
-        :
-          "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(TB));
-#endif
-}
-
-__device__ __forceinline__ void wg_ss64(float *d, uint64_t a, uint64_t b)
-{
-#if ATT_WG_ARCH
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        :
-          "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b));
-#endif
 }
 
 /* D (64 x N) += A (64 x 16, registers) B (16 x N, shared, TB: MN-major) */
@@ -1226,7 +1120,7 @@ attn_fwd_wg_kernel(bf16 *o, float *lse, const bf16 *q, const bf16 *k,
                    const bf16 *v, const int32_t *start, int n, int nh, int nkv,
                    int hd, float scale_log2)
 {
-#if ATT_WG_ARCH
+#if WG_ARCH
     constexpr int NT = 128 * NWG, BQ = 64 * NWG, KS = HDP / 16, TS = 64 * HDP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char *sm = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
@@ -1376,7 +1270,7 @@ attn_bwd_dq_wg_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
                       const int32_t *start, int n, int nh, int nkv, int hd,
                       float scale_log2, float scale)
 {
-#if ATT_WG_ARCH
+#if WG_ARCH
     constexpr int NT = 128 * NWG, BQ = 64 * NWG, KS = HDP / 16, TS = 64 * HDP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char *sm = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
@@ -1500,7 +1394,7 @@ attn_bwd_dkdv_wg_kernel(bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
                         const float *delta, const int32_t *start, int n, int nh,
                         int nkv, int hd, float scale_log2, float scale)
 {
-#if ATT_WG_ARCH
+#if WG_ARCH
     constexpr int NT = 128 * NWG, BK = 64 * NWG, KS = HDP / 16, TS = WQ * HDP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     /* sK, sV; buffer b: Q at sQ0 + 2b TS, dO after it; then the statistics */

@@ -53,10 +53,18 @@
  *     every warp all classes in order (the class sums kept in shared
  *     memory); the x chunks, shared by the W warps, stream through shared
  *     memory with cp.async, 4 stages deep; weights stream through
- *     registers 4 chunks ahead. Products of fewer than 150 row tiles
- *     (QLORA_GEN_SPLIT) are also split over the classes: block z sums
- *     class z alone into a workspace, and the last block of a row tile to
- *     finish adds the eight in class order.
+ *     registers 4 chunks ahead, the loop unrolled over one G4 group (4
+ *     chunks; 8 measured 5% slower, TILE_G4_U). Products of fewer than
+ *     150 row tiles (QLORA_GEN_SPLIT) are also split over the classes:
+ *     block z sums class z alone into a workspace, and the last block of
+ *     a row tile to finish adds the eight in class order.
+ *     QLORA_GEN_TILE_S=2|4 splits over 2 or 4 class groups instead
+ *     (measured slower: the workspace traffic of the class sums costs
+ *     more than the extra warps give).
+ *   - lin_wg (32 < n <= 64, opt-in QLORA_GEN_WG=1, Hopper): lin_tile's
+ *     sums on wgmma, a warpgroup owning 64 rows; the same bits as
+ *     mma.sync (tested), but 1.6x slower than lin_tile on an H100 so far
+ *     (see its comment).
  *
  * Measured on an H100 80GB HBM3 (bench/RESULTS.md, "gen, product kernels
  * (issue 8)"), the products of one 7B layer: 87.6 us at n = 1 (was
@@ -71,6 +79,7 @@
 #include "common.cuh"
 #include "gen_kernels.h"
 #include "gen_launch.cuh"
+#include "wgmma.cuh"
 
 #define LIN_WARPS 8
 #define LIN_GROUP 4
@@ -78,6 +87,9 @@
 #define TILE_STAGES 4
 #define TILE_DT 4 /* NF4 chunks in flight a warp in lin_tile with G4 (8 spills) */
 #define TILE_MAXCH 1024 /* chunks: in <= 65536 */
+#ifndef TILE_G4_U
+#define TILE_G4_U 4 /* lin_tile's unrolling with G4: 4 or 8 chunks */
+#endif
 #define SEQ_LAST 0x40000000
 #define SEQ_CHUNK 0x3fffffff
 #define VEC_XS_MAX (40 << 10) /* bytes of x kept in shared memory */
@@ -842,14 +854,14 @@ template <int NT> __host__ __device__ constexpr size_t tile_xs_bytes()
     return (size_t)TILE_STAGES * NT * 8 * 64 * 2;
 }
 
-template <int NT, int W, int MT, bool SPLIT> __host__ __device__ constexpr size_t tile_tot_bytes()
+template <int NT, int W, int MT, int S> __host__ __device__ constexpr size_t tile_tot_bytes()
 {
-    return SPLIT ? 0 : (size_t)W * MT * NT * 4 * 32 * 4;
+    return S > 1 ? 0 : (size_t)W * MT * NT * 4 * 32 * 4;
 }
 
-template <int NT, int W, int MT, bool SPLIT> __host__ __device__ constexpr size_t tile_smem_max()
+template <int NT, int W, int MT, int S> __host__ __device__ constexpr size_t tile_smem_max()
 {
-    return tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, SPLIT>() + TILE_MAXCH * 4;
+    return tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, S>() + TILE_MAXCH * 4;
 }
 
 /* Blocks resident per SM the launch bounds ask for: MT = 2 keeps 64
@@ -871,7 +883,7 @@ template <int W, int MT> __host__ __device__ constexpr int tile_min_blocks()
  * between launches (at a fixed place: launches of other shapes write
  * their partial sums after it), then the partial sums (nops, 8, 64, wsld)
  * fp32. */
-template <int WK, int NT, int W, int MT, bool SPLIT, bool G4>
+template <int WK, int NT, int W, int MT, int S, bool G4>
 __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
     lin_tile_kernel(lin_pack P, const bf16 *__restrict__ x, int64_t ldx, int n, float *ws,
                     int64_t wsld, int ntiles)
@@ -881,7 +893,10 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
     constexpr int T = W * 32;
     /* chunks of weights in flight */
     constexpr int DT = WK == KN_GW_NF4 ? (MT == 1 ? (G4 ? TILE_DT : 4) : 2) : 2;
-    constexpr int U = G4 ? 8 : DT; /* the main loop's unrolling */
+    /* the main loop's unrolling: with G4, one group (TILE_G4_U = 4: group
+     * k+1's scales move from slot 1 to slot 0 when group k ends) or two
+     * (8: slot k % 2) */
+    constexpr int U = G4 ? TILE_G4_U : DT;
     constexpr int XU = NT * 8 * 8 / T; /* 16-byte x units a thread copies per chunk */
     static_assert(XU >= 1 && NT * 8 * 8 % T == 0, "x units");
     const lin_desc D = pick_desc(P);
@@ -893,26 +908,37 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
     const int g = lane >> 2, t = lane & 3;
     const int K = (int)D.in;
     const int nch = (K + 63) >> 6;
-    const int cls = SPLIT ? (int)blockIdx.z : 0;
+    constexpr int CPB = LIN_CLASSES / S; /* classes a block sums */
+    const int c0 = (int)blockIdx.z * CPB;
     const bf16 *xs = (const bf16 *)tsm;
     float *tot = (float *)(tsm + tile_xs_bytes<NT>());
-    int *seq = (int *)(tsm + tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, SPLIT>());
-    const int total = SPLIT ? class_count(nch, cls) : nch;
+    int *seq = (int *)(tsm + tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, S>());
+    int total = 0;
+    for (int v = c0; v < c0 + CPB; v++)
+        total += class_count(nch, v);
     /* the order of the chunks: class by class, increasing inside a class;
      * SEQ_LAST marks the last chunk of a class */
     for (int c = tid; c < nch; c += T) {
         const int w = (c / LIN_GROUP) % LIN_CLASSES;
+        if (w < c0 || w >= c0 + CPB)
+            continue;
         const int i = (c / (LIN_GROUP * LIN_CLASSES)) * LIN_GROUP + c % LIN_GROUP;
-        if (SPLIT) {
-            if (w == cls)
-                seq[i] = c | (i == total - 1 ? SEQ_LAST : 0);
-        } else {
-            int o = 0;
-            for (int v = 0; v < w; v++)
-                o += class_count(nch, v);
-            seq[o + i] = c | (i == class_count(nch, w) - 1 ? SEQ_LAST : 0);
-        }
+        int o = 0;
+        for (int v = c0; v < w; v++)
+            o += class_count(nch, v);
+        seq[o + i] = c | (i == class_count(nch, w) - 1 ? SEQ_LAST : 0);
     }
+    /* split: a class with no chunks (K < 2048) sums to zero */
+    if (S > 1)
+        for (int v = c0; v < c0 + CPB; v++)
+            if (class_count(nch, v) == 0)
+                for (int q = tid; q < 16 * MT * W * 64; q += T) {
+                    const int64_t row = row0 + q % (16 * MT * W);
+                    const int col = q / (16 * MT * W);
+                    if (row < out && col < n)
+                        ws[SPLIT_COUNTERS +
+                           (((int64_t)blockIdx.y * LIN_CLASSES + v) * 64 + col) * wsld + row] = 0.0f;
+                }
     load_tables<WK>(D, tid, T);
     __syncthreads();
     const uint32_t qb = qmap_base();
@@ -1038,7 +1064,8 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
             for (int j = 0; j < 4; j++)
                 acc[m][nt][j] = 0.0f;
     float *mytot = tot + (size_t)warp * MT * NT * 4 * 32 + lane;
-    if (!SPLIT)
+    float *part = ws + SPLIT_COUNTERS + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
+    if (S == 1)
 #pragma unroll
         for (int q = 0; q < MT * NT * 4; q++)
             mytot[q * 32] = 0.0f;
@@ -1049,7 +1076,7 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
             if (p >= total)
                 break;
             if (G4 && du % 4 == 0 && p + 4 < total)
-                load_gs(((du >> 2) + 1) & 1, (seq[p + 4] & SEQ_CHUNK) * 64);
+                load_gs(U == 4 ? 1 : ((du >> 2) + 1) & 1, (seq[p + 4] & SEQ_CHUNK) * 64);
             cp_async_wait<TILE_STAGES - 2>();
             __syncthreads();
             load_x(p + TILE_STAGES - 1);
@@ -1062,7 +1089,7 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
 #pragma unroll
                 for (int hr = 0; hr < 2; hr++) {
                     if constexpr (G4) {
-                        const int gs = (du >> 2) & 1;
+                        const int gs = U == 4 ? 0 : (du >> 2) & 1;
                         const uint32_t sb = (gsb[gs][m][hr] >> (8 * (du & 3))) & 0xffu;
                         sc[m][hr] = __fadd_rn(__fmul_rn(s_nmap[sb], gsv[gs][m][hr]), D.offset);
                     } else {
@@ -1107,21 +1134,39 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
             }
             if (p + DT < total)
                 load_w(raw[d], (seq[p + DT] & SEQ_CHUNK) * 64);
-            if (!SPLIT && (e & SEQ_LAST)) {
+            if (e & SEQ_LAST) {
+                /* the class's sum: into tot, or (split) the workspace */
+                const int cls = ((e & SEQ_CHUNK) / LIN_GROUP) % LIN_CLASSES;
 #pragma unroll
                 for (int m = 0; m < MT; m++)
 #pragma unroll
                     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                         for (int j = 0; j < 4; j++) {
-                            mytot[((m * NT + nt) * 4 + j) * 32] += acc[m][nt][j];
+                            if (S == 1) {
+                                mytot[((m * NT + nt) * 4 + j) * 32] += acc[m][nt][j];
+                            } else {
+                                const int64_t row =
+                                    row0 + (warp * MT + m) * 16 + g + ((j & 2) ? 8 : 0);
+                                const int col = nt * 8 + 2 * t + (j & 1);
+                                if (row < out && col < n)
+                                    part[((int64_t)cls * 64 + col) * wsld + row] = acc[m][nt][j];
+                            }
                             acc[m][nt][j] = 0.0f;
                         }
             }
+            if (G4 && U == 4 && du == 3)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+#pragma unroll
+                    for (int hr = 0; hr < 2; hr++) {
+                        gsb[0][m][hr] = gsb[1][m][hr];
+                        gsv[0][m][hr] = gsv[1][m][hr];
+                    }
         }
     }
     cp_async_wait<0>();
-    if (!SPLIT) {
+    if (S == 1) {
 #pragma unroll
         for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -1137,25 +1182,13 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
                 }
         return;
     }
-    /* split: this class's sums into the workspace; the last block of the
-     * row tile adds all eight in class order */
-    float *part = ws + SPLIT_COUNTERS + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int64_t row = row0 + (warp * MT + m) * 16 + g + ((j & 2) ? 8 : 0);
-                const int col = nt * 8 + 2 * t + (j & 1);
-                if (row < out && col < n)
-                    part[((int64_t)cls * 64 + col) * wsld + row] = acc[m][nt][j];
-            }
+    /* split: the last block of the row tile adds all eight class sums in
+     * class order */
     __threadfence();
     __syncthreads();
     int *counter = (int *)ws + blockIdx.y * ntiles + blockIdx.x;
     if (tid == 0)
-        s_last = atomicAdd(counter, 1) == LIN_CLASSES - 1;
+        s_last = atomicAdd(counter, 1) == S - 1;
     __syncthreads();
     if (!s_last)
         return;
@@ -1181,6 +1214,308 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
         *counter = 0;
 }
 
+/* ---- lin_wg: 32 < n <= 64 on Hopper (wgmma) --------------------------------------- */
+
+/* lin_tile's products on wgmma, for NF4 weights with G4 scales (K a
+ * multiple of 256) on compute capability 9.0; opt-in (QLORA_GEN_WG=1). A
+ * block is one warpgroup owning 64 W rows, warp w the rows 16w .. 16w+15
+ * with the same A fragments as lin_tile, and the sums keep the order of
+ * the top: classes in order, chunks in increasing order inside a class,
+ * k-tiles 0..3 inside a chunk, each k-tile one m64n64k16 product
+ * accumulated in fp32. On an H100 that gives mma.sync's bits exactly
+ * (tests/gpu/gen.c checks every row against lin_row's for n = 1 .. 64).
+ * What changes is how x reaches the tensor cores: in lin_tile every warp
+ * reads each x fragment from shared memory itself (8 bytes of x for each
+ * weight at n = 64), here the warpgroup's product reads the chunk of x
+ * once (2 bytes a weight). The products run in half chunks (two k-tiles,
+ * one commit group), so that a half is dequantized while the previous
+ * one runs.
+ *
+ * Measured on an H100 (bench/RESULTS.md, "gen, wgmma products"): a
+ * layer's products at n = 64 take 350-390 us against lin_tile's 217-228.
+ * ncu on q/k/v: 23% of issue slots used at 14 warps an SM; each warp
+ * waits ~15 cycles between instructions, mostly on the x copies through
+ * registers (long scoreboard), the lookups (short scoreboard), the
+ * per-chunk barrier and proxy fence, and the warpgroup's rendezvous at
+ * each product. The known remedy is a pipeline in the style of CUTLASS's
+ * mixed-input kernels: x pre-arranged by its producer and brought in by
+ * bulk copies (TMA) on mbarriers, a producer warp, and consumer
+ * warpgroups that never meet at a block barrier.
+ *
+ * A chunk of x in shared memory (one of WG_STAGES, 8 KB): 64 columns of x
+ * by the chunk's 64 k in the products' order, in core matrices of 8
+ * columns x 8 k (16 bytes a column); the two halves of a k-tile 128 bytes
+ * apart, k-tiles 256 bytes apart, groups of 8 columns 1024 bytes apart
+ * (wgmma's K-major layout without swizzle). The order permutes k inside a
+ * chunk as lin_tile does: position q (0..15) of k-tile kk holds element
+ * 16 ((q / 2) % 4) + 4 kk + 2 (q / 8) + q % 2. Thread i copies column i %
+ * 64 for k-tiles 2 (i / 64) and 2 (i / 64) + 1: four 16-byte loads
+ * (elements 16 t + 8 (i / 64) .. +7, t = 0..3) whose words regroup into
+ * four 16-byte stores. The copies go through registers a chunk ahead.
+ *
+ * S (1, 2, 4 or 8): the class groups a product is split over, so that
+ * small products still fill the GPU. Block z sums classes 8z/S ..
+ * 8(z+1)/S - 1; with S = 1 the class sums are added in shared memory as
+ * in lin_tile, else each is written to the workspace (lin_tile's split
+ * layout) and the last block of a row tile adds the eight in class
+ * order. */
+#define WG_STAGES 3
+#define WG_STAGE_BYTES 8192
+#define WG_TOT_BYTES (4 * 32 * 32 * 4) /* a warp's 16 x 64 class sums */
+#define WG_MIN_BLOCKS 3
+
+template <int S> __host__ __device__ constexpr size_t wg_smem_fixed()
+{
+    return (size_t)WG_STAGES * WG_STAGE_BYTES + (S == 1 ? WG_TOT_BYTES : 0);
+}
+
+__device__ __forceinline__ void sts128(uint32_t a, uint32_t x, uint32_t y, uint32_t z, uint32_t w)
+{
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(x), "r"(y), "r"(z),
+                 "r"(w)
+                 : "memory");
+}
+
+template <int S>
+__global__ void __launch_bounds__(128, WG_MIN_BLOCKS)
+    lin_wg_kernel(lin_pack P, const bf16 *__restrict__ x, int64_t ldx, int n, float *ws,
+                  int64_t wsld, int ntiles)
+{
+#if WG_ARCH
+    extern __shared__ __align__(16) unsigned char tsm[];
+    __shared__ int s_last;
+    constexpr int DT = 4; /* chunks of weights in flight */
+    constexpr int U = 8;  /* the main loop's unrolling (two G4 groups) */
+    constexpr int CPB = LIN_CLASSES / S;
+    const lin_desc D = pick_desc(P);
+    const int64_t out = D.out;
+    const int64_t row0 = (int64_t)blockIdx.x * 64;
+    if (row0 >= out)
+        return;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int nch = (int)(D.in >> 6);
+    const int c0 = (int)blockIdx.z * CPB;
+    float *tot = (float *)(tsm + WG_STAGES * WG_STAGE_BYTES);
+    int *seq = (int *)(tsm + wg_smem_fixed<S>());
+    int total = 0;
+    for (int v = c0; v < c0 + CPB; v++)
+        total += class_count(nch, v);
+    /* the order of the chunks: class by class, increasing inside a class;
+     * SEQ_LAST marks the last chunk of a class */
+    for (int c = tid; c < nch; c += 128) {
+        const int w = (c / LIN_GROUP) % LIN_CLASSES;
+        if (w < c0 || w >= c0 + CPB)
+            continue;
+        const int i = (c / (LIN_GROUP * LIN_CLASSES)) * LIN_GROUP + c % LIN_GROUP;
+        int o = 0;
+        for (int v = c0; v < w; v++)
+            o += class_count(nch, v);
+        seq[o + i] = c | (i == class_count(nch, w) - 1 ? SEQ_LAST : 0);
+    }
+    /* a class with no chunks (K < 2048) sums to zero */
+    if (S > 1)
+        for (int v = c0; v < c0 + CPB; v++)
+            if (class_count(nch, v) == 0)
+                for (int q = tid; q < 64 * 64; q += 128) {
+                    const int64_t row = row0 + (q & 63);
+                    if (row < out && (q >> 6) < n)
+                        ws[SPLIT_COUNTERS +
+                           (((int64_t)blockIdx.y * LIN_CLASSES + v) * 64 + (q >> 6)) * wsld + row] =
+                            0.0f;
+                }
+    load_tables<KN_GW_NF4>(D, tid, 128);
+    __syncthreads();
+    const uint32_t qb = qmap_base();
+    const uint8_t *base = D.codes + 8 * t;
+    int32_t roff[2]; /* byte offsets of the lane's rows g, g+8 */
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        const int64_t r = row0 + warp * 16 + g + 8 * hr;
+        roff[hr] = (int32_t)((r < out ? r : out - 1) * (D.in >> 1));
+        pin(roff[hr]);
+    }
+    /* G4 as in lin_tile: group k's scale codes and nested absmax in slot
+     * k % 2, group k+1's requested when group k starts */
+    uint32_t gsb[2][2];
+    float gsv[2][2];
+    auto load_gs = [&](int slot, int32_t off) {
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            const int32_t b = (2 * roff[hr] + off) >> 6;
+            gsb[slot][hr] = __ldg((const uint32_t *)(D.absmax_q + b));
+            gsv[slot][hr] = __ldg(D.nested_absmax + (b >> D.lnbs));
+        }
+    };
+    uint2 rc[DT][2];
+    auto load_w = [&](uint2(&r)[2], int32_t off) {
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++)
+            r[hr] = __ldg((const uint2 *)(base + roff[hr] + (off >> 1)));
+    };
+    if (total > 0)
+        load_gs(0, (seq[0] & SEQ_CHUNK) * 64);
+#pragma unroll
+    for (int d = 0; d < DT; d++)
+        if (d < total)
+            load_w(rc[d], (seq[d] & SEQ_CHUNK) * 64);
+    gen_pdl_wait();
+    gen_pdl_trigger();
+    /* x: columns past n copy column n-1 (they reach only output columns
+     * that are not stored) */
+    const int xc = tid & 63, xh = tid >> 6;
+    const bf16 *xsrc = x + (int64_t)min(xc, n - 1) * ldx + 8 * xh;
+    const uint32_t xs_sh = (uint32_t)__cvta_generic_to_shared(tsm);
+    const uint32_t xdst = (uint32_t)((xc >> 3) * 1024 + (xc & 7) * 16 + xh * 512);
+    uint4 xr[4];
+    auto ld_x = [&](int p) {
+        if (p < total) {
+            const int k0 = (seq[p] & SEQ_CHUNK) * 64;
+#pragma unroll
+            for (int q = 0; q < 4; q++)
+                xr[q] = __ldg((const uint4 *)(xsrc + k0 + 16 * q));
+        }
+    };
+    auto st_x = [&](int p) {
+        if (p < total) {
+            const uint32_t a = xs_sh + (uint32_t)((p % WG_STAGES) * WG_STAGE_BYTES) + xdst;
+            sts128(a, xr[0].x, xr[1].x, xr[2].x, xr[3].x);
+            sts128(a + 128, xr[0].y, xr[1].y, xr[2].y, xr[3].y);
+            sts128(a + 256, xr[0].z, xr[1].z, xr[2].z, xr[3].z);
+            sts128(a + 384, xr[0].w, xr[1].w, xr[2].w, xr[3].w);
+        }
+    };
+    ld_x(0);
+    st_x(0);
+    ld_x(1);
+    fence_proxy_async();
+    float acc[32];
+#pragma unroll
+    for (int q = 0; q < 32; q++)
+        acc[q] = 0.0f;
+    uint32_t A[4][4];
+    float *mytot = tot + warp * 1024 + lane;
+    if (S == 1)
+#pragma unroll
+        for (int q = 0; q < 32; q++)
+            mytot[q * 32] = 0.0f;
+    float *part = ws + SPLIT_COUNTERS + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
+    for (int p0 = 0; p0 < total; p0 += U) {
+#pragma unroll
+        for (int du = 0; du < U; du++) {
+            const int p = p0 + du, d = du % DT;
+            if (p >= total)
+                break;
+            if (du % 4 == 0 && p + 4 < total)
+                load_gs(((du >> 2) + 1) & 1, (seq[p + 4] & SEQ_CHUNK) * 64);
+            float sc[2];
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                const int gs = (du >> 2) & 1;
+                const uint32_t sb = (gsb[gs][hr] >> (8 * (du & 3))) & 0xffu;
+                sc[hr] = __fadd_rn(__fmul_rn(s_nmap[sb], gsv[gs][hr]), D.offset);
+            }
+            const int e = seq[p];
+            /* the products run in half chunks (two k-tiles, A fragments in
+             * A[h]), one commit group each: half h of chunk p is built
+             * while half 1-h of chunk p-1 (or half 0 of chunk p) runs.
+             * Before half 0: half 0 of chunk p-1 is done, so chunk p-2 is,
+             * and after the barrier every warp is done with chunk p-2's
+             * stage, which takes chunk p+1's x; chunk p's is in place
+             * (written and fenced by every thread last time round). */
+            wg_wait<1>();
+            wg_pin<8>(&A[0][0]);
+            __syncthreads();
+            st_x(p + 1);
+            ld_x(p + 2);
+            fence_proxy_async();
+            const uint64_t db =
+                wg_desc(tsm + (p % WG_STAGES) * WG_STAGE_BYTES, 128, 1024);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (h == 1) {
+                    wg_wait<1>();
+                    wg_pin<8>(&A[2][0]);
+                }
+                const nibs v0 = nibs_of(h ? rc[d][0].y : rc[d][0].x);
+                const nibs v1 = nibs_of(h ? rc[d][1].y : rc[d][1].x);
+                uint32_t(&a0)[4] = A[2 * h], (&a1)[4] = A[2 * h + 1];
+                nf4_words<0>(v0, sc[0], qb, a0[0], a0[2]);
+                nf4_words<0>(v1, sc[1], qb, a0[1], a0[3]);
+                nf4_words<1>(v0, sc[0], qb, a1[0], a1[2]);
+                nf4_words<1>(v1, sc[1], qb, a1[1], a1[3]);
+                wg_fence();
+                wg_rs64<0>(acc, a0, db + (uint64_t)(16 * (2 * h)));
+                wg_rs64<0>(acc, a1, db + (uint64_t)(16 * (2 * h + 1)));
+                wg_commit();
+                wg_pin<32>(acc);
+            }
+            if (p + DT < total)
+                load_w(rc[d], (seq[p + DT] & SEQ_CHUNK) * 64);
+            if (e & SEQ_LAST) {
+                wg_wait<0>();
+                wg_pin<32>(acc);
+                wg_pin<16>(&A[0][0]);
+                if (S == 1) {
+#pragma unroll
+                    for (int q = 0; q < 32; q++)
+                        mytot[q * 32] += acc[q];
+                } else {
+                    const int cls = ((e & SEQ_CHUNK) / LIN_GROUP) % LIN_CLASSES;
+#pragma unroll
+                    for (int q = 0; q < 32; q++) {
+                        const int64_t row = row0 + warp * 16 + g + ((q & 2) ? 8 : 0);
+                        const int col = (q >> 2) * 8 + 2 * t + (q & 1);
+                        if (row < out && col < n)
+                            part[((int64_t)cls * 64 + col) * wsld + row] = acc[q];
+                    }
+                }
+#pragma unroll
+                for (int q = 0; q < 32; q++)
+                    acc[q] = 0.0f;
+            }
+        }
+    }
+    wg_wait<0>();
+    if (S == 1) {
+#pragma unroll
+        for (int q = 0; q < 32; q++) {
+            const int64_t row = row0 + warp * 16 + g + ((q & 2) ? 8 : 0);
+            const int col = (q >> 2) * 8 + 2 * t + (q & 1);
+            if (row < out && col < n) {
+                const int64_t i = (int64_t)col * D.ldy + row;
+                D.y[i] = (D.res ? D.res[i] : 0.0f) + mytot[q * 32];
+            }
+        }
+        return;
+    }
+    __threadfence();
+    __syncthreads();
+    int *counter = (int *)ws + blockIdx.y * ntiles + blockIdx.x;
+    if (tid == 0)
+        s_last = atomicAdd(counter, 1) == S - 1;
+    __syncthreads();
+    if (!s_last)
+        return;
+    __threadfence();
+#pragma unroll
+    for (int q = 0; q < 32; q++) {
+        const int64_t row = row0 + warp * 16 + g + ((q & 2) ? 8 : 0);
+        const int col = (q >> 2) * 8 + 2 * t + (q & 1);
+        if (row < out && col < n) {
+            float s = 0.0f;
+#pragma unroll
+            for (int z = 0; z < LIN_CLASSES; z++)
+                s += __ldcg(part + ((int64_t)z * 64 + col) * wsld + row);
+            const int64_t i = (int64_t)col * D.ldy + row;
+            D.y[i] = (D.res ? D.res[i] : 0.0f) + s;
+        }
+    }
+    if (tid == 0)
+        *counter = 0;
+#endif
+}
+
 /* ---- launching ------------------------------------------------------------------------- */
 
 /* The lin_tile shape for n rows of x: NT n-tiles of 8, W warps of MT
@@ -1195,19 +1530,29 @@ static void tile_shape(int n, int kind, int *nt, int *w, int *mt)
     *w = kind == KN_GW_NF4 ? cfg().tile_w : 8;
 }
 
-/* Whether a lin_tile launch over nops products of up to maxout rows splits
- * over the classes, and the workspace bytes that needs. */
+/* The class groups S a lin_tile launch over nops products of up to maxout
+ * rows is split over (1: none), and the workspace bytes that needs.
+ * QLORA_GEN_TILE_S=1|2|4|8 forces S (2 and 4 for NF4 with G4 scales
+ * only; the others take 8 for them). */
 static size_t tile_split_ws(int nops, int64_t maxout, int n, int kind, int *split)
 {
     int nt, w, mt;
     tile_shape(n, kind, &nt, &w, &mt);
     int64_t tiles = (maxout + 16 * w * mt - 1) / (16 * w * mt);
-    *split = cfg().tile && n > cfg().vec_max && tiles * nops < cfg().split_min &&
-             tiles * nops <= SPLIT_COUNTERS;
-    if (!*split)
+    *split = 1;
+    if (cfg().tile && n > cfg().vec_max && tiles * nops <= SPLIT_COUNTERS) {
+        const int forced = env_int("QLORA_GEN_TILE_S", 0);
+        if (forced == 1 || forced == 2 || forced == 4 || forced == 8)
+            *split = forced;
+        else
+            *split = tiles * nops < cfg().split_min ? LIN_CLASSES : 1;
+    }
+    if (*split == 1)
         return 0;
     return SPLIT_COUNTERS * sizeof(int) + (size_t)nops * LIN_CLASSES * 64 * maxout * sizeof(float);
 }
+
+static size_t wg_ws(int nops, int64_t maxout);
 
 extern "C" size_t kn_gen_linear_mma_ws(const kn_gen_lin *ops, int nops, int n)
 {
@@ -1219,24 +1564,26 @@ extern "C" size_t kn_gen_linear_mma_ws(const kn_gen_lin *ops, int nops, int n)
     int split;
     size_t a = tile_split_ws(nops, maxout, n, KN_GW_NF4, &split);
     size_t b = tile_split_ws(nops, maxout, n, KN_GW_BF16, &split);
-    return a > b ? a : b;
+    size_t c = n > 32 && ops[0].w.kind == KN_GW_NF4 ? wg_ws(nops, maxout) : 0;
+    a = a > b ? a : b;
+    return a > c ? a : c;
 }
 
-template <int WK, int NT, int W, int MT, bool SPLIT, bool G4>
+template <int WK, int NT, int W, int MT, int S, bool G4>
 static void launch_tile(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
                         int n, int nch, void *ws, cudaStream_t s)
 {
     static int attr_set;
     if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(lin_tile_kernel<WK, NT, W, MT, SPLIT, G4>,
+        CUDA_CHECK(cudaFuncSetAttribute(lin_tile_kernel<WK, NT, W, MT, S, G4>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)tile_smem_max<NT, W, MT, SPLIT>()));
+                                        (int)tile_smem_max<NT, W, MT, S>()));
         attr_set = 1;
     }
     int ntiles = (int)((maxout + 16 * W * MT - 1) / (16 * W * MT));
-    size_t smem = tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, SPLIT>() + (size_t)nch * 4;
-    dim3 grid((unsigned)ntiles, (unsigned)nops, SPLIT ? LIN_CLASSES : 1);
-    gen_launch(lin_tile_kernel<WK, NT, W, MT, SPLIT, G4>, grid, dim3(W * 32), smem, s, 0, P, x, ldx,
+    size_t smem = tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, S>() + (size_t)nch * 4;
+    dim3 grid((unsigned)ntiles, (unsigned)nops, (unsigned)S);
+    gen_launch(lin_tile_kernel<WK, NT, W, MT, S, G4>, grid, dim3(W * 32), smem, s, 0, P, x, ldx,
                n, (float *)ws, maxout, ntiles);
 }
 
@@ -1250,17 +1597,19 @@ static void launch_tile_split(const lin_pack &P, int nops, int64_t maxout, const
              ((uintptr_t)P.d[i].absmax_q & 3) == 0;
     if constexpr (WK == KN_GW_NF4) {
         if (g4) {
-            if (split)
-                launch_tile<WK, NT, W, MT, true, true>(P, nops, maxout, x, ldx, n, nch, ws, s);
-            else
-                launch_tile<WK, NT, W, MT, false, true>(P, nops, maxout, x, ldx, n, nch, ws, s);
+            switch (split) {
+            case 1: launch_tile<WK, NT, W, MT, 1, true>(P, nops, maxout, x, ldx, n, nch, ws, s); break;
+            case 2: launch_tile<WK, NT, W, MT, 2, true>(P, nops, maxout, x, ldx, n, nch, ws, s); break;
+            case 4: launch_tile<WK, NT, W, MT, 4, true>(P, nops, maxout, x, ldx, n, nch, ws, s); break;
+            default: launch_tile<WK, NT, W, MT, 8, true>(P, nops, maxout, x, ldx, n, nch, ws, s);
+            }
             return;
         }
     }
-    if (split)
-        launch_tile<WK, NT, W, MT, true, false>(P, nops, maxout, x, ldx, n, nch, ws, s);
+    if (split > 1)
+        launch_tile<WK, NT, W, MT, 8, false>(P, nops, maxout, x, ldx, n, nch, ws, s);
     else
-        launch_tile<WK, NT, W, MT, false, false>(P, nops, maxout, x, ldx, n, nch, ws, s);
+        launch_tile<WK, NT, W, MT, 1, false>(P, nops, maxout, x, ldx, n, nch, ws, s);
 }
 
 template <int WK>
@@ -1269,8 +1618,8 @@ static void dispatch_tile(const lin_pack &P, int nops, int64_t maxout, const bf1
 {
     int split, nt, w, mt;
     size_t need = tile_split_ws(nops, maxout, n, WK, &split);
-    if (split && (!ws || ws_bytes < need))
-        split = 0; /* same sums, fewer blocks */
+    if (split > 1 && (!ws || ws_bytes < need))
+        split = 1; /* same sums, fewer blocks */
     tile_shape(n, WK, &nt, &w, &mt);
     if constexpr (WK == KN_GW_NF4) {
         if (w == 4) {
@@ -1285,6 +1634,102 @@ static void dispatch_tile(const lin_pack &P, int nops, int64_t maxout, const bf1
         launch_tile_split<WK, 4, 8, 1>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
     else
         launch_tile_split<WK, 8, 8, 1>(P, nops, maxout, x, ldx, n, nch, ws, split, s);
+}
+
+/* lin_wg: whether it may run (compute capability 9.0, opt-in with
+ * QLORA_GEN_WG=1: slower than lin_tile so far) and for which launches
+ * (NF4 with G4 scales, x in 16-byte rows, 32 < n <= 64). */
+static int wg_on()
+{
+    static int on = -1;
+    if (on < 0) {
+        int dev = 0, major = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        on = major == 9 && env_int("QLORA_GEN_WG", 0) != 0;
+    }
+    return on;
+}
+
+static bool wg_fits(const lin_pack &P, int nops, const bf16 *x, int64_t ldx, int n, int nch)
+{
+    if (!wg_on() || n <= 32 || n > 64 || nch > TILE_MAXCH || !cfg().g4)
+        return false;
+    if (ldx % 8 != 0 || ((uintptr_t)x & 15) != 0 || (int64_t)n * ldx >= (1 << 30))
+        return false;
+    for (int i = 0; i < nops; i++) {
+        const lin_desc &d = P.d[i];
+        if (!d.codes || !d.absmax_q || d.lbs != 6 || d.lnbs < 2 || d.in % 256 != 0 ||
+            ((uintptr_t)d.absmax_q & 3) != 0)
+            return false;
+    }
+    return true;
+}
+
+/* Class groups S of a lin_wg launch over nops products of up to maxout
+ * rows: the smallest that gives every resident block slot of the GPU a
+ * block (QLORA_GEN_WG_S=1|2|4|8 forces one). */
+static int wg_split(int nops, int64_t maxout)
+{
+    const int forced = env_int("QLORA_GEN_WG_S", 0);
+    if (forced == 1 || forced == 2 || forced == 4 || forced == 8)
+        return forced;
+    static int occ;
+    if (!occ) {
+        CUDA_CHECK(cudaFuncSetAttribute(lin_wg_kernel<2>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)(wg_smem_fixed<2>() + TILE_MAXCH * 4)));
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &occ, lin_wg_kernel<2>, 128, wg_smem_fixed<2>() + 1024));
+        if (occ < 1)
+            occ = 1;
+    }
+    const int64_t tiles = (maxout + 63) / 64, slots = (int64_t)occ * kn_sm_count();
+    int S = 1;
+    while (S < LIN_CLASSES && tiles * nops * S < slots)
+        S *= 2;
+    return tiles * nops <= SPLIT_COUNTERS ? S : 1;
+}
+
+static size_t wg_ws(int nops, int64_t maxout)
+{
+    if (!wg_on() || wg_split(nops, maxout) == 1)
+        return 0;
+    return SPLIT_COUNTERS * sizeof(int) + (size_t)nops * LIN_CLASSES * 64 * maxout * sizeof(float);
+}
+
+template <int S>
+static void launch_wg(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
+                      int n, int nch, void *ws, cudaStream_t s)
+{
+    static int attr_set;
+    if (!attr_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(lin_wg_kernel<S>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)(wg_smem_fixed<S>() + TILE_MAXCH * 4)));
+        attr_set = 1;
+    }
+    const int ntiles = (int)((maxout + 63) / 64);
+    const size_t smem = wg_smem_fixed<S>() + (size_t)nch * 4;
+    dim3 grid((unsigned)ntiles, (unsigned)nops, (unsigned)S);
+    gen_launch(lin_wg_kernel<S>, grid, dim3(128), smem, s, 0, P, x, ldx, n, (float *)ws, maxout,
+               ntiles);
+}
+
+static void dispatch_wg(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
+                        int n, int nch, void *ws, size_t ws_bytes, cudaStream_t s)
+{
+    int S = wg_split(nops, maxout);
+    const size_t need =
+        SPLIT_COUNTERS * sizeof(int) + (size_t)nops * LIN_CLASSES * 64 * maxout * sizeof(float);
+    if (S > 1 && (!ws || ws_bytes < need))
+        S = 1; /* same sums, fewer blocks */
+    switch (S) {
+    case 1: launch_wg<1>(P, nops, maxout, x, ldx, n, nch, ws, s); break;
+    case 2: launch_wg<2>(P, nops, maxout, x, ldx, n, nch, ws, s); break;
+    case 4: launch_wg<4>(P, nops, maxout, x, ldx, n, nch, ws, s); break;
+    default: launch_wg<8>(P, nops, maxout, x, ldx, n, nch, ws, s); break;
+    }
 }
 
 /* lin_vec's grid: as many blocks per product as are resident at once
@@ -1452,7 +1897,9 @@ extern "C" void kn_gen_linear_mma(const kn_gen_lin *ops, int nops, const kn_bf16
             dispatch_vec<KN_GW_BF16>(P, nops, maxout, (const bf16 *)x, ldx, n, s);
         return;
     }
-    if (kind == KN_GW_NF4)
+    if (kind == KN_GW_NF4 && wg_fits(P, nops, (const bf16 *)x, ldx, n, nch))
+        dispatch_wg(P, nops, maxout, (const bf16 *)x, ldx, n, nch, ws, ws_bytes, s);
+    else if (kind == KN_GW_NF4)
         dispatch_tile<KN_GW_NF4>(P, nops, maxout, (const bf16 *)x, ldx, n, nch, ws, ws_bytes, s);
     else
         dispatch_tile<KN_GW_BF16>(P, nops, maxout, (const bf16 *)x, ldx, n, nch, ws, ws_bytes, s);

@@ -176,8 +176,9 @@ static void test_mma(int kind, int nested, int64_t out, int64_t in, int n)
 
 /* One weight, n = 64 rows of x, then the first n' rows alone for n' over
  * every kernel variant (lin_vec with x in shared memory or in registers,
- * one or two n-tiles; lin_tile with 4 or 8 n-tiles, split over the
- * classes or not): each row's bits must not change. The n = 64 result is
+ * one or two n-tiles; lin_tile with 4 or 8 n-tiles, split over 1, 2, 4
+ * or 8 class groups; lin_wg for n > 32, split likewise, when run with
+ * QLORA_GEN_WG=1 on an H100): each row's bits must not change. The n = 64 result is
  * checked against the CPU too. */
 static void test_mma_batches(int kind, int nested, int64_t out, int64_t in)
 {
@@ -231,6 +232,31 @@ static void test_mma_batches(int kind, int nested, int64_t out, int64_t in)
         free(got);
         kn_free(y);
     }
+    /* lin_tile and lin_wg (QLORA_GEN_WG=1 on compute capability 9.0)
+     * split over 1, 2, 4 and 8 class groups: the same bits */
+    for (int S = 1; S <= 8; S *= 2) {
+        char sv[4];
+        snprintf(sv, sizeof sv, "%d", S);
+        setenv("QLORA_GEN_WG_S", sv, 1);
+        setenv("QLORA_GEN_TILE_S", sv, 1);
+        for (int n = 17; n <= N; n += N - 17) {
+            float *y = gt_up_f32(res, (int64_t)n * out);
+            kn_gen_lin o1 = {w, y, y, out};
+            size_t b1;
+            void *w1 = ws_for(&o1, 1, n, &b1);
+            kn_gen_linear_mma(&o1, 1, dx, in, n, w1, b1, 0);
+            float *got = gt_down_f32(y, (int64_t)n * out);
+            if (memcmp(got, all, (size_t)(n * out) * 4) != 0) {
+                same = 0;
+                printf("#   n=%d split over %d class groups differs\n", n, S);
+            }
+            free(got);
+            kn_free(y);
+            kn_free(w1);
+        }
+    }
+    unsetenv("QLORA_GEN_WG_S");
+    unsetenv("QLORA_GEN_TILE_S");
     snprintf(name, sizeof name, "linear_mma %s out=%lld in=%lld: rows bit-identical for n = 1 .. 64 "
              "(every kernel)", kind == KN_GW_NF4 ? "nf4" : "bf16", (long long)out, (long long)in);
     gt_check(same, name);
@@ -1454,6 +1480,7 @@ int main(int argc, char **argv)
     test_mma_batches(KN_GW_NF4, 1, 130, 4096);   /* x in registers for n > 5 */
     test_mma_batches(KN_GW_BF16, 0, 200, 172);   /* ragged in: 8-byte x copies */
     test_mma_batches(KN_GW_NF4, 1, 17000, 128);  /* lin_tile without split */
+    test_mma_batches(KN_GW_NF4, 1, 1100, 2816);  /* lin_wg: 44 chunks, classes of 8 and 4 */
     test_mma_group(5);
     test_mma_group(40);
     test_mma_shared_ws();
