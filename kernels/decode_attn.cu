@@ -530,7 +530,6 @@ __global__ void attn_combine_kernel(float *__restrict__ o32, bf16 *__restrict__ 
  * the heads innermost, so blocks running together read whole 8 KB cache
  * rows of a few sequences. */
 
-int gen_ops_pdl(int n, cudaStream_t s); /* gen_ops.cu */
 
 #define RA_WARPS 4
 #define RA_KEYS 64 /* keys per split */

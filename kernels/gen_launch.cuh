@@ -43,6 +43,10 @@ __device__ __forceinline__ void gen_pdl_trigger()
 /* Whether launches of a step with n tokens use PDL (nf4_gemv.cu). */
 int gen_pdl_use(int n);
 
+/* Whether a step's other kernels (and lin_tile's products, unless
+ * QLORA_GEN_TILE_PDL=0) use PDL on stream s (gen_ops.cu). */
+int gen_ops_pdl(int n, cudaStream_t s);
+
 /* kernel<<<grid, block, smem, s>>>(args...), with PDL when pdl. */
 template <typename... KArgs, typename... Args>
 static inline void gen_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,

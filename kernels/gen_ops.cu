@@ -18,12 +18,13 @@
 
 /* Whether this file's kernels and the decoding attention (decode_attn.cu)
  * are launched with PDL: on sm_90 devices unless QLORA_GEN_OPS_PDL=0, at
- * every n, on streams other than the legacy one. They follow a product
- * (launched the usual way, see gen_pdl_use), so their launch and what
- * they may load early (RMSNorm's weights, the attention's cached keys and
- * values) overlap the product's last wave; the kernel after them is
- * launched the usual way and waits for their end. Measured on an H100: a
- * batch-1 step 4.32 against 4.39 ms, batch 64 14.97 against 15.11. */
+ * every n, on streams other than the legacy one. They follow a product,
+ * so their launch and what they may load early (RMSNorm's weights, the
+ * attention's cached keys and values) overlap the product's last wave.
+ * Measured on an H100: a batch-1 step 4.32 against 4.39 ms, batch 64
+ * 14.97 against 15.11. The products after them are launched the usual
+ * way at n <= 16 (see gen_pdl_use); lin_tile's (n > 16) with PDL too
+ * (nf4_gemv.cu, QLORA_GEN_TILE_PDL). */
 int gen_ops_pdl(int n, cudaStream_t s)
 {
     static int on = -1;

@@ -60,7 +60,9 @@
  *     a row tile to finish adds the eight in class order.
  *     QLORA_GEN_TILE_S=2|4 splits over 2 or 4 class groups instead
  *     (measured slower: the workspace traffic of the class sums costs
- *     more than the extra warps give).
+ *     more than the extra warps give). Launched with PDL on sm_90 (its
+ *     prologue overlaps the kernel before; QLORA_GEN_TILE_PDL=0 turns it
+ *     off): a batch-64 step 12.24 against 12.33 ms.
  *   - lin_wg (32 < n <= 64, opt-in QLORA_GEN_WG=1, Hopper): lin_tile's
  *     sums on wgmma, a warpgroup owning 64 rows; the same bits as
  *     mma.sync (tested), but 1.6x slower than lin_tile on an H100 so far
@@ -129,6 +131,7 @@ struct lin_cfg {
     int xs;        /* lin_vec may keep x in shared memory */
     int tile;      /* lin_tile for n > vec_max (else lin_vec, 16 rows at a time) */
     int g4;        /* lin_row and lin_tile load a group's scales at once where they can */
+    int tile_pdl;  /* lin_tile launched with PDL like the step's other kernels (0: off) */
 };
 
 static int env_int(const char *name, int def)
@@ -153,6 +156,7 @@ static const lin_cfg &cfg()
         c.xs = env_int("QLORA_GEN_XS", 1);
         c.tile = env_int("QLORA_GEN_TILE", 1);
         c.g4 = env_int("QLORA_GEN_G4", 1);
+        c.tile_pdl = env_int("QLORA_GEN_TILE_PDL", 1);
         done = 1;
     }
     return c;
@@ -1583,8 +1587,8 @@ static void launch_tile(const lin_pack &P, int nops, int64_t maxout, const bf16 
     int ntiles = (int)((maxout + 16 * W * MT - 1) / (16 * W * MT));
     size_t smem = tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, S>() + (size_t)nch * 4;
     dim3 grid((unsigned)ntiles, (unsigned)nops, (unsigned)S);
-    gen_launch(lin_tile_kernel<WK, NT, W, MT, S, G4>, grid, dim3(W * 32), smem, s, 0, P, x, ldx,
-               n, (float *)ws, maxout, ntiles);
+    gen_launch(lin_tile_kernel<WK, NT, W, MT, S, G4>, grid, dim3(W * 32), smem, s,
+               cfg().tile_pdl && gen_ops_pdl(n, s), P, x, ldx, n, (float *)ws, maxout, ntiles);
 }
 
 template <int WK, int NT, int W, int MT>
