@@ -851,6 +851,117 @@ __global__ void __launch_bounds__(256) lin_vec_kernel(lin_pack P, const bf16 *__
     }
 }
 
+/* ---- pieces shared by lin_tile and lin_wg -------------------------------------- */
+
+/* The order of a block's chunks into seq: classes c0 .. c0+cpb-1, class
+ * by class, increasing inside a class; SEQ_LAST marks the last chunk of a
+ * class. Returns how many. Split (cpb < 8): a class with no chunks (K <
+ * 2048) sums to zero, written to the workspace here for the block's rows
+ * row0 .. row0+rows-1. */
+__device__ __forceinline__ int tile_order(int *seq, int nch, int c0, int cpb, float *ws,
+                                          int64_t wsld, int64_t row0, int rows, int64_t out,
+                                          int n, int tid, int T)
+{
+    int total = 0;
+    for (int v = c0; v < c0 + cpb; v++)
+        total += class_count(nch, v);
+    for (int c = tid; c < nch; c += T) {
+        const int w = (c / LIN_GROUP) % LIN_CLASSES;
+        if (w < c0 || w >= c0 + cpb)
+            continue;
+        const int i = (c / (LIN_GROUP * LIN_CLASSES)) * LIN_GROUP + c % LIN_GROUP;
+        int o = 0;
+        for (int v = c0; v < w; v++)
+            o += class_count(nch, v);
+        seq[o + i] = c | (i == class_count(nch, w) - 1 ? SEQ_LAST : 0);
+    }
+    if (cpb < LIN_CLASSES)
+        for (int v = c0; v < c0 + cpb; v++)
+            if (class_count(nch, v) == 0)
+                for (int q = tid; q < rows * 64; q += T) {
+                    const int64_t row = row0 + q % rows;
+                    const int col = q / rows;
+                    if (row < out && col < n)
+                        ws[SPLIT_COUNTERS +
+                           (((int64_t)blockIdx.y * LIN_CLASSES + v) * 64 + col) * wsld + row] = 0.0f;
+                }
+    return total;
+}
+
+/* Element q of a warp's accumulators (MT row tiles x NT n-tiles x 4, in
+ * mma.sync's C layout; wgmma's m64nN is the same with MT = 1): its row
+ * in the block (rbase: the warp's first row) and its column. */
+template <int NT>
+__device__ __forceinline__ void acc_pos(int q, int rbase, int g, int t, int &r, int &col)
+{
+    r = rbase + (q / (NT * 4)) * 16 + g + ((q & 2) ? 8 : 0);
+    col = ((q / 4) % NT) * 8 + 2 * t + (q & 1);
+}
+
+/* A class's sums (acc, MT*NT*4 a lane) into the split workspace. */
+template <int MT, int NT>
+__device__ __forceinline__ void tile_put_class(float *part, const float *acc, int cls,
+                                               int64_t row0, int rbase, int g, int t,
+                                               int64_t out, int n, int64_t wsld)
+{
+#pragma unroll
+    for (int q = 0; q < MT * NT * 4; q++) {
+        int r, col;
+        acc_pos<NT>(q, rbase, g, t, r, col);
+        if (row0 + r < out && col < n)
+            part[((int64_t)cls * 64 + col) * wsld + row0 + r] = acc[q];
+    }
+}
+
+/* The results: res + the class sums, from the warp's running total in
+ * shared memory (mytot, element q at mytot[32 q]; S = 1), or (split) once
+ * every block of the row tile has written its classes, by the last of
+ * them, adding the eight in class order. */
+template <int MT, int NT, int S>
+__device__ __forceinline__ void tile_finish(const lin_desc &D, const float *mytot, float *ws,
+                                            int64_t wsld, int ntiles, int64_t row0, int rbase,
+                                            int g, int t, int n, int tid, int *s_last)
+{
+    const int64_t out = D.out;
+    if (S == 1) {
+#pragma unroll
+        for (int q = 0; q < MT * NT * 4; q++) {
+            int r, col;
+            acc_pos<NT>(q, rbase, g, t, r, col);
+            if (row0 + r < out && col < n) {
+                const int64_t i = (int64_t)col * D.ldy + row0 + r;
+                D.y[i] = (D.res ? D.res[i] : 0.0f) + mytot[q * 32];
+            }
+        }
+        return;
+    }
+    const float *part = ws + SPLIT_COUNTERS + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
+    __threadfence();
+    __syncthreads();
+    int *counter = (int *)ws + blockIdx.y * ntiles + blockIdx.x;
+    if (tid == 0)
+        *s_last = atomicAdd(counter, 1) == S - 1;
+    __syncthreads();
+    if (!*s_last)
+        return;
+    __threadfence();
+#pragma unroll
+    for (int q = 0; q < MT * NT * 4; q++) {
+        int r, col;
+        acc_pos<NT>(q, rbase, g, t, r, col);
+        if (row0 + r < out && col < n) {
+            float s = 0.0f;
+#pragma unroll
+            for (int z = 0; z < LIN_CLASSES; z++)
+                s += __ldcg(part + ((int64_t)z * 64 + col) * wsld + row0 + r);
+            const int64_t i = (int64_t)col * D.ldy + row0 + r;
+            D.y[i] = (D.res ? D.res[i] : 0.0f) + s;
+        }
+    }
+    if (tid == 0)
+        *counter = 0;
+}
+
 /* ---- lin_tile: 16 < n <= 64 -------------------------------------------------------- */
 
 template <int NT> __host__ __device__ constexpr size_t tile_xs_bytes()
@@ -917,32 +1028,8 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
     const bf16 *xs = (const bf16 *)tsm;
     float *tot = (float *)(tsm + tile_xs_bytes<NT>());
     int *seq = (int *)(tsm + tile_xs_bytes<NT>() + tile_tot_bytes<NT, W, MT, S>());
-    int total = 0;
-    for (int v = c0; v < c0 + CPB; v++)
-        total += class_count(nch, v);
-    /* the order of the chunks: class by class, increasing inside a class;
-     * SEQ_LAST marks the last chunk of a class */
-    for (int c = tid; c < nch; c += T) {
-        const int w = (c / LIN_GROUP) % LIN_CLASSES;
-        if (w < c0 || w >= c0 + CPB)
-            continue;
-        const int i = (c / (LIN_GROUP * LIN_CLASSES)) * LIN_GROUP + c % LIN_GROUP;
-        int o = 0;
-        for (int v = c0; v < w; v++)
-            o += class_count(nch, v);
-        seq[o + i] = c | (i == class_count(nch, w) - 1 ? SEQ_LAST : 0);
-    }
-    /* split: a class with no chunks (K < 2048) sums to zero */
-    if (S > 1)
-        for (int v = c0; v < c0 + CPB; v++)
-            if (class_count(nch, v) == 0)
-                for (int q = tid; q < 16 * MT * W * 64; q += T) {
-                    const int64_t row = row0 + q % (16 * MT * W);
-                    const int col = q / (16 * MT * W);
-                    if (row < out && col < n)
-                        ws[SPLIT_COUNTERS +
-                           (((int64_t)blockIdx.y * LIN_CLASSES + v) * 64 + col) * wsld + row] = 0.0f;
-                }
+    const int total =
+        tile_order(seq, nch, c0, CPB, ws, wsld, row0, 16 * MT * W, out, n, tid, T);
     load_tables<WK>(D, tid, T);
     __syncthreads();
     const uint32_t qb = qmap_base();
@@ -1139,25 +1226,20 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
             if (p + DT < total)
                 load_w(raw[d], (seq[p + DT] & SEQ_CHUNK) * 64);
             if (e & SEQ_LAST) {
-                /* the class's sum: into tot, or (split) the workspace */
-                const int cls = ((e & SEQ_CHUNK) / LIN_GROUP) % LIN_CLASSES;
+                /* the class's sums: into tot, or (split) the workspace */
+                float *af = &acc[0][0][0];
+                if (S == 1) {
 #pragma unroll
-                for (int m = 0; m < MT; m++)
+                    for (int q = 0; q < MT * NT * 4; q++)
+                        mytot[q * 32] += af[q];
+                } else {
+                    tile_put_class<MT, NT>(part, af,
+                                           ((e & SEQ_CHUNK) / LIN_GROUP) % LIN_CLASSES, row0,
+                                           warp * MT * 16, g, t, out, n, wsld);
+                }
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                        for (int j = 0; j < 4; j++) {
-                            if (S == 1) {
-                                mytot[((m * NT + nt) * 4 + j) * 32] += acc[m][nt][j];
-                            } else {
-                                const int64_t row =
-                                    row0 + (warp * MT + m) * 16 + g + ((j & 2) ? 8 : 0);
-                                const int col = nt * 8 + 2 * t + (j & 1);
-                                if (row < out && col < n)
-                                    part[((int64_t)cls * 64 + col) * wsld + row] = acc[m][nt][j];
-                            }
-                            acc[m][nt][j] = 0.0f;
-                        }
+                for (int q = 0; q < MT * NT * 4; q++)
+                    af[q] = 0.0f;
             }
             if (G4 && U == 4 && du == 3)
 #pragma unroll
@@ -1170,52 +1252,7 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
         }
     }
     cp_async_wait<0>();
-    if (S == 1) {
-#pragma unroll
-        for (int m = 0; m < MT; m++)
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int64_t row = row0 + (warp * MT + m) * 16 + g + ((j & 2) ? 8 : 0);
-                    const int col = nt * 8 + 2 * t + (j & 1);
-                    if (row < out && col < n) {
-                        const int64_t i = (int64_t)col * D.ldy + row;
-                        D.y[i] = (D.res ? D.res[i] : 0.0f) + mytot[((m * NT + nt) * 4 + j) * 32];
-                    }
-                }
-        return;
-    }
-    /* split: the last block of the row tile adds all eight class sums in
-     * class order */
-    __threadfence();
-    __syncthreads();
-    int *counter = (int *)ws + blockIdx.y * ntiles + blockIdx.x;
-    if (tid == 0)
-        s_last = atomicAdd(counter, 1) == S - 1;
-    __syncthreads();
-    if (!s_last)
-        return;
-    __threadfence();
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int64_t row = row0 + (warp * MT + m) * 16 + g + ((j & 2) ? 8 : 0);
-                const int col = nt * 8 + 2 * t + (j & 1);
-                if (row < out && col < n) {
-                    float s = 0.0f;
-#pragma unroll
-                    for (int z = 0; z < LIN_CLASSES; z++)
-                        s += __ldcg(part + ((int64_t)z * 64 + col) * wsld + row);
-                    const int64_t i = (int64_t)col * D.ldy + row;
-                    D.y[i] = (D.res ? D.res[i] : 0.0f) + s;
-                }
-            }
-    if (tid == 0)
-        *counter = 0;
+    tile_finish<MT, NT, S>(D, mytot, ws, wsld, ntiles, row0, warp * MT * 16, g, t, n, tid, &s_last);
 }
 
 /* ---- lin_wg: 32 < n <= 64 on Hopper (wgmma) --------------------------------------- */
@@ -1302,32 +1339,7 @@ __global__ void __launch_bounds__(128, WG_MIN_BLOCKS)
     const int c0 = (int)blockIdx.z * CPB;
     float *tot = (float *)(tsm + WG_STAGES * WG_STAGE_BYTES);
     int *seq = (int *)(tsm + wg_smem_fixed<S>());
-    int total = 0;
-    for (int v = c0; v < c0 + CPB; v++)
-        total += class_count(nch, v);
-    /* the order of the chunks: class by class, increasing inside a class;
-     * SEQ_LAST marks the last chunk of a class */
-    for (int c = tid; c < nch; c += 128) {
-        const int w = (c / LIN_GROUP) % LIN_CLASSES;
-        if (w < c0 || w >= c0 + CPB)
-            continue;
-        const int i = (c / (LIN_GROUP * LIN_CLASSES)) * LIN_GROUP + c % LIN_GROUP;
-        int o = 0;
-        for (int v = c0; v < w; v++)
-            o += class_count(nch, v);
-        seq[o + i] = c | (i == class_count(nch, w) - 1 ? SEQ_LAST : 0);
-    }
-    /* a class with no chunks (K < 2048) sums to zero */
-    if (S > 1)
-        for (int v = c0; v < c0 + CPB; v++)
-            if (class_count(nch, v) == 0)
-                for (int q = tid; q < 64 * 64; q += 128) {
-                    const int64_t row = row0 + (q & 63);
-                    if (row < out && (q >> 6) < n)
-                        ws[SPLIT_COUNTERS +
-                           (((int64_t)blockIdx.y * LIN_CLASSES + v) * 64 + (q >> 6)) * wsld + row] =
-                            0.0f;
-                }
+    const int total = tile_order(seq, nch, c0, CPB, ws, wsld, row0, 64, out, n, tid, 128);
     load_tables<KN_GW_NF4>(D, tid, 128);
     __syncthreads();
     const uint32_t qb = qmap_base();
@@ -1465,14 +1477,8 @@ __global__ void __launch_bounds__(128, WG_MIN_BLOCKS)
                     for (int q = 0; q < 32; q++)
                         mytot[q * 32] += acc[q];
                 } else {
-                    const int cls = ((e & SEQ_CHUNK) / LIN_GROUP) % LIN_CLASSES;
-#pragma unroll
-                    for (int q = 0; q < 32; q++) {
-                        const int64_t row = row0 + warp * 16 + g + ((q & 2) ? 8 : 0);
-                        const int col = (q >> 2) * 8 + 2 * t + (q & 1);
-                        if (row < out && col < n)
-                            part[((int64_t)cls * 64 + col) * wsld + row] = acc[q];
-                    }
+                    tile_put_class<1, 8>(part, acc, ((e & SEQ_CHUNK) / LIN_GROUP) % LIN_CLASSES,
+                                         row0, warp * 16, g, t, out, n, wsld);
                 }
 #pragma unroll
                 for (int q = 0; q < 32; q++)
@@ -1481,42 +1487,7 @@ __global__ void __launch_bounds__(128, WG_MIN_BLOCKS)
         }
     }
     wg_wait<0>();
-    if (S == 1) {
-#pragma unroll
-        for (int q = 0; q < 32; q++) {
-            const int64_t row = row0 + warp * 16 + g + ((q & 2) ? 8 : 0);
-            const int col = (q >> 2) * 8 + 2 * t + (q & 1);
-            if (row < out && col < n) {
-                const int64_t i = (int64_t)col * D.ldy + row;
-                D.y[i] = (D.res ? D.res[i] : 0.0f) + mytot[q * 32];
-            }
-        }
-        return;
-    }
-    __threadfence();
-    __syncthreads();
-    int *counter = (int *)ws + blockIdx.y * ntiles + blockIdx.x;
-    if (tid == 0)
-        s_last = atomicAdd(counter, 1) == S - 1;
-    __syncthreads();
-    if (!s_last)
-        return;
-    __threadfence();
-#pragma unroll
-    for (int q = 0; q < 32; q++) {
-        const int64_t row = row0 + warp * 16 + g + ((q & 2) ? 8 : 0);
-        const int col = (q >> 2) * 8 + 2 * t + (q & 1);
-        if (row < out && col < n) {
-            float s = 0.0f;
-#pragma unroll
-            for (int z = 0; z < LIN_CLASSES; z++)
-                s += __ldcg(part + ((int64_t)z * 64 + col) * wsld + row);
-            const int64_t i = (int64_t)col * D.ldy + row;
-            D.y[i] = (D.res ? D.res[i] : 0.0f) + s;
-        }
-    }
-    if (tid == 0)
-        *counter = 0;
+    tile_finish<1, 8, S>(D, mytot, ws, wsld, ntiles, row0, warp * 16, g, t, n, tid, &s_last);
 #endif
 }
 

@@ -174,6 +174,24 @@ static void test_mma(int kind, int nested, int64_t out, int64_t in, int n)
     kn_free(dx); kn_free(dy); kn_free(ws);
 }
 
+/* Whether the product of w with the first n rows of x (dx, residual res)
+ * gives the bits of `all` (the n = 64 launch); ws: with a workspace. */
+static int rows_same(kn_gw w, const float *res, const kn_bf16 *dx, int64_t in, int64_t out, int n,
+                     int ws, const float *all)
+{
+    float *y = gt_up_f32(res, (int64_t)n * out);
+    kn_gen_lin o1 = {w, y, y, out};
+    size_t b1 = 0;
+    void *w1 = ws ? ws_for(&o1, 1, n, &b1) : NULL;
+    kn_gen_linear_mma(&o1, 1, dx, in, n, w1, b1, 0);
+    float *got = gt_down_f32(y, (int64_t)n * out);
+    int same = memcmp(got, all, (size_t)(n * out) * 4) == 0;
+    free(got);
+    kn_free(y);
+    kn_free(w1);
+    return same;
+}
+
 /* One weight, n = 64 rows of x, then the first n' rows alone for n' over
  * every kernel variant (lin_vec with x in shared memory or in registers,
  * one or two n-tiles; lin_tile with 4 or 8 n-tiles, split over 1, 2, 4
@@ -203,34 +221,15 @@ static void test_mma_batches(int kind, int nested, int64_t out, int64_t in)
     gt_compare(name, all, ref, (int64_t)N * out, TOL_MMA, "TOL_MMA");
     static const int ns[] = {1, 2, 3, 8, 9, 16, 17, 31, 33, 63};
     int same = 1;
-    for (size_t k = 0; k < sizeof ns / sizeof ns[0]; k++) {
-        int n = ns[k];
-        float *y = gt_up_f32(res, (int64_t)n * out);
-        kn_gen_lin o1 = {w, y, y, out};
-        size_t b1;
-        void *w1 = ws_for(&o1, 1, n, &b1);
-        kn_gen_linear_mma(&o1, 1, dx, in, n, w1, b1, 0);
-        float *got = gt_down_f32(y, (int64_t)n * out);
-        if (memcmp(got, all, (size_t)(n * out) * 4) != 0) {
+    for (size_t k = 0; k < sizeof ns / sizeof ns[0]; k++)
+        if (!rows_same(w, res, dx, in, out, ns[k], 1, all)) {
             same = 0;
-            printf("#   n=%d: rows differ from the n=64 launch\n", n);
+            printf("#   n=%d: rows differ from the n=64 launch\n", ns[k]);
         }
-        free(got);
-        kn_free(y);
-        kn_free(w1);
-    }
     /* without a workspace: lin_tile does not split */
-    {
-        float *y = gt_up_f32(res, (int64_t)N * out);
-        kn_gen_lin o1 = {w, y, y, out};
-        kn_gen_linear_mma(&o1, 1, dx, in, N, NULL, 0, 0);
-        float *got = gt_down_f32(y, (int64_t)N * out);
-        if (memcmp(got, all, (size_t)(N * out) * 4) != 0) {
-            same = 0;
-            printf("#   n=64 without workspace (no split) differs\n");
-        }
-        free(got);
-        kn_free(y);
+    if (!rows_same(w, res, dx, in, out, N, 0, all)) {
+        same = 0;
+        printf("#   n=64 without workspace (no split) differs\n");
     }
     /* lin_tile and lin_wg (QLORA_GEN_WG=1 on compute capability 9.0)
      * split over 1, 2, 4 and 8 class groups: the same bits */
@@ -239,21 +238,11 @@ static void test_mma_batches(int kind, int nested, int64_t out, int64_t in)
         snprintf(sv, sizeof sv, "%d", S);
         setenv("QLORA_GEN_WG_S", sv, 1);
         setenv("QLORA_GEN_TILE_S", sv, 1);
-        for (int n = 17; n <= N; n += N - 17) {
-            float *y = gt_up_f32(res, (int64_t)n * out);
-            kn_gen_lin o1 = {w, y, y, out};
-            size_t b1;
-            void *w1 = ws_for(&o1, 1, n, &b1);
-            kn_gen_linear_mma(&o1, 1, dx, in, n, w1, b1, 0);
-            float *got = gt_down_f32(y, (int64_t)n * out);
-            if (memcmp(got, all, (size_t)(n * out) * 4) != 0) {
+        for (int n = 17; n <= N; n += N - 17)
+            if (!rows_same(w, res, dx, in, out, n, 1, all)) {
                 same = 0;
                 printf("#   n=%d split over %d class groups differs\n", n, S);
             }
-            free(got);
-            kn_free(y);
-            kn_free(w1);
-        }
     }
     unsetenv("QLORA_GEN_WG_S");
     unsetenv("QLORA_GEN_TILE_S");
