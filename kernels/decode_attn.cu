@@ -528,14 +528,20 @@ __global__ void attn_combine_kernel(float *__restrict__ o32, bf16 *__restrict__ 
  * Every sum's order depends on pos[t] alone, never on n or on the grid:
  * a row's bits are the same whatever else is in the batch. The grid puts
  * the heads innermost, so blocks running together read whole 8 KB cache
- * rows of a few sequences. */
+ * rows of a few sequences (tokens innermost measured slower: 170 against
+ * 150 us a layer at batch 64 on an H100; so did the rows by bulk copies
+ * on an mbarrier, 167 us, DRAM 68% against 76%: bench/RESULTS.md, "gen,
+ * attention and step kernels"). The key and value tiles start the
+ * shared memory: with the bulk copies' 16-byte barriers before them the
+ * kernel took 150 us a layer at batch 64, without 140 (2.46 against 2.62
+ * TB/s; "gen, wgmma products and lin_tile tuning"), likely because the
+ * 16-byte cp.async copies now land 128-byte aligned. */
 
 
 #define RA_WARPS 4
 #define RA_KEYS 64 /* keys per split */
 
 template <int HD> struct ra_smem {
-    unsigned long long bar[2]; /* the bulk copies' barriers: keys, values */
     bf16 k[RA_KEYS][HD];
     bf16 v[RA_KEYS][HD];
     float q[HD];
@@ -561,54 +567,7 @@ __device__ __forceinline__ void bf8(uint4 r, float *f)
     }
 }
 
-/* Bulk copies (sm_90): one cp.async.bulk per cached row, completing on an
- * mbarrier, instead of HD / 8 16-byte cp.async per row (opt-in, slower:
- * see ra_bulk). */
-__device__ __forceinline__ uint32_t smem_u32(const void *p)
-{
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void mbar_init(unsigned long long *b)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(b)) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_fence_init()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_expect_tx(unsigned long long *b, uint32_t bytes)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)),
-                 "r"(bytes)
-                 : "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes,
-                                         unsigned long long *b)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
-                 "%2, [%3];\n" ::"r"(smem_u32(dst)),
-                 "l"(src), "r"(bytes), "r"(smem_u32(b))
-                 : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_wait0(unsigned long long *b)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("{\n.reg .pred p;\nW_%=:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], 0;\n"
-                 "@!p bra W_%=;\n}\n" ::"r"(smem_u32(b))
-                 : "memory");
-#endif
-}
-
-template <int HD, bool BULK>
+template <int HD>
 __global__ void __launch_bounds__(32 * RA_WARPS)
     rope_attn_kernel(float *__restrict__ o32, bf16 *__restrict__ o16, const float *__restrict__ q,
                      int64_t ldq, const float *__restrict__ k, int64_t ldk,
@@ -616,7 +575,7 @@ __global__ void __launch_bounds__(32 * RA_WARPS)
                      bf16 *__restrict__ vc, const int32_t *__restrict__ slot,
                      const int32_t *__restrict__ pos, int nh, int nkv, int cap,
                      const float *__restrict__ cos_t, const float *__restrict__ sin_t,
-                     float *__restrict__ ws, float scale, int tok_major)
+                     float *__restrict__ ws, float scale)
 {
     constexpr int G = HD / 8;       /* lanes a key row */
     constexpr int KPI = 32 / G;     /* keys a warp instruction */
@@ -625,9 +584,8 @@ __global__ void __launch_bounds__(32 * RA_WARPS)
     constexpr int HALF = HD / 2;
     constexpr int NT = 32 * RA_WARPS;
     __shared__ __align__(16) ra_smem<HD> sm;
-    /* grid (nh, S, n), or (n, nh, S) with tok_major (an experiment) */
-    const int h = tok_major ? blockIdx.y : blockIdx.x, sp = tok_major ? blockIdx.z : blockIdx.y;
-    const int t = tok_major ? blockIdx.x : blockIdx.z, S = tok_major ? gridDim.z : gridDim.y;
+    /* grid (nh, S, n) */
+    const int h = blockIdx.x, sp = blockIdx.y, t = blockIdx.z, S = gridDim.y;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     /* slots, positions and the cached rows before pos[t] are no earlier
      * kernel's output: loaded before the wait for the q/k/v product (PDL) */
@@ -640,36 +598,16 @@ __global__ void __launch_bounds__(32 * RA_WARPS)
     const int nc = has_new ? nk - 1 : nk;   /* rows from the cache */
     const int kvd = nkv * HD, kvh = h / (nh / nkv);
     const int64_t cb = (int64_t)s * cap * kvd + (int64_t)kvh * HD;
-    if (BULK) {
-        if (tid == 0) {
-            mbar_init(&sm.bar[0]);
-            mbar_init(&sm.bar[1]);
-            mbar_fence_init();
-        }
-        __syncthreads();
-        if (warp == 0) {
-            if (lane == 0) {
-                mbar_expect_tx(&sm.bar[0], (uint32_t)(nc * HD * 2));
-                mbar_expect_tx(&sm.bar[1], (uint32_t)(nc * HD * 2));
-            }
-            __syncwarp();
-            for (int r = lane; r < nc; r += 32)
-                bulk_g2s(&sm.k[r][0], kc + cb + (int64_t)(j_lo + r) * kvd, HD * 2, &sm.bar[0]);
-            for (int r = lane; r < nc; r += 32)
-                bulk_g2s(&sm.v[r][0], vc + cb + (int64_t)(j_lo + r) * kvd, HD * 2, &sm.bar[1]);
-        }
-    } else {
-        for (int c = tid; c < nc * G; c += NT) {
-            const int r = c / G, ch = c % G;
-            cp_async16(&sm.k[r][ch * 8], kc + cb + (int64_t)(j_lo + r) * kvd + ch * 8, 16);
-        }
-        cp_async_commit();
-        for (int c = tid; c < nc * G; c += NT) {
-            const int r = c / G, ch = c % G;
-            cp_async16(&sm.v[r][ch * 8], vc + cb + (int64_t)(j_lo + r) * kvd + ch * 8, 16);
-        }
-        cp_async_commit();
+    for (int c = tid; c < nc * G; c += NT) {
+        const int r = c / G, ch = c % G;
+        cp_async16(&sm.k[r][ch * 8], kc + cb + (int64_t)(j_lo + r) * kvd + ch * 8, 16);
     }
+    cp_async_commit();
+    for (int c = tid; c < nc * G; c += NT) {
+        const int r = c / G, ch = c % G;
+        cp_async16(&sm.v[r][ch * 8], vc + cb + (int64_t)(j_lo + r) * kvd + ch * 8, 16);
+    }
+    cp_async_commit();
     gen_pdl_wait();
     gen_pdl_trigger();
     /* q, and the new key and value, while the copies fly (as
@@ -704,10 +642,7 @@ __global__ void __launch_bounds__(32 * RA_WARPS)
                 vc[cp + i] = x;
         }
     }
-    if (BULK)
-        mbar_wait0(&sm.bar[0]);
-    else
-        cp_async_wait<1>();
+    cp_async_wait<1>();
     __syncthreads();
     /* scores: lane group grp holds key warp*16 + it*KPI + grp */
     const int grp = lane / G, l8 = (lane % G) * 8;
@@ -746,10 +681,7 @@ __global__ void __launch_bounds__(32 * RA_WARPS)
 #pragma unroll
     for (int o = G; o < 32; o <<= 1)
         l += __shfl_xor_sync(0xffffffffu, l, o);
-    if (BULK)
-        mbar_wait0(&sm.bar[1]);
-    else
-        cp_async_wait<0>();
+    cp_async_wait<0>();
     __syncthreads();
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -842,35 +774,6 @@ __global__ void __launch_bounds__(32 * RA_WARPS)
     }
 }
 
-/* QLORA_GEN_ATTN_TMA=1 on sm_90: the rows by bulk copies. Measured slower
- * on an H100 (167 against 149 us a layer at batch 64, DRAM 68% against
- * 76%): kept for the record, off. */
-static int ra_bulk(void)
-{
-    static int on = -1;
-    if (on < 0) {
-        int dev = 0, major = 0;
-        cudaGetDevice(&dev);
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-        const char *e = getenv("QLORA_GEN_ATTN_TMA");
-        on = major >= 9 && e && *e == '1';
-    }
-    return on;
-}
-
-/* QLORA_GEN_ATTN_ORDER=1: the tokens innermost in the grid. Measured slower
- * on an H100 (170 against 150 us a layer at batch 64): the heads
- * innermost read whole cache rows of a few sequences at a time. Off. */
-static int ra_tok_major(void)
-{
-    static int on = -1;
-    if (on < 0) {
-        const char *e = getenv("QLORA_GEN_ATTN_ORDER");
-        on = e && *e == '1';
-    }
-    return on;
-}
-
 extern "C" int kn_gen_rope_attention_ok(int hd)
 {
     return hd == 8 || hd == 16 || hd == 32 || hd == 64 || hd == 128;
@@ -894,31 +797,22 @@ extern "C" void kn_gen_rope_attention(float *o32, kn_bf16 *o16, const float *q, 
     KN_REQUIRE(cap >= 1 && n <= 65535);
     const int S = (cap + RA_KEYS - 1) / RA_KEYS;
     KN_REQUIRE(S <= 65535);
-    const int tok_major = ra_tok_major();
-    const dim3 grid = tok_major ? dim3((unsigned)n, (unsigned)nh, (unsigned)S)
-                                : dim3((unsigned)nh, (unsigned)S, (unsigned)n);
+    const dim3 grid((unsigned)nh, (unsigned)S, (unsigned)n);
     const float scale = 1.0f / sqrtf((float)hd);
     const int pdl = gen_ops_pdl(n, s);
     /* 35 KB of shared memory a block at hd 128: ask for the largest
      * carveout so that 6 blocks fit an SM (the copies need no L1) */
-    static int carve[2][5];
-    const int bulk = ra_bulk();
-#define RA_LAUNCH1(H, B)                                                                           \
-    if (!carve[B][__builtin_ctz(H) - 3]) {                                                         \
-        CUDA_CHECK(cudaFuncSetAttribute(rope_attn_kernel<H, B>,                                    \
+    static int carve[5];
+#define RA_LAUNCH(H)                                                                               \
+    if (!carve[__builtin_ctz(H) - 3]) {                                                            \
+        CUDA_CHECK(cudaFuncSetAttribute(rope_attn_kernel<H>,                                       \
                                         cudaFuncAttributePreferredSharedMemoryCarveout,            \
                                         (int)cudaSharedmemCarveoutMaxShared));                     \
-        carve[B][__builtin_ctz(H) - 3] = 1;                                                        \
+        carve[__builtin_ctz(H) - 3] = 1;                                                           \
     }                                                                                              \
-    gen_launch(rope_attn_kernel<H, B>, grid, dim3(32 * RA_WARPS), 0, s, pdl, o32, (bf16 *)o16,     \
-               q, ldq, k, ldk, v, ldv, (bf16 *)kc, (bf16 *)vc, slot, pos, nh, nkv, cap, cos_t,     \
-               sin_t, ws, scale, tok_major)
-#define RA_LAUNCH(H)                                                                               \
-    if (bulk) {                                                                                    \
-        RA_LAUNCH1(H, true);                                                                       \
-    } else {                                                                                       \
-        RA_LAUNCH1(H, false);                                                                      \
-    }
+    gen_launch(rope_attn_kernel<H>, grid, dim3(32 * RA_WARPS), 0, s, pdl, o32, (bf16 *)o16, q,     \
+               ldq, k, ldk, v, ldv, (bf16 *)kc, (bf16 *)vc, slot, pos, nh, nkv, cap, cos_t, sin_t, \
+               ws, scale)
     switch (hd) {
     case 8: RA_LAUNCH(8); break;
     case 16: RA_LAUNCH(16); break;
@@ -927,7 +821,6 @@ extern "C" void kn_gen_rope_attention(float *o32, kn_bf16 *o16, const float *q, 
     default: RA_LAUNCH(128); break;
     }
 #undef RA_LAUNCH
-#undef RA_LAUNCH1
     KN_CHECK_LAUNCH("gen_rope_attention");
 }
 
