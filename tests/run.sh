@@ -34,6 +34,10 @@ for t in "$BUILD"/tests/*; do
     case "$(basename "$t")" in gpu_*) [ -n "$GPU" ] || continue ;; esac
     run_one "unit/$(basename "$t")" "$t"
 done
+# lora-gen's opt-in wgmma products (Hopper; elsewhere the same run again)
+if [ -n "$GPU" ] && [ -x "$BUILD/tests/gpu_gen" ]; then
+    run_one "unit/gpu_gen (QLORA_GEN_WG=1)" env QLORA_GEN_WG=1 "$BUILD/tests/gpu_gen"
+fi
 for t in tests/cli/*.sh; do
     [ -f "$t" ] || continue
     [ "$(basename "$t")" = lib.sh ] && continue

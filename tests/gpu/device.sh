@@ -22,4 +22,14 @@ for t in "$dir"/gpu_*; do
     # exit 77: skipped (no device, too few GPUs), not a failure
     [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ] && [ "$f" -eq 0 ] && { tail -5 "$out/$name.log"; fail=$((fail + 1)); }
 done
+# lora-gen's opt-in wgmma products (Hopper; elsewhere the same run again)
+if [ -x "$dir/gpu_gen" ]; then
+    QLORA_GEN_WG=1 timeout 300 "$dir/gpu_gen" $bench >"$out/gpu_gen_wg.log" 2>&1
+    rc=$?
+    p=$(grep -c '^ok ' "$out/gpu_gen_wg.log"); f=$(grep -c '^not ok ' "$out/gpu_gen_wg.log")
+    pass=$((pass + p)); fail=$((fail + f))
+    echo "gpu_gen QLORA_GEN_WG=1: rc=$rc ok=$p notok=$f"
+    grep -E '^not ok' "$out/gpu_gen_wg.log" | head -30
+    [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ] && [ "$f" -eq 0 ] && { tail -5 "$out/gpu_gen_wg.log"; fail=$((fail + 1)); }
+fi
 echo "$pass passed, $fail failed"
