@@ -73,7 +73,11 @@
  * 125.7) and 228.5 us at n = 64 (was 316.6); a decoding step 3.39 ms at
  * batch 1 (was 4.61) and 12.57 ms at 64 (was 15.69). ncu at n = 1: half
  * the issue slots used, the stalls mostly fixed-latency dependencies and
- * weights in flight.
+ * weights in flight. Later ("gen, wgmma products and lin_tile tuning"):
+ * 216-224 us at n = 64 (one group unrolled, PDL), a step 11.92 ms at 64
+ * (with a faster cache attention); ncu on q/k/v at n = 64: 30% of the
+ * issue slots at 6 warps an SM (192 blocks), stalls mostly fixed-latency
+ * dependencies and shared-memory lookups.
  *
  * kn_gen_linear_f32: CUDA cores, one warp per output row, fp32 weights
  * (f32 checkpoints, LoRA matrices).
