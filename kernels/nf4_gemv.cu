@@ -857,6 +857,19 @@ __global__ void __launch_bounds__(256) lin_vec_kernel(lin_pack P, const bf16 *__
 
 /* ---- pieces shared by lin_tile and lin_wg -------------------------------------- */
 
+/* named barriers: bar_sync waits for n threads (its own among them),
+ * bar_arrive counts itself and goes on */
+__device__ __forceinline__ void bar_sync(int id, int n)
+{
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+__device__ __forceinline__ void bar_arrive(int id, int n)
+{
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+
 /* The order of a block's chunks into seq: classes c0 .. c0+cpb-1, class
  * by class, increasing inside a class; SEQ_LAST marks the last chunk of a
  * class. Returns how many. Split (cpb < 8): a class with no chunks (K <
@@ -917,11 +930,21 @@ __device__ __forceinline__ void tile_put_class(float *part, const float *acc, in
     }
 }
 
+/* The threads that finish a tile meet: all of the block (BT = 0), or the
+ * first BT threads at named barrier 1. */
+template <int BT> __device__ __forceinline__ void block_sync()
+{
+    if (BT)
+        bar_sync(1, BT);
+    else
+        __syncthreads();
+}
+
 /* The results: res + the class sums, from the warp's running total in
  * shared memory (mytot, element q at mytot[32 q]; S = 1), or (split) once
  * every block of the row tile has written its classes, by the last of
  * them, adding the eight in class order. */
-template <int MT, int NT, int S>
+template <int MT, int NT, int S, int BT = 0>
 __device__ __forceinline__ void tile_finish(const lin_desc &D, const float *mytot, float *ws,
                                             int64_t wsld, int ntiles, int64_t row0, int rbase,
                                             int g, int t, int n, int tid, int *s_last)
@@ -941,25 +964,45 @@ __device__ __forceinline__ void tile_finish(const lin_desc &D, const float *myto
     }
     const float *part = ws + SPLIT_COUNTERS + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
     __threadfence();
-    __syncthreads();
+    block_sync<BT>();
     int *counter = (int *)ws + blockIdx.y * ntiles + blockIdx.x;
     if (tid == 0)
         *s_last = atomicAdd(counter, 1) == S - 1;
-    __syncthreads();
+    block_sync<BT>();
     if (!*s_last)
         return;
     __threadfence();
+    /* QG elements at a time, their loads all issued before the first sum
+     * (clamped to rows and columns that exist; what they read for the
+     * others is never stored): one memory latency a group, not one an
+     * element */
+    constexpr int QN = MT * NT * 4, QG = QN < 8 ? QN : 8;
 #pragma unroll
-    for (int q = 0; q < MT * NT * 4; q++) {
-        int r, col;
-        acc_pos<NT>(q, rbase, g, t, r, col);
-        if (row0 + r < out && col < n) {
+    for (int q0 = 0; q0 < QN; q0 += QG) {
+        float v[QG][LIN_CLASSES], rv[QG];
+        int64_t yi[QG];
+        bool ok[QG];
+#pragma unroll
+        for (int qq = 0; qq < QG; qq++) {
+            int r, col;
+            acc_pos<NT>(q0 + qq, rbase, g, t, r, col);
+            ok[qq] = row0 + r < out && col < n;
+            const int64_t rr = row0 + r < out ? row0 + r : out - 1;
+            const int cc = col < n ? col : n - 1;
+#pragma unroll
+            for (int z = 0; z < LIN_CLASSES; z++)
+                v[qq][z] = __ldcg(part + ((int64_t)z * 64 + cc) * wsld + rr);
+            yi[qq] = (int64_t)cc * D.ldy + rr;
+            rv[qq] = D.res ? D.res[yi[qq]] : 0.0f;
+        }
+#pragma unroll
+        for (int qq = 0; qq < QG; qq++) {
             float s = 0.0f;
 #pragma unroll
             for (int z = 0; z < LIN_CLASSES; z++)
-                s += __ldcg(part + ((int64_t)z * 64 + col) * wsld + row0 + r);
-            const int64_t i = (int64_t)col * D.ldy + row0 + r;
-            D.y[i] = (D.res ? D.res[i] : 0.0f) + s;
+                s += v[qq][z];
+            if (ok[qq])
+                D.y[yi[qq]] = rv[qq] + s;
         }
     }
     if (tid == 0)
@@ -1262,56 +1305,85 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
 /* ---- lin_wg: 32 < n <= 64 on Hopper (wgmma) --------------------------------------- */
 
 /* lin_tile's products on wgmma, for NF4 weights with G4 scales (K a
- * multiple of 256) on compute capability 9.0; opt-in (QLORA_GEN_WG=1). A
- * block is one warpgroup owning 64 W rows, warp w the rows 16w .. 16w+15
- * with the same A fragments as lin_tile, and the sums keep the order of
- * the top: classes in order, chunks in increasing order inside a class,
- * k-tiles 0..3 inside a chunk, each k-tile one m64n64k16 product
- * accumulated in fp32. On an H100 that gives mma.sync's bits exactly
- * (tests/gpu/gen.c checks every row against lin_row's for n = 1 .. 64).
- * What changes is how x reaches the tensor cores: in lin_tile every warp
- * reads each x fragment from shared memory itself (8 bytes of x for each
- * weight at n = 64), here the warpgroup's product reads the chunk of x
- * once (2 bytes a weight). The products run in half chunks (two k-tiles,
- * one commit group), so that a half is dequantized while the previous
- * one runs.
+ * multiple of 256) on compute capability 9.0. A block owns 64 W rows and
+ * its warps have separate jobs, in the manner of CUTLASS's warp-
+ * specialized mixed-input kernels:
+ *   - the loader (warps 8 .. 8+WG_LW-1) brings each chunk's NF4 codes,
+ *     scale codes, nested absmax and x from global into a staging ring
+ *     of WG_RS slots with cp.async, running ahead;
+ *   - the dequantizer (warps 4..7) turns a staged chunk of the 64 rows
+ *     (64 x 64 weights) into bf16 in shared memory and copies the chunk
+ *     of x beside it, both in wgmma's K-major layout without swizzle
+ *     (one of WG_STAGES stages);
+ *   - the consumer (warps 0..3) multiplies them, one m64n64k16 product
+ *     per k-tile, both operands read from shared memory.
+ * They meet only at named barriers, a pair per slot or stage: "loaded"
+ * and "freed" between loader and dequantizer, "full" (the stage written
+ * and fenced for the async proxy) and "empty" (its products done)
+ * between dequantizer and consumer. So no warp waits on the latency of
+ * anything but its own job: the loads are in flight while the lookups
+ * run, and those while the tensor cores run. (The loads are the
+ * loader's alone because a proxy fence waits for every load its thread
+ * has in flight, and register loads issued ahead share one scoreboard:
+ * a dequantizer that loaded for itself would wait a full memory latency
+ * at every chunk, as the first version of this kernel did.)
  *
- * Measured on an H100 (bench/RESULTS.md, "gen, wgmma products"): a
- * layer's products at n = 64 take 350-390 us against lin_tile's 217-228.
- * ncu on q/k/v: 23% of issue slots used at 14 warps an SM; each warp
- * waits ~15 cycles between instructions, mostly on the x copies through
- * registers (long scoreboard), the lookups (short scoreboard), the
- * per-chunk barrier and proxy fence, and the warpgroup's rendezvous at
- * each product. The known remedy is a pipeline in the style of CUTLASS's
- * mixed-input kernels: x pre-arranged by its producer and brought in by
- * bulk copies (TMA) on mbarriers, a producer warp, and consumer
- * warpgroups that never meet at a block barrier.
+ * The sums keep the order of the top: classes in order, chunks in
+ * increasing order inside a class, k-tiles 0..3 inside a chunk, each
+ * k-tile one m64n64k16 product accumulated in fp32; on an H100 that gives
+ * mma.sync's bits exactly (tests/gpu/gen.c checks every row against
+ * lin_row's for n = 1 .. 64).
  *
- * A chunk of x in shared memory (one of WG_STAGES, 8 KB): 64 columns of x
- * by the chunk's 64 k in the products' order, in core matrices of 8
- * columns x 8 k (16 bytes a column); the two halves of a k-tile 128 bytes
- * apart, k-tiles 256 bytes apart, groups of 8 columns 1024 bytes apart
- * (wgmma's K-major layout without swizzle). The order permutes k inside a
- * chunk as lin_tile does: position q (0..15) of k-tile kk holds element
- * 16 ((q / 2) % 4) + 4 kk + 2 (q / 8) + q % 2. Thread i copies column i %
- * 64 for k-tiles 2 (i / 64) and 2 (i / 64) + 1: four 16-byte loads
- * (elements 16 t + 8 (i / 64) .. +7, t = 0..3) whose words regroup into
- * four 16-byte stores. The copies go through registers a chunk ahead.
+ * A stage (16 KB): the chunk's weights (64 rows) then its x (64 columns),
+ * each 64 rows by the chunk's 64 k in the products' order, in core
+ * matrices of 8 rows x 8 k (16 bytes a row); the two halves of a k-tile
+ * 128 bytes apart, k-tiles 256 bytes apart, groups of 8 rows 1024 bytes
+ * apart. The order permutes k inside a chunk as lin_tile does: position
+ * q (0..15) of k-tile kk holds element 16 ((q / 2) % 4) + 4 kk + 2 (q / 8)
+ * + q % 2. Dequantizer thread i takes row i / 2 and the codes of lanes
+ * 2 (i % 2) and 2 (i % 2) + 1 of lin_tile (16 bytes: elements 32 (i % 2)
+ * .. +31), and writes 8 bytes of each of the 8 core rows they touch; it
+ * also copies x's column i % 64 for k-tiles 2 (i / 64) and 2 (i / 64) + 1
+ * (four 16-byte pieces whose words regroup into four 16-byte stores).
+ *
+ * A staging slot: x's 64 columns as loaded (rows of 144 bytes, so that
+ * the copies' 16-byte reads of 8 columns hit distinct banks), then the
+ * codes (64 rows x 32 bytes), the 4-byte words holding each row's scale
+ * code, and each row's nested absmax.
  *
  * S (1, 2, 4 or 8): the class groups a product is split over, so that
  * small products still fill the GPU. Block z sums classes 8z/S ..
- * 8(z+1)/S - 1; with S = 1 the class sums are added in shared memory as
- * in lin_tile, else each is written to the workspace (lin_tile's split
- * layout) and the last block of a row tile adds the eight in class
- * order. */
+ * 8(z+1)/S - 1; with S = 1 the consumer keeps the running total of the
+ * class sums in registers, else each class sum is written to the
+ * workspace (lin_tile's split layout) and the last block of a row tile
+ * adds the eight in class order. */
+#ifndef WG_STAGES
 #define WG_STAGES 3
-#define WG_STAGE_BYTES 8192
-#define WG_TOT_BYTES (4 * 32 * 32 * 4) /* a warp's 16 x 64 class sums */
-#define WG_MIN_BLOCKS 3
+#endif
+#define WG_STAGE_BYTES 16384
+#ifndef WG_RS
+#define WG_RS 4 /* staging slots */
+#endif
+#ifndef WG_LW
+#define WG_LW 1 /* loader warps */
+#endif
+#define WG_XROW 144
+#define WG_SLOT_CODES (64 * WG_XROW)
+#define WG_SLOT_SB (WG_SLOT_CODES + 64 * 32)
+#define WG_SLOT_SV (WG_SLOT_SB + 64 * 4)
+#define WG_SLOT_BYTES (WG_SLOT_SV + 64 * 4)
+#define WG_THREADS (256 + 32 * WG_LW)
+#define WG_MIN_BLOCKS 2
+#define WG_BAR_FULL 2
+#define WG_BAR_EMPTY (WG_BAR_FULL + WG_STAGES)
+#define WG_BAR_LOADED (WG_BAR_EMPTY + WG_STAGES)
+#define WG_BAR_FREED (WG_BAR_LOADED + WG_RS)
+#define WG_BAR_STAGING (128 + 32 * WG_LW) /* threads at loaded / freed */
+static_assert(WG_BAR_FREED + WG_RS <= 16, "named barriers");
 
 template <int S> __host__ __device__ constexpr size_t wg_smem_fixed()
 {
-    return (size_t)WG_STAGES * WG_STAGE_BYTES + (S == 1 ? WG_TOT_BYTES : 0);
+    return (size_t)WG_STAGES * WG_STAGE_BYTES + (size_t)WG_RS * WG_SLOT_BYTES;
 }
 
 __device__ __forceinline__ void sts128(uint32_t a, uint32_t x, uint32_t y, uint32_t z, uint32_t w)
@@ -1321,177 +1393,255 @@ __device__ __forceinline__ void sts128(uint32_t a, uint32_t x, uint32_t y, uint3
                  : "memory");
 }
 
+__device__ __forceinline__ void sts64(uint32_t a, uint32_t x, uint32_t y)
+{
+    asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(a), "r"(x), "r"(y) : "memory");
+}
+
+__device__ __forceinline__ uint4 lds128(uint32_t a)
+{
+    uint4 v;
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(a));
+    return v;
+}
+
+__device__ __forceinline__ uint32_t lds32(uint32_t a)
+{
+    uint32_t v;
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(a));
+    return v;
+}
+
+__device__ __forceinline__ void cpa16(uint32_t s, const void *g)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(g) : "memory");
+}
+
+__device__ __forceinline__ void cpa4(uint32_t s, const void *g)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(g) : "memory");
+}
+
 template <int S>
-__global__ void __launch_bounds__(128, WG_MIN_BLOCKS)
+__global__ void __launch_bounds__(WG_THREADS, WG_MIN_BLOCKS)
     lin_wg_kernel(lin_pack P, const bf16 *__restrict__ x, int64_t ldx, int n, float *ws,
                   int64_t wsld, int ntiles)
 {
 #if WG_ARCH
     extern __shared__ __align__(16) unsigned char tsm[];
     __shared__ int s_last;
-    constexpr int DT = 4; /* chunks of weights in flight */
-    constexpr int U = 8;  /* the main loop's unrolling (two G4 groups) */
     constexpr int CPB = LIN_CLASSES / S;
     const lin_desc D = pick_desc(P);
     const int64_t out = D.out;
     const int64_t row0 = (int64_t)blockIdx.x * 64;
     if (row0 >= out)
         return;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
+    const int tid = threadIdx.x;
     const int nch = (int)(D.in >> 6);
     const int c0 = (int)blockIdx.z * CPB;
-    float *tot = (float *)(tsm + WG_STAGES * WG_STAGE_BYTES);
     int *seq = (int *)(tsm + wg_smem_fixed<S>());
-    const int total = tile_order(seq, nch, c0, CPB, ws, wsld, row0, 64, out, n, tid, 128);
-    load_tables<KN_GW_NF4>(D, tid, 128);
+    const int total = tile_order(seq, nch, c0, CPB, ws, wsld, row0, 64, out, n, tid, WG_THREADS);
+    load_tables<KN_GW_NF4>(D, tid, WG_THREADS);
     __syncthreads();
-    const uint32_t qb = qmap_base();
-    const uint8_t *base = D.codes + 8 * t;
-    int32_t roff[2]; /* byte offsets of the lane's rows g, g+8 */
+    const uint32_t sm0 = (uint32_t)__cvta_generic_to_shared(tsm);
+    const uint32_t stg = sm0 + WG_STAGES * WG_STAGE_BYTES;
+    /* the role through a shuffle, so that the compiler knows it uniform
+     * in the warp (else it serializes the wgmma of a "divergent" path) */
+    const int role = __shfl_sync(0xffffffffu, tid >> 7, 0);
+    if (role == 2) {
+        /* ---- loader ---- */
+        /* lane l's sources, chunk 0: codes of rows (i / 2), scale words
+         * and nested absmax of rows i, x's 16-byte pieces (i % 8) of
+         * columns i / 8 (columns past n copy column n-1: they reach only
+         * output columns that are not stored) */
+        constexpr int LT = 32 * WG_LW, NC = 128 / LT, NS = 64 / LT, NX = 512 / LT;
+        const int l = tid - 256;
+        const int64_t kb = D.in >> 6; /* scale blocks a row */
+        const uint8_t *cs[NC];
+        const uint8_t *ss[NS];
+        int64_t sbi[NS];
+        const bf16 *xs[NX];
 #pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        const int64_t r = row0 + warp * 16 + g + 8 * hr;
-        roff[hr] = (int32_t)((r < out ? r : out - 1) * (D.in >> 1));
-        pin(roff[hr]);
-    }
-    /* G4 as in lin_tile: group k's scale codes and nested absmax in slot
-     * k % 2, group k+1's requested when group k starts */
-    uint32_t gsb[2][2];
-    float gsv[2][2];
-    auto load_gs = [&](int slot, int32_t off) {
-#pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            const int32_t b = (2 * roff[hr] + off) >> 6;
-            gsb[slot][hr] = __ldg((const uint32_t *)(D.absmax_q + b));
-            gsv[slot][hr] = __ldg(D.nested_absmax + (b >> D.lnbs));
+        for (int j = 0; j < NC; j++) {
+            const int i = l + LT * j;
+            const int64_t r = row0 + (i >> 1) < out ? row0 + (i >> 1) : out - 1;
+            cs[j] = D.codes + r * (D.in >> 1) + 16 * (i & 1);
         }
-    };
-    uint2 rc[DT][2];
-    auto load_w = [&](uint2(&r)[2], int32_t off) {
 #pragma unroll
-        for (int hr = 0; hr < 2; hr++)
-            r[hr] = __ldg((const uint2 *)(base + roff[hr] + (off >> 1)));
-    };
-    if (total > 0)
-        load_gs(0, (seq[0] & SEQ_CHUNK) * 64);
+        for (int j = 0; j < NS; j++) {
+            const int i = l + LT * j;
+            const int64_t r = row0 + i < out ? row0 + i : out - 1;
+            sbi[j] = r * kb;
+            ss[j] = D.absmax_q + sbi[j]; /* kb % 4 == 0: words stay aligned */
+        }
 #pragma unroll
-    for (int d = 0; d < DT; d++)
-        if (d < total)
-            load_w(rc[d], (seq[d] & SEQ_CHUNK) * 64);
-    gen_pdl_wait();
-    gen_pdl_trigger();
-    /* x: columns past n copy column n-1 (they reach only output columns
-     * that are not stored) */
-    const int xc = tid & 63, xh = tid >> 6;
-    const bf16 *xsrc = x + (int64_t)min(xc, n - 1) * ldx + 8 * xh;
-    const uint32_t xs_sh = (uint32_t)__cvta_generic_to_shared(tsm);
-    const uint32_t xdst = (uint32_t)((xc >> 3) * 1024 + (xc & 7) * 16 + xh * 512);
-    uint4 xr[4];
-    auto ld_x = [&](int p) {
-        if (p < total) {
-            const int k0 = (seq[p] & SEQ_CHUNK) * 64;
+        for (int j = 0; j < NX; j++) {
+            xs[j] = x + (int64_t)min((l >> 3) + (LT / 8) * j, n - 1) * ldx + 8 * (l & 7);
+            pin(xs[j]);
+        }
+#pragma unroll
+        for (int j = 0; j < NC; j++)
+            pin(cs[j]);
+        /* the destinations: lane l's first, then constant steps */
+        const uint32_t dx = (uint32_t)((l >> 3) * WG_XROW + 16 * (l & 7));
+        gen_pdl_wait();
+        gen_pdl_trigger();
+        for (int p = 0; p < total + WG_RS - 1; p++) {
+            if (p < total) {
+                const int slot = p % WG_RS;
+                if (p >= WG_RS)
+                    bar_sync(WG_BAR_FREED + slot, WG_BAR_STAGING);
+                const int c = seq[p] & SEQ_CHUNK;
+                const uint32_t b = stg + (uint32_t)(slot * WG_SLOT_BYTES);
+#pragma unroll
+                for (int j = 0; j < NC; j++)
+                    cpa16(b + WG_SLOT_CODES + 16 * l + 16 * LT * j, cs[j] + 32 * c);
+#pragma unroll
+                for (int j = 0; j < NS; j++) {
+                    cpa4(b + WG_SLOT_SB + 4 * l + 4 * LT * j, ss[j] + (c & ~3));
+                    cpa4(b + WG_SLOT_SV + 4 * l + 4 * LT * j,
+                         D.nested_absmax + ((sbi[j] + c) >> D.lnbs));
+                }
+#pragma unroll
+                for (int j = 0; j < NX; j++)
+                    cpa16(b + dx + (LT / 8) * WG_XROW * j, xs[j] + 64 * c);
+            }
+            cp_async_commit();
+            cp_async_wait<WG_RS - 1>();
+            const int q = p - (WG_RS - 1);
+            if (q >= 0)
+                bar_arrive(WG_BAR_LOADED + q % WG_RS, WG_BAR_STAGING);
+        }
+        __threadfence();
+        return;
+    }
+    if (role == 1) {
+        /* ---- dequantizer ---- */
+        const int pt = tid - 128, prow = pt >> 1, pj = pt & 1;
+        const uint32_t qb = qmap_base();
+        const int64_t rr = row0 + prow < out ? row0 + prow : out - 1;
+        int32_t bbase = (int32_t)(rr * (D.in >> 6)); /* the row's first scale block */
+        pin(bbase);
+        gen_pdl_trigger();
+        const int xc = pt & 63, xh = pt >> 6;
+        const uint32_t xsrc = (uint32_t)(xc * WG_XROW + 16 * xh);
+        const uint32_t xdst = (uint32_t)(8192 + (xc >> 3) * 1024 + (xc & 7) * 16 + xh * 512);
+        const uint32_t adst = (uint32_t)((prow >> 3) * 1024 + (prow & 7) * 16 + 8 * pj);
+        for (int p = 0; p < total; p++) {
+            const int slot = p % WG_RS, st = p % WG_STAGES;
+            const uint32_t b = stg + (uint32_t)(slot * WG_SLOT_BYTES);
+            bar_sync(WG_BAR_LOADED + slot, WG_BAR_STAGING);
+            const int c = seq[p] & SEQ_CHUNK;
+            const uint4 cw = lds128(b + WG_SLOT_CODES + 16 * pt);
+            const uint32_t sbw = lds32(b + WG_SLOT_SB + 4 * prow);
+            const float sv = __uint_as_float(lds32(b + WG_SLOT_SV + 4 * prow));
+            uint4 xb[4];
 #pragma unroll
             for (int q = 0; q < 4; q++)
-                xr[q] = __ldg((const uint4 *)(xsrc + k0 + 16 * q));
-        }
-    };
-    auto st_x = [&](int p) {
-        if (p < total) {
-            const uint32_t a = xs_sh + (uint32_t)((p % WG_STAGES) * WG_STAGE_BYTES) + xdst;
-            sts128(a, xr[0].x, xr[1].x, xr[2].x, xr[3].x);
-            sts128(a + 128, xr[0].y, xr[1].y, xr[2].y, xr[3].y);
-            sts128(a + 256, xr[0].z, xr[1].z, xr[2].z, xr[3].z);
-            sts128(a + 384, xr[0].w, xr[1].w, xr[2].w, xr[3].w);
-        }
-    };
-    ld_x(0);
-    st_x(0);
-    ld_x(1);
-    fence_proxy_async();
-    float acc[32];
+                xb[q] = lds128(b + xsrc + 32 * q);
+            const uint32_t sb = (sbw >> (8 * ((bbase + c) & 3))) & 0xffu;
+            const float sc = __fadd_rn(__fmul_rn(s_nmap[sb], sv), D.offset);
+            const uint32_t w[4] = {cw.x, cw.y, cw.z, cw.w};
+            nibs v[4];
 #pragma unroll
-    for (int q = 0; q < 32; q++)
+            for (int i = 0; i < 4; i++)
+                v[i] = nibs_of(w[i]);
+            uint32_t lo[4][2], hi[4][2];
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+                for (int tp = 0; tp < 2; tp++) {
+                    if (kk & 1)
+                        nf4_words<1>(v[2 * tp + kk / 2], sc, qb, lo[kk][tp], hi[kk][tp]);
+                    else
+                        nf4_words<0>(v[2 * tp + kk / 2], sc, qb, lo[kk][tp], hi[kk][tp]);
+                }
+            if (p >= WG_STAGES)
+                bar_sync(WG_BAR_EMPTY + st, 256);
+            const uint32_t sa = sm0 + (uint32_t)(st * WG_STAGE_BYTES);
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                sts64(sa + adst + kk * 256, lo[kk][0], lo[kk][1]);
+                sts64(sa + adst + kk * 256 + 128, hi[kk][0], hi[kk][1]);
+            }
+            const uint32_t a = sa + xdst;
+            sts128(a, xb[0].x, xb[1].x, xb[2].x, xb[3].x);
+            sts128(a + 128, xb[0].y, xb[1].y, xb[2].y, xb[3].y);
+            sts128(a + 256, xb[0].z, xb[1].z, xb[2].z, xb[3].z);
+            sts128(a + 384, xb[0].w, xb[1].w, xb[2].w, xb[3].w);
+            fence_proxy_async();
+            bar_arrive(WG_BAR_FULL + st, 256);
+            if (p + WG_RS < total)
+                bar_arrive(WG_BAR_FREED + slot, WG_BAR_STAGING);
+        }
+        return;
+    }
+    /* ---- consumer ---- */
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    gen_pdl_wait();
+    gen_pdl_trigger();
+    float acc[32], tot[32];
+#pragma unroll
+    for (int q = 0; q < 32; q++) {
         acc[q] = 0.0f;
-    uint32_t A[4][4];
-    float *mytot = tot + warp * 1024 + lane;
-    if (S == 1)
+        tot[q] = 0.0f;
+    }
+    float *part = ws + SPLIT_COUNTERS + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
+    /* class by class (a class's chunks are consecutive in seq): inside
+     * one, each chunk's products wait only for the previous chunk's, so
+     * two are in flight; at its end all are waited for and the sums
+     * taken (a loop of this shape lets the compiler see that no
+     * accumulator is read while a product runs) */
+    int p = 0;
+    for (int v = c0; v < c0 + CPB; v++) {
+        const int cnt = class_count(nch, v);
+        if (cnt == 0)
+            continue;
+        for (int i = 0; i < cnt; i++, p++) {
+            const int st = p % WG_STAGES;
+            bar_sync(WG_BAR_FULL + st, 256);
+            const uint64_t da = wg_desc(tsm + st * WG_STAGE_BYTES, 128, 1024);
+            const uint64_t db = wg_desc(tsm + st * WG_STAGE_BYTES + 8192, 128, 1024);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wg_ss64(acc, da + (uint64_t)(16 * kk), db + (uint64_t)(16 * kk));
+            wg_commit();
+            wg_wait<1>();
+            /* chunk p-1's products are done: its stage may be written
+             * again */
+            if (p >= 1 && p - 1 + WG_STAGES < total)
+                bar_arrive(WG_BAR_EMPTY + (p - 1) % WG_STAGES, 256);
+        }
+        wg_wait<0>();
+        wg_pin<32>(acc);
+        if (S == 1) {
+#pragma unroll
+            for (int q = 0; q < 32; q++)
+                tot[q] += acc[q];
+        } else {
+            tile_put_class<1, 8>(part, acc, v, row0, warp * 16, g, t, out, n, wsld);
+        }
 #pragma unroll
         for (int q = 0; q < 32; q++)
-            mytot[q * 32] = 0.0f;
-    float *part = ws + SPLIT_COUNTERS + ((int64_t)blockIdx.y * LIN_CLASSES * 64) * wsld;
-    for (int p0 = 0; p0 < total; p0 += U) {
+            acc[q] = 0.0f;
+    }
+    if (S == 1) {
 #pragma unroll
-        for (int du = 0; du < U; du++) {
-            const int p = p0 + du, d = du % DT;
-            if (p >= total)
-                break;
-            if (du % 4 == 0 && p + 4 < total)
-                load_gs(((du >> 2) + 1) & 1, (seq[p + 4] & SEQ_CHUNK) * 64);
-            float sc[2];
-#pragma unroll
-            for (int hr = 0; hr < 2; hr++) {
-                const int gs = (du >> 2) & 1;
-                const uint32_t sb = (gsb[gs][hr] >> (8 * (du & 3))) & 0xffu;
-                sc[hr] = __fadd_rn(__fmul_rn(s_nmap[sb], gsv[gs][hr]), D.offset);
-            }
-            const int e = seq[p];
-            /* the products run in half chunks (two k-tiles, A fragments in
-             * A[h]), one commit group each: half h of chunk p is built
-             * while half 1-h of chunk p-1 (or half 0 of chunk p) runs.
-             * Before half 0: half 0 of chunk p-1 is done, so chunk p-2 is,
-             * and after the barrier every warp is done with chunk p-2's
-             * stage, which takes chunk p+1's x; chunk p's is in place
-             * (written and fenced by every thread last time round). */
-            wg_wait<1>();
-            wg_pin<8>(&A[0][0]);
-            __syncthreads();
-            st_x(p + 1);
-            ld_x(p + 2);
-            fence_proxy_async();
-            const uint64_t db =
-                wg_desc(tsm + (p % WG_STAGES) * WG_STAGE_BYTES, 128, 1024);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                if (h == 1) {
-                    wg_wait<1>();
-                    wg_pin<8>(&A[2][0]);
-                }
-                const nibs v0 = nibs_of(h ? rc[d][0].y : rc[d][0].x);
-                const nibs v1 = nibs_of(h ? rc[d][1].y : rc[d][1].x);
-                uint32_t(&a0)[4] = A[2 * h], (&a1)[4] = A[2 * h + 1];
-                nf4_words<0>(v0, sc[0], qb, a0[0], a0[2]);
-                nf4_words<0>(v1, sc[1], qb, a0[1], a0[3]);
-                nf4_words<1>(v0, sc[0], qb, a1[0], a1[2]);
-                nf4_words<1>(v1, sc[1], qb, a1[1], a1[3]);
-                wg_fence();
-                wg_rs64<0>(acc, a0, db + (uint64_t)(16 * (2 * h)));
-                wg_rs64<0>(acc, a1, db + (uint64_t)(16 * (2 * h + 1)));
-                wg_commit();
-                wg_pin<32>(acc);
-            }
-            if (p + DT < total)
-                load_w(rc[d], (seq[p + DT] & SEQ_CHUNK) * 64);
-            if (e & SEQ_LAST) {
-                wg_wait<0>();
-                wg_pin<32>(acc);
-                wg_pin<16>(&A[0][0]);
-                if (S == 1) {
-#pragma unroll
-                    for (int q = 0; q < 32; q++)
-                        mytot[q * 32] += acc[q];
-                } else {
-                    tile_put_class<1, 8>(part, acc, ((e & SEQ_CHUNK) / LIN_GROUP) % LIN_CLASSES,
-                                         row0, warp * 16, g, t, out, n, wsld);
-                }
-#pragma unroll
-                for (int q = 0; q < 32; q++)
-                    acc[q] = 0.0f;
+        for (int q = 0; q < 32; q++) {
+            int r, col;
+            acc_pos<8>(q, warp * 16, g, t, r, col);
+            if (row0 + r < out && col < n) {
+                const int64_t i = (int64_t)col * D.ldy + row0 + r;
+                D.y[i] = (D.res ? D.res[i] : 0.0f) + tot[q];
             }
         }
+        return;
     }
-    wg_wait<0>();
-    tile_finish<1, 8, S>(D, mytot, ws, wsld, ntiles, row0, warp * 16, g, t, n, tid, &s_last);
+    tile_finish<1, 8, S, 128>(D, NULL, ws, wsld, ntiles, row0, warp * 16, g, t, n, tid, &s_last);
 #endif
 }
 
@@ -1659,7 +1809,7 @@ static int wg_split(int nops, int64_t maxout)
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         (int)(wg_smem_fixed<2>() + TILE_MAXCH * 4)));
         CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &occ, lin_wg_kernel<2>, 128, wg_smem_fixed<2>() + 1024));
+            &occ, lin_wg_kernel<2>, WG_THREADS, wg_smem_fixed<2>() + 1024));
         if (occ < 1)
             occ = 1;
     }
@@ -1691,8 +1841,8 @@ static void launch_wg(const lin_pack &P, int nops, int64_t maxout, const bf16 *x
     const int ntiles = (int)((maxout + 63) / 64);
     const size_t smem = wg_smem_fixed<S>() + (size_t)nch * 4;
     dim3 grid((unsigned)ntiles, (unsigned)nops, (unsigned)S);
-    gen_launch(lin_wg_kernel<S>, grid, dim3(128), smem, s, 0, P, x, ldx, n, (float *)ws, maxout,
-               ntiles);
+    gen_launch(lin_wg_kernel<S>, grid, dim3(WG_THREADS), smem, s, cfg().tile_pdl && gen_ops_pdl(n, s), P,
+               x, ldx, n, (float *)ws, maxout, ntiles);
 }
 
 static void dispatch_wg(const lin_pack &P, int nops, int64_t maxout, const bf16 *x, int64_t ldx,
