@@ -59,14 +59,18 @@
  *     block z sums class z alone into a workspace, and the last block of
  *     a row tile to finish adds the eight in class order.
  *     QLORA_GEN_TILE_S=2|4 splits over 2 or 4 class groups instead
- *     (measured slower: the workspace traffic of the class sums costs
- *     more than the extra warps give). Launched with PDL on sm_90 (its
+ *     (measured slower, also after the finish below was made faster: the
+ *     extra warps do not pay for the class sums' traffic). The last block
+ *     issues a group of 8 elements' loads of the class sums before adding
+ *     any (one memory latency a group, not one an element): o and down at
+ *     n = 64 10-12% faster. Launched with PDL on sm_90 (its
  *     prologue overlaps the kernel before; QLORA_GEN_TILE_PDL=0 turns it
  *     off): a batch-64 step 12.24 against 12.33 ms.
  *   - lin_wg (32 < n <= 64, opt-in QLORA_GEN_WG=1, Hopper): lin_tile's
- *     sums on wgmma, a warpgroup owning 64 rows; the same bits as
- *     mma.sync (tested), but 1.6x slower than lin_tile on an H100 so far
- *     (see its comment).
+ *     sums on wgmma, warp-specialized (a loader warp, a dequantizing and
+ *     a multiplying warpgroup) for 64 rows; the same bits as mma.sync
+ *     (tested), but 1.26x slower than lin_tile on an H100 so far (see
+ *     its comment).
  *
  * Measured on an H100 80GB HBM3 (bench/RESULTS.md, "gen, product kernels
  * (issue 8)"), the products of one 7B layer: 87.6 us at n = 1 (was
@@ -77,7 +81,8 @@
  * 216-224 us at n = 64 (one group unrolled, PDL), a step 11.92 ms at 64
  * (with a faster cache attention); ncu on q/k/v at n = 64: 30% of the
  * issue slots at 6 warps an SM (192 blocks), stalls mostly fixed-latency
- * dependencies and shared-memory lookups.
+ * dependencies and shared-memory lookups. Then ("gen, warp-specialized
+ * lin_wg and the split finish"): 214 us at n = 64, a step 11.79 ms.
  *
  * kn_gen_linear_f32: CUDA cores, one warp per output row, fp32 weights
  * (f32 checkpoints, LoRA matrices).
@@ -1350,6 +1355,17 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
  * the copies' 16-byte reads of 8 columns hit distinct banks), then the
  * codes (64 rows x 32 bytes), the 4-byte words holding each row's scale
  * code, and each row's nested absmax.
+ *
+ * Measured on an H100 (bench/RESULTS.md, "gen, warp-specialized lin_wg
+ * and the split finish"): a 7B layer's products at n = 64 in 269 us
+ * against lin_tile's 214 (the first version of this kernel, which
+ * loaded for itself in the dequantizer, 415 us). ncu on q/k/v: the
+ * multiplying warps wait at "full" and the dequantizers at "loaded" or
+ * on their lookups, at 29% of the issue slots; the shared-memory traffic
+ * a weight costs (lookups, staging, the stage's stores and the products'
+ * reads of both operands) is higher than lin_tile's (lookups and x
+ * fragments), which is the bound both kernels approach. Kept opt-in as
+ * the base for that work.
  *
  * S (1, 2, 4 or 8): the class groups a product is split over, so that
  * small products still fill the GPU. Block z sums classes 8z/S ..
