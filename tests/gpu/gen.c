@@ -26,7 +26,8 @@
  * shapes, the cache attention, a step's other kernels in a CUDA graph
  * and one prefill layer piece by piece. GEN_BENCH_MICRO=0 skips those,
  * =2 keeps only the step kernels and the prefill pieces, =3 only the
- * step kernels at n = 64 (for ncu); GEN_BENCH_BATCHES=1,64 picks the
+ * step kernels at n = 64 (for ncu); GEN_BENCH_NS=1,64 picks the n of
+ * the products and the cache attention, GEN_BENCH_BATCHES=1,64 the
  * whole runs (0: none).
  *
  * RoPE + append + attention in one launch (decoding) is checked against
@@ -1251,6 +1252,26 @@ static void bench_prefill_pieces(const llama_config *c, const uint8_t *codes,
     kn_free(b.start);
 }
 
+/* A comma-separated list of n in 1..64 from the environment variable
+ * `name` into v (at most 8); def when unset. Returns the count. */
+static int env_ns(const char *name, const char *def, int *v)
+{
+    const char *q = getenv(name);
+    int k = 0;
+    if (!q)
+        q = def;
+    while (*q && k < 8) {
+        int x = atoi(q);
+        if (x >= 1 && x <= 64)
+            v[k++] = x;
+        q = strchr(q, ',');
+        if (!q)
+            break;
+        q++;
+    }
+    return k;
+}
+
 static void bench_7b(void)
 {
     enum { L = 32, DIM = 4096, HID = 11008, VOCAB = 32000, PROMPT = 300, NEW = 100 };
@@ -1269,7 +1290,11 @@ static void bench_7b(void)
     const char *micro = getenv("GEN_BENCH_MICRO");
     const int mm = micro ? atoi(micro) : 1;
     const int micro_all = mm == 1, micro_step = mm >= 1;
-    for (int n = 1; micro_all && n <= 64; n *= 64) {
+    /* GEN_BENCH_NS: the n of these (default 1,64) */
+    int pns[8];
+    const int npn = micro_all ? env_ns("GEN_BENCH_NS", "1,64", pns) : 0;
+    for (int pi = 0; pi < npn; pi++) {
+        const int n = pns[pi];
         layer_bench b;
         memset(&b, 0, sizeof b);
         nf4_weight fw;
@@ -1328,7 +1353,8 @@ static void bench_7b(void)
     }
 
     /* the cache attention alone: 350 cached positions, 32 heads of 128 */
-    for (int n = 1; micro_all && n <= 64; n *= 64) {
+    for (int pi = 0; pi < npn; pi++) {
+        const int n = pns[pi];
         int cap = PROMPT + NEW, P = 350;
         size_t csz = (size_t)n * cap * DIM;
         att_bench b;
@@ -1372,20 +1398,8 @@ static void bench_7b(void)
 
     /* GEN_BENCH_BATCHES: the batch sizes of the whole runs (default 1,64;
      * 0: none) */
-    int batches[8] = {1, 64}, nb = 2;
-    const char *bs = getenv("GEN_BENCH_BATCHES");
-    if (bs) {
-        nb = 0;
-        for (const char *q = bs; *q && nb < 8;) {
-            int v = atoi(q);
-            if (v >= 1 && v <= 64)
-                batches[nb++] = v;
-            q = strchr(q, ',');
-            if (!q)
-                break;
-            q++;
-        }
-    }
+    int batches[8];
+    const int nb = env_ns("GEN_BENCH_BATCHES", "1,64", batches);
     for (int bi = 0; bi < nb; bi++) {
         int B = batches[bi];
         gen_backend be;
