@@ -87,8 +87,10 @@ __global__ void rope_append_kernel(float *__restrict__ q, int64_t ldq, float *__
         /* as llama_rope: products rounded before the sum */
         const float x0 = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
         const float x1 = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
-        vec[i] = x0;
-        vec[i + half] = x1;
+        if (hh < nh ? !q16 : !k16) {
+            vec[i] = x0;
+            vec[i + half] = x1;
+        }
         if (hh < nh) {
             if (q16) {
                 bf16 *d = q16 + (int64_t)t * nh * hd + (int64_t)hh * hd;
@@ -112,7 +114,9 @@ __global__ void rope_append_kernel(float *__restrict__ q, int64_t ldq, float *__
  * threads per token, 4 rotated pairs (float4) a thread. A prefill runs
  * ~16,000 tokens at once: one block per (token, head) of hd / 2 threads was
  * 1.5 M blocks of 64 threads with 4-byte accesses, 1.9 ms a layer where
- * the bytes take ~0.7. The same operations, so the same bits. */
+ * the bytes take ~0.7. The same operations, so the same bits. (A prefill
+ * asks for the bf16 copies and never reads the rotated fp32 q and k:
+ * writing them back was 0.5 GB a layer of ~2 GB.) */
 __device__ __forceinline__ void st4(float *p, float4 v) { *(float4 *)p = v; }
 __device__ __forceinline__ void st4(bf16 *p, float4 v)
 {
@@ -151,8 +155,10 @@ __global__ void __launch_bounds__(256)
                                       __fadd_rn(__fmul_rn(b.y, c.y), __fmul_rn(a.y, sn.y)),
                                       __fadd_rn(__fmul_rn(b.z, c.z), __fmul_rn(a.z, sn.z)),
                                       __fadd_rn(__fmul_rn(b.w, c.w), __fmul_rn(a.w, sn.w)));
-        *(float4 *)(vec + i) = x0;
-        *(float4 *)(vec + i + half) = x1;
+        if (hh < nh ? !q16 : !k16) {
+            *(float4 *)(vec + i) = x0;
+            *(float4 *)(vec + i + half) = x1;
+        }
         if (hh < nh) {
             if (q16) {
                 bf16 *d = q16 + (int64_t)t * nh * hd + (int64_t)hh * hd;

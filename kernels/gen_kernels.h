@@ -73,12 +73,13 @@ void kn_gen_linear_f32(float *y, const float *res, int64_t ldy,
  * (cache_bf16). Token t belongs to slot[t] and sits at position pos[t]. */
 
 /* RoPE and the cache append, for n tokens: q (n, ldq; heads nh*hd from
- * column 0) and k (n, ldk), v (n, ldv) rows; q and k are rotated in place
- * with the tables cos/sin (cap, hd/2) (llama_rope's values, computed on the
- * host), then k and v are written into the caches at (slot[t], pos[t]).
- * q16, k16, v16 (may be NULL) also receive bf16 copies of the rotated q, k
- * and of v, rows of nh*hd, nkv*hd, nkv*hd (the flash attention's inputs
- * for a prefill). */
+ * column 0) and k (n, ldk), v (n, ldv) rows; q and k are rotated with the
+ * tables cos/sin (cap, hd/2) (llama_rope's values, computed on the host),
+ * then k and v are written into the caches at (slot[t], pos[t]). q16, k16,
+ * v16 (may be NULL) receive bf16 copies of the rotated q, k and of v, rows
+ * of nh*hd, nkv*hd, nkv*hd (the flash attention's inputs for a prefill);
+ * q and k are rotated in place only where their copy is NULL (otherwise
+ * left as they were). */
 void kn_gen_rope_append(float *q, int64_t ldq, float *k, int64_t ldk,
                         const float *v, int64_t ldv, void *kc, void *vc,
                         int cache_bf16, const int32_t *slot,

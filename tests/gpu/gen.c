@@ -417,10 +417,29 @@ static void test_rope_append(int nh, int nkv, int hd, int bf)
     size_t es = bf ? 2 : 4;
     void *kc = gt_dev((size_t)slots * cap * kvd * es), *vc = gt_dev((size_t)slots * cap * kvd * es);
     int32_t *ds = gt_up(slot, sizeof slot), *dp = gt_up(pos, sizeof pos);
-    kn_bf16 *q16 = gt_dev((size_t)n * nh * hd * 2);
     kn_gen_rope_append(dq, nh * hd, dk, kvd, dv, kvd, kc, vc, bf, ds, dp, n, nh, nkv, hd, cap,
-                       dct, dst, q16, NULL, NULL, 0);
+                       dct, dst, NULL, NULL, NULL, 0);
     float *gq = gt_down_f32(dq, n * nh * hd);
+    /* again with bf16 copies asked for (a prefill's call), into other
+     * caches: q and k stay as they were, the caches get the same bits */
+    float *dq2 = gt_up_f32(q, n * nh * hd), *dk2 = gt_up_f32(k, n * kvd);
+    void *kc2 = gt_dev((size_t)slots * cap * kvd * es), *vc2 = gt_dev((size_t)slots * cap * kvd * es);
+    kn_bf16 *q16 = gt_dev((size_t)n * nh * hd * 2), *k16 = gt_dev((size_t)n * kvd * 2);
+    kn_bf16 *v16 = gt_dev((size_t)n * kvd * 2);
+    kn_gen_rope_append(dq2, nh * hd, dk2, kvd, dv, kvd, kc2, vc2, bf, ds, dp, n, nh, nkv, hd, cap,
+                       dct, dst, q16, k16, v16, 0);
+    float *gq2 = gt_down_f32(dq2, n * nh * hd), *gk2 = gt_down_f32(dk2, n * kvd);
+    gt_check(memcmp(gq2, q, (size_t)n * nh * hd * 4) == 0 && memcmp(gk2, k, (size_t)n * kvd * 4) == 0,
+             "rope_append with bf16 copies leaves q and k as they were");
+    const int64_t cbytes = (int64_t)slots * cap * kvd * (int64_t)es;
+    void *hk = malloc((size_t)cbytes), *hk2 = malloc((size_t)cbytes), *hv = malloc((size_t)cbytes),
+         *hv2 = malloc((size_t)cbytes);
+    kn_memcpy_d2h(hk, kc, (size_t)cbytes, 0);
+    kn_memcpy_d2h(hk2, kc2, (size_t)cbytes, 0);
+    kn_memcpy_d2h(hv, vc, (size_t)cbytes, 0);
+    kn_memcpy_d2h(hv2, vc2, (size_t)cbytes, 0);
+    gt_check(memcmp(hk, hk2, (size_t)cbytes) == 0 && memcmp(hv, hv2, (size_t)cbytes) == 0,
+             "rope_append caches the same with and without bf16 copies");
     for (int t = 0; t < n; t++) {
         for (int h = 0; h < nh; h++)
             llama_rope(q + (t * nh + h) * hd, hd, pos[t], theta, 0);
@@ -445,10 +464,15 @@ static void test_rope_append(int nh, int nkv, int hd, int bf)
     gt_compare(name, gv, v, n * kvd, bf ? TOL_BF16_OUT : TOL_F32, bf ? "TOL_BF16_OUT" : "TOL_F32");
     float *g16 = gt_down_bf16(q16, n * nh * hd);
     gt_compare("rope_append q bf16 copy", g16, q, n * nh * hd, TOL_BF16_OUT, "TOL_BF16_OUT");
+    float *gk16 = gt_down_bf16(k16, n * kvd), *gv16 = gt_down_bf16(v16, n * kvd);
+    gt_compare("rope_append k bf16 copy", gk16, k, n * kvd, TOL_BF16_OUT, "TOL_BF16_OUT");
+    gt_compare("rope_append v bf16 copy", gv16, v, n * kvd, TOL_BF16_OUT, "TOL_BF16_OUT");
     free(q); free(k); free(v); free(ct); free(st); free(gq); free(gk); free(gv); free(kall);
-    free(vall); free(g16);
+    free(vall); free(g16); free(gk16); free(gv16); free(gq2); free(gk2);
+    free(hk); free(hk2); free(hv); free(hv2);
     kn_free(dq); kn_free(dk); kn_free(dv); kn_free(dct); kn_free(dst); kn_free(kc); kn_free(vc);
-    kn_free(ds); kn_free(dp); kn_free(q16);
+    kn_free(ds); kn_free(dp); kn_free(q16); kn_free(k16); kn_free(v16); kn_free(dq2);
+    kn_free(dk2); kn_free(kc2); kn_free(vc2);
 }
 
 /* RoPE + append + attention in one launch (decoding) against the two
