@@ -874,7 +874,6 @@ __device__ __forceinline__ void bar_arrive(int id, int n)
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
 
-
 /* The order of a block's chunks into seq: classes c0 .. c0+cpb-1, class
  * by class, increasing inside a class; SEQ_LAST marks the last chunk of a
  * class. Returns how many. Split (cpb < 8): a class with no chunks (K <
