@@ -31,8 +31,10 @@
  *     and one nested absmax a row, instead of two loads a chunk;
  *   - the lanes' row offsets are pinned in registers (pin), which the
  *     compiler otherwise recomputes from the thread index at every load;
- *   - x's columns past n read column n-1, not zeros: a column of the
- *     mma's B reaches only the same column of its result, never stored.
+ *   - x's columns past n are not read as such: lin_row reads column n-1
+ *     (through L1), lin_tile and lin_wg zero-fill them (cp.async with no
+ *     source bytes); a column of the mma's B reaches only the same
+ *     column of its result, never stored.
  *
  *   - lin_row (n <= 16, the default): a block of 8 warps owns 16 output
  *     rows, warp w sums class w; its chunks stream through a ring of 4
@@ -1162,14 +1164,19 @@ __global__ void __launch_bounds__(W * 32, tile_min_blocks<W, MT>())
             const uint32_t st = xs_sh + (uint32_t)((p % TILE_STAGES) * (NT * 8 * 64 * 2)) + xdst;
             const int k0 = (seq[p] & SEQ_CHUNK) * 64, k = k0 + xu;
             if (xfast) {
-                /* no bounds: columns past n copy column n-1, which only
-                 * reaches output columns that are not stored */
+                /* columns past n are zero-filled without a read (they
+                 * reach only output columns that are not stored): copying
+                 * column n-1 into them instead, as lin_row does from L1,
+                 * sent up to 31 requests for the same 16 bytes to one L2
+                 * slice and made n = 33 .. 63 slower than 64 (a layer
+                 * 2,522 us at n = 33 against 1,730 at 64) */
 #pragma unroll
                 for (int j = 0; j < XU; j++) {
-                    const int col = min(xcol + (T / 8) * j, n - 1);
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                    const int col = xcol + (T / 8) * j;
+                    const bool ok = col < n;
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                                      st + (uint32_t)((T / 8) * j * 128)),
-                                 "l"(x + (col * (int32_t)ldx + k)));
+                                 "l"(x + ((ok ? col : 0) * (int32_t)ldx + k)), "r"(ok ? 16 : 0));
                 }
             } else {
 #pragma unroll
@@ -1434,6 +1441,13 @@ __device__ __forceinline__ void cpa16(uint32_t s, const void *g)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(g) : "memory");
 }
 
+/* zero-filled without a read unless ok */
+__device__ __forceinline__ void cpa16z(uint32_t s, const void *g, uint32_t ok)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(g), "r"(ok ? 16 : 0)
+                 : "memory");
+}
+
 __device__ __forceinline__ void cpa4(uint32_t s, const void *g)
 {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(g) : "memory");
@@ -1469,8 +1483,8 @@ __global__ void __launch_bounds__(WG_THREADS, WG_MIN_BLOCKS)
         /* ---- loader ---- */
         /* lane l's sources, chunk 0: codes of rows (i / 2), scale words
          * and nested absmax of rows i, x's 16-byte pieces (i % 8) of
-         * columns i / 8 (columns past n copy column n-1: they reach only
-         * output columns that are not stored) */
+         * columns i / 8 (columns past n zero-filled, as lin_tile's: they
+         * reach only output columns that are not stored) */
         constexpr int LT = 32 * WG_LW, NC = 128 / LT, NS = 64 / LT, NX = 512 / LT;
         const int l = tid - 256;
         const int64_t kb = D.in >> 6; /* scale blocks a row */
@@ -1491,9 +1505,12 @@ __global__ void __launch_bounds__(WG_THREADS, WG_MIN_BLOCKS)
             sbi[j] = r * kb;
             ss[j] = D.absmax_q + sbi[j]; /* kb % 4 == 0: words stay aligned */
         }
+        uint32_t xok = 0; /* bit j: lane l's piece j is a column below n */
 #pragma unroll
         for (int j = 0; j < NX; j++) {
-            xs[j] = x + (int64_t)min((l >> 3) + (LT / 8) * j, n - 1) * ldx + 8 * (l & 7);
+            const int col = (l >> 3) + (LT / 8) * j;
+            xs[j] = x + (int64_t)(col < n ? col : 0) * ldx + 8 * (l & 7);
+            xok |= col < n ? 1u << j : 0u;
             pin(xs[j]);
         }
 #pragma unroll
@@ -1521,7 +1538,7 @@ __global__ void __launch_bounds__(WG_THREADS, WG_MIN_BLOCKS)
                 }
 #pragma unroll
                 for (int j = 0; j < NX; j++)
-                    cpa16(b + dx + (LT / 8) * WG_XROW * j, xs[j] + 64 * c);
+                    cpa16z(b + dx + (LT / 8) * WG_XROW * j, xs[j] + 64 * c, (xok >> j) & 1);
             }
             cp_async_commit();
             cp_async_wait<WG_RS - 1>();
